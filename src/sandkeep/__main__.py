@@ -1,0 +1,3 @@
+from sandkeep.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""sandkeep.api."""

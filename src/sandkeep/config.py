@@ -1,0 +1,185 @@
+"""Every sandkeep setting, its environment variable and its default, in one table.
+
+``SETTINGS`` is the single source of truth: :func:`load_settings` reads it and the README documents
+every row (a test checks that). Durations are seconds unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _env_home() -> Path:
+    return Path(os.environ.get("SANDKEEP_HOME", "./.sandkeep"))
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str
+    default: Any
+    doc: str
+
+
+# (attribute, environment variable, default, description)
+SETTINGS: tuple[Setting, ...] = (
+    Setting("home", "SANDKEEP_HOME", "./.sandkeep", "Base data directory for everything sandkeep keeps."),
+    Setting("database_url", "SANDKEEP_DATABASE_URL", None,
+            "SQLAlchemy URL of the store; default sqlite:///$SANDKEEP_HOME/sandkeep.db. "
+            "PostgreSQL: postgresql+psycopg://user@host:5432/db."),
+    Setting("jwt_secret", "SANDKEEP_JWT_SECRET", None,
+            "HS256 secret for API tokens; generated into the data dir on first start when unset."),
+    Setting("secrets_key", "SANDKEEP_SECRETS_KEY", None,
+            "Fernet key that encrypts instance secrets at rest; generated into the data dir when unset."),
+    Setting("provider", "SANDKEEP_PROVIDER", "local", "Machine provider: 'local' (built-in host) or 'fly'."),
+    Setting("host_url", "SANDKEEP_HOST_URL", None,
+            "Machines API base URL of an already running local host (serve starts its own when unset)."),
+    Setting("host_token", "SANDKEEP_HOST_TOKEN", None,
+            "Bearer token of the local machine host; generated into the host data dir when unset."),
+    Setting("host_proxy_url", "SANDKEEP_HOST_PROXY_URL", None,
+            "Proxy base URL of the local host (default derived from --host-proxy-listen)."),
+    Setting("fly_api_token", "FLY_API_TOKEN", None, "Fly.io API token (provider 'fly')."),
+    Setting("fly_org", "FLY_ORG", "personal", "Fly.io organization slug that owns the per-owner apps."),
+    Setting("fly_regions", "FLY_REGIONS", "iad,ord,dfw", "Comma-separated Fly regions, preferred first."),
+    Setting("fly_api_url", "FLY_API_URL", "https://api.machines.dev", "Fly Machines API base URL."),
+    Setting("fly_proxy_url", "FLY_PROXY_URL", None,
+            "Base URL of the Fly proxy used for gateway traffic (default https://<app>.fly.dev)."),
+    Setting("app_prefix", "SANDKEEP_APP_PREFIX", "sk", "Prefix of the per-owner provider app names."),
+    Setting("image", "SANDKEEP_IMAGE", "sandkeep/gateway", "Default machine image for new instances."),
+    Setting("regions", "SANDKEEP_REGIONS", "lcl-a,lcl-b,lcl-c", "Regions of the local host, preferred first."),
+    Setting("default_size", "SANDKEEP_DEFAULT_SIZE", "shared-cpu-1x", "Default machine size of new instances."),
+    Setting("volume_size_gb", "SANDKEEP_VOLUME_SIZE_GB", 1, "Size of each instance's volume in GB."),
+    Setting("gateway_port", "SANDKEEP_GATEWAY_PORT", 8080, "Port the gateway listens on inside the machine."),
+    # engine timings (SPEC §4)
+    Setting("interval_running", "SANDKEEP_INTERVAL_RUNNING", 30.0, "Reconcile interval while running."),
+    Setting("interval_busy", "SANDKEEP_INTERVAL_BUSY", 5.0,
+            "Reconcile interval while starting, restarting, recovering or destroying."),
+    Setting("interval_idle", "SANDKEEP_INTERVAL_IDLE", 1800.0, "Reconcile interval while stopped or provisioned."),
+    Setting("jitter_fraction", "SANDKEEP_JITTER_FRACTION", 0.10, "Alarm jitter as a fraction of the interval."),
+    Setting("unexpected_stop_threshold", "SANDKEEP_UNEXPECTED_STOP_THRESHOLD", 1,
+            "Observations of 'stopped' while running before recovery begins."),
+    Setting("relocate_failed", "SANDKEEP_RELOCATE_FAILED", False,
+            "Also relocate instances whose machine entered 'failed' (default: mark stopped)."),
+    Setting("machine_wait_timeout", "SANDKEEP_MACHINE_WAIT_TIMEOUT", 60.0,
+            "One provider wait call for a machine to start (the provider caps it at 60 s)."),
+    Setting("recovery_timeout", "SANDKEEP_RECOVERY_TIMEOUT", 600.0, "Recovery timeout."),
+    Setting("start_timeout", "SANDKEEP_START_TIMEOUT", 300.0, "Soft starting/restarting timeout."),
+    Setting("start_hard_timeout", "SANDKEEP_START_HARD_TIMEOUT", 900.0, "Hard starting/restarting timeout."),
+    Setting("health_probe_interval", "SANDKEEP_HEALTH_PROBE_INTERVAL", 1.0, "Gateway health probe interval."),
+    Setting("health_probe_timeout", "SANDKEEP_HEALTH_PROBE_TIMEOUT", 60.0,
+            "Give up probing the gateway after this long (does not block cutover)."),
+    Setting("retained_volume_retention", "SANDKEEP_RETAINED_VOLUME_RETENTION", 604800.0,
+            "How long an old volume with snapshots is kept after recovery (7 days)."),
+    Setting("stale_provision_after", "SANDKEEP_STALE_PROVISION_AFTER", 28800.0,
+            "Auto-destroy never-started provisions older than this (8 h)."),
+    Setting("destroy_volume_attempts", "SANDKEEP_DESTROY_VOLUME_ATTEMPTS", 50,
+            "Volume delete attempts before giving up loudly."),
+    Setting("lease_ttl", "SANDKEEP_LEASE_TTL", 30.0, "How long a worker's claim on an instance lasts."),
+    Setting("alarm_poll_interval", "SANDKEEP_ALARM_POLL_INTERVAL", 1.0, "How often the engine looks for due alarms."),
+    Setting("detect_poll_interval", "SANDKEEP_DETECT_POLL_INTERVAL", 2.0,
+            "How often the detector lists machines per app to notice stops early (0 disables)."),
+    Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 16, "Instances reconciled at once per process."),
+    Setting("log_level", "SANDKEEP_LOG_LEVEL", "info", "Log level: debug, info, warning, error."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=_env_home)
+    database_url: str | None = None
+    jwt_secret: str | None = None
+    secrets_key: str | None = None
+    provider: str = "local"
+    host_url: str | None = None
+    host_token: str | None = None
+    host_proxy_url: str | None = None
+    fly_api_token: str | None = None
+    fly_org: str = "personal"
+    fly_regions: str = "iad,ord,dfw"
+    fly_api_url: str = "https://api.machines.dev"
+    fly_proxy_url: str | None = None
+    app_prefix: str = "sk"
+    image: str = "sandkeep/gateway"
+    regions: str = "lcl-a,lcl-b,lcl-c"
+    default_size: str = "shared-cpu-1x"
+    volume_size_gb: int = 1
+    gateway_port: int = 8080
+    interval_running: float = 30.0
+    interval_busy: float = 5.0
+    interval_idle: float = 1800.0
+    jitter_fraction: float = 0.10
+    unexpected_stop_threshold: int = 1
+    relocate_failed: bool = False
+    machine_wait_timeout: float = 60.0
+    recovery_timeout: float = 600.0
+    start_timeout: float = 300.0
+    start_hard_timeout: float = 900.0
+    health_probe_interval: float = 1.0
+    health_probe_timeout: float = 60.0
+    retained_volume_retention: float = 604800.0
+    stale_provision_after: float = 28800.0
+    destroy_volume_attempts: int = 50
+    lease_ttl: float = 30.0
+    alarm_poll_interval: float = 1.0
+    detect_poll_interval: float = 2.0
+    engine_concurrency: int = 16
+    log_level: str = "info"
+
+    @property
+    def region_list(self) -> list[str]:
+        raw = self.fly_regions if self.provider == "fly" else self.regions
+        return [r.strip() for r in raw.split(",") if r.strip()]
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'sandkeep.db').resolve()}"
+
+    def replace(self, **changes: Any) -> Settings:
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return Settings(**current)
+
+
+class SettingsError(ValueError):
+    """A setting's environment value cannot be parsed."""
+
+
+def _parse(raw: str, default: Any, env: str) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{env} must be true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{env} must be a whole number, got {raw!r}") from exc
+    if isinstance(default, float):
+        try:
+            value = float(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{env} must be a number of seconds, got {raw!r}") from exc
+        if value < 0:
+            raise SettingsError(f"{env} must not be negative, got {raw!r}")
+        return value
+    return raw
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment (or ``environ``), then explicit ``overrides`` (None = keep)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = env.get(s.env)
+        if raw is None or raw == "":
+            continue
+        values[s.name] = Path(raw) if s.name == "home" else _parse(raw, s.default, s.env)
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = Path(value) if key == "home" else value
+    return Settings(**values)

@@ -1,0 +1,99 @@
+"""Typed views of the Machines API objects sandkeep uses (Fly's JSON shapes; unknown fields kept)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MachineState = Literal[
+    "created", "starting", "started", "stopping", "stopped", "replacing", "destroying", "destroyed",
+    "suspending", "suspended", "failed", "replaced", "updating",
+]
+WaitState = Literal["started", "stopped", "destroyed"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Guest(_Model):
+    cpu_kind: str = "shared"
+    cpus: int = 1
+    memory_mb: int = 256
+
+
+class Mount(_Model):
+    volume: str
+    path: str = "/data"
+    name: str | None = None
+
+
+class MachineConfig(_Model):
+    image: str
+    env: dict[str, str] = Field(default_factory=dict)
+    guest: Guest | None = None
+    mounts: list[Mount] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    services: list[dict[str, Any]] = Field(default_factory=list)
+    auto_destroy: bool | None = None
+    restart: dict[str, Any] | None = None
+
+
+class MachineEvent(_Model):
+    id: str | None = None
+    type: str
+    status: str | None = None
+    source: str | None = None
+    timestamp: int | None = None  # milliseconds since the epoch
+    request: dict[str, Any] | None = None
+
+
+class Machine(_Model):
+    id: str
+    name: str | None = None
+    state: str
+    region: str | None = None
+    instance_id: str | None = None
+    private_ip: str | None = None
+    config: MachineConfig | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    events: list[MachineEvent] = Field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.config.metadata) if self.config else {}
+
+    @property
+    def volume_ids(self) -> list[str]:
+        return [m.volume for m in self.config.mounts] if self.config else []
+
+
+class Volume(_Model):
+    id: str
+    name: str | None = None
+    state: str | None = None
+    region: str | None = None
+    size_gb: int | None = None
+    attached_machine_id: str | None = None
+    attached_alloc_id: str | None = None
+    host_status: str | None = None  # "ok" | "unreachable"
+    created_at: str | None = None
+    encrypted: bool | None = None
+    snapshot_retention: int | None = None
+
+
+class VolumeSnapshot(_Model):
+    id: str
+    created_at: str | None = None
+    size: int | None = None
+    digest: str | None = None
+    status: str | None = None
+
+
+class App(_Model):
+    id: str | None = None
+    name: str
+    status: str | None = None
+    organization: dict[str, Any] | None = None
