@@ -1,0 +1,110 @@
+"""What the API, the CLI (through the API) and the web UI ask of the engine.
+
+One implementation (:class:`sandkeep.engine.instances.InstanceService`) serves every caller, so the
+web pages and the HTTP API run the same code paths. Methods raise the exceptions below; the API maps
+them to HTTP errors with a machine-readable ``code``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page
+
+
+class ServiceError(Exception):
+    code = "error"
+    http_status = 400
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InstanceNotFound(ServiceError):
+    code = "instance_not_found"
+    http_status = 404
+
+
+class InstanceBusy(ServiceError):
+    """User action while starting/restarting/recovering/destroying (SPEC §3)."""
+
+    code = "instance_busy"
+    http_status = 409
+
+
+class InvalidTransition(ServiceError):
+    """E.g. stop while already stopped, or any action on a destroyed instance."""
+
+    code = "invalid_state"
+    http_status = 409
+
+
+class RecoveringRefused(ServiceError):
+    """Destroy (without admin force) or admin retained-volume cleanup while recovering."""
+
+    code = "instance_recovering"
+    http_status = 409
+
+
+class CleanupRefused(ServiceError):
+    """Retained volume cleanup refused (e.g. attached machine names another sandbox)."""
+
+    code = "cleanup_refused"
+    http_status = 409
+
+
+class InvalidConfig(ServiceError):
+    code = "invalid_config"
+    http_status = 422
+
+
+class ProviderUnavailable(ServiceError):
+    code = "provider_unavailable"
+    http_status = 503
+
+
+@dataclass(frozen=True)
+class Actor:
+    user_id: str
+    role: str  # "user" | "admin" | "platform"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class InstanceServiceAPI(Protocol):
+    async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
+                              env: dict[str, str] | None = None,
+                              secrets: dict[str, str] | None = None,
+                              image: str | None = None) -> InstanceRecord: ...
+    async def update_config(self, actor: Actor, instance_id: str, *, size: str | None = None,
+                            env: dict[str, str] | None = None,
+                            secrets: dict[str, str | None] | None = None) -> InstanceRecord: ...
+    def get_instance(self, instance_id: str) -> InstanceRecord: ...
+    def list_instances(self, *, user_id: str | None = None, status: list[str] | None = None,
+                       region: str | None = None, cursor: str | None = None,
+                       limit: int = 50) -> Page[InstanceRecord]: ...
+    async def start(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
+    async def stop(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
+    async def restart(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
+    async def destroy(self, actor: Actor, instance_id: str, *, force: bool = False) -> InstanceRecord: ...
+    def list_events(self, *, instance_id: str | None = None, name: str | None = None,
+                    cursor: str | None = None, limit: int = 100) -> Page[EventRecord]: ...
+    # admin
+    def debug(self, instance_id: str) -> dict[str, Any]: ...
+    async def retry_recovery(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
+    async def cleanup_retained_volume(self, actor: Actor, instance_id: str) -> str | None:
+        """Returns the deleted volume id."""
+        ...
+
+    async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
+    def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
+                   limit: int = 100) -> Page[AuditRecord]: ...
+    # traffic
+    def gateway_target(self, instance_id: str) -> tuple[str, dict[str, str]] | None:
+        """Base URL and headers to reach the instance's gateway, or None when not running."""
+        ...

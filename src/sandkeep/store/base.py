@@ -1,0 +1,76 @@
+"""The store contract (SPEC §5): instance rows with leases and fenced writes, events, audit log.
+
+Fencing: a worker claims an instance (lease_owner = me, lease_expires_at = now + ttl, version + 1) and
+every later write is conditional on ``lease_owner == me AND version == <what I read>``; a write that
+matches no row raises :class:`FencedError` and must not be retried blindly (re-read and re-decide).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page
+
+
+class StoreError(Exception):
+    pass
+
+
+class FencedError(StoreError):
+    """The write's lease or version no longer holds: someone else owns the instance now."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class Store(Protocol):
+    # instances
+    def insert_instance(self, record: InstanceRecord) -> InstanceRecord: ...
+    def get_instance(self, instance_id: str) -> InstanceRecord | None: ...
+    def list_instances(self, *, user_id: str | None = None, status: Sequence[str] | None = None,
+                       region: str | None = None, include_destroyed: bool = False,
+                       cursor: str | None = None, limit: int = 50) -> Page[InstanceRecord]: ...
+    def count_by_status(self) -> dict[str, int]: ...
+
+    # leases and fenced writes
+    def claim(self, instance_id: str, owner: str, ttl_seconds: float, now: datetime) -> InstanceRecord | None:
+        """Take the lease if free or expired; the returned record carries the new version."""
+        ...
+
+    def claim_due(self, owner: str, ttl_seconds: float, now: datetime, limit: int) -> list[InstanceRecord]:
+        """Claim up to ``limit`` instances whose ``alarm_at <= now`` and whose lease is free or expired."""
+        ...
+
+    def renew(self, record: InstanceRecord, owner: str, ttl_seconds: float, now: datetime) -> InstanceRecord:
+        """Extend the lease (fenced); raises FencedError if lost."""
+        ...
+
+    def update(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
+        """Fenced write of ``changes``; bumps version; returns the new record. Raises FencedError."""
+        ...
+
+    def release(self, record: InstanceRecord, owner: str) -> None:
+        """Drop the lease if still ours (no error if it was already lost)."""
+        ...
+
+    def next_alarm_at(self) -> datetime | None: ...
+
+    # events and audit
+    def add_event(self, event: EventRecord) -> EventRecord: ...
+    def list_events(self, *, instance_id: str | None = None, name: str | None = None,
+                    cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        """Newest first."""
+        ...
+
+    def add_audit(self, entry: AuditRecord) -> AuditRecord: ...
+    def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
+                   limit: int = 100) -> Page[AuditRecord]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,109 @@
+"""Start real sandkeep processes (the local host, serve) on loopback ports for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.wait import wait_until
+
+SANDKEEP = [sys.executable, "-m", "sandkeep"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=timeout)
+        return int(self.popen.returncode)
+
+
+def spawn(args: list[str], *, log_path: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> Proc:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    popen = subprocess.Popen(SANDKEEP + args, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
+                             cwd=str(cwd) if cwd else None, start_new_session=True)
+    fh.close()
+    return Proc(popen=popen, log_path=log_path, env=full_env)
+
+
+@dataclass
+class HostHandle:
+    url: str  # Machines API base, e.g. http://127.0.0.1:4280 (paths under /v1)
+    proxy_url: str
+    token: str
+    data_dir: Path
+    regions: list[str]
+    proc: Proc
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def start_host_process(data_dir: Path, *, token: str = "test-host-token",
+                       regions: tuple[str, ...] = ("lcl-a", "lcl-b", "lcl-c"),
+                       extra_args: list[str] | None = None, api_port: int | None = None,
+                       proxy_port: int | None = None) -> HostHandle:
+    api_port = api_port or free_port()
+    proxy_port = proxy_port or free_port()
+    args = ["host", "--listen", f"127.0.0.1:{api_port}", "--proxy-listen", f"127.0.0.1:{proxy_port}",
+            "--data-dir", str(data_dir), "--regions", ",".join(regions), *(extra_args or [])]
+    proc = spawn(args, log_path=data_dir.parent / f"{data_dir.name}-host.log",
+                 env={"SANDKEEP_HOST_TOKEN": token})
+    url = f"http://127.0.0.1:{api_port}"
+
+    def ready() -> bool:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"host exited with {proc.popen.returncode}:\n{proc.log()}")
+        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+
+    try:
+        wait_until(ready, timeout=30, message="local host /healthz")
+    except Exception:
+        proc.stop(signal.SIGKILL)
+        raise
+    return HostHandle(url=url, proxy_url=f"http://127.0.0.1:{proxy_port}", token=token, data_dir=data_dir,
+                      regions=list(regions), proc=proc)
+
+
+@contextmanager
+def running_host(data_dir: Path, **kwargs: object) -> Iterator[HostHandle]:
+    handle = start_host_process(data_dir, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield handle
+    finally:
+        handle.proc.stop()
