@@ -11,6 +11,9 @@ _CAPACITY_PATTERNS = re.compile(
 )
 _MISSING_VOLUME_PATTERNS = re.compile(r"volume[^\n]*(not found|does not exist|missing)|no such volume",
                                       re.IGNORECASE)
+# Fly's gRPC-style precondition failures (e.g. "failed_precondition: volume is currently bound to machine: <id>")
+# arrive with varying HTTP statuses; retrying never helps.
+_PRECONDITION_PATTERNS = re.compile(r"failed_precondition", re.IGNORECASE)
 
 
 class ProviderError(Exception):
@@ -85,6 +88,8 @@ def classify(status: int, body: str, *, operation: str = "",
         return MissingVolumeError(message, **kw)  # type: ignore[arg-type]
     if status == 404:
         return NotFoundError(message, **kw)  # type: ignore[arg-type]
+    if 400 <= status < 600 and _PRECONDITION_PATTERNS.search(body or ""):
+        return ConflictError(message, **kw)  # type: ignore[arg-type]
     if status >= 500:
         return TransientError(message, **kw)  # type: ignore[arg-type]
     if status in (401, 403):

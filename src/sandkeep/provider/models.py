@@ -48,6 +48,22 @@ class MachineEvent(_Model):
     timestamp: int | None = None  # milliseconds since the epoch
     request: dict[str, Any] | None = None
 
+    def _exit_event(self) -> dict[str, Any]:
+        exit_event = (self.request or {}).get("exit_event")
+        return exit_event if isinstance(exit_event, dict) else {}
+
+    @property
+    def exit_code(self) -> int | None:
+        """For an ``exit`` event: the process's exit code (Fly puts it in ``request.exit_event``)."""
+        value = self._exit_event().get("exit_code")
+        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    @property
+    def requested_stop(self) -> bool | None:
+        """For an ``exit`` event: whether the exit followed a stop request (False = unexpected)."""
+        value = self._exit_event().get("requested_stop")
+        return value if isinstance(value, bool) else None
+
 
 class Machine(_Model):
     id: str
