@@ -1,0 +1,1 @@
+"""Alembic revision files (loaded by Alembic by path; the package marker keeps tools happy)."""

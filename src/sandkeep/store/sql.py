@@ -1,0 +1,671 @@
+"""The SQL store: one implementation of :class:`sandkeep.store.base.Store` for SQLite and PostgreSQL.
+
+Leases and fencing follow SPEC §5:
+
+* ``claim`` is one conditional ``UPDATE … SET lease_owner = me, lease_expires_at = now + ttl,
+  version = version + 1 WHERE id = ? AND (lease free OR lease_expires_at <= now) RETURNING *``.
+* ``claim_due`` picks due alarms ordered by ``alarm_at`` (PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED``;
+  SQLite: inside a ``BEGIN IMMEDIATE`` write transaction, which serialises writers) and claims them with
+  the same conditional ``UPDATE``.
+* ``update`` / ``renew`` are conditional on ``lease_owner = me AND version = <the version I read>``; zero
+  rows changed raises :class:`FencedError`. ``update`` bumps the version; ``renew`` only moves the expiry.
+* ``release`` clears the lease if it is still ours.
+
+Every time the store writes comes from the ``now`` argument or the injected clock, never from the database
+server. Timestamps are stored in UTC and always read back timezone-aware (UTC), SQLite included.
+
+SQLite runs in WAL mode with a busy timeout, so several processes can share one database file; write
+transactions start with ``BEGIN IMMEDIATE`` so they queue on the busy timeout instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields as dc_fields
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    make_url,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeEngine
+
+from sandkeep.clock import Clock
+from sandkeep.store.base import AlreadyExists, FencedError, NotFound, StoreError
+from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
+from sandkeep.store.tables import JSONText, UTCDateTime, audit, events, instances
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+#: Fields of InstanceRecord that ``update`` refuses: the store owns them (identity, fencing, lease).
+STORE_MANAGED_FIELDS: frozenset[str] = frozenset({"id", "version", "lease_owner", "lease_expires_at"})
+
+#: Largest page ``list_*`` hands out in one call.
+MAX_PAGE_SIZE = 1000
+
+_INSTANCE_FIELDS: tuple[str, ...] = tuple(InstanceRecord.field_names())
+_EVENT_FIELDS: tuple[str, ...] = tuple(f.name for f in dc_fields(EventRecord))
+_AUDIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dc_fields(AuditRecord))
+
+# advisory lock key that serialises concurrent migrations on PostgreSQL ("sndk")
+_PG_MIGRATION_LOCK = 0x736E646B
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor that this store did not hand out (or for another listing)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Alembic, configured in code
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL; plain ``postgresql://`` / ``postgres://`` use the psycopg 3 driver."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
+        raise ValueError(f"invalid database URL {str(url)!r}: {exc}") from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported database {parsed.drivername!r}: use sqlite:/// or postgresql+psycopg://")
+    return parsed
+
+
+def alembic_config(*, connection: Connection | None = None, url: str | URL | None = None) -> Config:
+    """The Alembic configuration of the store, built in code (no alembic.ini)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
+    if url is not None:
+        rendered = normalize_url(url).render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest migration this version of sandkeep ships."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships migrations
+        raise StoreError("no migrations found")
+    return head
+
+
+# --------------------------------------------------------------------------------------------------
+# value checking and conversion
+
+
+def _aware(value: datetime, name: str = "now") -> datetime:
+    if not isinstance(value, datetime):
+        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
+    return value
+
+
+def _ttl(ttl_seconds: float) -> timedelta:
+    if not isinstance(ttl_seconds, (int, float)) or isinstance(ttl_seconds, bool) or ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+    return timedelta(seconds=float(ttl_seconds))
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+    return limit
+
+
+def _check_value(table_name: str, name: str, col_type: TypeEngine[Any], nullable: bool, value: Any) -> Any:
+    where = f"{table_name}.{name}"
+    if value is None:
+        if not nullable:
+            raise ValueError(f"{where} must not be null")
+        return None
+    if isinstance(col_type, UTCDateTime):
+        return _aware(value, where)
+    if isinstance(col_type, JSONText):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+        if name in ("env", "secrets_encrypted") and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError(f"{where} must map strings to strings")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where} is not JSON-serialisable: {exc}") from exc
+        return dict(value)
+    python_type = col_type.python_type
+    if python_type is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if python_type is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if python_type is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {type(value).__name__}")
+        length = getattr(col_type, "length", None)
+        if length is not None and len(value) > length:
+            raise ValueError(f"{where} is longer than {length} characters")
+        return value
+    return value  # pragma: no cover - every column type is handled above
+
+
+def _instance_value(name: str, value: Any) -> Any:
+    if name == "status":
+        try:
+            return Status(value).value
+        except ValueError as exc:
+            raise ValueError(f"unknown status {value!r}; one of {', '.join(s.value for s in Status)}") from exc
+    col = instances.c[name]
+    return _check_value("instances", name, col.type, bool(col.nullable), value)
+
+
+def _instance_row(record: InstanceRecord) -> dict[str, Any]:
+    return {name: _instance_value(name, getattr(record, name)) for name in _INSTANCE_FIELDS}
+
+
+def _to_instance(row: RowMapping) -> InstanceRecord:
+    data = {name: row[name] for name in _INSTANCE_FIELDS}
+    data["status"] = Status(data["status"])
+    data["env"] = dict(data["env"] or {})
+    data["secrets_encrypted"] = dict(data["secrets_encrypted"] or {})
+    return InstanceRecord(**data)
+
+
+def _to_event(row: RowMapping) -> EventRecord:
+    data = {name: row[name] for name in _EVENT_FIELDS}
+    data["details"] = dict(data["details"] or {})
+    return EventRecord(**data)
+
+
+def _to_audit(row: RowMapping) -> AuditRecord:
+    data = {name: row[name] for name in _AUDIT_FIELDS}
+    data["details"] = dict(data["details"] or {})
+    return AuditRecord(**data)
+
+
+# --------------------------------------------------------------------------------------------------
+# opaque cursors
+
+
+def _encode_cursor(kind: str, payload: dict[str, Any]) -> str:
+    raw = json.dumps({"k": kind, **payload}, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(kind: str, cursor: str) -> dict[str, Any]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (binascii.Error, ValueError, UnicodeError, TypeError, AttributeError) as exc:
+        raise InvalidCursor(f"invalid cursor {cursor!r}") from exc
+    if not isinstance(data, dict) or data.get("k") != kind:
+        raise InvalidCursor(f"invalid cursor {cursor!r} for {kind}")
+    return data
+
+
+def _decode_id_cursor(kind: str, cursor: str) -> int:
+    value = _decode_cursor(kind, cursor).get("i")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidCursor(f"invalid cursor {cursor!r} for {kind}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _enable_wal(cursor: Any, busy_timeout: float) -> None:
+    """Switch the database file to WAL (persistent; a no-op once done).
+
+    Changing the journal mode needs an exclusive lock and SQLite does not run the busy handler for it,
+    so a fresh file opened by several connections at once can answer "database is locked": retry for a
+    while (bounded by the busy timeout), then carry on in the current mode (still correct, since every
+    writer honours busy_timeout; the next connection switches the file to WAL).
+    """
+    deadline = time.monotonic() + min(busy_timeout, 5.0)
+    delay = 0.005
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(delay)  # lock back-off inside a connection hook; not test synchronisation
+            delay = min(delay * 2, 0.1)
+
+
+def _owner(owner: str) -> str:
+    if not isinstance(owner, str) or not owner.strip():
+        raise ValueError(f"lease owner must be a non-empty string, got {owner!r}")
+    value: str = _instance_value("lease_owner", owner)
+    return value
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    c = instances.c
+    return or_(c.lease_owner.is_(None), c.lease_expires_at.is_(None), c.lease_expires_at <= now)
+
+
+class SqlStore:
+    """The store on SQLAlchemy 2 (sync engine, short transactions). Thread-safe.
+
+    ``url``: ``sqlite:///path/to/file.db`` (parent directory created), ``sqlite://`` (in memory, one
+    shared connection; for tests) or ``postgresql+psycopg://user@host:5432/db`` (``postgresql://`` is
+    accepted and uses psycopg 3). Call :meth:`upgrade` (or use :func:`open_store`) before first use.
+    """
+
+    def __init__(self, url: str | URL, *, clock: Clock, sqlite_busy_timeout: float = 30.0,
+                 connect_timeout: float = 10.0, pool_size: int = 10, echo: bool = False) -> None:
+        self._clock = clock
+        self._url = normalize_url(url)
+        self._lock: threading.RLock | None = None
+        self._dialect = self._url.get_backend_name()
+        if self._dialect == "sqlite":
+            self._engine = self._sqlite_engine(sqlite_busy_timeout, echo)
+        else:
+            self._engine = create_engine(
+                self._url,
+                echo=echo,
+                pool_pre_ping=True,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                connect_args={"connect_timeout": max(1, round(connect_timeout))},
+            )
+
+    def _sqlite_engine(self, busy_timeout: float, echo: bool) -> Engine:
+        database = self._url.database or ""
+        memory = database in ("", ":memory:") or "mode=memory" in database
+        if memory:
+            self._lock = threading.RLock()
+            engine = create_engine(self._url, echo=echo, poolclass=StaticPool,
+                                   connect_args={"check_same_thread": False})
+        else:
+            if not database.startswith("file:"):
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(self._url, echo=echo,
+                                   connect_args={"check_same_thread": False, "timeout": busy_timeout})
+        busy_ms = max(0, int(busy_timeout * 1000))
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # SQLAlchemy emits BEGIN itself (below); sqlite3 must not start transactions on its own.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                if not memory:
+                    _enable_wal(cursor, busy_timeout)
+                    cursor.execute("PRAGMA synchronous = NORMAL")
+                cursor.execute("PRAGMA foreign_keys = ON")
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # write transactions take the write lock up front: they queue on busy_timeout instead of
+            # failing with SQLITE_BUSY when a deferred read lock cannot be upgraded.
+            immediate = conn.get_execution_options().get("sandkeep_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    # ---------------------------------------------------------------------------------------------
+    # plumbing
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password masked."""
+        return self._url.render_as_string(hide_password=True)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._lock or contextlib.nullcontext(), self._engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._lock or contextlib.nullcontext(), self._engine.connect() as conn:
+            conn.execution_options(sandkeep_write=True)
+            with conn.begin():
+                yield conn
+
+    # ---------------------------------------------------------------------------------------------
+    # migrations
+
+    def upgrade(self, revision: str = "head") -> str | None:
+        """Run the Alembic migrations up to ``revision`` (default head); returns the revision now current.
+
+        Concurrent callers (several processes starting at once) migrate one after the other.
+        """
+        with self._write() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            try:
+                command.upgrade(alembic_config(connection=conn), revision)
+            except CommandError as exc:
+                raise StoreError(f"cannot migrate {self.url}: {exc} (is the database from a newer sandkeep?)") \
+                    from exc
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def downgrade(self, revision: str) -> str | None:
+        """Migrate down to ``revision`` (``"base"`` drops everything). For development and tests."""
+        with self._write() as conn:
+            if self._dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            command.downgrade(alembic_config(connection=conn), revision)
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def current_revision(self) -> str | None:
+        """The migration the database is at (None when never migrated)."""
+        with self._read() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    @staticmethod
+    def head_revision() -> str:
+        return head_revision()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------
+    # instances
+
+    def insert_instance(self, record: InstanceRecord) -> InstanceRecord:
+        values = _instance_row(record)
+        try:
+            with self._write() as conn:
+                row = conn.execute(insert(instances).values(**values).returning(*instances.c)).mappings().one()
+        except IntegrityError as exc:
+            raise AlreadyExists(
+                f"instance {record.id!r} or sandbox {record.sandbox_id!r} already exists"
+            ) from exc
+        return _to_instance(row)
+
+    def get_instance(self, instance_id: str) -> InstanceRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(instances).where(instances.c.id == instance_id)).mappings().first()
+        return _to_instance(row) if row is not None else None
+
+    def list_instances(self, *, user_id: str | None = None, status: Sequence[str] | None = None,
+                       region: str | None = None, include_destroyed: bool = False,
+                       cursor: str | None = None, limit: int = 50) -> Page[InstanceRecord]:
+        """Instances in creation order (``created_at``, then ``id``), ``limit`` at a time.
+
+        ``status`` filters on any of the given statuses (unknown names raise ValueError); destroyed
+        instances are left out unless ``include_destroyed`` or ``status`` names ``destroyed``.
+        """
+        limit = _limit(limit)
+        c = instances.c
+        query = select(instances)
+        statuses: list[str] | None = None
+        if status is not None:
+            raw = [status] if isinstance(status, str) else list(status)
+            statuses = [_instance_value("status", s) for s in raw]
+            query = query.where(c.status.in_(statuses))
+        if not include_destroyed and not (statuses and Status.DESTROYED.value in statuses):
+            query = query.where(c.status != Status.DESTROYED.value)
+        if user_id is not None:
+            query = query.where(c.user_id == user_id)
+        if region is not None:
+            query = query.where(c.region == region)
+        if cursor:
+            data = _decode_cursor("instances", cursor)
+            try:
+                after_at = _aware(datetime.fromisoformat(data["t"]), "cursor")
+                after_id = data["i"]
+                if not isinstance(after_id, str):
+                    raise TypeError("id")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InvalidCursor(f"invalid cursor {cursor!r} for instances") from exc
+            query = query.where(or_(c.created_at > after_at, and_(c.created_at == after_at, c.id > after_id)))
+        query = query.order_by(c.created_at, c.id).limit(limit + 1)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        items = [_to_instance(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = items[-1]
+            next_cursor = _encode_cursor("instances", {"t": last.created_at.isoformat(), "i": last.id})
+        return Page(items=items, next_cursor=next_cursor)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Number of instances per status (statuses with none are absent)."""
+        query = select(instances.c.status, func.count()).group_by(instances.c.status)
+        with self._read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(query).all()}
+
+    # ---------------------------------------------------------------------------------------------
+    # leases and fenced writes
+
+    def claim(self, instance_id: str, owner: str, ttl_seconds: float, now: datetime) -> InstanceRecord | None:
+        _aware(now)
+        expires = now + _ttl(ttl_seconds)
+        owner = _owner(owner)
+        stmt = (
+            update(instances)
+            .where(instances.c.id == instance_id, _lease_free(now))
+            .values(lease_owner=owner, lease_expires_at=expires, version=instances.c.version + 1)
+            .returning(*instances.c)
+        )
+        with self._write() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return _to_instance(row) if row is not None else None
+
+    def claim_due(self, owner: str, ttl_seconds: float, now: datetime, limit: int) -> list[InstanceRecord]:
+        _aware(now)
+        expires = now + _ttl(ttl_seconds)
+        owner = _owner(owner)
+        limit = _limit(limit)
+        c = instances.c
+        candidates = (
+            select(c.id)
+            .where(c.alarm_at.is_not(None), c.alarm_at <= now, _lease_free(now))
+            .order_by(c.alarm_at, c.id)
+            .limit(limit)
+        )
+        if self._dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        with self._write() as conn:
+            # PostgreSQL: the candidate rows are locked (others skip them); SQLite: BEGIN IMMEDIATE holds
+            # the database's write lock. Either way the conditional UPDATE re-checks the lease.
+            ids = list(conn.execute(candidates).scalars().all())
+            if not ids:
+                return []
+            stmt = (
+                update(instances)
+                .where(c.id.in_(ids), _lease_free(now))
+                .values(lease_owner=owner, lease_expires_at=expires, version=c.version + 1)
+                .returning(*instances.c)
+            )
+            rows = conn.execute(stmt).mappings().all()
+        claimed = [_to_instance(r) for r in rows]
+        claimed.sort(key=lambda r: (r.alarm_at or now, r.id))
+        return claimed
+
+    def _fenced(self, conn: Connection, record: InstanceRecord, owner: str, values: dict[str, Any],
+                what: str) -> InstanceRecord:
+        c = instances.c
+        stmt = (
+            update(instances)
+            .where(c.id == record.id, c.lease_owner == owner, c.version == record.version)
+            .values(**values)
+            .returning(*instances.c)
+        )
+        row = conn.execute(stmt).mappings().first()
+        if row is not None:
+            return _to_instance(row)
+        current = conn.execute(select(c.lease_owner, c.version).where(c.id == record.id)).first()
+        if current is None:
+            raise NotFound(f"instance {record.id!r} not found")
+        raise FencedError(
+            f"{what} of instance {record.id!r} fenced: expected lease {owner!r} at version {record.version}, "
+            f"found lease {current.lease_owner!r} at version {current.version}"
+        )
+
+    def renew(self, record: InstanceRecord, owner: str, ttl_seconds: float, now: datetime) -> InstanceRecord:
+        _aware(now)
+        expires = now + _ttl(ttl_seconds)
+        with self._write() as conn:
+            return self._fenced(conn, record, owner, {"lease_expires_at": expires}, "renew")
+
+    def update(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
+        """Fenced write of ``changes`` (field name -> value); bumps ``version``; sets ``updated_at`` to
+        the clock's now unless ``changes`` sets it. Unknown or store-managed field names raise ValueError."""
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in instances.c or name not in _INSTANCE_FIELDS:
+                raise ValueError(f"unknown instance field {name!r}")
+            if name in STORE_MANAGED_FIELDS:
+                raise ValueError(f"instance field {name!r} is managed by the store (claim/renew/release)")
+            values[name] = _instance_value(name, value)
+        if "updated_at" not in values:
+            values["updated_at"] = _aware(self._clock.now(), "clock.now()")
+        values["version"] = instances.c.version + 1
+        with self._write() as conn:
+            return self._fenced(conn, record, owner, values, "update")
+
+    def release(self, record: InstanceRecord, owner: str) -> None:
+        c = instances.c
+        stmt = (
+            update(instances)
+            .where(c.id == record.id, c.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        with self._write() as conn:
+            conn.execute(stmt)
+
+    def next_alarm_at(self) -> datetime | None:
+        """The earliest ``alarm_at`` of any instance (leased or not), or None."""
+        with self._read() as conn:
+            value: datetime | None = conn.execute(select(func.min(instances.c.alarm_at))).scalar()
+        return value
+
+    # ---------------------------------------------------------------------------------------------
+    # events and audit
+
+    def add_event(self, event_record: EventRecord) -> EventRecord:
+        values = {
+            name: _check_value("events", name, events.c[name].type, bool(events.c[name].nullable),
+                               getattr(event_record, name))
+            for name in _EVENT_FIELDS if name != "id"
+        }
+        with self._write() as conn:
+            row = conn.execute(insert(events).values(**values).returning(*events.c)).mappings().one()
+        return _to_event(row)
+
+    def list_events(self, *, instance_id: str | None = None, name: str | None = None,
+                    cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        """Newest first (by id); ``name`` is an exact event name."""
+        limit = _limit(limit)
+        c = events.c
+        query = select(events)
+        if instance_id is not None:
+            query = query.where(c.instance_id == instance_id)
+        if name is not None:
+            query = query.where(c.event == name)
+        if cursor:
+            query = query.where(c.id < _decode_id_cursor("events", cursor))
+        query = query.order_by(c.id.desc()).limit(limit + 1)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        items = [_to_event(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit and items[-1].id is not None:
+            next_cursor = _encode_cursor("events", {"i": items[-1].id})
+        return Page(items=items, next_cursor=next_cursor)
+
+    def add_audit(self, entry: AuditRecord) -> AuditRecord:
+        values = {
+            name: _check_value("audit", name, audit.c[name].type, bool(audit.c[name].nullable),
+                               getattr(entry, name))
+            for name in _AUDIT_FIELDS if name != "id"
+        }
+        with self._write() as conn:
+            row = conn.execute(insert(audit).values(**values).returning(*audit.c)).mappings().one()
+        return _to_audit(row)
+
+    def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
+                   limit: int = 100) -> Page[AuditRecord]:
+        """Newest first (by id)."""
+        limit = _limit(limit)
+        c = audit.c
+        query = select(audit)
+        if instance_id is not None:
+            query = query.where(c.instance_id == instance_id)
+        if cursor:
+            query = query.where(c.id < _decode_id_cursor("audit", cursor))
+        query = query.order_by(c.id.desc()).limit(limit + 1)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        items = [_to_audit(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit and items[-1].id is not None:
+            next_cursor = _encode_cursor("audit", {"i": items[-1].id})
+        return Page(items=items, next_cursor=next_cursor)
+
+
+def open_store(url: str | URL, clock: Clock, **options: Any) -> SqlStore:
+    """Construct a :class:`SqlStore` and migrate its database to head (what start-up does)."""
+    store = SqlStore(url, clock=clock, **options)
+    try:
+        store.upgrade()
+    except BaseException:
+        store.close()
+        raise
+    return store
