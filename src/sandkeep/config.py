@@ -82,7 +82,36 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("detect_poll_interval", "SANDKEEP_DETECT_POLL_INTERVAL", 2.0,
             "How often the detector lists machines per app to notice stops early (0 disables)."),
     Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 16, "Instances reconciled at once per process."),
+    Setting("provider_backoff_max", "SANDKEEP_PROVIDER_BACKOFF_MAX", 300.0,
+            "Longest alarm backoff after consecutive transient provider errors (starts at the busy interval)."),
+    Setting("claim_wait", "SANDKEEP_CLAIM_WAIT", 5.0,
+            "How long an API action or a wake-up waits for another worker's claim on an instance."),
     Setting("log_level", "SANDKEEP_LOG_LEVEL", "info", "Log level: debug, info, warning, error."),
+    # serve, API and CLI
+    Setting("listen", "SANDKEEP_LISTEN", "127.0.0.1:8080", "Address `sandkeep serve` listens on (HOST:PORT)."),
+    Setting("public_url", "SANDKEEP_PUBLIC_URL", None,
+            "Base URL users reach the API and web UI at (printed links); default http://<listen>."),
+    Setting("host_listen", "SANDKEEP_HOST_LISTEN", "127.0.0.1:4280",
+            "Machines API address of the local host that serve starts (HOST:PORT)."),
+    Setting("host_proxy_listen", "SANDKEEP_HOST_PROXY_LISTEN", "127.0.0.1:4281",
+            "Proxy address of the local host that serve starts (HOST:PORT)."),
+    Setting("host_start_timeout", "SANDKEEP_HOST_START_TIMEOUT", 30.0,
+            "How long serve waits for its local host child to answer /healthz."),
+    Setting("gateway_proxy_timeout", "SANDKEEP_GATEWAY_PROXY_TIMEOUT", 60.0,
+            "Timeout of one request proxied by the API to an instance's gateway."),
+    Setting("token_ttl", "SANDKEEP_TOKEN_TTL", 2592000.0,
+            "Lifetime of tokens printed by `sandkeep token` (30 days; 0 = no expiry)."),
+    Setting("api_url", "SANDKEEP_URL", "http://127.0.0.1:8080", "API base URL the CLI talks to."),
+    Setting("api_token", "SANDKEEP_TOKEN", None, "API token the CLI sends (see `sandkeep token`)."),
+    # web UI
+    Setting("web_session_ttl", "SANDKEEP_WEB_SESSION_TTL", 43200.0,
+            "How long a web sign-in session lasts (never longer than the pasted token)."),
+    Setting("web_login_code_ttl", "SANDKEEP_WEB_LOGIN_CODE_TTL", 900.0,
+            "How long a one-time sign-in link printed by serve stays valid."),
+    Setting("web_poll_interval", "SANDKEEP_WEB_POLL_INTERVAL", 2.0,
+            "How often the web pages refresh instance status without a reload."),
+    Setting("web_gateway_timeout", "SANDKEEP_WEB_GATEWAY_TIMEOUT", 30.0,
+            "Timeout of one request the web UI's Open link proxies to an instance's gateway."),
 )
 
 
@@ -126,7 +155,22 @@ class Settings:
     alarm_poll_interval: float = 1.0
     detect_poll_interval: float = 2.0
     engine_concurrency: int = 16
+    provider_backoff_max: float = 300.0
+    claim_wait: float = 5.0
     log_level: str = "info"
+    listen: str = "127.0.0.1:8080"
+    public_url: str | None = None
+    host_listen: str = "127.0.0.1:4280"
+    host_proxy_listen: str = "127.0.0.1:4281"
+    host_start_timeout: float = 30.0
+    gateway_proxy_timeout: float = 60.0
+    token_ttl: float = 2592000.0
+    api_url: str = "http://127.0.0.1:8080"
+    api_token: str | None = None
+    web_session_ttl: float = 43200.0
+    web_login_code_ttl: float = 900.0
+    web_poll_interval: float = 2.0
+    web_gateway_timeout: float = 30.0
 
     @property
     def region_list(self) -> list[str]:
