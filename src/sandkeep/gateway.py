@@ -1,0 +1,210 @@
+"""The gateway: the small HTTP server that runs inside every machine.
+
+It listens on ``127.0.0.1:$PORT`` and serves:
+
+* ``GET /health`` -> 200 ``{"status": "ok", "started_at", "volume_path", "machine_id", "app_name", "region"}``
+* ``PUT /data/{key}`` -> stores the request body in the volume (written to a temporary file, fsynced,
+  renamed, directory fsynced) and answers 201 ``{"key", "size"}``
+* ``GET /data/{key}`` -> the stored bytes (404 when missing)
+
+Keys are one path segment of letters, digits, ``.``, ``_`` and ``-`` (no ``..``); anything else is a 400.
+SIGTERM and SIGINT stop the server cleanly (exit code 0). Only the standard library is used so a machine
+boots fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+MAX_BODY = 64 * 1024 * 1024
+
+
+class GatewayConfig:
+    def __init__(self, port: int, volume_path: Path | None, machine_id: str, app_name: str, region: str,
+                 host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self.volume_path = volume_path
+        self.machine_id = machine_id
+        self.app_name = app_name
+        self.region = region
+        self.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> GatewayConfig:
+        env = dict(os.environ if environ is None else environ)
+        raw_port = env.get("PORT", "8080")
+        try:
+            port = int(raw_port)
+        except ValueError as exc:
+            raise SystemExit(f"gateway: PORT must be a number, got {raw_port!r}") from exc
+        vol = env.get("SANDKEEP_VOLUME_PATH") or ""
+        return cls(port=port, volume_path=Path(vol) if vol else None, machine_id=env.get("FLY_MACHINE_ID", ""),
+                   app_name=env.get("FLY_APP_NAME", ""), region=env.get("FLY_REGION", ""))
+
+    def data_dir(self) -> Path:
+        base = self.volume_path if self.volume_path is not None else Path.cwd()
+        return base / "data"
+
+
+def valid_key(key: str) -> bool:
+    return bool(_KEY_RE.match(key)) and key not in (".", "..") and ".." not in key
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_key(cfg: GatewayConfig, key: str, body: bytes) -> None:
+    directory = cfg.data_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{key}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as fh:
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / key)
+    _fsync_dir(directory)
+
+
+def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "sandkeep-gateway/1"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            sys.stderr.write(json.dumps({"event": "request", "line": format % args}) + "\n")
+
+        def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+        def _json(self, status: int, obj: dict[str, Any]) -> None:
+            self._send(status, json.dumps(obj).encode())
+
+        def _key(self) -> str | None:
+            path = urlsplit(self.path).path
+            if not path.startswith("/data/"):
+                return None
+            return unquote(path[len("/data/"):])
+
+        def _drain(self) -> bytes | None:
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return None  # not supported: send a Content-Length
+                return b""
+            try:
+                length = int(raw)
+            except ValueError:
+                return None
+            if length < 0 or length > MAX_BODY:
+                return None
+            return self.rfile.read(length)
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/health":
+                self._json(200, {"status": "ok", "started_at": cfg.started_at,
+                                 "volume_path": str(cfg.volume_path) if cfg.volume_path else None,
+                                 "machine_id": cfg.machine_id, "app_name": cfg.app_name, "region": cfg.region,
+                                 "pid": os.getpid()})
+                return
+            key = self._key()
+            if key is None:
+                self._json(404, {"error": f"not found: {path}"})
+                return
+            if not valid_key(key):
+                self._json(400, {"error": "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"})
+                return
+            target = cfg.data_dir() / key
+            try:
+                data = target.read_bytes()
+            except FileNotFoundError:
+                self._json(404, {"error": f"key not found: {key}"})
+                return
+            except OSError as exc:
+                self._json(500, {"error": f"cannot read key {key}: {exc.strerror}"})
+                return
+            self._send(200, data, "application/octet-stream")
+
+        do_HEAD = do_GET
+
+        def do_PUT(self) -> None:
+            key = self._key()
+            body = self._drain()
+            if body is None:
+                self._json(400, {"error": f"a Content-Length of at most {MAX_BODY} bytes is required"})
+                self.close_connection = True
+                return
+            if key is None:
+                self._json(404, {"error": f"not found: {urlsplit(self.path).path}"})
+                return
+            if not valid_key(key):
+                self._json(400, {"error": "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"})
+                return
+            try:
+                write_key(cfg, key, body)
+            except OSError as exc:
+                self._json(500, {"error": f"cannot store key {key}: {exc.strerror}"})
+                return
+            self._json(201, {"key": key, "size": len(body)})
+
+        def do_POST(self) -> None:
+            self._drain()
+            self._json(405, {"error": "method not allowed"})
+
+        do_DELETE = do_POST
+        do_PATCH = do_POST
+
+    return Handler
+
+
+def serve(cfg: GatewayConfig) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code."""
+    httpd = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(cfg))
+    httpd.daemon_threads = True
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sys.stderr.write(json.dumps({"event": "gateway.listening", "port": cfg.port,
+                                 "volume_path": str(cfg.volume_path) if cfg.volume_path else None}) + "\n")
+    sys.stderr.flush()
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        httpd.server_close()
+    sys.stderr.write(json.dumps({"event": "gateway.stopped"}) + "\n")
+    return 0
+
+
+def main() -> int:
+    return serve(GatewayConfig.from_env())

@@ -1,0 +1,434 @@
+"""HTTP faces of the local host: the Machines API app (``/v1``, ``/_local``, ``/healthz``) and the proxy app."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sandkeep.host.core import WAIT_STATES, Host, HostError, bad
+from sandkeep.host.faults import OPERATIONS, FaultInputError, Faults, RateLimiter
+
+log = structlog.get_logger("sandkeep.host.api")  # lazy: configured by the command
+
+Handler = Callable[[Request], Awaitable[Response]]
+MAX_WAIT = 60
+MAX_WATCH = 30
+_SIGNALS = {name: getattr(signal, name) for name in (
+    "SIGABRT", "SIGALRM", "SIGFPE", "SIGHUP", "SIGILL", "SIGINT", "SIGKILL", "SIGPIPE", "SIGQUIT", "SIGSEGV",
+    "SIGTERM", "SIGTRAP", "SIGUSR1")}
+_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+        "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+def error(status: int, message: str, code: str = "unknown", headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": code}, status_code=status, headers=headers)
+
+
+async def read_json(request: Request, *, required: bool = True) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise bad("request body is required (a JSON object)")
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"malformed JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object")
+    return body
+
+
+def qbool(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return False
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise bad(f"query parameter '{name}' must be true or false, got {raw!r}")
+
+
+def _duration_seconds(value: Any) -> float | None:
+    """Fly's stop timeout: a Go duration string ('10s', '500ms', '1m') or a number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise bad("timeout must be a duration such as '10s'")
+    if isinstance(value, int | float):
+        return float(value) if value < 1e6 else float(value) / 1e9  # big numbers are Go nanoseconds
+    if isinstance(value, dict) and isinstance(value.get("time.Duration"), int):
+        return float(value["time.Duration"]) / 1e9
+    if isinstance(value, str):
+        units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+        for suffix, factor in units:
+            if value.endswith(suffix):
+                try:
+                    return float(value[: -len(suffix)]) * factor
+                except ValueError:
+                    break
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise bad(f"timeout must be a duration such as '10s', got {value!r}")
+
+
+class HostAPI:
+    def __init__(self, host: Host, token: str, faults: Faults | None = None, *, rate_limits: bool = False) -> None:
+        self.host = host
+        self.token = token
+        self.faults = faults or Faults()
+        self.limiter = RateLimiter(host.clock.monotonic) if rate_limits else None
+
+    # -------------------------------------------------------------- plumbing
+    def _authorized(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode(), self.token.encode())
+
+    def op(self, name: str | None, fn: Handler) -> Handler:
+        async def handler(request: Request) -> Response:
+            if not self._authorized(request):
+                return error(401, "unauthorized: missing or invalid bearer token (Authorization: Bearer <token>)")
+            injection = None
+            if name is not None:
+                latency, injection = self.faults.decide(name)
+                latency += self.host.opt.delays.get("api", 0.0)
+                if latency > 0:
+                    await self.host.clock.sleep(latency)
+                if injection is not None and injection.phase == "before":
+                    return self._injected(injection)
+                if self.limiter is not None:
+                    key = f"{request.path_params.get('app', '')}/{request.path_params.get('mid', '')}"
+                    wait = self.limiter.check(name, key)
+                    if wait is not None:
+                        return error(429, f"rate limit exceeded for {name}", headers={"Retry-After": f"{wait:.2f}"})
+            try:
+                response = await fn(request)
+            except HostError as exc:
+                response = JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
+            except Exception:
+                log.exception("host.unhandled", path=request.url.path, method=request.method)
+                response = error(500, "internal error in the local host (see its log)")
+            if injection is not None:
+                return self._injected(injection)
+            return response
+        return handler
+
+    @staticmethod
+    def _injected(injection: Any) -> Response:
+        headers = None
+        if injection.retry_after is not None:
+            headers = {"Retry-After": f"{injection.retry_after:g}"}
+        return error(injection.status, injection.message, headers=headers)
+
+    def routes(self) -> list[Route]:
+        r: list[Route] = []
+
+        def add(path: str, method: str, name: str | None, fn: Handler) -> None:
+            r.append(Route(path, self.op(name, fn), methods=[method]))
+
+        a, m, v = "/v1/apps/{app}", "/v1/apps/{app}/machines/{mid}", "/v1/apps/{app}/volumes/{vid}"
+        add("/v1/apps", "GET", "app.list", self.list_apps)
+        add("/v1/apps", "POST", "app.create", self.create_app)
+        add(a, "GET", "app.get", self.get_app)
+        add(a, "DELETE", "app.delete", self.delete_app)
+        add(a + "/machines", "GET", "machine.list", self.list_machines)
+        add(a + "/machines", "POST", "machine.create", self.create_machine)
+        add(m, "GET", "machine.get", self.get_machine)
+        add(m, "POST", "machine.update", self.update_machine)
+        add(m, "DELETE", "machine.destroy", self.destroy_machine)
+        add(m + "/start", "POST", "machine.start", self.start_machine)
+        add(m + "/stop", "POST", "machine.stop", self.stop_machine)
+        add(m + "/restart", "POST", "machine.restart", self.restart_machine)
+        add(m + "/wait", "GET", "machine.wait", self.wait_machine)
+        add(m + "/events", "GET", "machine.events", self.machine_events)
+        add(m + "/metadata", "GET", "machine.metadata.get", self.get_metadata)
+        add(m + "/metadata/{key:path}", "POST", "machine.metadata.set", self.set_metadata)
+        add(m + "/metadata/{key:path}", "DELETE", "machine.metadata.delete", self.delete_metadata)
+        add(a + "/volumes", "GET", "volume.list", self.list_volumes)
+        add(a + "/volumes", "POST", "volume.create", self.create_volume)
+        add(v, "GET", "volume.get", self.get_volume)
+        add(v, "DELETE", "volume.delete", self.delete_volume)
+        add(v + "/snapshots", "GET", "volume.snapshots.list", self.list_snapshots)
+        add(v + "/snapshots", "POST", "volume.snapshots.create", self.create_snapshot)
+        add("/_local/apps/{app}/machines/{mid}/crash", "POST", None, self.crash_machine)
+        add("/_local/regions", "GET", None, self.list_regions)
+        add("/_local/regions/{region}/outage", "POST", None, self.outage)
+        add("/_local/regions/{region}/capacity", "POST", None, self.capacity)
+        add("/_local/faults", "GET", None, self.get_faults)
+        add("/_local/faults", "POST", None, self.set_faults)
+        add("/_local/faults", "DELETE", None, self.clear_faults)
+        add("/_local/watch", "GET", None, self.watch)
+        add("/_local/snapshots/run", "POST", None, self.run_snapshots)
+        r.append(Route("/healthz", self.healthz, methods=["GET"]))
+        return r
+
+    def app(self) -> Starlette:
+        async def http_error(request: Request, exc: Exception) -> Response:
+            status = exc.status_code if isinstance(exc, HTTPException) else 500
+            if status == 404:
+                return error(404, f"not found: {request.method} {request.url.path}")
+            if status == 405:
+                return error(405, f"method not allowed: {request.method} {request.url.path}")
+            detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+            return error(status, str(detail))
+
+        return Starlette(routes=self.routes(), exception_handlers={HTTPException: http_error})
+
+    # -------------------------------------------------------------- misc
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "regions": self.host.opt.regions, "seq": self.host.seq})
+
+    # -------------------------------------------------------------- apps
+    async def list_apps(self, request: Request) -> Response:
+        return JSONResponse(self.host.list_apps(request.query_params.get("org_slug")))
+
+    async def create_app(self, request: Request) -> Response:
+        a = self.host.create_app(await read_json(request))
+        return JSONResponse(self.host.app_json(a), status_code=201)
+
+    async def get_app(self, request: Request) -> Response:
+        return JSONResponse(self.host.app_json(self.host.app(request.path_params["app"])))
+
+    async def delete_app(self, request: Request) -> Response:
+        await self.host.delete_app(request.path_params["app"])
+        return Response(status_code=202)
+
+    # -------------------------------------------------------------- machines
+    async def list_machines(self, request: Request) -> Response:
+        metadata: dict[str, str] = {}
+        for key, value in request.query_params.multi_items():
+            if key.startswith("metadata."):
+                if len(key) == len("metadata."):
+                    raise bad("metadata filter needs a key: metadata.KEY=VALUE")
+                metadata[key[len("metadata."):]] = value
+        include_deleted = qbool(request, "include_deleted")
+        ms = self.host.list_machines(request.path_params["app"], metadata=metadata,
+                                     region=request.query_params.get("region") or None,
+                                     include_deleted=include_deleted)
+        return JSONResponse([self.host.machine_json(x) for x in ms])
+
+    async def create_machine(self, request: Request) -> Response:
+        app = request.path_params["app"]
+        self.host.app(app)
+        m = await self.host.create_machine(app, await read_json(request))
+        return JSONResponse(self.host.machine_json(m))
+
+    async def get_machine(self, request: Request) -> Response:
+        m = self.host.machine(request.path_params["app"], request.path_params["mid"])
+        return JSONResponse(self.host.machine_json(m))
+
+    async def update_machine(self, request: Request) -> Response:
+        app, mid = request.path_params["app"], request.path_params["mid"]
+        self.host.machine(app, mid, live=True)
+        m = await self.host.update_machine(app, mid, await read_json(request))
+        return JSONResponse(self.host.machine_json(m))
+
+    async def destroy_machine(self, request: Request) -> Response:
+        force = qbool(request, "force") or qbool(request, "kill")
+        await self.host.destroy_machine(request.path_params["app"], request.path_params["mid"], force=force)
+        return JSONResponse({"ok": True})
+
+    async def start_machine(self, request: Request) -> Response:
+        out = await self.host.start_machine(request.path_params["app"], request.path_params["mid"])
+        return JSONResponse(out)
+
+    async def stop_machine(self, request: Request) -> Response:
+        app, mid = request.path_params["app"], request.path_params["mid"]
+        m = self.host.machine(app, mid, live=True)
+        body = await read_json(request, required=False)
+        stop_config = m["config"].get("stop_config") or {}  # the machine's own defaults, as on Fly
+        sig_name = body.get("signal") or stop_config.get("signal") or "SIGTERM"
+        if not isinstance(sig_name, str) or sig_name.upper() not in _SIGNALS:
+            raise bad(f"signal must be one of {', '.join(sorted(_SIGNALS))}")
+        timeout = _duration_seconds(body.get("timeout") if body.get("timeout") is not None
+                                    else stop_config.get("timeout"))
+        if timeout is not None and not 0 <= timeout <= 3600:
+            raise bad("timeout must be between 0s and 1h")
+        await self.host.stop_machine(app, mid, sig=_SIGNALS[sig_name.upper()], timeout=timeout)
+        return JSONResponse({"ok": True})
+
+    async def restart_machine(self, request: Request) -> Response:
+        await self.host.restart_machine(request.path_params["app"], request.path_params["mid"])
+        return JSONResponse({"ok": True})
+
+    async def wait_machine(self, request: Request) -> Response:
+        app, mid = request.path_params["app"], request.path_params["mid"]
+        self.host.machine(app, mid)
+        state = request.query_params.get("state") or "started"
+        if state not in WAIT_STATES:
+            raise bad(f"state must be one of {', '.join(WAIT_STATES)}, got {state!r}")
+        raw = request.query_params.get("timeout")
+        timeout = MAX_WAIT
+        if raw not in (None, ""):
+            try:
+                timeout = int(str(raw).removesuffix("s"))
+            except ValueError as exc:
+                raise bad(f"timeout must be a whole number of seconds (1-{MAX_WAIT}), got {raw!r}") from exc
+            if not 1 <= timeout <= MAX_WAIT:
+                raise bad(f"timeout must be between 1 and {MAX_WAIT} seconds, got {timeout}")
+        await self.host.wait_machine(app, mid, state=state, timeout=float(timeout))
+        return JSONResponse({"ok": True})
+
+    async def machine_events(self, request: Request) -> Response:
+        m = self.host.machine(request.path_params["app"], request.path_params["mid"])
+        return JSONResponse(m.get("events", []))
+
+    async def get_metadata(self, request: Request) -> Response:
+        m = self.host.machine(request.path_params["app"], request.path_params["mid"])
+        return JSONResponse(dict(m["config"].get("metadata") or {}))
+
+    async def set_metadata(self, request: Request) -> Response:
+        app, mid, key = request.path_params["app"], request.path_params["mid"], request.path_params["key"]
+        self.host.machine(app, mid, live=True)
+        if not self.host.valid_metadata_key(key):
+            raise bad(f"invalid metadata key {key!r}: 1-128 letters, digits, '.', '_', '-' or '/'")
+        body = await read_json(request)
+        value = body.get("value")
+        if not isinstance(value, str):
+            raise bad("body must be {\"value\": \"<string>\"}")
+        self.host.set_metadata(app, mid, key, value)
+        return Response(status_code=204)
+
+    async def delete_metadata(self, request: Request) -> Response:
+        self.host.delete_metadata(request.path_params["app"], request.path_params["mid"], request.path_params["key"])
+        return Response(status_code=204)
+
+    # -------------------------------------------------------------- volumes
+    async def list_volumes(self, request: Request) -> Response:
+        return JSONResponse([self.host.volume_json(v) for v in self.host.list_volumes(request.path_params["app"])])
+
+    async def create_volume(self, request: Request) -> Response:
+        app = request.path_params["app"]
+        self.host.app(app)
+        v = await self.host.create_volume(app, await read_json(request))
+        return JSONResponse(self.host.volume_json(v))
+
+    async def get_volume(self, request: Request) -> Response:
+        v = self.host.volume(request.path_params["app"], request.path_params["vid"])
+        return JSONResponse(self.host.volume_json(v))
+
+    async def delete_volume(self, request: Request) -> Response:
+        out = await self.host.delete_volume(request.path_params["app"], request.path_params["vid"])
+        return JSONResponse(out)
+
+    async def list_snapshots(self, request: Request) -> Response:
+        snaps = self.host.list_snapshots(request.path_params["app"], request.path_params["vid"])
+        return JSONResponse([self.host.snapshot_json(s) for s in snaps])
+
+    async def create_snapshot(self, request: Request) -> Response:
+        s = await self.host.create_snapshot(request.path_params["app"], request.path_params["vid"])
+        return JSONResponse(self.host.snapshot_json(s))
+
+    # -------------------------------------------------------------- fault injection
+    async def crash_machine(self, request: Request) -> Response:
+        await self.host.crash_machine(request.path_params["app"], request.path_params["mid"])
+        return JSONResponse({"ok": True})
+
+    async def list_regions(self, request: Request) -> Response:
+        return JSONResponse({"regions": [self.host.region_json(self.host.regions[r]) for r in self.host.opt.regions]})
+
+    async def outage(self, request: Request) -> Response:
+        body = await read_json(request)
+        down = body.get("down")
+        if not isinstance(down, bool):
+            raise bad("body must be {\"down\": true|false}")
+        return JSONResponse(self.host.set_outage(request.path_params["region"], down))
+
+    async def capacity(self, request: Request) -> Response:
+        body = await read_json(request)
+        available = body.get("available")
+        if not isinstance(available, bool):
+            raise bad("body must be {\"available\": true|false}")
+        return JSONResponse(self.host.set_capacity(request.path_params["region"], available))
+
+    async def get_faults(self, request: Request) -> Response:
+        return JSONResponse({"rules": [r.as_json() for r in self.faults.rules], "operations": list(OPERATIONS)})
+
+    async def set_faults(self, request: Request) -> Response:
+        body = await read_json(request)
+        try:
+            rules = self.faults.configure(body)
+        except FaultInputError as exc:
+            raise bad(str(exc)) from exc
+        return JSONResponse({"rules": [r.as_json() for r in rules]})
+
+    async def clear_faults(self, request: Request) -> Response:
+        self.faults.clear()
+        return JSONResponse({"rules": []})
+
+    async def watch(self, request: Request) -> Response:
+        try:
+            since = int(request.query_params.get("since") or 0)
+            timeout = float(request.query_params.get("timeout") or 0)
+        except ValueError as exc:
+            raise bad("since must be a whole number and timeout a number of seconds") from exc
+        if since < 0 or not 0 <= timeout <= MAX_WATCH:
+            raise bad(f"since must be >= 0 and timeout between 0 and {MAX_WATCH} seconds")
+        return JSONResponse(await self.host.watch(since, timeout))
+
+    async def run_snapshots(self, request: Request) -> Response:
+        return JSONResponse(await self.host.scheduled_pass())
+
+
+class ProxyApp:
+    """Fly's proxy, locally: ``fly-force-instance-id: <machine id>`` routes a request to that machine's gateway."""
+
+    def __init__(self, host: Host, *, timeout: float = 60.0) -> None:
+        self.host = host
+        self.client = httpx.AsyncClient(timeout=timeout)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.client.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        response = await self.forward(request)
+        await response(scope, receive, send)
+
+    async def forward(self, request: Request) -> Response:
+        mid = request.headers.get("fly-force-instance-id", "").strip()
+        if not mid:
+            return error(400, "missing fly-force-instance-id header: the local proxy routes by machine id")
+        m, port = self.host.proxy_target(mid)
+        if m is None:
+            return error(404, f"machine not found: {mid}")
+        if port is None:
+            return error(503, f"machine {mid} is not started (state {m['state']})")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers["fly-forwarded-port"] = str(request.url.port or "")
+        raw_path = request.scope.get("raw_path") or request.url.path.encode()
+        url = f"http://127.0.0.1:{port}{raw_path.decode('latin-1')}"
+        if request.url.query:
+            url += "?" + request.url.query
+        try:
+            upstream = await self.client.request(request.method, url, headers=headers, content=await request.body())
+        except httpx.HTTPError as exc:
+            return error(502, f"machine {mid} did not answer: {type(exc).__name__}")
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP | {"content-encoding"}}
+        out_headers["fly-request-id"] = mid
+        return Response(upstream.content, status_code=upstream.status_code, headers=out_headers)

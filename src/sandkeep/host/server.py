@@ -1,0 +1,131 @@
+"""Run the local machine host: the Machines API and the proxy, two uvicorn servers in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import uvicorn
+
+from sandkeep.clock import Clock, SystemClock
+from sandkeep.host.api import HostAPI, ProxyApp
+from sandkeep.host.core import Host, HostOptions
+from sandkeep.host.faults import Faults
+
+log = structlog.get_logger("sandkeep.host.server")  # lazy: configured by the command
+
+
+@dataclass
+class ServeConfig:
+    listen: tuple[str, int]
+    proxy_listen: tuple[str, int]
+    options: HostOptions
+    token: str
+    fault_seed: int | None = None
+    log_level: str = "info"
+    rate_limits: bool = False
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    try:
+        number = int(port)
+    except ValueError as exc:
+        raise ValueError(f"port must be a number in {value!r}") from exc
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host.strip("[]"), number
+
+
+def load_or_create_token(data_dir: Path, env_token: str | None) -> tuple[str, Path | None]:
+    """The token from the environment, else the one stored in ``data_dir/token`` (created once)."""
+    if env_token:
+        return env_token, None
+    path = data_dir / "token"
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token, path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token, path
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to us (two servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(addr: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(512)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
+    clock = clock or SystemClock()
+    cfg.options.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        api_sock, proxy_sock = _bind(cfg.listen), _bind(cfg.proxy_listen)
+    except OSError as exc:
+        raise SystemExit(f"sandkeep host: cannot listen: {exc}") from exc
+    host = Host(cfg.options, clock)
+    recovered = host.load()
+    if recovered:
+        log.info("host.recovered_machines_stopped", machines=recovered)
+    api = HostAPI(host, cfg.token, Faults(seed=cfg.fault_seed), rate_limits=cfg.rate_limits)
+    proxy = ProxyApp(host)
+    common = {"log_config": None, "access_log": False, "lifespan": "on", "timeout_graceful_shutdown": 5,
+              "log_level": "debug" if cfg.log_level == "debug" else "warning"}
+    api_server = _Server(uvicorn.Config(api.app(), **common))  # type: ignore[arg-type]
+    proxy_server = _Server(uvicorn.Config(proxy, **common))  # type: ignore[arg-type]
+    servers = (api_server, proxy_server)
+
+    def on_signal() -> None:
+        for s in servers:
+            if s.should_exit:
+                s.force_exit = True
+            s.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    host.start_background()
+    log.info("host.listening", api=f"http://{cfg.listen[0]}:{api_sock.getsockname()[1]}",
+             proxy=f"http://{cfg.proxy_listen[0]}:{proxy_sock.getsockname()[1]}",
+             data_dir=str(cfg.options.data_dir), regions=cfg.options.regions)
+    try:
+        await asyncio.gather(api_server.serve(sockets=[api_sock]), proxy_server.serve(sockets=[proxy_sock]))
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await host.shutdown()
+        log.info("host.stopped")
+
+
+def run(cfg: ServeConfig) -> None:
+    try:
+        asyncio.run(serve(cfg))
+    except KeyboardInterrupt:  # pragma: no cover
+        sys.exit(130)

@@ -1,0 +1,92 @@
+"""Validate the local host's answers against Fly's Machines API description (Swagger 2.0).
+
+openapi-core does not read Swagger 2.0, so this resolves each path/method/status response schema from
+``tests/data/fly-machines-api.swagger.json`` and checks the body with jsonschema (draft 4, which Swagger 2.0
+schemas are), ``$ref`` resolved inside the same document.
+
+Two documented relaxations, both faithful to the real API: a property may be ``null`` (Fly's Go server sends
+``null`` for unset pointers such as ``attached_machine_id``; Swagger 2.0 cannot say "nullable"), and an error
+status the spec does not list (404, 408, 412, 422, 429, 5xx...) must carry Fly's ``ErrorResponse`` body.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "fly-machines-api.swagger.json"
+
+
+@lru_cache(maxsize=1)
+def spec() -> dict[str, Any]:
+    return json.loads(SPEC_PATH.read_text())  # type: ignore[no-any-return]
+
+
+def _nullable(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        out = {k: _nullable(v) for k, v in schema.items()}
+        props = out.get("properties")
+        if isinstance(props, dict):
+            for name, prop in props.items():
+                if isinstance(prop, dict) and isinstance(prop.get("type"), str):
+                    props[name] = {**prop, "type": [prop["type"], "null"]}
+                    if "enum" in prop:
+                        props[name]["enum"] = [*prop["enum"], None]
+                elif isinstance(prop, dict) and ("$ref" in prop or "allOf" in prop):
+                    props[name] = {"anyOf": [prop, {"type": "null"}]}
+        return out
+    if isinstance(schema, list):
+        return [_nullable(x) for x in schema]
+    return schema
+
+
+@lru_cache(maxsize=1)
+def _definitions() -> dict[str, Any]:
+    return _nullable(copy.deepcopy(spec()["definitions"]))  # type: ignore[no-any-return]
+
+
+def _template_for(path: str) -> str:
+    """Map a concrete path (``/v1/apps/x/machines/y``) to the spec's template (``/apps/{app_name}/...``)."""
+    base = spec()["basePath"]
+    rel = path.split("?", 1)[0]
+    if rel.startswith(base):
+        rel = rel[len(base):]
+    for template in spec()["paths"]:
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, rel):
+            return str(template)
+    raise AssertionError(f"{path} is not a path of Fly's Machines API")
+
+
+def response_schema(path: str, method: str, status: int) -> dict[str, Any] | None:
+    template = _template_for(path)
+    operation = spec()["paths"][template].get(method.lower())
+    assert operation is not None, f"{method} {template} is not an operation of Fly's Machines API"
+    responses = operation.get("responses", {})
+    if str(status) in responses:
+        return responses[str(status)].get("schema")  # type: ignore[no-any-return]
+    if status >= 400:
+        return {"$ref": "#/definitions/ErrorResponse"}
+    raise AssertionError(f"{method} {template} answered {status}, which the spec does not list "
+                         f"(it lists {sorted(responses)})")
+
+
+def validate(path: str, method: str, status: int, body: Any) -> None:
+    """Raise AssertionError when ``body`` does not match the spec's schema for this answer."""
+    schema = response_schema(path, method, status)
+    if schema is None:
+        return
+    root = {**_nullable(schema), "definitions": _definitions()}
+    validator = jsonschema.Draft4Validator(root)
+    errors = sorted(validator.iter_errors(body), key=lambda e: list(e.path))
+    if errors:
+        detail = "; ".join(f"{'/'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:5])
+        raise AssertionError(f"{method} {path} -> {status} does not match Fly's spec: {detail}")
+    if status >= 400:
+        assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body

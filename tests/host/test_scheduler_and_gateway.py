@@ -1,0 +1,117 @@
+"""Scheduled snapshots on a FakeClock (in-process), the realistic profile table, and the gateway process."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sandkeep.clock import FakeClock
+from sandkeep.host.core import Host, HostError, HostOptions
+from sandkeep.host.faults import REALISTIC_PROFILE, profile_delays
+from tests.support.procs import free_port, spawn
+from tests.support.wait import wait_until
+
+
+async def test_scheduled_snapshots_follow_the_clock_and_retention(tmp_path: Path) -> None:
+    clock = FakeClock()
+    host = Host(HostOptions(data_dir=tmp_path, regions=["r1", "r2"], snapshot_interval=3600.0,
+                            snapshot_retention=4 * 3600.0), clock)
+    host.load()
+    try:
+        host.create_app({"app_name": "sched"})
+        vol = await host.create_volume("sched", {"name": "data", "region": "r1"})
+        (host.volume_dir(vol) / "file").write_text("one")
+        assert (await host.scheduled_pass())["taken"] == []  # not due yet
+        clock.advance(3600)
+        first = (await host.scheduled_pass())["taken"]
+        assert len(first) == 1
+        assert (host.snapshot_dir(host.snapshots[first[0]]) / "file").read_text() == "one"
+        clock.advance(1800)
+        assert (await host.scheduled_pass())["taken"] == []
+        for _ in range(4):
+            clock.advance(3600)
+            await host.scheduled_pass()
+        ids = [s["id"] for s in host.list_snapshots("sched", vol["id"])]
+        assert first[0] not in ids, "older than the retention: pruned"
+        assert not host.snapshot_dir(host.snapshots.get(first[0]) or {"region": "r1", "id": first[0]}).exists()
+        assert 3 <= len(ids) <= 5
+        host.set_outage("r1", True)
+        clock.advance(3600)
+        assert (await host.scheduled_pass())["taken"] == []  # a down region takes no snapshots
+        with pytest.raises(HostError) as exc:
+            await host.create_snapshot("sched", vol["id"])
+        assert exc.value.status == 412
+    finally:
+        await host.shutdown()
+
+
+def test_realistic_profile_is_documented() -> None:
+    delays = profile_delays("realistic")
+    for name in ("machine.create", "machine.boot.first", "volume.fork", "volume.create"):
+        assert delays[name] > 0 and REALISTIC_PROFILE[name][1]
+    assert delays["volume.fork"] > delays["volume.create"]
+    assert profile_delays("none") == {}
+    with pytest.raises(ValueError):
+        profile_delays("slow")
+
+
+def test_gateway_stores_data_rejects_traversal_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    proc = spawn(["gateway"], log_path=tmp_path / "gw.log",
+                 env={"PORT": str(port), "SANDKEEP_VOLUME_PATH": str(volume), "FLY_MACHINE_ID": "m1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_until(lambda: httpx.get(url + "/health").json(), timeout=20, message="gateway up")
+        assert health["status"] == "ok" and health["volume_path"] == str(volume) and health["machine_id"] == "m1"
+        assert health["started_at"].endswith("Z")
+        assert httpx.get(url + "/data/missing").status_code == 404
+        assert httpx.put(url + "/data/k.1", content=b"\x00bytes").status_code == 201
+        assert httpx.get(url + "/data/k.1").content == b"\x00bytes"
+        assert (volume / "data" / "k.1").read_bytes() == b"\x00bytes"
+        for bad in ("..", "..%2Fescape", "a%2Fb", "%2E%2E"):
+            assert httpx.put(url + f"/data/{bad}", content=b"x").status_code in (400, 404), bad
+        assert not (tmp_path / "escape").exists()
+    finally:
+        code = proc.stop(signal.SIGTERM)
+    assert code == 0
+
+
+def test_scheduler_runs_in_the_host_process(tmp_path: Path) -> None:
+    from tests.host.conftest import Api
+    from tests.support.procs import running_host
+
+    with running_host(tmp_path / "host", extra_args=["--snapshot-interval", "0.5", "--snapshot-retention", "1.5",
+                                                     "--scheduler-tick", "0.1"]) as handle:
+        api = Api(handle)
+        app = api.new_app()
+        vol = api.volume(app, "lcl-a")
+        snaps = f"/v1/apps/{app}/volumes/{vol['id']}/snapshots"
+        first = wait_until(lambda: api.call("GET", snaps, 200), timeout=20, message="a scheduled snapshot")[0]
+        wait_until(lambda: first["id"] not in [s["id"] for s in api.call("GET", snaps, 200)], timeout=20,
+                   message="the first snapshot pruned after the retention")
+        assert api.call("GET", snaps, 200), "newer snapshots are kept"
+        ran = api.local("POST", "/_local/snapshots/run")
+        assert set(ran) == {"taken", "pruned"}
+        api.close()
+
+
+def test_rate_limiter_buckets_on_a_fake_clock() -> None:
+    from sandkeep.host.faults import RateLimiter
+
+    clock = FakeClock()
+    limiter = RateLimiter(clock.monotonic)
+    key = "app/m1"
+    assert [limiter.check("machine.start", key) for _ in range(3)] == [None, None, None]  # burst of 3
+    wait = limiter.check("machine.start", key)
+    assert wait is not None and 0 < wait <= 1.0
+    assert limiter.check("machine.start", "app/m2") is None  # per machine
+    assert limiter.check("machine.stop", key) is None  # per action
+    clock.advance(1.0)
+    assert limiter.check("machine.start", key) is None
+    assert all(limiter.check("machine.get", key) is None for _ in range(10))
+    assert limiter.check("machine.get", key) is not None
