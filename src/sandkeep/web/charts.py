@@ -1,0 +1,169 @@
+"""Server-side SVG charts for the fleet page: recoveries over time and a histogram of their durations.
+
+Both are computed from the event rows (SPEC §9) and rendered as plain, self-contained SVG markup (no
+script, no inline styles — colours come from CSS classes in app.css so the page's CSP stays strict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from html import escape
+
+from markupsafe import Markup
+
+from sandkeep.store.records import EventRecord
+
+STARTED = "instance.unexpected_stop_recovery_started"
+SUCCEEDED = "instance.unexpected_stop_recovery_succeeded"
+FAILED = "instance.unexpected_stop_recovery_failed"
+RECOVERY_EVENTS = (STARTED, SUCCEEDED, FAILED)
+SERIES = (("started", STARTED), ("succeeded", SUCCEEDED), ("failed", FAILED))
+
+# window name -> (total span, bucket width)
+WINDOWS: dict[str, tuple[timedelta, timedelta]] = {
+    "1h": (timedelta(hours=1), timedelta(minutes=5)),
+    "24h": (timedelta(hours=24), timedelta(hours=1)),
+    "7d": (timedelta(days=7), timedelta(hours=6)),
+}
+DEFAULT_WINDOW = "24h"
+
+# histogram bins: (upper bound in seconds, label); the last bin is open-ended
+DURATION_BINS: tuple[tuple[float, str], ...] = (
+    (5, "< 5 s"), (10, "5-10 s"), (30, "10-30 s"), (60, "30-60 s"), (120, "1-2 min"), (300, "2-5 min"),
+    (600, "5-10 min"), (float("inf"), "> 10 min"),
+)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: datetime
+    counts: dict[str, int]
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def recovery_buckets(events: Iterable[EventRecord], now: datetime, window: str = DEFAULT_WINDOW) -> list[Bucket]:
+    """Counts of recoveries started / succeeded / failed per time bucket, oldest bucket first."""
+    span, width = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
+    n = int(span / width)
+    # align bucket edges to multiples of the width so the chart does not jitter between refreshes
+    epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    end = epoch + ((_aware(now) - epoch) // width + 1) * width
+    start = end - n * width
+    buckets = [Bucket(start=start + i * width, counts={name: 0 for name, _ in SERIES}) for i in range(n)]
+    by_event = {event: name for name, event in SERIES}
+    for ev in events:
+        name = by_event.get(ev.event)
+        if name is None:
+            continue
+        at = _aware(ev.at)
+        if at < start or at >= end:
+            continue
+        buckets[int((at - start) / width)].counts[name] += 1
+    return buckets
+
+
+def duration_bins(events: Iterable[EventRecord]) -> list[tuple[str, int]]:
+    """How many finished recoveries (succeeded or failed) fall in each duration bin."""
+    counts = [0] * len(DURATION_BINS)
+    for ev in events:
+        if ev.event not in (SUCCEEDED, FAILED) or ev.duration_ms is None or ev.duration_ms < 0:
+            continue
+        seconds = ev.duration_ms / 1000
+        for i, (upper, _) in enumerate(DURATION_BINS):
+            if seconds < upper:
+                counts[i] += 1
+                break
+    return [(label, counts[i]) for i, (_, label) in enumerate(DURATION_BINS)]
+
+
+def _nice_max(value: int) -> int:
+    """The smallest "round" axis maximum >= value that splits into four whole-number ticks."""
+    for step in (1, 2, 3, 5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 5000):
+        if value <= step * 4:
+            return step * 4
+    return value + (-value % 4)
+
+
+def _bucket_label(start: datetime, width: timedelta) -> str:
+    if width < timedelta(hours=6):
+        return start.strftime("%H:%M")
+    return start.strftime("%d %b %H:%M")
+
+
+W, H = 640, 240
+LEFT, RIGHT, TOP, BOTTOM = 40, 10, 16, 40
+
+
+def recovery_chart_svg(buckets: list[Bucket], window: str = DEFAULT_WINDOW) -> Markup:
+    _, width = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
+    totals = {name: sum(b.counts[name] for b in buckets) for name, _ in SERIES}
+    top = _nice_max(max((max(b.counts.values()) for b in buckets), default=0))
+    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
+    slot = plot_w / max(1, len(buckets))
+    bar = max(1.0, (slot - 2) / len(SERIES))
+    summary = (f"Recoveries in the last {window}: {totals['started']} started, {totals['succeeded']} succeeded, "
+               f"{totals['failed']} failed.")
+    out = [f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="rc-title rc-desc" '
+           f'xmlns="http://www.w3.org/2000/svg" data-started="{totals["started"]}" '
+           f'data-succeeded="{totals["succeeded"]}" data-failed="{totals["failed"]}">',
+           f'<title id="rc-title">Recoveries over time ({escape(window)})</title>',
+           f'<desc id="rc-desc">{escape(summary)}</desc>']
+    for i in range(5):  # grid lines and y labels
+        value = top * i // 4
+        y = TOP + plot_h - plot_h * i / 4
+        out.append(f'<line class="grid" x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        out.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>')
+    label_every = max(1, len(buckets) // 6)
+    for i, b in enumerate(buckets):
+        x0 = LEFT + i * slot + 1
+        for j, (name, _) in enumerate(SERIES):
+            count = b.counts[name]
+            if count:
+                h = plot_h * count / top
+                out.append(f'<rect class="bar c-{name}" x="{x0 + j * bar:.1f}" y="{TOP + plot_h - h:.1f}" '
+                           f'width="{bar:.1f}" height="{h:.1f}"><title>{count} {name} from '
+                           f'{escape(_bucket_label(b.start, width))} UTC</title></rect>')
+        if i % label_every == 0:
+            out.append(f'<text class="axis" x="{x0 + slot / 2:.1f}" y="{H - BOTTOM + 16}" text-anchor="middle">'
+                       f'{escape(_bucket_label(b.start, width))}</text>')
+    lx = LEFT
+    for name, _ in SERIES:
+        out.append(f'<rect class="c-{name}" x="{lx}" y="{H - 14}" width="10" height="10"/>')
+        out.append(f'<text class="legend" x="{lx + 14}" y="{H - 5}">{name} ({totals[name]})</text>')
+        lx += 130
+    out.append("</svg>")
+    return Markup("".join(out))
+
+
+def duration_histogram_svg(bins: list[tuple[str, int]]) -> Markup:
+    top = _nice_max(max((c for _, c in bins), default=0))
+    total = sum(c for _, c in bins)
+    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM + 14
+    slot = plot_w / max(1, len(bins))
+    summary = f"{total} finished recoveries by duration: " + ", ".join(f"{label}: {c}" for label, c in bins)
+    out = [f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="rh-title rh-desc" '
+           f'xmlns="http://www.w3.org/2000/svg" data-total="{total}">',
+           '<title id="rh-title">Recovery durations</title>',
+           f'<desc id="rh-desc">{escape(summary)}</desc>']
+    for i in range(5):
+        value = top * i // 4
+        y = TOP + plot_h - plot_h * i / 4
+        out.append(f'<line class="grid" x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        out.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>')
+    for i, (label, count) in enumerate(bins):
+        x0 = LEFT + i * slot + 4
+        if count:
+            h = plot_h * count / top
+            out.append(f'<rect class="bar c-duration" x="{x0:.1f}" y="{TOP + plot_h - h:.1f}" '
+                       f'width="{slot - 8:.1f}" height="{h:.1f}"><title>{count} took {escape(label)}</title></rect>')
+            out.append(f'<text class="axis" x="{x0 + (slot - 8) / 2:.1f}" y="{TOP + plot_h - h - 4:.1f}" '
+                       f'text-anchor="middle">{count}</text>')
+        out.append(f'<text class="axis" x="{x0 + (slot - 8) / 2:.1f}" y="{H - 8}" text-anchor="middle">'
+                   f'{escape(label)}</text>')
+    out.append("</svg>")
+    return Markup("".join(out))

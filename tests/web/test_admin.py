@@ -1,0 +1,273 @@
+"""Admin pages: access control, fleet counts/filters/pagination/charts, instance detail, actions, audit."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from sandkeep.store.records import Status
+from sandkeep.web import charts
+from tests.web.conftest import Login, csrf_of
+from tests.web.fakes import FakeRuntime
+
+HX = {"HX-Request": "true"}
+ADMIN_PAGES = ("/ui/admin/", "/ui/admin/live", "/ui/admin/audit", "/ui/admin/instances/ins_a1",
+               "/ui/admin/instances/ins_a1/live")
+
+
+def field(html: str, name: str) -> str:
+    match = re.search(rf'<dd data-field="{name}">(.*?)</dd>', html, re.S)
+    assert match, f"no field {name}"
+    return re.sub(r"<[^>]+>", "", match.group(1)).strip()
+
+
+async def test_non_admins_get_403(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice")
+    for role in ("user", "platform"):
+        client = await login("alice", role)
+        for path in ADMIN_PAGES:
+            r = await client.get(path)
+            assert r.status_code == 403, (role, path)
+            assert "Admins only" in r.text
+        csrf = csrf_of((await client.get("/ui/")).text)
+        r = await client.post("/ui/admin/instances/ins_a1/destroy-machine", data={"csrf_token": csrf,
+                                                                              "confirm": "yes"})
+        assert r.status_code == 403
+    assert rt.service.calls == []
+
+
+async def test_admin_navigation_only_for_admins(login: Login) -> None:
+    user = await login("alice", "user")
+    assert 'href="/ui/admin/"' not in (await user.get("/ui/")).text
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/")).text
+    assert 'href="/ui/admin/"' in html and 'href="/ui/admin/audit"' in html
+
+
+async def test_fleet_counts_and_recovering_now(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_1", "alice")
+    rt.service.add("ins_2", "bob")
+    rt.service.add("ins_3", "bob", Status.RECOVERING, recovery_started_at=rt.clock.now() - timedelta(minutes=2),
+                   recovery_step="create_machine")
+    rt.service.add("ins_4", "carol", Status.STOPPED)
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/")).text
+    counts = dict(re.findall(r'data-count-status="(\w+)"><span class="tile-n">(\d+)</span>', html))
+    assert counts["running"] == "2" and counts["recovering"] == "1" and counts["stopped"] == "1"
+    assert counts["destroying"] == "0"
+    recovering = html[html.index('data-testid="recovering-now"'):html.index('data-testid="recovery-chart"')]
+    assert "ins_3" in recovering and "2 min ago" in recovering and "create_machine" in recovering
+    assert "ins_1" not in recovering
+
+
+async def test_fleet_filters_and_pagination(rt: FakeRuntime, login: Login) -> None:
+    for i in range(30):
+        rt.service.add(f"ins_{i:02d}", "alice" if i % 2 else "bob", region="lcl-b" if i < 10 else "lcl-a")
+    rt.service.add("ins_x", "bob", Status.STOPPED)
+    admin = await login("root", "admin")
+
+    def rows(html: str) -> list[str]:
+        table = html[html.index('data-testid="instance-table"'):]
+        return re.findall(r'<tr data-instance="([^"]+)">', table)
+
+    first = (await admin.get("/ui/admin/")).text
+    assert len(rows(first)) == 25
+    nxt = re.search(r'href="/ui/admin/(\?[^"]+)" rel="next"', first)
+    assert nxt
+    second = (await admin.get("/ui/admin/" + nxt.group(1).replace("&amp;", "&"))).text
+    assert len(rows(second)) == 6 and not set(rows(first)) & set(rows(second))
+    prev = re.search(r'href="/ui/admin/(\?[^"]*)" rel="prev"', second)
+    assert prev
+    back = (await admin.get("/ui/admin/" + prev.group(1).replace("&amp;", "&"))).text
+    assert rows(back) == rows(first)
+    by_status = (await admin.get("/ui/admin/?status=stopped")).text
+    assert rows(by_status) == ["ins_x"]
+    by_user_region = (await admin.get("/ui/admin/?user=alice&region=lcl-b")).text
+    assert rows(by_user_region) == ["ins_01", "ins_03", "ins_05", "ins_07", "ins_09"]
+    bad = await admin.get("/ui/admin/?cursor=garbage")
+    assert bad.status_code == 200 and "not valid any more" in bad.text
+
+
+async def test_fleet_charts_count_recovery_events(rt: FakeRuntime, login: Login) -> None:
+    now = rt.clock.now()
+    for minutes in (10, 70, 130):
+        rt.service.event(charts.STARTED, "ins_1", at=now - timedelta(minutes=minutes))
+    rt.service.event(charts.SUCCEEDED, "ins_1", at=now - timedelta(minutes=9), duration_ms=7000)
+    rt.service.event(charts.SUCCEEDED, "ins_1", at=now - timedelta(minutes=69), duration_ms=45000)
+    rt.service.event(charts.FAILED, "ins_1", at=now - timedelta(minutes=120), duration_ms=600500)
+    rt.service.event(charts.STARTED, "ins_1", at=now - timedelta(days=3))  # outside 24 h
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/")).text
+    chart = re.search(r'<svg class="chart"[^>]*aria-labelledby="rc-title rc-desc"[^>]*>', html)
+    assert chart
+    assert 'data-started="3"' in chart.group(0) and 'data-succeeded="2"' in chart.group(0)
+    assert 'data-failed="1"' in chart.group(0)
+    assert 'data-total="3"' in html  # histogram of finished recoveries
+    assert "5-10 s: 1" in html and "30-60 s: 1" in html and "&gt; 10 min: 1" in html
+    week = (await admin.get("/ui/admin/?window=7d")).text
+    assert 'data-started="4"' in week
+
+
+async def test_detail_recovery_card_while_recovering(rt: FakeRuntime, login: Login) -> None:
+    began = rt.clock.now() - timedelta(minutes=3)
+    rt.service.add("ins_a1", "alice", Status.RECOVERING, recovery_started_at=began,
+                   pending_recovery_volume_id="vol_new", retained_volume_id="vol_old_prev",
+                   retained_volume_cleanup_after=rt.clock.now() + timedelta(days=6),
+                   alarm_at=rt.clock.now(), lease_owner="worker-1", secrets_encrypted={"API_KEY": "gAAAA..."})
+    rt.service.event("instance.unexpected_stop_recovery_started", "ins_a1", at=began, label="alarm_stopped")
+    admin = await login("root", "admin")
+    r = await admin.get("/ui/admin/instances/ins_a1")
+    assert r.status_code == 200
+    html = r.text
+    assert field(html, "recovery_state").startswith("Recovering now")
+    assert field(html, "recovery_started_at").startswith("3 min ago")
+    assert "UTC" in field(html, "recovery_started_at")
+    assert field(html, "pending_recovery_volume_id") == "vol_new"
+    assert field(html, "retained_volume_id") == "vol_old_prev"
+    assert field(html, "retained_volume_cleanup_after").startswith("in 6 days")
+    cleanup = re.search(r'<button[^>]*id="cleanup-ins_a1"[^>]*>', html)
+    assert cleanup and "disabled" in cleanup.group(0) and "recovering" in cleanup.group(0)
+    assert "Delete retained volume unavailable: Refused while the instance is recovering." in html
+    assert 'data-field="alarm_at"' in html and 'data-field="lease_owner"' in html and "worker-1" in html
+    assert "gAAAA" not in html and "(1 hidden)" in html
+    assert "instance.unexpected_stop_recovery_started" in html and "alarm_stopped" in html
+
+
+async def test_cleanup_button_only_when_a_volume_is_retained(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice")
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/instances/ins_a1")).text
+    assert "cleanup-ins_a1" not in html
+    assert field(html, "retained_volume_id") == "—"
+    assert field(html, "recovery_state") == "No recovery in progress"
+
+
+async def test_delete_retained_volume_flow(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old",
+                   retained_volume_cleanup_after=rt.clock.now() + timedelta(days=7))
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/instances/ins_a1")).text
+    cleanup = re.search(r'<button[^>]*id="cleanup-ins_a1"[^>]*>', html)
+    assert cleanup and "disabled" not in cleanup.group(0)
+    assert 'hx-confirm="Delete retained volume vol_old of ins_a1?' in html
+    csrf = csrf_of(html)
+    # without confirmation nothing happens; the plain form shows a confirmation page
+    page = await admin.post("/ui/admin/instances/ins_a1/cleanup-retained-volume", data={"csrf_token": csrf})
+    assert "Please confirm" in page.text
+    assert rt.service.calls == []
+    r = await admin.post("/ui/admin/instances/ins_a1/cleanup-retained-volume",
+                         data={"csrf_token": csrf, "confirm": "yes"}, headers=HX)
+    assert "Deleted retained volume vol_old of ins_a1" in r.text
+    assert rt.service.calls == [("cleanup_retained_volume", "root", "ins_a1")]
+    after = (await admin.get("/ui/admin/instances/ins_a1")).text
+    assert field(after, "retained_volume_id") == "—" and "cleanup-ins_a1" not in after
+    assert "retained_volume_cleanup" in after  # the audit entry on the detail page
+    audit = (await admin.get("/ui/admin/audit")).text
+    assert re.search(r'<tr data-action="retained_volume_cleanup">.*?root.*?ins_a1.*?outcome-ok', audit, re.S)
+    assert "vol_old" in audit
+
+
+async def test_refused_cleanup_shows_the_error(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", Status.RECOVERING, retained_volume_id="vol_old")
+    admin = await login("root", "admin")
+    csrf = csrf_of((await admin.get("/ui/admin/instances/ins_a1")).text)
+    r = await admin.post("/ui/admin/instances/ins_a1/cleanup-retained-volume",
+                         data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 409
+    assert "cleanup is refused" in r.text and "flash-error" in r.text
+    assert rt.service.instances["ins_a1"].retained_volume_id == "vol_old"
+
+
+async def test_cleanup_disabled_while_one_runs(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old")
+    admin = await login("root", "admin")
+    seen: list[str] = []
+
+    original = rt.service.cleanup_retained_volume
+
+    async def observing(actor: object, instance_id: str) -> str | None:
+        seen.append((await admin.get("/ui/admin/instances/ins_a1")).text)  # page while the cleanup runs
+        return await original(actor, instance_id)  # type: ignore[arg-type]
+
+    rt.service.cleanup_retained_volume = observing  # type: ignore[method-assign]
+    csrf = csrf_of((await admin.get("/ui/admin/instances/ins_a1")).text)
+    r = await admin.post("/ui/admin/instances/ins_a1/cleanup-retained-volume",
+                         data={"csrf_token": csrf, "confirm": "yes"}, headers=HX)
+    assert "Deleted retained volume vol_old" in r.text
+    during = re.search(r'<button[^>]*id="cleanup-ins_a1"[^>]*>', seen[0])
+    assert during and "disabled" in during.group(0) and "A cleanup of this volume is running." in seen[0]
+
+
+async def test_retry_and_destroy_machine(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", Status.STOPPED, last_recovery_error="boom")
+    admin = await login("root", "admin")
+    csrf = csrf_of((await admin.get("/ui/admin/instances/ins_a1")).text)
+    r = await admin.post("/ui/admin/instances/ins_a1/retry-recovery", data={"csrf_token": csrf}, headers=HX)
+    assert "Recovery of ins_a1 scheduled" in r.text
+    confirm = await admin.post("/ui/admin/instances/ins_a1/destroy-machine", data={"csrf_token": csrf})
+    assert "Please confirm" in confirm.text and "m_ins_a1" in confirm.text
+    r = await admin.post("/ui/admin/instances/ins_a1/destroy-machine", data={"csrf_token": csrf, "confirm": "yes"})
+    assert r.status_code == 200 and "Destroyed the machine of ins_a1" in r.text
+    assert [c[0] for c in rt.service.calls] == ["retry_recovery", "destroy_machine"]
+    html = (await admin.get("/ui/admin/instances/ins_a1")).text
+    b = re.search(r'<button[^>]*id="destroy-machine-ins_a1"[^>]*>', html)
+    assert b and "disabled" in b.group(0) and "There is no machine to destroy." in html
+
+
+async def test_admin_actions_need_csrf(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old")
+    admin = await login("root", "admin")
+    for action in ("cleanup-retained-volume", "retry-recovery", "destroy-machine"):
+        r = await admin.post(f"/ui/admin/instances/ins_a1/{action}", data={"confirm": "yes"}, headers=HX)
+        assert r.status_code == 403, action
+    assert rt.service.calls == []
+
+
+async def test_unknown_instance_detail_is_404(login: Login) -> None:
+    admin = await login("root", "admin")
+    r = await admin.get("/ui/admin/instances/ins_nope")
+    assert r.status_code == 404 and "There is no instance ins_nope" in r.text
+    live = await admin.get("/ui/admin/instances/ins_nope/live", headers=HX)
+    assert live.status_code == 286  # tells htmx to stop polling
+
+
+async def test_audit_log_paginates(rt: FakeRuntime, login: Login) -> None:
+    from sandkeep.engine.service import Actor
+
+    rt.service.add("ins_a1", "alice")
+    for _ in range(60):
+        rt.clock.advance(1)
+        await rt.service.retry_recovery(Actor("root", "admin"), "ins_a1")
+    admin = await login("root", "admin")
+    first = (await admin.get("/ui/admin/audit")).text
+    assert first.count('<tr data-action="recovery_retry">') == 50
+    nxt = re.search(r'href="/ui/admin/audit(\?[^"]+)" rel="next"', first)
+    assert nxt
+    second = (await admin.get("/ui/admin/audit" + nxt.group(1).replace("&amp;", "&"))).text
+    assert second.count('<tr data-action="recovery_retry">') == 10
+    assert 'rel="prev"' in second
+
+
+async def test_charts_refresh_after_their_cache_interval(rt: FakeRuntime, login: Login) -> None:
+    admin = await login("root", "admin")
+    assert 'data-started="0"' in (await admin.get("/ui/admin/")).text
+    rt.service.event(charts.STARTED, "ins_1")
+    assert 'data-started="0"' in (await admin.get("/ui/admin/live", headers=HX)).text  # polls reuse them
+    assert 'data-started="1"' in (await admin.get("/ui/admin/")).text  # a page load recomputes
+    rt.service.event(charts.STARTED, "ins_1")
+    assert 'data-started="1"' in (await admin.get("/ui/admin/live", headers=HX)).text
+    rt.clock.advance(max(5.0, 5 * rt.settings.web_poll_interval) + 1)
+    assert 'data-started="2"' in (await admin.get("/ui/admin/live", headers=HX)).text
+
+
+async def test_admin_destroy_while_recovering_is_forced(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", Status.RECOVERING)
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/instances/ins_a1")).text
+    b = re.search(r'<button[^>]*id="destroy-ins_a1"[^>]*>', html)
+    assert b and "disabled" not in b.group(0)
+    assert 'hx-confirm="Force-destroy instance ins_a1 while it is recovering?' in html
+    r = await admin.post("/ui/instances/ins_a1/destroy", data={"csrf_token": csrf_of(html), "confirm": "yes"},
+                         headers=HX)
+    assert "Destroy started for ins_a1 (forced)" in r.text
+    assert rt.service.instances["ins_a1"].status == Status.DESTROYING

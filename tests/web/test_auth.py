@@ -1,0 +1,172 @@
+"""Sign-in, sessions, one-time links, sign-out and CSRF on the web UI (fake service)."""
+
+from __future__ import annotations
+
+import httpx
+
+from sandkeep.api.auth import issue_token
+from sandkeep.web.auth import SESSION_COOKIE, issue_login_code, read_session
+from tests.web.conftest import Login, csrf_of
+from tests.web.fakes import FakeRuntime, token
+
+
+async def test_login_page_has_token_field_and_csrf(anon: httpx.AsyncClient) -> None:
+    r = await anon.get("/login")
+    assert r.status_code == 200
+    assert 'name="token"' in r.text
+    assert csrf_of(r.text)
+    assert "Content-Security-Policy" in r.headers
+
+
+async def test_token_login_sets_secure_httponly_lax_cookie(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
+    page = await anon.get("/login")
+    r = await anon.post("/login", data={"token": token("alice"), "csrf_token": csrf_of(page.text)})
+    assert r.status_code == 303
+    assert r.headers["location"] == "/ui/"
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE))
+    attrs = cookie.lower()
+    assert "secure" in attrs and "httponly" in attrs and "samesite=lax" in attrs
+    session = read_session(rt, anon.cookies.get(SESSION_COOKIE))
+    assert session is not None and session.actor.user_id == "alice" and session.actor.role == "user"
+    home = await anon.get("/ui/")
+    assert home.status_code == 200
+    assert 'data-testid="whoami"' in home.text and "alice" in home.text
+
+
+async def test_admin_login_lands_on_fleet(anon: httpx.AsyncClient) -> None:
+    page = await anon.get("/login")
+    r = await anon.post("/login", data={"token": token("root", "admin"), "csrf_token": csrf_of(page.text)})
+    assert r.headers["location"] == "/ui/admin/"
+
+
+async def test_bad_token_is_refused_with_a_message(anon: httpx.AsyncClient) -> None:
+    page = await anon.get("/login")
+    r = await anon.post("/login", data={"token": "not-a-jwt", "csrf_token": csrf_of(page.text)})
+    assert r.status_code == 401
+    assert "not accepted" in r.text
+    assert SESSION_COOKIE not in anon.cookies
+    page = await anon.get("/login")  # a token signed with another secret
+    r = await anon.post("/login", data={"token": issue_token("other-secret-xxxxxxxxxxxxxxxxxxxx", "eve", "admin"),
+                                        "csrf_token": csrf_of(page.text)})
+    assert r.status_code == 401
+    assert SESSION_COOKIE not in anon.cookies
+
+
+async def test_login_without_matching_csrf_is_refused(anon: httpx.AsyncClient) -> None:
+    await anon.get("/login")
+    r = await anon.post("/login", data={"token": token("alice"), "csrf_token": "forged"})
+    assert r.status_code == 403
+    assert SESSION_COOKIE not in anon.cookies
+    fresh = httpx.AsyncClient(transport=anon._transport, base_url="https://testserver")
+    try:  # no login cookie at all (a cross-site form post)
+        r = await fresh.post("/login", data={"token": token("alice"), "csrf_token": "x"})
+        assert r.status_code == 403
+        assert SESSION_COOKIE not in fresh.cookies
+    finally:
+        await fresh.aclose()
+
+
+async def test_next_parameter_only_allows_local_paths(anon: httpx.AsyncClient) -> None:
+    page = await anon.get("/login?next=https://evil.example/")
+    assert "evil.example" not in page.text
+    r = await anon.post("/login", data={"token": token("alice"), "csrf_token": csrf_of(page.text),
+                                        "next": "//evil.example/x"})
+    assert r.headers["location"] == "/ui/"
+
+
+async def test_pages_redirect_anonymous_users_to_login(anon: httpx.AsyncClient) -> None:
+    for path in ("/ui/", "/ui/admin/", "/ui/admin/audit", "/ui/admin/instances/ins_1"):
+        r = await anon.get(path)
+        assert r.status_code == 303, path
+        assert r.headers["location"].startswith("/login?next="), path
+    r = await anon.get("/ui/instances/live", headers={"HX-Request": "true"})
+    assert r.headers.get("HX-Redirect") == "/login"
+
+
+async def test_one_time_link_works_once(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
+    code = issue_login_code(rt, "root", "admin")
+    r = await anon.get(f"/login/once/{code}")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/admin/"
+    assert (await anon.get("/ui/admin/")).status_code == 200
+    anon.cookies.clear()
+    again = await anon.get(f"/login/once/{code}")
+    assert again.status_code == 410
+    assert "already used or has expired" in again.text
+    assert SESSION_COOKIE not in anon.cookies
+
+
+async def test_one_time_link_expires(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
+    code = issue_login_code(rt, "demo", "user")
+    rt.clock.advance(rt.settings.web_login_code_ttl + 1)
+    r = await anon.get(f"/login/once/{code}")
+    assert r.status_code == 410
+    assert SESSION_COOKIE not in anon.cookies
+
+
+async def test_session_expires_on_the_clock(rt: FakeRuntime, login: Login) -> None:
+    client = await login("alice", "user")
+    assert (await client.get("/ui/")).status_code == 200
+    rt.clock.advance(rt.settings.web_session_ttl + 1)
+    r = await client.get("/ui/")
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+
+async def test_tampered_session_cookie_is_ignored(rt: FakeRuntime, login: Login) -> None:
+    client = await login("alice", "user")
+    value = client.cookies.get(SESSION_COOKIE)
+    assert value
+    head, body, sig = value.split(".")
+    client.cookies.clear()
+    client.cookies.set(SESSION_COOKIE, value)  # the jar really sends a cookie set this way
+    assert (await client.get("/ui/")).status_code == 200
+    client.cookies.clear()
+    client.cookies.set(SESSION_COOKIE, f"{head}.{body}.{sig[::-1]}")
+    r = await client.get("/ui/")
+    assert r.status_code == 303
+    # an API token is not a session either (wrong audience)
+    client.cookies.clear()
+    client.cookies.set(SESSION_COOKIE, token("root", "admin"))
+    assert (await client.get("/ui/admin/")).status_code == 303
+
+
+async def test_logout_needs_csrf_and_clears_the_session(login: Login) -> None:
+    client = await login("alice", "user")
+    page = await client.get("/ui/")
+    refused = await client.post("/logout", data={})
+    assert refused.status_code == 403
+    assert (await client.get("/ui/")).status_code == 200
+    r = await client.post("/logout", data={"csrf_token": csrf_of(page.text)})
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert (await client.get("/ui/")).status_code == 303
+
+
+def test_issue_login_code_validates_role(rt: FakeRuntime) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="role"):
+        issue_login_code(rt, "x", "superuser")
+    assert issue_login_code(rt, "x", "user") != issue_login_code(rt, "x", "user")
+
+
+def test_login_codes_live_in_runtime_extras_when_present(rt: FakeRuntime) -> None:
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    from sandkeep.web.auth import login_codes
+
+    @dataclass
+    class WithExtras:
+        settings: Any
+        clock: Any
+        service: Any
+        jwt_secret: str
+        extras: dict[str, Any] = field(default_factory=dict)
+
+    a = WithExtras(rt.settings, rt.clock, rt.service, rt.jwt_secret)
+    b = WithExtras(rt.settings, rt.clock, rt.service, rt.jwt_secret)
+    code = issue_login_code(a, "demo", "user")
+    assert "web.login_codes" in a.extras
+    assert login_codes(b).redeem(rt.clock, code) is None  # codes belong to their runtime
+    actor = login_codes(a).redeem(rt.clock, code)
+    assert actor is not None and actor.user_id == "demo" and actor.role == "user"
+    assert login_codes(a).redeem(rt.clock, code) is None
