@@ -1,0 +1,88 @@
+"""API tokens: HS256 JWTs with claims ``sub`` (user id), ``role`` and an optional ``exp``.
+
+Roles:
+
+* ``user`` — sees and acts on its own instances only. Another user's instance answers **404, not 403**,
+  so a token cannot probe which instance ids exist.
+* ``admin`` — every instance, the admin routes (debug, recovery retry, retained-volume cleanup, machine
+  destroy, fleet events, audit log), forced destroy while recovering, gateway traffic of any instance.
+* ``platform`` — a provisioning service (e.g. the product's backend): creates instances for any
+  ``user_id`` and may read, configure, start, stop, restart and destroy (unforced) any instance. It gets
+  no admin routes and no gateway traffic: user data is reached by its owner (or an admin) only.
+
+The web UI reuses :func:`issue_token` and :func:`actor_from_token`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import jwt
+
+from sandkeep.engine.service import Actor
+
+ALGORITHM = "HS256"
+ROLES: tuple[str, ...] = ("user", "admin", "platform")
+USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
+"""User ids: 1-128 characters, letters, digits and ``._@:+-``, starting with a letter or digit."""
+
+
+class TokenError(Exception):
+    """The token is missing, malformed, badly signed, expired or carries bad claims."""
+
+
+def valid_user_id(user_id: str) -> bool:
+    return bool(USER_ID_RE.match(user_id))
+
+
+def issue_token(secret: str, user_id: str, role: str = "user", ttl_seconds: float | None = None, *,
+                now: float | None = None) -> str:
+    """A signed token for ``user_id`` with ``role``; no ``exp`` claim when ``ttl_seconds`` is None or <= 0."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not valid_user_id(user_id):
+        raise ValueError(f"invalid user id {user_id!r}: 1-128 letters, digits or ._@:+- (starting alphanumeric)")
+    if not secret:
+        raise ValueError("empty signing secret")
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {"sub": user_id, "role": role, "iat": issued}
+    if ttl_seconds is not None and ttl_seconds > 0:
+        claims["exp"] = issued + int(ttl_seconds)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def actor_from_token(secret: str, token: str) -> Actor:
+    """Verify ``token`` and return who it speaks for; raises :class:`TokenError` with a clear reason."""
+    if not token:
+        raise TokenError("missing bearer token")
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
+                            options={"require": ["sub", "role"], "verify_exp": True})
+    except jwt.ExpiredSignatureError as exc:
+        raise TokenError("token expired") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise TokenError("token signature does not match this server's secret") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise TokenError(f"token lacks the {exc.claim!r} claim") from exc
+    except jwt.PyJWTError as exc:
+        raise TokenError(f"malformed token: {exc}") from exc
+    except Exception as exc:  # defensive: never let a weird token become a 500
+        raise TokenError("malformed token") from exc
+    sub, role = claims.get("sub"), claims.get("role")
+    if not isinstance(sub, str) or not valid_user_id(sub):
+        raise TokenError("token 'sub' claim is not a valid user id")
+    if role not in ROLES:
+        raise TokenError(f"token 'role' claim must be one of {', '.join(ROLES)}")
+    return Actor(user_id=sub, role=str(role))
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

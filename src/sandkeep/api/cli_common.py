@@ -1,0 +1,209 @@
+"""Shared plumbing of the API-talking CLI commands (`sandkeep instances …`, `sandkeep admin …`).
+
+Exit codes: 0 success; 1 the API refused (4xx/5xx, the error code and message are printed);
+2 usage error; 3 the API cannot be reached; 4 ``--wait`` timed out or the instance settled in another
+state than the action aimed for.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+
+from sandkeep.api.client import ApiCallError, ApiClient, ApiUnreachable, Transition, WaitTimedOut
+
+EXIT_API_ERROR = 1
+EXIT_UNREACHABLE = 3
+EXIT_WAIT = 4
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    def __init__(self, url: str, token: str | None, as_json: bool) -> None:
+        self.url = url
+        self.token = token
+        self.as_json = as_json
+
+    def client(self) -> ApiClient:
+        return ApiClient(self.url, self.token)
+
+
+def api_options(fn: F) -> F:
+    """Adds --url, --token and --json; passes ``ctx: Ctx`` and turns API errors into exit codes."""
+
+    @click.option("--url", envvar="SANDKEEP_URL", default="http://127.0.0.1:8080", show_default=True,
+                  help="sandkeep API base URL [env SANDKEEP_URL].")
+    @click.option("--token", envvar="SANDKEEP_TOKEN", default=None,
+                  help="API token (see `sandkeep token`) [env SANDKEEP_TOKEN].")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, url: str, token: str | None, as_json: bool, **kwargs: Any) -> Any:
+        ctx = Ctx(url, token, as_json)
+        try:
+            return fn(*args, ctx=ctx, **kwargs)
+        except ApiCallError as exc:
+            if as_json and exc.body is not None:
+                click.echo(json.dumps(exc.body, indent=2))
+            click.echo(f"error: {exc.code} ({exc.status}): {exc.message}", err=True)
+            if exc.status == 401 and not token:
+                click.echo("hint: pass --token or set SANDKEEP_TOKEN (`sandkeep token --user ID`)", err=True)
+            sys.exit(EXIT_API_ERROR)
+        except ApiUnreachable as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        except WaitTimedOut as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_WAIT)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def wait_options(fn: F) -> F:
+    fn = click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+                      help="With --wait: give up after this many seconds (exit 4).")(fn)
+    fn = click.option("--wait", is_flag=True,
+                      help="Show progress until the instance settles (not busy, nothing pending).")(fn)
+    return fn
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def age(iso: str | None, now: datetime | None = None) -> str:
+    if not iso:
+        return "-"
+    try:
+        when = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    seconds = ((now or datetime.now(UTC)) - when).total_seconds()
+    future = seconds < 0
+    seconds = abs(seconds)
+    if seconds < 90:
+        text = f"{seconds:.0f}s"
+    elif seconds < 5400:
+        text = f"{seconds / 60:.0f}m"
+    elif seconds < 172800:
+        text = f"{seconds / 3600:.0f}h"
+    else:
+        text = f"{seconds / 86400:.0f}d"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    lines = ["  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def status_label(inst: dict[str, Any]) -> str:
+    status = str(inst.get("status"))
+    if inst.get("busy"):
+        status += " (busy)"
+    if inst.get("pending_action"):
+        status += f" ({inst['pending_action']} pending)"
+    return status
+
+
+def instance_rows(items: Sequence[dict[str, Any]]) -> str:
+    return table(["ID", "USER", "STATUS", "REGION", "MACHINE", "VOLUME", "STARTED"],
+                 [[i["id"], i["user_id"], status_label(i), i.get("region"), i.get("machine_id"), i.get("volume_id"),
+                   age(i.get("last_started_at"))] for i in items])
+
+
+def instance_detail(inst: dict[str, Any]) -> str:
+    rec = inst.get("recovery") or {}
+    pairs: list[tuple[str, Any]] = [
+        ("id", inst["id"]), ("user", inst["user_id"]), ("sandbox", inst.get("sandbox_id")),
+        ("status", status_label(inst)), ("region", inst.get("region")), ("app", inst.get("app_name")),
+        ("machine", inst.get("machine_id")), ("volume", inst.get("volume_id")), ("size", inst.get("size")),
+        ("image", inst.get("image")),
+        ("env", ", ".join(f"{k}={v}" for k, v in (inst.get("env") or {}).items()) or None),
+        ("secrets", ", ".join(inst.get("secret_names") or []) or None),
+        ("created", _when(inst.get("created_at"))), ("last started", _when(inst.get("last_started_at"))),
+        ("last stopped", _when(inst.get("last_stopped_at"))),
+        ("recovery started", _when(rec.get("started_at"))),
+        ("pending recovery volume", rec.get("pending_volume_id")),
+        ("retained volume", rec.get("retained_volume_id")),
+        ("retained cleanup after", _when(rec.get("retained_volume_cleanup_after"))),
+        ("last recovery error", rec.get("last_error")),
+        ("last recovery error at", _when(rec.get("last_error_at"))),
+    ]
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k.ljust(width)}  {'-' if v in (None, '') else v}" for k, v in pairs)
+
+
+def _when(iso: str | None) -> str | None:
+    return None if not iso else f"{iso} ({age(iso)})"
+
+
+def event_rows(items: Sequence[dict[str, Any]]) -> str:
+    return table(["AT", "EVENT", "INSTANCE", "STATUS", "LABEL", "MACHINE", "REGION", "MS", "ERROR"],
+                 [[e.get("at"), e["event"], e.get("instance_id"), e.get("status"), e.get("label"), e.get("machine_id"),
+                   e.get("region"), e.get("duration_ms"), e.get("error")] for e in items])
+
+
+def audit_rows(items: Sequence[dict[str, Any]]) -> str:
+    return table(["AT", "ACTOR", "ROLE", "ACTION", "INSTANCE", "OUTCOME", "DETAILS"],
+                 [[a.get("at"), a["actor"], a["role"], a["action"], a.get("instance_id"), a.get("outcome"),
+                   json.dumps(a.get("details") or {}) if a.get("details") else None] for a in items])
+
+
+def parse_pairs(values: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw in values:
+        name, sep, value = raw.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {raw!r}", param_hint=what)
+        out[name] = value
+    return out
+
+
+def show_result(ctx: Ctx, inst: dict[str, Any], *, wait: bool, timeout: float, want: str | None,
+                verb: str) -> None:
+    """Print an action's answer; with --wait follow it until it settles and check it reached ``want``."""
+    if not wait:
+        if ctx.as_json:
+            emit_json(inst)
+        else:
+            click.echo(f"{verb} {inst['id']}: {status_label(inst)}")
+        return
+
+    def progress(t: Transition) -> None:
+        if ctx.as_json:
+            return
+        label = "gone" if t.status is None else t.status
+        extra = ""
+        if t.instance is not None:
+            extra = "  ".join(x for x in (t.instance.get("region") or "", t.instance.get("machine_id") or "") if x)
+        click.echo(f"  +{t.elapsed:6.1f}s  {label}{('  ' + extra) if extra else ''}", err=False)
+
+    if not ctx.as_json:
+        click.echo(f"{verb} {inst['id']}: waiting for it to settle")
+    with ctx.client() as client:
+        final = client.wait_settled(inst["id"], timeout=timeout, on_change=progress)
+    status = "destroyed" if final is None else str(final["status"])
+    if ctx.as_json:
+        emit_json(final if final is not None else {"id": inst["id"], "status": "destroyed"})
+    else:
+        click.echo(f"{inst['id']} settled: {status}")
+        err = (final or {}).get("recovery", {}).get("last_error") if final else None
+        if err and status != want:
+            click.echo(f"  last recovery error: {err}")
+    if want is not None and status != want:
+        click.echo(f"error: {inst['id']} ended {status}, expected {want}", err=True)
+        sys.exit(EXIT_WAIT)

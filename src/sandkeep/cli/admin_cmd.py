@@ -1,0 +1,121 @@
+"""`sandkeep admin …`: admin actions through the HTTP API (needs an admin token). Each is audited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sandkeep.api.cli_common import (
+    Ctx,
+    api_options,
+    audit_rows,
+    emit_json,
+    event_rows,
+    instance_detail,
+    status_label,
+    table,
+)
+
+ID = click.argument("instance_id", metavar="ID")
+
+
+@click.group("admin")
+def admin() -> None:
+    """Debug an instance, retry its recovery, delete its retained volume, destroy its machine; events, audit."""
+
+
+@admin.command("debug")
+@ID
+@api_options
+def debug(ctx: Ctx, instance_id: str) -> None:
+    """Every persisted field of an instance, including alarm_at and the lease."""
+    with ctx.client() as client:
+        data = client.request("GET", f"/v1/instances/{instance_id}/debug")
+    if ctx.as_json:
+        emit_json(data)
+    else:
+        click.echo(table(["FIELD", "VALUE"], [[k, v] for k, v in sorted(data.items())]))
+
+
+@admin.command("retry-recovery")
+@ID
+@api_options
+def retry_recovery(ctx: Ctx, instance_id: str) -> None:
+    """Set the instance's alarm to now so it is reconciled at once."""
+    with ctx.client() as client:
+        inst = client.request("POST", f"/v1/instances/{instance_id}/recovery/retry")
+    if ctx.as_json:
+        emit_json(inst)
+    else:
+        click.echo(f"reconcile scheduled for {inst['id']} ({status_label(inst)})")
+
+
+@admin.command("cleanup-retained-volume")
+@ID
+@api_options
+def cleanup_retained_volume(ctx: Ctx, instance_id: str) -> None:
+    """Delete the old volume kept after a recovery now (refused while recovering)."""
+    with ctx.client() as client:
+        result = client.request("POST", f"/v1/instances/{instance_id}/retained-volume/cleanup")
+    if ctx.as_json:
+        emit_json(result)
+    elif result.get("deleted_volume_id"):
+        click.echo(f"deleted retained volume {result['deleted_volume_id']} of {instance_id}")
+    else:
+        click.echo(f"{instance_id} had no retained volume")
+
+
+@admin.command("destroy-machine")
+@ID
+@api_options
+def destroy_machine(ctx: Ctx, instance_id: str) -> None:
+    """Force-destroy the instance's current machine."""
+    with ctx.client() as client:
+        inst = client.request("POST", f"/v1/instances/{instance_id}/machine/destroy")
+    if ctx.as_json:
+        emit_json(inst)
+    else:
+        click.echo(instance_detail(inst))
+
+
+@admin.command("events")
+@click.option("--name", default=None,
+              help="Only events with this name, e.g. instance.unexpected_stop_recovery_started.")
+@click.option("--instance", "instance_id", default=None, help="Only this instance's events.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@api_options
+def events(ctx: Ctx, name: str | None, instance_id: str | None, limit: int) -> None:
+    """Fleet-wide events, newest first."""
+    params: dict[str, Any] = {"limit": min(limit, 500)}
+    if name:
+        params["name"] = name
+    if instance_id:
+        params["instance_id"] = instance_id
+    with ctx.client() as client:
+        items = list(client.pages("/v1/events", params, max_items=limit))
+    if ctx.as_json:
+        emit_json(items)
+    elif items:
+        click.echo(event_rows(items))
+    else:
+        click.echo("no events")
+
+
+@admin.command("audit")
+@click.option("--instance", "instance_id", default=None, help="Only this instance's entries.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@api_options
+def audit(ctx: Ctx, instance_id: str | None, limit: int) -> None:
+    """The audit log of admin actions, newest first."""
+    params: dict[str, Any] = {"limit": min(limit, 500)}
+    if instance_id:
+        params["instance_id"] = instance_id
+    with ctx.client() as client:
+        items = list(client.pages("/v1/audit", params, max_items=limit))
+    if ctx.as_json:
+        emit_json(items)
+    elif items:
+        click.echo(audit_rows(items))
+    else:
+        click.echo("no audit entries")

@@ -1,0 +1,163 @@
+"""`sandkeep instances …`: manage instances through the HTTP API (human tables, or --json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sandkeep.api.cli_common import (
+    Ctx,
+    api_options,
+    emit_json,
+    event_rows,
+    instance_detail,
+    instance_rows,
+    parse_pairs,
+    show_result,
+    wait_options,
+)
+
+ID = click.argument("instance_id", metavar="ID")
+
+
+@click.group("instances")
+def instances() -> None:
+    """Create, list, show, start, stop, restart, update and destroy instances; read their events."""
+
+
+@instances.command("create")
+@click.option("--user", "user_id", default=None, help="Owner (platform/admin tokens only; default: the token's user).")
+@click.option("--size", default=None, help="Machine size, e.g. shared-cpu-1x.")
+@click.option("--image", default=None, help="Machine image (default: the server's).")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Environment variable (repeatable).")
+@click.option("--secret", "secret", multiple=True, metavar="NAME=VALUE",
+              help="Secret, encrypted at rest and never shown again (repeatable).")
+@wait_options
+@api_options
+def create(ctx: Ctx, user_id: str | None, size: str | None, image: str | None, env: tuple[str, ...],
+           secret: tuple[str, ...], wait: bool, timeout: float) -> None:
+    """Create an instance (it starts right away)."""
+    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image}
+    if env:
+        body["env"] = parse_pairs(env, "--env")
+    if secret:
+        body["secrets"] = parse_pairs(secret, "--secret")
+    with ctx.client() as client:
+        inst = client.create(**body)
+    show_result(ctx, inst, wait=wait, timeout=timeout, want="running", verb="created")
+
+
+@instances.command("list")
+@click.option("--status", multiple=True, help="Filter by status (repeatable).")
+@click.option("--user", "user_id", default=None, help="Filter by owner (admin/platform).")
+@click.option("--region", default=None, help="Filter by region.")
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Show at most this many (follows pages).")
+@api_options
+def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | None, limit: int) -> None:
+    """List instances (your own; everything for admins)."""
+    params: dict[str, Any] = {"limit": min(limit, 200)}
+    if status:
+        params["status"] = list(status)
+    if user_id:
+        params["user_id"] = user_id
+    if region:
+        params["region"] = region
+    with ctx.client() as client:
+        items = list(client.pages("/v1/instances", params, max_items=limit))
+    if ctx.as_json:
+        emit_json(items)
+    elif items:
+        click.echo(instance_rows(items))
+    else:
+        click.echo("no instances")
+
+
+@instances.command("show")
+@ID
+@api_options
+def show(ctx: Ctx, instance_id: str) -> None:
+    """Show one instance, including its recovery state."""
+    with ctx.client() as client:
+        inst = client.get(instance_id)
+    if ctx.as_json:
+        emit_json(inst)
+    else:
+        click.echo(instance_detail(inst))
+
+
+def _action(name: str, want: str, help_text: str) -> None:
+    @instances.command(name, help=help_text)
+    @ID
+    @wait_options
+    @api_options
+    def command(ctx: Ctx, instance_id: str, wait: bool, timeout: float) -> None:
+        with ctx.client() as client:
+            inst = client.action(instance_id, name)
+        show_result(ctx, inst, wait=wait, timeout=timeout, want=want, verb=f"{name}")
+
+
+_action("start", "running", "Start a stopped instance (409 instance_busy while busy).")
+_action("stop", "stopped", "Stop a running instance (409 instance_busy while busy).")
+_action("restart", "running", "Restart an instance (409 instance_busy while busy).")
+
+
+@instances.command("destroy")
+@ID
+@click.option("--force", is_flag=True, help="Admin: destroy even while recovering.")
+@wait_options
+@api_options
+def destroy(ctx: Ctx, instance_id: str, force: bool, wait: bool, timeout: float) -> None:
+    """Destroy an instance: its machine, then its volumes (two-phase)."""
+    with ctx.client() as client:
+        inst = client.destroy(instance_id, force=force)
+    show_result(ctx, inst, wait=wait, timeout=timeout, want="destroyed", verb="destroy")
+
+
+@instances.command("update")
+@ID
+@click.option("--size", default=None, help="New machine size.")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
+              help="Replaces the whole environment (repeatable); --clear-env empties it.")
+@click.option("--clear-env", is_flag=True, help="Remove every environment variable.")
+@click.option("--secret", "secret", multiple=True, metavar="NAME=VALUE", help="Set a secret (repeatable).")
+@click.option("--remove-secret", multiple=True, metavar="NAME", help="Remove a secret (repeatable).")
+@api_options
+def update(ctx: Ctx, instance_id: str, size: str | None, env: tuple[str, ...], clear_env: bool,
+           secret: tuple[str, ...], remove_secret: tuple[str, ...]) -> None:
+    """Change size, env or secrets; applied at the next start or restart."""
+    body: dict[str, Any] = {"size": size}
+    if env or clear_env:
+        body["env"] = parse_pairs(env, "--env")
+    secrets: dict[str, str | None] = dict(parse_pairs(secret, "--secret"))
+    for name in remove_secret:
+        secrets[name] = None
+    if secrets:
+        body["secrets"] = secrets
+    with ctx.client() as client:
+        inst = client.update(instance_id, **body)
+    if ctx.as_json:
+        emit_json(inst)
+    else:
+        click.echo(f"updated {inst['id']} (applied at the next start or restart)")
+
+
+@instances.command("events")
+@ID
+@click.option("--name", default=None, help="Only events with this name.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@api_options
+def events(ctx: Ctx, instance_id: str, name: str | None, limit: int) -> None:
+    """The instance's lifecycle events, newest first."""
+    params: dict[str, Any] = {"limit": min(limit, 500)}
+    if name:
+        params["name"] = name
+    with ctx.client() as client:
+        items = list(client.pages(f"/v1/instances/{instance_id}/events", params, max_items=limit))
+    if ctx.as_json:
+        emit_json(items)
+    elif items:
+        click.echo(event_rows(items))
+    else:
+        click.echo("no events")

@@ -1,0 +1,320 @@
+"""The composition root: everything `sandkeep serve` runs, built in one place.
+
+:func:`open_runtime` resolves the data directory and the secrets, opens the store (migrating it), starts
+the local machine host as a child process (unless ``provider == "fly"`` or ``SANDKEEP_HOST_URL`` points
+at a host that already runs), builds the Machines client and the engine, starts the engine, and undoes
+all of it in reverse order on exit.
+
+Secrets, each taken from its environment variable or generated once into the data dir (mode 0600):
+
+* ``SANDKEEP_JWT_SECRET`` → ``DATA/jwt-secret`` (signs API tokens; ``sandkeep token`` reads the same);
+* ``SANDKEEP_SECRETS_KEY`` → ``DATA/secrets.key`` (Fernet key that encrypts instance secrets at rest;
+  handled by :mod:`sandkeep.secrets`);
+* ``SANDKEEP_HOST_TOKEN`` → ``DATA/host-token`` (the local host's API token).
+
+Provider ``fly``: the Machines API at ``FLY_API_URL`` with ``FLY_API_TOKEN``; regions ``FLY_REGIONS``
+(preferred first); apps are created in ``FLY_ORG``. sandkeep creates **one Fly app per instance owner**:
+its name is ``{SANDKEEP_APP_PREFIX}-{first 12 hex digits of sha256(user id)}`` (e.g. ``sk-3f2a…``; the
+prefix, default ``sk``, is normalised to a valid Fly app name; see :mod:`sandkeep.engine.naming`), so every
+machine and volume of one user lives in one app, user ids never appear in public hostnames, and apps of
+different users never collide. Gateway traffic goes through
+Fly's proxy (``https://<app>.fly.dev`` with ``fly-force-instance-id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from sandkeep.clock import Clock, SystemClock
+from sandkeep.config import Settings
+from sandkeep.engine.service import InstanceServiceAPI
+from sandkeep.logs import get_logger
+
+
+class EngineLike(Protocol):
+    service: Any
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class StartupError(Exception):
+    """Start-up failed with a message meant for the operator (bad settings, host did not come up, …)."""
+
+
+@dataclass
+class HostChild:
+    """The local machine host that serve started as a child process."""
+
+    popen: subprocess.Popen[bytes]
+    url: str
+    proxy_url: str
+    token: str
+    data_dir: Path
+    log_path: Path
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=timeout)
+        return self.popen.returncode
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    clock: Clock
+    service: InstanceServiceAPI
+    jwt_secret: str
+    data_dir: Path
+    base_url: str
+    store: Any = None
+    provider: Any = None
+    engine: EngineLike | None = None
+    host_process: HostChild | None = None
+    host_url: str | None = None
+    host_token: str | None = None
+    host_proxy_url: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Scratch space for other parts (e.g. the web UI's one-time sign-in codes)."""
+
+    @property
+    def local_mode(self) -> bool:
+        return self.settings.provider != "fly"
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+
+def write_private(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content + "\n")
+    os.replace(tmp, path)
+
+
+def load_or_create_secret(path: Path, from_env: str | None, generate: Any) -> tuple[str, bool]:
+    """(value, generated?) — the env value wins; else the file's content; else a new value saved to the file."""
+    if from_env:
+        return from_env, False
+    if path.exists():
+        value = path.read_text().strip()
+        if value:
+            return value, False
+    value = str(generate())
+    write_private(path, value)
+    return value, True
+
+
+def resolve_data_dir(settings: Settings, data_dir: Path | None = None) -> Path:
+    directory = Path(data_dir) if data_dir is not None else Path(settings.home)
+    directory = directory.expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
+    value, _ = load_or_create_secret(data_dir / "jwt-secret", settings.jwt_secret, lambda: secrets.token_urlsafe(48))
+    return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    try:
+        number = int(port)
+    except ValueError as exc:
+        raise ValueError(f"port must be a number in {value!r}") from exc
+    if not 0 < number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host.strip("[]"), number
+
+
+def http_url(listen: str) -> str:
+    host, port = parse_listen(listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------- local host
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the host child gets SIGTERM when serve dies, even from SIGKILL (no orphaned machines)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def spawn_host_child(settings: Settings, data_dir: Path, token: str, *, log_path: Path) -> HostChild:
+    """Start ``python -m sandkeep host`` (call from the main thread: the parent-death signal is per thread)."""
+    host_dir = data_dir / "host"
+    url, proxy_url = http_url(settings.host_listen), http_url(settings.host_proxy_listen)
+    for listen, what in ((settings.host_listen, "--host-listen"), (settings.host_proxy_listen, "--host-proxy-listen")):
+        _check_free(listen, what)
+    args = [sys.executable, "-m", "sandkeep", "host", "--listen", settings.host_listen,
+            "--proxy-listen", settings.host_proxy_listen, "--data-dir", str(host_dir),
+            "--regions", settings.regions, "--log-level", settings.log_level]
+    env = dict(os.environ)
+    env["SANDKEEP_HOST_TOKEN"] = token
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as fh:
+        popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    return HostChild(popen=popen, url=url, proxy_url=proxy_url, token=token, data_dir=host_dir, log_path=log_path)
+
+
+async def wait_host_ready(child: HostChild, timeout: float, *, interval: float = 0.1) -> None:
+    """Wait until the child answers ``GET /healthz`` and accepts our token; StartupError otherwise."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        while True:
+            code = child.popen.poll()
+            if code is not None:
+                raise StartupError(f"the local host exited with code {code} during start-up "
+                                   f"(log {child.log_path}):\n{_tail(child.log_path)}")
+            try:
+                health = await http.get(f"{child.url}/healthz")
+                if health.status_code == 200:
+                    # make sure it is our child that answers, and that it accepts our token
+                    auth = await http.get(f"{child.url}/v1/apps", headers={"Authorization": f"Bearer {child.token}"})
+                    if child.popen.poll() is None and auth.status_code == 200:
+                        return
+                    last = f"a host answered but GET /v1/apps with our token gave HTTP {auth.status_code}"
+                else:
+                    last = f"healthz answered HTTP {health.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            if time.monotonic() > deadline:
+                raise StartupError(f"the local host did not answer {child.url}/healthz within {timeout:g}s "
+                                   f"({last}; log {child.log_path})")
+            await asyncio.sleep(interval)  # start-up polling of a child process, bounded by the deadline
+
+
+def _check_free(listen: str, what: str) -> None:
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot start the local host: {listen} ({what}) is not free: "
+                               f"{exc.strerror or exc}") from exc
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+def _import_engine() -> Any:
+    import importlib
+
+    engine_runtime = importlib.import_module("sandkeep.engine.runtime")  # ENGINE helper's module
+    return engine_runtime.Engine
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, data_dir: Path | None = None, clock: Clock | None = None,
+                       start_engine: bool = True) -> AsyncIterator[Runtime]:
+    """Build and start everything; stop it all (engine, client, host child, store) on exit."""
+    log = get_logger("sandkeep.runtime")
+    clock = clock or SystemClock()
+    directory = resolve_data_dir(settings, data_dir)
+    jwt_secret = resolve_jwt_secret(settings, directory)
+    # the secrets key (SANDKEEP_SECRETS_KEY, else DATA/secrets.key) is resolved by sandkeep.secrets.SecretBox
+    settings = settings.replace(home=directory, jwt_secret=jwt_secret)
+    public = settings.public_url or http_url(settings.listen)
+
+    if settings.provider == "fly" and not settings.fly_api_token:
+        raise StartupError("provider 'fly' needs FLY_API_TOKEN (and FLY_ORG, FLY_REGIONS)")
+    if settings.provider not in ("local", "fly"):
+        raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
+
+    async with contextlib.AsyncExitStack() as stack:
+        from sandkeep.store.sql import open_store
+
+        store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
+        stack.callback(store.close)
+
+        host_child: HostChild | None = None
+        host_token: str | None = None
+        host_url: str | None = None
+        host_proxy: str | None = None
+        if settings.provider == "fly":
+            if not settings.fly_api_token:
+                raise StartupError("provider 'fly' needs FLY_API_TOKEN")
+            # proxy_url stays None for Fly: the client then routes gateway traffic via https://<app>.fly.dev
+            # (a proxy URL would make the client treat the provider as the local host).
+            api_url, api_token, proxy_url = settings.fly_api_url, settings.fly_api_token, None
+        elif settings.provider == "local":
+            if settings.host_url:
+                host_url = settings.host_url
+                host_token = settings.host_token
+                if not host_token:
+                    raise StartupError("SANDKEEP_HOST_URL is set: SANDKEEP_HOST_TOKEN must be set too")
+                host_proxy = settings.host_proxy_url or http_url(settings.host_proxy_listen)
+            else:
+                host_token, _ = load_or_create_secret(directory / "host-token", settings.host_token,
+                                                      lambda: secrets.token_urlsafe(32))
+                host_child = spawn_host_child(settings, directory, host_token, log_path=directory / "host.log")
+                stack.callback(host_child.stop)
+                await wait_host_ready(host_child, settings.host_start_timeout)
+                host_url, host_proxy = host_child.url, host_child.proxy_url
+                log.info("runtime.host_started", url=host_url, proxy=host_proxy, pid=host_child.popen.pid,
+                         log=str(host_child.log_path))
+            api_url, api_token, proxy_url = host_url, host_token, host_proxy
+        else:
+            raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
+
+        from sandkeep.provider.client import MachinesClient
+
+        provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock)
+        stack.push_async_callback(provider.aclose)
+
+        engine_cls = _import_engine()
+        engine: EngineLike = engine_cls(settings, store, provider, clock)
+        if start_engine:
+            await engine.start()
+            stack.push_async_callback(engine.stop)
+        runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=jwt_secret,
+                          data_dir=directory, base_url=public, store=store, provider=provider, engine=engine,
+                          host_process=host_child, host_url=host_url, host_token=host_token,
+                          host_proxy_url=host_proxy)
+        yield runtime

@@ -1,0 +1,77 @@
+"""Pure-API fixtures: the real FastAPI app over an in-memory fake service, through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from sandkeep.api.app import create_app
+from sandkeep.api.auth import issue_token
+from sandkeep.clock import FakeClock
+from sandkeep.config import Settings
+from sandkeep.logs import configure_logging
+from sandkeep.runtime import Runtime
+from tests.api.fakes import FakeService
+
+SECRET = "api-test-secret-0123456789abcdefghijklmnop"
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    service: FakeService
+    upstream: list[httpx.Request] = field(default_factory=list)
+
+    def token(self, user_id: str = "alice", role: str = "user", ttl: float | None = None) -> str:
+        return issue_token(SECRET, user_id, role, ttl)
+
+    def auth(self, user_id: str = "alice", role: str = "user") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user_id, role)}"}
+
+
+def gateway_echo(seen: list[httpx.Request]) -> httpx.MockTransport:
+    """Stands in for the provider's proxy: echoes what reached it."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        body = {"method": request.method, "url": str(request.url), "body": request.content.decode(errors="replace"),
+                "headers": {k.lower(): v for k, v in request.headers.items()}}
+        return httpx.Response(200, stream=httpx.ByteStream(json.dumps(body).encode()),
+                              headers={"content-type": "application/json", "x-gateway": "yes"})
+
+    return httpx.MockTransport(handler)
+
+
+def make_runtime(service: FakeService, tmp_path: Path) -> Runtime:
+    return Runtime(settings=Settings(home=tmp_path), clock=service.clock, service=service, jwt_secret=SECRET,
+                   data_dir=tmp_path, base_url="http://testserver")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _json_logging() -> None:
+    configure_logging("warning")  # plain JSON lines, as under serve (the default console renderer is slow)
+
+
+@pytest.fixture(scope="module")
+def shared_app(tmp_path_factory: pytest.TempPathFactory) -> tuple[FastAPI, FakeService, list[httpx.Request]]:
+    """One app per module (building one costs ~50 ms); its fake service is reset for every test."""
+    service = FakeService(FakeClock())
+    seen: list[httpx.Request] = []
+    app = create_app(make_runtime(service, tmp_path_factory.mktemp("api")), proxy_transport=gateway_echo(seen))
+    return app, service, seen
+
+
+@pytest.fixture()
+async def api(shared_app: tuple[FastAPI, FakeService, list[httpx.Request]]) -> AsyncIterator[Api]:
+    app, service, seen = shared_app
+    service.reset(FakeClock())
+    seen.clear()
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield Api(client=client, service=service, upstream=seen)

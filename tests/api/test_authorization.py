@@ -1,0 +1,152 @@
+"""Every route against user A (owner) / user B / admin / platform / no token / bad tokens.
+
+Rules (sandkeep.api.auth): users see only their own instances — another user's instance is 404, not 403,
+so existence does not leak; admins see and act on everything; platform creates for any user and manages
+any instance but gets no admin routes and no gateway traffic. Refused requests must change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+import pytest
+
+from sandkeep.store.records import Status
+from tests.api.conftest import SECRET, Api
+from tests.api.fakes import retained
+
+OWNER, OTHER, ADMIN, PLATFORM = "owner", "other", "admin", "platform"
+NO_TOKEN, GARBAGE, EXPIRED, WRONG_SECRET, BAD_ROLE, NO_SUB = (
+    "no_token", "garbage", "expired", "wrong_secret", "bad_role", "no_sub")
+UNAUTHENTICATED = (NO_TOKEN, GARBAGE, EXPIRED, WRONG_SECRET, BAD_ROLE, NO_SUB)
+
+
+def headers_for(api: Api, who: str) -> dict[str, str]:
+    tokens: dict[str, str | None] = {
+        OWNER: api.token("alice", "user"),
+        OTHER: api.token("bob", "user"),
+        ADMIN: api.token("root", "admin"),
+        PLATFORM: api.token("backend", "platform"),
+        NO_TOKEN: None,
+        GARBAGE: "not-a-jwt",
+        EXPIRED: jwt.encode({"sub": "alice", "role": "user", "exp": 1000}, SECRET, algorithm="HS256"),
+        WRONG_SECRET: jwt.encode({"sub": "alice", "role": "admin"}, "another-secret-0123456789abcdefghijklmnopq",
+                                 algorithm="HS256"),
+        BAD_ROLE: jwt.encode({"sub": "alice", "role": "superuser"}, SECRET, algorithm="HS256"),
+        NO_SUB: jwt.encode({"role": "admin"}, SECRET, algorithm="HS256"),
+    }
+    token = tokens[who]
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+def ok_for(status: int, *who: str) -> dict[str, int]:
+    return dict.fromkeys(who, status)
+
+
+# (name, method, path, json body, expected status per actor; unauthenticated actors always get 401)
+ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
+    # name, method, path, body, expected, mutates
+    ("create_self", "POST", "/v1/instances", {}, ok_for(201, OWNER, OTHER, ADMIN, PLATFORM), True),
+    ("create_for_alice", "POST", "/v1/instances", {"user_id": "alice"},
+     {OWNER: 201, OTHER: 403, ADMIN: 201, PLATFORM: 201}, True),
+    ("list", "GET", "/v1/instances", None, ok_for(200, OWNER, OTHER, ADMIN, PLATFORM), False),
+    ("list_alice", "GET", "/v1/instances?user_id=alice", None,
+     {OWNER: 200, OTHER: 403, ADMIN: 200, PLATFORM: 200}, False),
+    ("get", "GET", "/v1/instances/{id}", None, {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 200}, False),
+    ("patch", "PATCH", "/v1/instances/{id}", {"env": {"A": "1"}},
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 200}, True),
+    ("stop", "POST", "/v1/instances/{id}/stop", None, {OWNER: 202, OTHER: 404, ADMIN: 202, PLATFORM: 202}, True),
+    ("restart", "POST", "/v1/instances/{id}/restart", None,
+     {OWNER: 202, OTHER: 404, ADMIN: 202, PLATFORM: 202}, True),
+    ("start_running", "POST", "/v1/instances/{id}/start", None,
+     {OWNER: 409, OTHER: 404, ADMIN: 409, PLATFORM: 409}, True),
+    ("destroy", "DELETE", "/v1/instances/{id}", None, {OWNER: 202, OTHER: 404, ADMIN: 202, PLATFORM: 202}, True),
+    ("destroy_force", "DELETE", "/v1/instances/{id}?force=true", None,
+     {OWNER: 403, OTHER: 404, ADMIN: 202, PLATFORM: 403}, True),
+    ("events", "GET", "/v1/instances/{id}/events", None,
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 200}, False),
+    ("fleet_events", "GET", "/v1/events", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
+    ("audit", "GET", "/v1/audit", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
+    ("debug", "GET", "/v1/instances/{id}/debug", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
+    ("retry_recovery", "POST", "/v1/instances/{id}/recovery/retry", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    ("cleanup", "POST", "/v1/instances/{id}/retained-volume/cleanup", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, True),
+    ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    ("gateway", "GET", "/v1/instances/{id}/gateway/data/x", None,
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    ("gateway_put", "PUT", "/v1/instances/{id}/gateway/data/x", "hello",
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+]
+
+ACTORS = [OWNER, OTHER, ADMIN, PLATFORM, *UNAUTHENTICATED]
+
+
+@pytest.mark.parametrize("who", ACTORS)
+@pytest.mark.parametrize("route", ROUTES, ids=[r[0] for r in ROUTES])
+async def test_route_authorization(api: Api, route: tuple[str, str, str, Any, dict[str, int], bool],
+                                   who: str) -> None:
+    name, method, path, body, expected, mutates = route
+    target = api.service.add("alice", Status.RUNNING, **retained(api.service.clock))
+    api.service.add("bob", Status.RUNNING)
+    before = api.service.instances[target.id]
+    url = path.replace("{id}", target.id)
+    kwargs: dict[str, Any] = {"headers": headers_for(api, who)}
+    if isinstance(body, str):
+        kwargs["content"] = body
+    elif body is not None:
+        kwargs["json"] = body
+
+    resp = await api.client.request(method, url, **kwargs)
+
+    want = 401 if who in UNAUTHENTICATED else expected[who]
+    assert resp.status_code == want, (name, who, resp.text)
+    if want >= 400:
+        err = resp.json()["error"]
+        assert err["status"] == want and err["code"] and err["message"]
+        if want == 401:
+            assert resp.headers.get("www-authenticate", "").startswith("Bearer")
+        if want in (401, 403) or (want == 404):
+            assert api.service.calls == [], f"{name} by {who} reached the service"
+            assert api.service.instances[target.id] == before
+            assert not api.upstream
+    elif mutates:
+        assert api.service.calls, f"{name} by {who} did not reach the service"
+
+
+async def test_other_users_instance_is_indistinguishable_from_a_missing_one(api: Api) -> None:
+    target = api.service.add("alice")
+    bob = api.auth("bob")
+    theirs = await api.client.get(f"/v1/instances/{target.id}", headers=bob)
+    missing = await api.client.get("/v1/instances/ins_9999", headers=bob)
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["error"]["code"] == missing.json()["error"]["code"] == "instance_not_found"
+
+
+async def test_list_shows_users_only_their_own(api: Api) -> None:
+    mine = api.service.add("alice")
+    other = api.service.add("bob")
+    resp = await api.client.get("/v1/instances", headers=api.auth("alice"))
+    assert [i["id"] for i in resp.json()["items"]] == [mine.id]
+    admin = await api.client.get("/v1/instances", headers=api.auth("root", "admin"))
+    assert {i["id"] for i in admin.json()["items"]} == {mine.id, other.id}
+    filtered = await api.client.get("/v1/instances?user_id=bob", headers=api.auth("backend", "platform"))
+    assert [i["id"] for i in filtered.json()["items"]] == [other.id]
+
+
+async def test_platform_creates_for_any_user_and_users_cannot(api: Api) -> None:
+    resp = await api.client.post("/v1/instances", json={"user_id": "carol"}, headers=api.auth("backend", "platform"))
+    assert resp.status_code == 201
+    assert resp.json()["user_id"] == "carol"
+    denied = await api.client.post("/v1/instances", json={"user_id": "carol"}, headers=api.auth("bob"))
+    assert denied.status_code == 403
+    assert [i.user_id for i in api.service.instances.values()] == ["carol"]
+
+
+async def test_healthz_and_metrics_need_no_token(api: Api) -> None:
+    assert (await api.client.get("/healthz")).json() == {"ok": True}
+    metrics = await api.client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")

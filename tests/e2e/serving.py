@@ -1,0 +1,85 @@
+"""A real `sandkeep serve` process (API + engine + its own local host child) on free loopback ports."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sandkeep.api.auth import issue_token
+from tests.support.procs import Proc, free_port, spawn
+from tests.support.wait import wait_until
+
+FAST_ENV = {
+    "SANDKEEP_INTERVAL_RUNNING": "2",
+    "SANDKEEP_INTERVAL_BUSY": "0.3",
+    "SANDKEEP_ALARM_POLL_INTERVAL": "0.1",
+    "SANDKEEP_DETECT_POLL_INTERVAL": "0.3",
+    "SANDKEEP_HEALTH_PROBE_INTERVAL": "0.1",
+    "SANDKEEP_HEALTH_PROBE_TIMEOUT": "10",
+    "SANDKEEP_RECOVERY_TIMEOUT": "60",
+    "SANDKEEP_LOG_LEVEL": "info",
+}
+
+
+@dataclass
+class Serve:
+    url: str
+    data_dir: Path
+    secret: str
+    host_url: str
+    host_proxy_url: str
+    host_token: str
+    proc: Proc
+
+    def token(self, user_id: str, role: str = "user") -> str:
+        return issue_token(self.secret, user_id, role, 3600)
+
+    def headers(self, user_id: str, role: str = "user") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user_id, role)}"}
+
+    def client(self, user_id: str, role: str = "user") -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers(user_id, role), timeout=30.0)
+
+    def host(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, f"{self.host_url}{path}", headers={"Authorization": f"Bearer {self.host_token}"},
+                             timeout=30.0, **kwargs)
+
+    def wait_status(self, client: httpx.Client, instance_id: str, *statuses: str,
+                    timeout: float = 60.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            body: dict[str, Any] = client.get(f"/v1/instances/{instance_id}").json()
+            return body if body.get("status") in statuses else None
+
+        return wait_until(check, timeout=timeout, message=f"{instance_id} to reach {statuses}")
+
+
+@contextmanager
+def running_serve(base: Path, *, extra_env: dict[str, str] | None = None) -> Iterator[Serve]:
+    data = base / "data"
+    api, host, proxy = free_port(), free_port(), free_port()
+    secret, host_token = secrets.token_urlsafe(48), secrets.token_urlsafe(24)
+    env = {**FAST_ENV, "SANDKEEP_JWT_SECRET": secret, "SANDKEEP_HOST_TOKEN": host_token,
+           "SANDKEEP_DATABASE_URL": "", "SANDKEEP_HOST_URL": "", "SANDKEEP_PROVIDER": "local",
+           **(extra_env or {})}
+    proc = spawn(["serve", "--listen", f"127.0.0.1:{api}", "--data-dir", str(data), "--host-listen",
+                  f"127.0.0.1:{host}", "--host-proxy-listen", f"127.0.0.1:{proxy}"],
+                 log_path=base / "serve.log", env=env)
+    url = f"http://127.0.0.1:{api}"
+
+    def ready() -> bool:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"serve exited with {proc.popen.returncode}:\n{proc.log()}")
+        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+
+    try:
+        wait_until(ready, timeout=60, message="sandkeep serve /healthz")
+        yield Serve(url=url, data_dir=data, secret=secret, host_url=f"http://127.0.0.1:{host}",
+                    host_proxy_url=f"http://127.0.0.1:{proxy}", host_token=host_token, proc=proc)
+    finally:
+        proc.stop()
