@@ -56,6 +56,27 @@ class CleanupRefused(ServiceError):
     http_status = 409
 
 
+class Forbidden(ServiceError):
+    """The actor may not do this (e.g. a user creating an instance for someone else, a non-admin admin action)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class InvalidArgument(ServiceError):
+    """A malformed filter, cursor or argument."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
+class InstanceLocked(ServiceError):
+    """Another worker holds the instance's claim for longer than an API request waits; retry shortly."""
+
+    code = "instance_locked"
+    http_status = 503
+
+
 class InvalidConfig(ServiceError):
     code = "invalid_config"
     http_status = 422

@@ -1,0 +1,147 @@
+"""Fast detection (SPEC §6): wake an instance as soon as the provider signals that its machine stopped.
+
+* Local host: follow ``GET /_local/watch`` (long-poll of every machine state change) and wake the instance
+  that owns the machine.
+* Elsewhere (Fly): every ``detect_poll_interval`` seconds, one ``list_machines`` per app that has running
+  instances; a machine that is stopped/failed/gone while its instance is ``running`` wakes it.
+
+The periodic alarm stays the backstop; a wake-up is just ``reconcile_now``. The detector's own cadence
+(long-poll, poll interval, error backoff) is real time: it paces I/O, not instance time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from sandkeep.config import Settings
+from sandkeep.logs import get_logger
+from sandkeep.provider.base import MachineProvider
+from sandkeep.provider.errors import AuthError, InvalidRequestError, NotFoundError, ProviderError
+from sandkeep.store.base import Store
+from sandkeep.store.records import InstanceRecord, Status
+
+WAKE_STATES = frozenset({"stopped", "failed", "destroyed", "destroying"})
+WATCH_TIMEOUT = 25.0
+ERROR_PAUSE = 1.0
+WATCH_GIVE_UP = 5
+
+
+def _all_instances(store: Store, statuses: list[str] | None = None) -> list[InstanceRecord]:
+    out: list[InstanceRecord] = []
+    cursor: str | None = None
+    while True:
+        page = store.list_instances(status=statuses, cursor=cursor, limit=500)
+        out.extend(page.items)
+        if not page.next_cursor:
+            return out
+        cursor = page.next_cursor
+
+
+class Detector:
+    def __init__(self, settings: Settings, store: Store, provider: MachineProvider,
+                 wake: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.wake = wake
+        self.log = get_logger("sandkeep.detector")
+        self._index: dict[str, str] = {}
+        self._index_at = 0.0
+        self.woken = 0
+
+    @property
+    def uses_watch(self) -> bool:
+        return bool(getattr(self.provider, "is_local", False)) and hasattr(self.provider, "watch_events")
+
+    async def run(self) -> None:
+        if self.uses_watch:
+            await self._watch_loop()
+            self.log.warning("detector.watch_unavailable", fallback="poll")
+        if self.settings.detect_poll_interval > 0:
+            await self._poll_loop()
+
+    # ------------------------------------------------------------------ local host: watch
+
+    def _instance_for_machine(self, machine_id: str) -> str | None:
+        found = self._index.get(machine_id)
+        if found is None and time.monotonic() - self._index_at > 0.2:
+            self._index = {r.machine_id: r.id for r in _all_instances(self.store) if r.machine_id}
+            self._index_at = time.monotonic()
+            found = self._index.get(machine_id)
+        return found
+
+    async def _watch_loop(self) -> None:
+        watch: Any = self.provider.watch_events  # type: ignore[attr-defined]
+        seq: int | None = None
+        unsupported = 0
+        while True:
+            try:
+                if seq is None:
+                    seq, _ = await watch(2**62, 0)  # the current sequence, no history
+                latest, events = await watch(seq, WATCH_TIMEOUT)
+                unsupported = 0
+            except (NotFoundError, InvalidRequestError, AuthError) as exc:
+                unsupported += 1
+                self.log.warning("detector.watch_failed", error=str(exc), attempt=unsupported)
+                if unsupported >= WATCH_GIVE_UP:
+                    return  # this provider has no watch stream after all: poll instead
+                await asyncio.sleep(ERROR_PAUSE)
+                continue
+            except ProviderError as exc:
+                self.log.warning("detector.watch_failed", error=str(exc))
+                await asyncio.sleep(ERROR_PAUSE)
+                continue
+            if latest < seq:  # the host restarted with fewer events: start over from its sequence
+                seq = latest
+                continue
+            seq = latest
+            for event in events:
+                if event.get("state") not in WAKE_STATES:
+                    continue
+                machine_id = str(event.get("machine_id") or "")
+                instance_id = self._instance_for_machine(machine_id) if machine_id else None
+                if instance_id is not None:
+                    self.woken += 1
+                    self.log.info("detector.wake", instance_id=instance_id, machine_id=machine_id,
+                                  state=event.get("state"), machine_event_at=event.get("at"))
+                    self.wake(instance_id)
+
+    # ------------------------------------------------------------------ anywhere: list per app
+
+    async def poll_once(self) -> int:
+        running = _all_instances(self.store, [Status.RUNNING.value])
+        by_app: dict[str, list[InstanceRecord]] = defaultdict(list)
+        for record in running:
+            if record.machine_id:
+                by_app[record.app_name].append(record)
+        woken = 0
+        for app, records in by_app.items():
+            try:
+                machines = await self.provider.list_machines(app)
+            except NotFoundError:
+                machines = []
+            except ProviderError as exc:
+                self.log.warning("detector.poll_failed", app=app, error=str(exc))
+                continue
+            states = {m.id: m.state for m in machines}
+            for record in records:
+                state = states.get(record.machine_id or "")
+                if state is None or state in WAKE_STATES:
+                    woken += 1
+                    self.log.info("detector.wake", instance_id=record.id, machine_id=record.machine_id,
+                                  state=state or "missing")
+                    self.wake(record.id)
+        self.woken += woken
+        return woken
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception as exc:  # keep detecting; the alarm is the backstop anyway
+                self.log.warning("detector.poll_crashed", error=str(exc))
+            await asyncio.sleep(max(0.05, self.settings.detect_poll_interval))

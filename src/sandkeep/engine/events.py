@@ -1,0 +1,69 @@
+"""One ``emit``: the event row (SPEC §9), one JSON log line and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandkeep import metrics
+from sandkeep.clock import Clock
+from sandkeep.logs import get_logger
+from sandkeep.store.base import Store
+from sandkeep.store.records import EventRecord, InstanceRecord
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Emitter:
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+        self.log = get_logger("sandkeep.engine")
+
+    def emit(self, record: InstanceRecord | None, event: str, *, label: str | None = None,
+             error: str | None = None, duration_ms: int | None = None, value: float | None = None,
+             details: dict[str, Any] | None = None, level: str = "info") -> EventRecord:
+        row = EventRecord(
+            event=event, instance_id=record.id if record else None, at=self.clock.now(),
+            user_id=record.user_id if record else None, sandbox_id=record.sandbox_id if record else None,
+            status=record.status.value if record else None, machine_id=record.machine_id if record else None,
+            volume_id=record.volume_id if record else None, region=record.region if record else None,
+            label=label, error=error, duration_ms=duration_ms, value=value, details=dict(details or {}),
+        )
+        try:
+            stored = self.store.add_event(row)
+        except Exception as exc:  # the log line and the metric still happen
+            self.log.error("event.store_failed", event_name=event, error=str(exc))
+            stored = row
+        fields: dict[str, Any] = {k: v for k, v in {
+            "instance_id": row.instance_id, "user_id": row.user_id, "sandbox_id": row.sandbox_id,
+            "status": row.status, "machine_id": row.machine_id, "volume_id": row.volume_id, "region": row.region,
+            "app_name": record.app_name if record else None, "label": label, "error": error,
+            "duration_ms": duration_ms, "value": value}.items() if v is not None}
+        if row.details:
+            fields["details"] = row.details
+        log_level = level if level in _LEVELS else "info"
+        getattr(self.log, log_level)(event, **fields)
+        self._count(row)
+        return stored
+
+    @staticmethod
+    def _count(row: EventRecord) -> None:
+        metrics.EVENTS.labels(event=row.event).inc()
+        label = row.label or ""
+        if row.event == "instance.unexpected_stop_recovery_started":
+            metrics.RECOVERIES_STARTED.labels(label=label).inc()
+            latency = row.details.get("detection_latency_ms")
+            if isinstance(latency, int | float):
+                metrics.DETECTION_LATENCY.observe(float(latency) / 1000.0)
+        elif row.event == "instance.unexpected_stop_recovery_succeeded":
+            metrics.RECOVERIES_SUCCEEDED.labels(label=label).inc()
+            if row.duration_ms is not None:
+                metrics.RECOVERY_DURATION.labels(outcome="succeeded").observe(row.duration_ms / 1000.0)
+        elif row.event == "instance.unexpected_stop_recovery_failed":
+            metrics.RECOVERIES_FAILED.labels(label=label).inc()
+            if row.duration_ms is not None:
+                metrics.RECOVERY_DURATION.labels(outcome="failed").observe(row.duration_ms / 1000.0)
+        elif row.event == "instance.data_loss":
+            metrics.DATA_LOSS.labels(kind="volume_missing").inc()
+        elif row.event == "instance.restored_from_snapshot":
+            metrics.DATA_LOSS.labels(kind="restored_from_snapshot").inc()

@@ -1,0 +1,417 @@
+"""Performs the decisions' actions against the provider and the store, under the instance's lease.
+
+One :class:`Pass` = observe → decide → act, repeated until a decision ends it (RequeueAfter, Backoff, Done)
+or the step limit. Every store write is fenced (``store.update`` with the lease owner and the version last
+read); a :class:`~sandkeep.store.base.FencedError` ends the pass at once. Provider waits (machine wait,
+gateway probe) never hold the lease: the alarm is pushed past the wait, the lease released, and re-claimed
+afterwards (:class:`LeaseLost` when someone else took it meanwhile — that worker carries on).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sandkeep import metrics
+from sandkeep.clock import Clock
+from sandkeep.config import Settings
+from sandkeep.engine.actions import (
+    TERMINAL,
+    Action,
+    Backoff,
+    CreateMachine,
+    CreateVolume,
+    DeleteVolumeSafely,
+    DestroyMachine,
+    Done,
+    Emit,
+    EnsureApp,
+    ListSnapshots,
+    Observed,
+    Outcome,
+    Persist,
+    ProbeHealth,
+    RequeueAfter,
+    RestartMachine,
+    StartMachine,
+    StopMachine,
+    UpdateMachine,
+    WaitMachine,
+)
+from sandkeep.engine.events import Emitter
+from sandkeep.engine.health import Prober, probe_until_healthy
+from sandkeep.engine.naming import (
+    METADATA_INSTANCE,
+    METADATA_SANDBOX,
+    build_machine_config,
+    guest_for,
+    volume_name,
+)
+from sandkeep.engine.policy import GONE_STATES, backoff_seconds, deadline_cap, interval_for, is_backoff_error
+from sandkeep.engine.reconcile import decide
+from sandkeep.engine.recovery import STEP_CREATING_MACHINE, STEP_FORKING
+from sandkeep.provider.base import MachineProvider
+from sandkeep.provider.errors import (
+    InvalidRequestError,
+    MissingVolumeError,
+    NotFoundError,
+    ProviderError,
+    RateLimitedError,
+)
+from sandkeep.provider.models import MachineConfig
+from sandkeep.secrets import SecretBox, SecretsError
+from sandkeep.store.base import Store
+from sandkeep.store.records import InstanceRecord, Status
+
+MAX_STEPS = 24
+"""Decision steps per pass before the pass gives up and requeues (a safety valve against loops)."""
+
+TraceFn = Callable[[str, str, str], None]
+
+
+class LeaseLost(Exception):
+    """The lease was released for a wait and someone else claimed the instance meanwhile."""
+
+
+class Refused(Exception):
+    """SPEC §7.5 refused to delete (the attached machine names another sandbox)."""
+
+
+@dataclass
+class EngineContext:
+    settings: Settings
+    store: Store
+    provider: MachineProvider
+    clock: Clock
+    emitter: Emitter
+    secrets: SecretBox
+    prober: Prober
+    rng: random.Random = field(default_factory=random.Random)
+    trace: TraceFn | None = None
+
+    def traced(self, what: str, instance_id: str, owner: str) -> None:
+        if self.trace is not None:
+            self.trace(what, instance_id, owner)
+
+    def alarm_in(self, seconds: float, record: InstanceRecord) -> datetime:
+        now = self.clock.now()
+        jitter = max(0.0, self.settings.jitter_fraction)
+        delay = max(0.0, seconds) * (1.0 + self.rng.uniform(0.0, jitter))
+        when = now + timedelta(seconds=delay)
+        cap = deadline_cap(record, self.settings)
+        if cap is not None and cap < when:
+            when = max(now, cap)
+        return when
+
+    def machine_config(self, record: InstanceRecord, volume_id: str) -> MachineConfig:
+        try:
+            secrets = self.secrets.decrypt_map(record.secrets_encrypted)
+        except SecretsError as exc:
+            raise InvalidRequestError(str(exc), operation="decrypt secrets") from exc
+        return build_machine_config(record, volume_id=volume_id, secrets=secrets,
+                                    gateway_port=self.settings.gateway_port)
+
+
+# ------------------------------------------------------------------------------------------ observe
+
+
+async def observe(ctx: EngineContext, record: InstanceRecord) -> Observed:
+    """Read what the decisions for this record's status need from the provider."""
+    obs = Observed()
+    provider, app, status = ctx.provider, record.app_name, record.status
+    if status == Status.DESTROYED:
+        return obs
+    try:
+        if record.machine_id:
+            try:
+                obs.machine = await provider.get_machine(app, record.machine_id)
+            except NotFoundError:
+                obs.machine_missing = True
+        if record.volume_id and status != Status.DESTROYING:
+            try:
+                obs.volume = await provider.get_volume(app, record.volume_id)
+            except (NotFoundError, MissingVolumeError):
+                obs.volume_missing = True
+        if record.pending_recovery_volume_id and status == Status.RECOVERING:
+            try:
+                obs.pending_volume = await provider.get_volume(app, record.pending_recovery_volume_id)
+            except (NotFoundError, MissingVolumeError):
+                obs.pending_volume_missing = True
+        need_owned = (status == Status.DESTROYING
+                      or (record.machine_id is None
+                          and status in (Status.RUNNING, Status.STOPPED, Status.STARTING, Status.RESTARTING))
+                      or (status == Status.RECOVERING and record.recovery_step == STEP_CREATING_MACHINE))
+        if need_owned:
+            try:
+                machines = await provider.list_machines(app, metadata={METADATA_INSTANCE: record.id})
+            except NotFoundError:
+                machines = []
+            obs.owned_machines = [m for m in machines if m.metadata.get(METADATA_SANDBOX) == record.sandbox_id
+                                  and m.metadata.get(METADATA_INSTANCE) == record.id
+                                  and m.state not in GONE_STATES]
+        need_named = ((status in (Status.STARTING, Status.RESTARTING) and record.volume_id is None)
+                      or (status == Status.RECOVERING and record.recovery_step == STEP_FORKING
+                          and record.pending_recovery_volume_id is None))
+        if need_named:
+            try:
+                volumes = await provider.list_volumes(app)
+            except NotFoundError:
+                volumes = []
+            name = volume_name(record)
+            obs.named_volumes = [v for v in volumes if v.name == name]
+    except ProviderError as exc:
+        obs.transient = exc
+    return obs
+
+
+# ------------------------------------------------------------------------------------------ 7.5
+
+
+async def safe_delete_volume(ctx: EngineContext, record: InstanceRecord, volume_id: str) -> bool:
+    """SPEC §7.5. True when the volume is gone now (deleted or already 404). Raises :class:`Refused`."""
+    provider, app = ctx.provider, record.app_name
+    try:
+        volume = await provider.get_volume(app, volume_id)
+    except (NotFoundError, MissingVolumeError):
+        return True
+    attached = volume.attached_machine_id
+    if attached:
+        try:
+            machine = await provider.get_machine(app, attached)
+        except NotFoundError:
+            machine = None
+        if machine is not None and machine.state != "destroyed":
+            owner = machine.metadata.get(METADATA_SANDBOX)
+            if owner != record.sandbox_id:
+                raise Refused(f"Refusing to destroy attached machine {attached} of volume {volume_id}: its metadata "
+                              f"names sandbox {owner or '(none)'}, not {record.sandbox_id}")
+            await provider.destroy_machine(app, attached, force=True, missing_ok=True)
+    try:
+        await provider.delete_volume(app, volume_id, missing_ok=True)
+    except MissingVolumeError:
+        pass
+    return True
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+
+class Pass:
+    """One reconcile pass over one claimed instance."""
+
+    def __init__(self, ctx: EngineContext, record: InstanceRecord, owner: str) -> None:
+        self.ctx = ctx
+        self.record = record
+        self.owner = owner
+        self.outcomes: dict[str, Outcome] = {}
+        self.log = ctx.emitter.log.bind(instance_id=record.id)
+
+    # -------------------------------------------------------------- store plumbing
+
+    def persist(self, changes: dict[str, Any]) -> InstanceRecord:
+        changes = dict(changes)
+        if "status" in changes:
+            new_status = Status(changes["status"])
+            changes["status"] = new_status
+            if new_status != self.record.status:
+                changes.setdefault("status_changed_at", self.ctx.clock.now())
+                if "alarm_at" not in changes and new_status != Status.DESTROYED:
+                    preview = self.record.copy(**changes)
+                    changes["alarm_at"] = self.ctx.alarm_in(interval_for(new_status, self.ctx.settings), preview)
+        self.record = self.ctx.store.update(self.record, self.owner, changes)
+        return self.record
+
+    def renew(self) -> None:
+        self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
+                                           self.ctx.clock.now())
+
+    def requeue(self, seconds: float) -> None:
+        changes: dict[str, Any] = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
+        if self.record.provider_error_count:
+            changes["provider_error_count"] = 0
+            changes["last_provider_error"] = None
+        self.persist(changes)
+
+    def backoff(self, message: str, error: BaseException | None = None, *, retry_after: float | None = None) -> None:
+        count = self.record.provider_error_count + 1
+        if isinstance(error, RateLimitedError) and error.retry_after is not None:
+            retry_after = error.retry_after
+        delay = backoff_seconds(count, self.ctx.settings, retry_after)
+        metrics.PROVIDER_ERRORS.labels(kind=type(error).__name__ if error else "ProviderError").inc()
+        self.log.warning("reconcile.provider_error", status=self.record.status.value, error=message[:500],
+                         error_count=count, retry_in_seconds=round(delay, 3))
+        self.persist({"provider_error_count": count, "last_provider_error": message[:500],
+                      "alarm_at": self.ctx.alarm_in(delay, self.record)})
+
+    @asynccontextmanager
+    async def unleashed(self, seconds: float) -> AsyncIterator[None]:
+        """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards."""
+        ttl = self.ctx.settings.lease_ttl
+        self.persist({"alarm_at": self.ctx.clock.now() + timedelta(seconds=seconds + ttl)})
+        self.ctx.traced("release", self.record.id, self.owner)
+        self.ctx.store.release(self.record, self.owner)
+        try:
+            yield
+        finally:
+            claimed = self.ctx.store.claim(self.record.id, self.owner, ttl, self.ctx.clock.now())
+            if claimed is None:
+                raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
+            self.ctx.traced("acquire", claimed.id, self.owner)
+            self.record = claimed
+
+    def wait_seconds(self) -> float:
+        """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease."""
+        return max(1.0, self.ctx.settings.machine_wait_timeout)
+
+    # -------------------------------------------------------------- the loop
+
+    async def run(self) -> InstanceRecord:
+        metrics.RECONCILE_PASSES.labels(status=self.record.status.value).inc()
+        settings = self.ctx.settings
+        for _ in range(MAX_STEPS):
+            self.renew()
+            obs = await observe(self.ctx, self.record)
+            obs.outcomes = self.outcomes
+            try:
+                actions = decide(self.record, obs, settings, self.ctx.clock.now())
+            except Exception as exc:  # a bug must not wedge the worker: log loudly, look again later
+                self.log.exception("reconcile.decide_crashed", error=str(exc))
+                self.requeue(settings.interval_busy)
+                return self.record
+            if await self.execute(actions):
+                return self.record
+        metrics.STEP_LIMIT.inc()
+        self.log.error("reconcile.step_limit", steps=MAX_STEPS, status=self.record.status.value)
+        self.requeue(settings.interval_busy)
+        return self.record
+
+    async def execute(self, actions: list[Action]) -> bool:
+        """Run ``actions`` in order; True when the pass is over. A failed effect stops the list (re-decide)."""
+        for action in actions:
+            if isinstance(action, Persist):
+                self.persist(action.changes)
+            elif isinstance(action, Emit):
+                self.ctx.emitter.emit(self.record, action.event, label=action.label, error=action.error,
+                                      duration_ms=action.duration_ms, value=action.value, details=action.details,
+                                      level=action.level)
+            elif isinstance(action, RequeueAfter):
+                self.requeue(action.seconds)
+                return True
+            elif isinstance(action, Backoff):
+                self.backoff(action.error, None, retry_after=action.retry_after)
+                return True
+            elif isinstance(action, Done):
+                return True
+            else:
+                key = action.key
+                try:
+                    value = await self.effect(action)
+                except Refused as exc:
+                    self.outcomes[key] = Outcome(False, refused=str(exc))
+                    name = ("reconcile.delete_volume_refused" if isinstance(action, DeleteVolumeSafely)
+                            else "reconcile.destroy_machine_refused")
+                    self.ctx.emitter.emit(self.record, name, level="error",
+                                          error=str(exc), label=getattr(action, "reason", None),
+                                          details={"volume_id": getattr(action, "volume_id", None)})
+                    return False
+                except ProviderError as exc:
+                    self.outcomes[key] = Outcome(False, error=exc)
+                    if is_backoff_error(exc):
+                        self.backoff(str(exc), exc)
+                        return True
+                    self.log.warning("reconcile.effect_failed", effect=key, error=str(exc))
+                    return False
+                self.outcomes[key] = Outcome(True, value=value)
+            assert not isinstance(action, TERMINAL)
+        return False
+
+    # -------------------------------------------------------------- effects
+
+    async def effect(self, action: Action) -> Any:
+        ctx, record = self.ctx, self.record
+        provider, app = ctx.provider, record.app_name
+        if isinstance(action, EnsureApp):
+            return await provider.ensure_app(app, ctx.settings.fly_org)
+        if isinstance(action, CreateVolume):
+            compute = guest_for(action.compute_size) if action.compute_size else None
+            volume = await provider.create_volume_with_fallback(
+                app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
+                source_volume_id=action.source_volume_id, snapshot_id=action.snapshot_id, compute=compute)
+            changes: dict[str, Any] = {action.assign: volume.id, **dict(action.extra)}
+            if action.assign_region:
+                changes[action.assign_region] = volume.region
+            self.persist(changes)
+            return volume
+        if isinstance(action, CreateMachine):
+            config = ctx.machine_config(record, action.volume_id)
+            machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
+            self.persist({action.assign: machine.id, **dict(action.extra)})
+            ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
+                             details={"machine_id": machine.id, "region": machine.region,
+                                      "volume_id": action.volume_id})
+            return machine
+        if isinstance(action, StartMachine):
+            await provider.start_machine(app, action.machine_id)
+            return None
+        if isinstance(action, StopMachine):
+            await provider.stop_machine(app, action.machine_id)
+            return None
+        if isinstance(action, RestartMachine):
+            await provider.restart_machine(app, action.machine_id)
+            return None
+        if isinstance(action, UpdateMachine):
+            config = ctx.machine_config(record, action.volume_id)
+            return await provider.update_machine(app, action.machine_id, config=config)
+        if isinstance(action, DestroyMachine):
+            await self._destroy_machine(action.machine_id)
+            if action.clear:
+                self.persist(dict(action.clear))
+            ctx.emitter.emit(self.record, "reconcile.destroy_machine", details={"machine_id": action.machine_id})
+            return None
+        if isinstance(action, WaitMachine):
+            seconds = self.wait_seconds()
+            async with self.unleashed(seconds + ctx.settings.lease_ttl):
+                await provider.wait_machine(app, action.machine_id, state=action.state, timeout=seconds)
+            return None
+        if isinstance(action, ProbeHealth):
+            async with self.unleashed(action.timeout + ctx.settings.lease_ttl):
+                healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
+                                                    timeout=action.timeout,
+                                                    interval=ctx.settings.health_probe_interval)
+            if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
+                ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
+                                 label="healthy" if healthy else "timeout", level="info" if healthy else "warning",
+                                 details={"machine_id": action.machine_id, "blocking": False})
+            return healthy
+        if isinstance(action, ListSnapshots):
+            return await provider.list_snapshots(app, action.volume_id)
+        if isinstance(action, DeleteVolumeSafely):
+            await safe_delete_volume(ctx, record, action.volume_id)
+            if action.clear:
+                self.persist(dict(action.clear))
+            ctx.emitter.emit(self.record, "reconcile.delete_volume", label=action.reason,
+                             details={"deleted_volume_id": action.volume_id})
+            return True
+        raise TypeError(f"unknown action {action!r}")  # pragma: no cover
+
+    async def _destroy_machine(self, machine_id: str) -> None:
+        await destroy_own_machine(self.ctx, self.record, machine_id)
+
+
+async def destroy_own_machine(ctx: EngineContext, record: InstanceRecord, machine_id: str) -> None:
+    """Force-destroy one of this instance's machines (never one whose metadata names another sandbox)."""
+    provider, app = ctx.provider, record.app_name
+    try:
+        machine = await provider.get_machine(app, machine_id)
+    except NotFoundError:
+        return
+    owner = machine.metadata.get(METADATA_SANDBOX)
+    if owner is not None and owner != record.sandbox_id:
+        raise Refused(f"Refusing to destroy machine {machine_id}: its metadata names sandbox {owner}")
+    if machine.state == "destroyed":
+        return
+    await provider.destroy_machine(app, machine_id, force=True, missing_ok=True)

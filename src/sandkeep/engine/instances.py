@@ -1,0 +1,494 @@
+"""InstanceService: what the API, the CLI (through the API) and the web UI ask of the engine.
+
+Every action takes the instance's short claim (the same lease the workers use; retried briefly while a
+worker holds it, then :class:`InstanceLocked`), validates against the current record (busy gating,
+transitions), persists the *intent* (status / ``pending_action``, alarm now), releases the claim and wakes a
+reconcile in the background. Nothing here waits for the provider, except the admin actions that are one
+short provider call by nature (retained-volume cleanup, destroy machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from datetime import datetime, timedelta
+from typing import Any
+
+from sandkeep.clock import utc_iso
+from sandkeep.engine.executor import EngineContext, Refused, destroy_own_machine, safe_delete_volume
+from sandkeep.engine.naming import (
+    ConfigError,
+    app_name_for,
+    new_instance_id,
+    new_sandbox_id,
+    validate_env,
+    validate_image,
+    validate_size,
+)
+from sandkeep.engine.policy import interval_for
+from sandkeep.engine.recovery import EVENT_STARTED
+from sandkeep.engine.service import (
+    Actor,
+    CleanupRefused,
+    Forbidden,
+    InstanceBusy,
+    InstanceLocked,
+    InstanceNotFound,
+    InvalidArgument,
+    InvalidConfig,
+    InvalidTransition,
+    ProviderUnavailable,
+    RecoveringRefused,
+    ServiceError,
+)
+from sandkeep.provider.errors import ProviderError
+from sandkeep.store.base import AlreadyExists, FencedError
+from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
+
+CLAIM_RETRY_PAUSE = 0.05
+
+
+def public_view(record: InstanceRecord) -> dict[str, Any]:
+    """The instance as users see it (issue 3 §4); secrets appear by name only, never by value."""
+    return {
+        "id": record.id, "user_id": record.user_id, "sandbox_id": record.sandbox_id,
+        "status": record.status.value, "busy": record.busy, "pending_action": record.pending_action,
+        "region": record.region, "machine_id": record.machine_id, "volume_id": record.volume_id,
+        "app_name": record.app_name, "created_at": utc_iso(record.created_at),
+        "last_started_at": utc_iso(record.last_started_at), "last_stopped_at": utc_iso(record.last_stopped_at),
+        "config": {"image": record.image, "size": record.machine_size, "env": dict(record.env),
+                   "secret_names": sorted(record.secrets_encrypted), "generation": record.config_generation},
+        "recovery": {
+            "started_at": utc_iso(record.recovery_started_at),
+            "pending_volume_id": record.pending_recovery_volume_id,
+            "retained_volume_id": record.retained_volume_id,
+            "retained_volume_cleanup_after": utc_iso(record.retained_volume_cleanup_after),
+            "last_error": record.last_recovery_error,
+            "last_error_at": utc_iso(record.last_recovery_error_at),
+        },
+    }
+
+
+def debug_view(record: InstanceRecord) -> dict[str, Any]:
+    """Every persisted field (alarm and lease included); secret values are replaced by a marker."""
+    out: dict[str, Any] = {}
+    for f in fields(InstanceRecord):
+        value = getattr(record, f.name)
+        if f.name == "secrets_encrypted":
+            value = {name: "<encrypted>" for name in sorted(value)}
+        elif isinstance(value, datetime):
+            value = utc_iso(value)
+        elif isinstance(value, Status):
+            value = value.value
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[f.name] = value
+    out["busy"] = record.busy
+    return out
+
+
+class _Lease:
+    def __init__(self, service: InstanceService, record: InstanceRecord, owner: str) -> None:
+        self.service = service
+        self.record = record
+        self.owner = owner
+
+    def update(self, changes: dict[str, Any]) -> InstanceRecord:
+        changes = dict(changes)
+        ctx = self.service.ctx
+        if "status" in changes:
+            changes["status"] = Status(changes["status"])
+            if changes["status"] != self.record.status:
+                changes.setdefault("status_changed_at", ctx.clock.now())
+        self.record = ctx.store.update(self.record, self.owner, changes)
+        return self.record
+
+
+class InstanceService:
+    """Implements :class:`sandkeep.engine.service.InstanceServiceAPI`."""
+
+    def __init__(self, ctx: EngineContext, *, owner_prefix: str, wake: Callable[[str], None]) -> None:
+        self.ctx = ctx
+        self.owner_prefix = owner_prefix
+        self.wake = wake
+        self._seq = itertools.count(1)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def settings(self) -> Any:
+        return self.ctx.settings
+
+    def _now(self) -> datetime:
+        return self.ctx.clock.now()
+
+    def _load(self, instance_id: str) -> InstanceRecord:
+        record = self.ctx.store.get_instance(instance_id)
+        if record is None:
+            raise InstanceNotFound(f"instance {instance_id} not found")
+        return record
+
+    @staticmethod
+    def _check_access(actor: Actor, record: InstanceRecord) -> None:
+        if actor.role == "user" and record.user_id != actor.user_id:
+            raise InstanceNotFound(f"instance {record.id} not found")
+
+    @staticmethod
+    def _require_admin(actor: Actor) -> None:
+        if not actor.is_admin:
+            raise Forbidden("this action needs the admin role")
+
+    @asynccontextmanager
+    async def _claimed(self, instance_id: str) -> AsyncIterator[_Lease]:
+        owner = f"{self.owner_prefix}/api#{next(self._seq)}"
+        store, settings = self.ctx.store, self.ctx.settings
+        deadline = time.monotonic() + settings.claim_wait
+        while True:
+            record = store.claim(instance_id, owner, settings.lease_ttl, self._now())
+            if record is not None:
+                break
+            if store.get_instance(instance_id) is None:
+                raise InstanceNotFound(f"instance {instance_id} not found")
+            if time.monotonic() >= deadline:
+                raise InstanceLocked(f"instance {instance_id} is being worked on by another worker; retry shortly",
+                                     retry_after=1)
+            await asyncio.sleep(CLAIM_RETRY_PAUSE)
+        self.ctx.traced("acquire", instance_id, owner)
+        lease = _Lease(self, record, owner)
+        try:
+            yield lease
+        except FencedError as exc:
+            raise InstanceLocked(f"instance {instance_id} changed hands during the request; retry") from exc
+        finally:
+            self.ctx.traced("release", instance_id, owner)
+            store.release(lease.record, owner)
+
+    def _emit(self, record: InstanceRecord, event: str, **kw: Any) -> None:
+        self.ctx.emitter.emit(record, event, **kw)
+
+    def _audit(self, actor: Actor, action: str, instance_id: str | None, outcome: str,
+               **details: Any) -> None:
+        self.ctx.store.add_audit(AuditRecord(actor=actor.user_id, role=actor.role, action=action, at=self._now(),
+                                             instance_id=instance_id, outcome=outcome, details=details))
+
+    def _finish(self, record: InstanceRecord) -> InstanceRecord:
+        self.wake(record.id)
+        return self._load(record.id)
+
+    # ------------------------------------------------------------------ configuration
+
+    def _config(self, *, size: str | None, env: dict[str, str] | None, image: str | None) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = {}
+            if size is not None:
+                out["machine_size"] = validate_size(size)
+            if env is not None:
+                out["env"] = validate_env(env, "env")
+            if image is not None:
+                out["image"] = validate_image(image)
+            return out
+        except ConfigError as exc:
+            raise InvalidConfig(str(exc)) from exc
+
+    def _secrets(self, current: dict[str, str], changes: dict[str, str | None] | None) -> dict[str, str]:
+        merged = dict(current)
+        if not changes:
+            return merged
+        if not isinstance(changes, dict):
+            raise InvalidConfig("secrets must be an object of strings")
+        try:
+            for name, value in changes.items():
+                if value is None:
+                    merged.pop(name, None)
+                    continue
+                validate_env({name: value}, "secret")
+                merged[name] = self.ctx.secrets.encrypt(value)
+        except ConfigError as exc:
+            raise InvalidConfig(str(exc)) from exc
+        return merged
+
+    @staticmethod
+    def _check_overlap(env: dict[str, str], secret_names: list[str]) -> None:
+        both = sorted(set(env) & set(secret_names))
+        if both:
+            raise InvalidConfig(f"names used both as env and as secret: {', '.join(both)}")
+
+    async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
+                              env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+                              image: str | None = None) -> InstanceRecord:
+        if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 200:
+            raise InvalidConfig("user_id must be a non-empty string (max 200 characters)")
+        if actor.role == "user" and user_id != actor.user_id:
+            raise Forbidden("users may create instances only for themselves")
+        config = self._config(size=size or self.settings.default_size, env=env or {},
+                              image=image or self.settings.image)
+        secret_map = self._secrets({}, dict(secrets) if secrets else None)
+        self._check_overlap(config["env"], list(secret_map))
+        now = self._now()
+        record = InstanceRecord(
+            id=new_instance_id(), user_id=user_id, sandbox_id=new_sandbox_id(), status=Status.PROVISIONED,
+            created_at=now, updated_at=now, app_name=app_name_for(user_id, self.settings.app_prefix),
+            machine_size=config["machine_size"], image=config["image"], env=config["env"],
+            secrets_encrypted=secret_map, status_changed_at=now, pending_action="start",
+            # not due before this request moves it to starting (no worker races the claim below); if the
+            # process dies in between, the alarm still starts it (provisioned + pending start)
+            alarm_at=now + timedelta(seconds=max(1.0, 2 * self.settings.claim_wait)),
+        )
+        try:
+            record = self.ctx.store.insert_instance(record)
+        except AlreadyExists as exc:  # a 64-bit id collision: practically impossible, never half-written
+            raise ServiceError("could not allocate an instance id; retry") from exc
+        self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})
+        try:
+            async with self._claimed(record.id) as lease:
+                if lease.record.status == Status.PROVISIONED:
+                    lease.update({"status": Status.STARTING, "alarm_at": self._now()})
+                    self._emit(lease.record, "instance.start_requested", label="provision")
+        except InstanceLocked:  # a worker already took it: it starts it (provisioned + pending start)
+            return self._load(record.id)
+        return self._finish(lease.record)
+
+    async def update_config(self, actor: Actor, instance_id: str, *, size: str | None = None,
+                            env: dict[str, str] | None = None,
+                            secrets: dict[str, str | None] | None = None) -> InstanceRecord:
+        record = self._load(instance_id)
+        self._check_access(actor, record)
+        config = self._config(size=size, env=env, image=None)
+        if secrets is not None and not isinstance(secrets, dict):
+            raise InvalidConfig("secrets must be an object of strings (null removes one)")
+        async with self._claimed(instance_id) as lease:
+            current = lease.record
+            if current.status in (Status.DESTROYING, Status.DESTROYED):
+                raise InvalidTransition(f"instance {instance_id} is {current.status.value}")
+            secret_map = self._secrets(current.secrets_encrypted, secrets)
+            self._check_overlap(config.get("env", current.env), list(secret_map))
+            changes: dict[str, Any] = dict(config)
+            if secrets:
+                changes["secrets_encrypted"] = secret_map
+            if not changes:
+                return current
+            changes["config_generation"] = current.config_generation + 1
+            lease.update(changes)
+            self._emit(lease.record, "instance.config_updated",
+                       details={"changed": sorted(k if k != "secrets_encrypted" else "secrets" for k in changes
+                                                  if k != "config_generation"),
+                                "generation": lease.record.config_generation,
+                                "secret_names": sorted(lease.record.secrets_encrypted)})
+            return lease.record
+
+    # ------------------------------------------------------------------ reads
+
+    def get_instance(self, instance_id: str) -> InstanceRecord:
+        return self._load(instance_id)
+
+    def list_instances(self, *, user_id: str | None = None, status: list[str] | None = None,
+                       region: str | None = None, cursor: str | None = None,
+                       limit: int = 50) -> Page[InstanceRecord]:
+        try:
+            return self.ctx.store.list_instances(user_id=user_id, status=status, region=region, cursor=cursor,
+                                                 limit=limit)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+
+    def list_events(self, *, instance_id: str | None = None, name: str | None = None,
+                    cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        try:
+            return self.ctx.store.list_events(instance_id=instance_id, name=name, cursor=cursor, limit=limit)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+
+    def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
+                   limit: int = 100) -> Page[AuditRecord]:
+        try:
+            return self.ctx.store.list_audit(instance_id=instance_id, cursor=cursor, limit=limit)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+
+    def view(self, record: InstanceRecord) -> dict[str, Any]:
+        return public_view(record)
+
+    # ------------------------------------------------------------------ user actions
+
+    @staticmethod
+    def _gate(record: InstanceRecord, action: str) -> None:
+        if record.status == Status.DESTROYED:
+            raise InvalidTransition(f"instance {record.id} is destroyed")
+        if record.busy:
+            raise InstanceBusy(f"instance {record.id} is {record.status.value}; {action} is refused while busy",
+                               status=record.status.value)
+
+    async def start(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        record = self._load(instance_id)
+        self._check_access(actor, record)
+        self._gate(record, "start")
+        async with self._claimed(instance_id) as lease:
+            current = lease.record
+            self._gate(current, "start")
+            if current.status not in (Status.STOPPED, Status.PROVISIONED):
+                raise InvalidTransition(f"instance {instance_id} is already {current.status.value}",
+                                        status=current.status.value)
+            lease.update({"status": Status.STARTING, "pending_action": "start", "alarm_at": self._now()})
+            self._emit(lease.record, "instance.start_requested", label="user_request")
+        return self._finish(lease.record)
+
+    async def stop(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        record = self._load(instance_id)
+        self._check_access(actor, record)
+        self._gate(record, "stop")
+        async with self._claimed(instance_id) as lease:
+            current = lease.record
+            self._gate(current, "stop")
+            if current.status != Status.RUNNING:
+                raise InvalidTransition(f"instance {instance_id} is {current.status.value}, not running",
+                                        status=current.status.value)
+            if current.pending_action != "stop":
+                lease.update({"pending_action": "stop", "alarm_at": self._now()})
+                self._emit(lease.record, "instance.stop_requested", label="user_request")
+        return self._finish(lease.record)
+
+    async def restart(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        record = self._load(instance_id)
+        self._check_access(actor, record)
+        self._gate(record, "restart")
+        async with self._claimed(instance_id) as lease:
+            current = lease.record
+            self._gate(current, "restart")
+            if current.status not in (Status.RUNNING, Status.STOPPED):
+                raise InvalidTransition(f"instance {instance_id} is {current.status.value}; restart needs running "
+                                        f"or stopped", status=current.status.value)
+            lease.update({"status": Status.RESTARTING, "pending_action": "restart", "alarm_at": self._now()})
+            self._emit(lease.record, "instance.restarting", label="user_request")
+        return self._finish(lease.record)
+
+    async def destroy(self, actor: Actor, instance_id: str, *, force: bool = False) -> InstanceRecord:
+        record = self._load(instance_id)
+        self._check_access(actor, record)
+
+        def check(current: InstanceRecord) -> None:
+            if current.status == Status.DESTROYED:
+                raise InvalidTransition(f"instance {instance_id} is already destroyed")
+            if current.status == Status.RECOVERING and not (force and actor.is_admin):
+                raise RecoveringRefused(f"instance {instance_id} is recovering; destroy is refused until the "
+                                        f"recovery ends (admins may force it)", status=current.status.value)
+
+        check(record)
+        if record.status == Status.DESTROYING:
+            return record
+        async with self._claimed(instance_id) as lease:
+            current = lease.record
+            check(current)
+            if current.status == Status.DESTROYING:
+                return current
+            forced = current.status == Status.RECOVERING
+            lease.update({"status": Status.DESTROYING, "pending_destroy_machine_id": current.machine_id,
+                          "pending_destroy_volume_id": current.volume_id, "pending_action": None,
+                          "destroy_volume_attempts": 0, "alarm_at": self._now()})
+            self._emit(lease.record, "instance.destroy_started", label="admin_force" if forced else "user_request")
+        if forced:
+            self._audit(actor, "force_destroy", instance_id, "ok")
+        return self._finish(lease.record)
+
+    # ------------------------------------------------------------------ admin
+
+    def debug(self, instance_id: str) -> dict[str, Any]:
+        return debug_view(self._load(instance_id))
+
+    async def retry_recovery(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        self._require_admin(actor)
+        record = self._load(instance_id)
+        try:
+            async with self._claimed(instance_id) as lease:
+                current = lease.record
+                if current.status in (Status.DESTROYING, Status.DESTROYED):
+                    raise InvalidTransition(f"instance {instance_id} is {current.status.value}")
+                now = self._now()
+                if current.status == Status.STOPPED and current.last_recovery_error and current.volume_id:
+                    lease.update({"status": Status.RECOVERING, "recovery_started_at": now, "recovery_step": None,
+                                  "health_fail_count": 0, "pending_action": None, "last_recovery_error": None,
+                                  "last_recovery_error_at": None, "alarm_at": now})
+                    self._emit(lease.record, EVENT_STARTED, label="admin_retry", value=0.0)
+                    mode = "restarted"
+                else:
+                    lease.update({"alarm_at": now})
+                    mode = "alarm_now"
+        except ServiceError as exc:
+            self._audit(actor, "retry_recovery", instance_id, "refused", error=exc.message)
+            raise
+        self._audit(actor, "retry_recovery", record.id, "ok", mode=mode)
+        return self._finish(lease.record)
+
+    async def cleanup_retained_volume(self, actor: Actor, instance_id: str) -> str | None:
+        self._require_admin(actor)
+        record = self._load(instance_id)
+        if record.status == Status.RECOVERING:
+            self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error="instance is recovering")
+            raise RecoveringRefused(f"instance {instance_id} is recovering; retained volume cleanup is refused")
+        try:
+            async with self._claimed(instance_id) as lease:
+                current = lease.record
+                if current.status == Status.RECOVERING:
+                    raise RecoveringRefused(f"instance {instance_id} is recovering; retained volume cleanup is "
+                                            f"refused")
+                volume_id = current.retained_volume_id
+                if not volume_id:
+                    self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=None)
+                    return None
+                try:
+                    await safe_delete_volume(self.ctx, current, volume_id)
+                except Refused as exc:
+                    raise CleanupRefused(str(exc), volume_id=volume_id) from exc
+                except ProviderError as exc:
+                    raise ProviderUnavailable(f"cannot delete volume {volume_id}: {exc}") from exc
+                lease.update({"retained_volume_id": None, "retained_volume_cleanup_after": None})
+                self._emit(lease.record, "instance.retained_volume_deleted", label="admin_retained_volume_cleanup",
+                           details={"deleted_volume_id": volume_id, "actor": actor.user_id})
+        except (RecoveringRefused, CleanupRefused) as exc:
+            self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error=exc.message)
+            raise
+        except ServiceError as exc:
+            self._audit(actor, "retained_volume_cleanup", instance_id, "error", error=exc.message)
+            raise
+        self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=volume_id)
+        return volume_id
+
+    async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        self._require_admin(actor)
+        self._load(instance_id)
+        try:
+            async with self._claimed(instance_id) as lease:
+                current = lease.record
+                if current.status in (Status.DESTROYING, Status.DESTROYED):
+                    raise InvalidTransition(f"instance {instance_id} is {current.status.value}")
+                machine_id = current.machine_id
+                if not machine_id:
+                    raise InvalidTransition(f"instance {instance_id} has no machine")
+                try:
+                    await destroy_own_machine(self.ctx, current, machine_id)
+                except Refused as exc:
+                    raise CleanupRefused(str(exc)) from exc
+                except ProviderError as exc:
+                    raise ProviderUnavailable(f"cannot destroy machine {machine_id}: {exc}") from exc
+                lease.update({"machine_id": None, "alarm_at": self._now()})
+                self._emit(lease.record, "reconcile.destroy_machine", label="admin",
+                           details={"machine_id": machine_id, "actor": actor.user_id})
+        except ServiceError as exc:
+            outcome = "error" if isinstance(exc, ProviderUnavailable) else "refused"
+            self._audit(actor, "destroy_machine", instance_id, outcome, error=exc.message)
+            raise
+        self._audit(actor, "destroy_machine", instance_id, "ok", machine_id=machine_id)
+        return self._finish(lease.record)
+
+    # ------------------------------------------------------------------ traffic
+
+    def gateway_target(self, instance_id: str) -> tuple[str, dict[str, str]] | None:
+        record = self._load(instance_id)
+        if record.status != Status.RUNNING or not record.machine_id:
+            return None
+        return self.ctx.provider.proxy_target(record.app_name, record.machine_id)
+
+    def next_interval(self, record: InstanceRecord) -> float:
+        return interval_for(record.status, self.ctx.settings)

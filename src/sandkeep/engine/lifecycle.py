@@ -1,0 +1,405 @@
+"""Lifecycle decisions (SPEC §3, §5, §8): starting/restarting, running, stopped, provisioned, destroying.
+
+Pure functions ``(record, Observed, settings, now) -> list[Action]``; recovery lives in
+:mod:`sandkeep.engine.recovery`, the routing in :mod:`sandkeep.engine.reconcile`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sandkeep.config import Settings
+from sandkeep.engine import recovery
+from sandkeep.engine.actions import (
+    Action,
+    Backoff,
+    CreateMachine,
+    CreateVolume,
+    DeleteVolumeSafely,
+    DestroyMachine,
+    Done,
+    Emit,
+    EnsureApp,
+    Observed,
+    Persist,
+    ProbeHealth,
+    RequeueAfter,
+    RestartMachine,
+    StartMachine,
+    StopMachine,
+    UpdateMachine,
+    WaitMachine,
+)
+from sandkeep.engine.naming import machine_generation, machine_name, volume_name
+from sandkeep.engine.policy import GONE_STATES, PROGRESS_STATES, creation_regions
+from sandkeep.provider.errors import NotFoundError, RateLimitedError, WaitTimeoutError
+from sandkeep.provider.models import Machine
+from sandkeep.store.records import InstanceRecord, Status
+
+RESTART_ISSUED = "restart_issued"
+
+
+def _backoff(obs: Observed) -> list[Action]:
+    error = obs.transient
+    retry_after = error.retry_after if isinstance(error, RateLimitedError) else None
+    return [Backoff(str(error), retry_after=retry_after)]
+
+
+def _machine_gone(obs: Observed) -> bool:
+    return obs.machine_missing or (obs.machine is not None and obs.machine.state in GONE_STATES)
+
+
+def _needs_update(record: InstanceRecord, machine: Machine) -> bool:
+    if record.volume_id and record.volume_id not in machine.volume_ids:
+        return True
+    if machine.config is not None and machine.config.image != record.image:
+        return True
+    return machine_generation(machine.metadata) != record.config_generation
+
+
+def _pick_owned(record: InstanceRecord, obs: Observed) -> Machine | None:
+    owned = [m for m in obs.owned_machines if m.state not in GONE_STATES]
+    if not owned:
+        return None
+    on_volume = [m for m in owned if record.volume_id and record.volume_id in m.volume_ids]
+    started = [m for m in (on_volume or owned) if m.state == "started"]
+    return (started or on_volume or owned)[-1]
+
+
+def _adopt_orphan(record: InstanceRecord, obs: Observed) -> list[Action] | None:
+    machine = _pick_owned(record, obs)
+    if machine is None:
+        return None
+    return [Persist({"machine_id": machine.id}),
+            Emit("reconcile.adopt_orphan_machine", details={"machine_id": machine.id, "state": machine.state})]
+
+
+def _is_stale_provision(record: InstanceRecord, settings: Settings, now: datetime) -> bool:
+    return (record.status in (Status.PROVISIONED, Status.STOPPED) and record.last_started_at is None
+            and now - record.created_at > timedelta(seconds=settings.stale_provision_after))
+
+
+def auto_destroy(record: InstanceRecord) -> list[Action]:
+    return [Emit("reconcile.auto_destroy_stale_provision", details={"created_at": record.created_at.isoformat()}),
+            Persist({"status": Status.DESTROYING, "pending_destroy_machine_id": record.machine_id,
+                     "pending_destroy_volume_id": record.volume_id, "pending_action": None}),
+            Emit("instance.destroy_started", label="stale_provision")]
+
+
+def replace_lost_volume(record: InstanceRecord, obs: Observed, settings: Settings) -> list[Action]:
+    """The volume is gone (404): say so loudly, then create an empty replacement (SPEC §5)."""
+    lost = record.volume_id
+    created = obs.outcome("create_volume:replacement")
+    if created is not None and not created.ok:
+        return [Emit("reconcile.replace_lost_volume_failed", level="error", error=created.message),
+                RequeueAfter(settings.interval_busy)]
+    preferred = obs.machine.region if obs.machine is not None and obs.machine.region else record.region
+    return [CreateVolume(purpose="replacement", name=volume_name(record),
+                         regions=creation_regions(settings.region_list, preferred), assign="volume_id",
+                         assign_region="region", size_gb=settings.volume_size_gb, compute_size=record.machine_size),
+            Emit("instance.data_loss", label="volume_missing", level="error",
+                 error=f"volume {lost} is gone; the instance continues on an empty replacement volume",
+                 details={"lost_volume_id": lost}),
+            Emit("reconcile.replace_lost_volume", details={"lost_volume_id": lost})]
+
+
+# ------------------------------------------------------------------------------------------ starting
+
+
+def start_failed(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime, *, label: str,
+                 error: str, clear_machine: bool = False) -> list[Action]:
+    actions: list[Action] = []
+    machine = obs.machine
+    if (machine is not None and not clear_machine and machine.state in ("started", "starting")
+            and obs.outcome(f"stop:{machine.id}") is None):
+        actions.append(StopMachine(machine.id))  # never leave a half-started machine behind a stopped record
+    changes: dict[str, object] = {"status": Status.STOPPED, "last_stopped_at": now, "pending_action": None}
+    if clear_machine:
+        changes["machine_id"] = None
+    what = "restart" if record.status == Status.RESTARTING else "start"
+    actions += [Persist(changes),
+                Emit("instance.start_failed", label=label, error=error, level="error", details={"action": what}),
+                RequeueAfter(settings.interval_idle)]
+    return actions
+
+
+def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """``starting`` and ``restarting``: follow the machine, apply the timeouts; 404 means stopped."""
+    restarting = record.status == Status.RESTARTING
+    since = record.status_changed_at or record.updated_at
+    elapsed = (now - since).total_seconds()
+    verb = "restart" if restarting else "start"
+    if elapsed > settings.start_hard_timeout:
+        return start_failed(record, obs, settings, now, label="timeout",
+                            error=f"{verb} timed out after {int(elapsed)} s (hard limit)")
+    if obs.transient is not None:
+        return _backoff(obs)
+    machine = obs.machine
+    if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
+        return start_failed(record, obs, settings, now, label="timeout",
+                            error=f"{verb} timed out after {int(elapsed)} s")
+    # the provider app
+    if record.volume_id is None or record.machine_id is None:
+        app = obs.outcome("ensure_app")
+        if app is None:
+            return [EnsureApp()]
+        if not app.ok:
+            return start_failed(record, obs, settings, now, label="app_failed",
+                                error=f"cannot create the provider app {record.app_name}: {app.message}")
+    # the volume: persist-then-create is implicit (the name is derived from the id); adopt before creating
+    if record.volume_id is None:
+        ours = {m.id for m in obs.owned_machines}
+        free = [v for v in obs.named_volumes
+                if (not v.attached_machine_id or v.attached_machine_id in ours)
+                and (v.state or "created") not in ("destroyed", "destroying", "pending_destroy")]
+        free.sort(key=lambda v: (v.attached_machine_id is None, v.created_at or "", v.id))
+        if free:
+            volume = free[0]
+            return [Persist({"volume_id": volume.id, "region": volume.region}),
+                    Emit("reconcile.adopt_volume", details={"volume_id": volume.id})]
+        created = obs.outcome("create_volume:primary")
+        if created is not None and not created.ok:
+            return start_failed(record, obs, settings, now, label="volume_create_failed",
+                                error=f"cannot create the volume: {created.message}")
+        return [CreateVolume(purpose="primary", name=volume_name(record),
+                             regions=creation_regions(settings.region_list, record.region), assign="volume_id",
+                             assign_region="region", size_gb=settings.volume_size_gb,
+                             compute_size=record.machine_size),
+                Emit("reconcile.create_volume")]
+    if obs.volume_missing:
+        if (machine is not None and record.volume_id in machine.volume_ids and machine.state != "started"
+                and obs.outcome(f"destroy_machine:{machine.id}") is None):
+            # the machine mounts a volume that is gone: replace both
+            return [DestroyMachine(machine.id, clear=(("machine_id", None),)), *replace_lost_volume(record, obs,
+                                                                                                    settings)]
+        return replace_lost_volume(record, obs, settings)
+    # the machine
+    if record.machine_id is None:
+        adopt = _adopt_orphan(record, obs)
+        if adopt is not None:
+            return adopt
+        created = obs.outcome("create_machine:primary")
+        if created is not None and not created.ok:
+            # (a MissingVolumeError ends here too: the next reconcile sees the volume missing and replaces it)
+            return start_failed(record, obs, settings, now, label="machine_create_failed",
+                                error=f"cannot create the machine: {created.message}")
+        region = obs.volume.region if obs.volume is not None and obs.volume.region else record.region
+        return [CreateMachine(purpose="primary", name=machine_name(record), volume_id=record.volume_id,
+                              region=region)]
+    if _machine_gone(obs) or machine is None:
+        return start_failed(record, obs, settings, now, label="machine_gone",
+                            error=f"machine {record.machine_id} is gone", clear_machine=True)
+    mid = machine.id
+    for key in (f"update:{mid}", f"restart:{mid}", f"start:{mid}"):
+        outcome = obs.outcome(key)
+        if outcome is not None and not outcome.ok:
+            return start_failed(record, obs, settings, now, label=f"{key.split(':')[0]}_failed",
+                                error=f"{key.split(':')[0]} of machine {mid} failed: {outcome.message}")
+    state = machine.state
+    if restarting and record.pending_action == "restart":
+        issued: list[Action] = []
+        if _needs_update(record, machine):
+            issued.append(UpdateMachine(mid, record.volume_id))  # restarts a running machine
+            if state not in ("started", "starting"):
+                issued.append(StartMachine(mid))
+        elif state in ("started", "starting"):
+            issued.append(RestartMachine(mid))
+        else:
+            issued.append(StartMachine(mid))
+        return [*issued, Persist({"pending_action": RESTART_ISSUED})]
+    if state == "started":
+        if _needs_update(record, machine) and obs.outcome(f"update:{mid}") is None and not restarting:
+            return [UpdateMachine(mid, record.volume_id)]
+        probe = obs.outcome(f"probe:{mid}")
+        if probe is None:
+            return [ProbeHealth(mid, timeout=settings.health_probe_timeout)]
+        if probe.value:
+            return [Persist({"status": Status.RUNNING, "last_started_at": now, "pending_action": None,
+                             "health_fail_count": 0}),
+                    Emit("instance.started", label="restart" if restarting else "start"),
+                    RequeueAfter(settings.interval_running)]
+        return [Emit("reconcile.gateway_unhealthy", level="warning", details={"machine_id": mid}),
+                RequeueAfter(settings.interval_busy)]
+    if state == "failed":
+        return start_failed(record, obs, settings, now, label="machine_failed",
+                            error=f"machine {mid} failed to start")
+    if state in ("stopped", "suspended") and obs.outcome(f"start:{mid}") is None:
+        if _needs_update(record, machine) and obs.outcome(f"update:{mid}") is None:
+            return [UpdateMachine(mid, record.volume_id), StartMachine(mid)]
+        return [StartMachine(mid)]
+    waited = obs.outcome(f"wait:{mid}:started")
+    if waited is None:
+        return [WaitMachine(mid)]
+    if waited.ok or isinstance(waited.error, WaitTimeoutError):
+        return [RequeueAfter(settings.interval_busy)]
+    if isinstance(waited.error, NotFoundError):
+        return start_failed(record, obs, settings, now, label="machine_gone", error=f"machine {mid} is gone",
+                            clear_machine=True)
+    return start_failed(record, obs, settings, now, label="wait_failed",
+                        error=f"waiting for machine {mid} failed: {waited.message}")
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _stop_flow(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    machine = obs.machine
+    if machine is not None and machine.state in ("started", "starting", "created", "stopping"):
+        mid = machine.id
+        stop = obs.outcome(f"stop:{mid}")
+        if machine.state != "stopping" and stop is None:
+            return [StopMachine(mid)]
+        if stop is not None and not stop.ok:
+            return [Emit("instance.stop_failed", level="error", error=stop.message),
+                    RequeueAfter(settings.interval_busy)]
+        waited = obs.outcome(f"wait:{mid}:stopped")
+        if waited is None:
+            return [WaitMachine(mid, state="stopped")]
+        if not waited.ok:
+            return [RequeueAfter(settings.interval_busy)]
+        return [RequeueAfter(settings.interval_busy)]
+    return [Persist({"status": Status.STOPPED, "last_stopped_at": now, "pending_action": None,
+                     "health_fail_count": 0}),
+            Emit("instance.stopped", label="user_request"),
+            RequeueAfter(settings.interval_idle)]
+
+
+def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    if obs.transient is not None:
+        return _backoff(obs)
+    if record.pending_action == "stop":
+        return _stop_flow(record, obs, settings, now)
+    if record.machine_id is None:
+        adopt = _adopt_orphan(record, obs)
+        if adopt is not None:
+            return adopt
+        return [Persist({"status": Status.STOPPED, "last_stopped_at": now}),
+                Emit("reconcile.clear_stale_machine", details={"reason": "no machine"}),
+                Emit("instance.stopped", label="machine_gone"), RequeueAfter(settings.interval_idle)]
+    if _machine_gone(obs) or obs.machine is None:
+        return [Persist({"machine_id": None, "status": Status.STOPPED, "last_stopped_at": now,
+                         "health_fail_count": 0}),
+                Emit("reconcile.clear_stale_machine", details={"machine_id": record.machine_id}),
+                Emit("instance.stopped", label="machine_gone"), RequeueAfter(settings.interval_idle)]
+    machine = obs.machine
+    state = machine.state
+    if obs.volume_missing and state not in ("stopped", "failed"):  # a stop first: recovery reports the loss
+        return replace_lost_volume(record, obs, settings)
+    if state == "started":
+        if record.volume_id and record.volume_id not in machine.volume_ids:
+            update = obs.outcome(f"update:{machine.id}")
+            if update is None:
+                return [UpdateMachine(machine.id, record.volume_id),
+                        Emit("reconcile.remount_volume", details={"volume_id": record.volume_id})]
+            if not update.ok:  # e.g. the replacement volume is in another region: a new machine
+                destroyed = obs.outcome(f"destroy_machine:{machine.id}")
+                if destroyed is None:
+                    return [DestroyMachine(machine.id, clear=(("machine_id", None),)),
+                            Persist({"status": Status.STARTING, "pending_action": "start"})]
+                return [Emit("reconcile.remount_failed", level="error", error=destroyed.message),
+                        RequeueAfter(settings.interval_busy)]
+        if record.health_fail_count:
+            return [Persist({"health_fail_count": 0}), RequeueAfter(settings.interval_running)]
+        return [RequeueAfter(settings.interval_running)]
+    if state == "stopped":
+        count = record.health_fail_count + 1
+        if count >= max(1, settings.unexpected_stop_threshold):
+            return recovery.begin(record, obs, settings, now, fail_count=count, label="alarm_stopped")
+        return [Persist({"health_fail_count": count}),
+                Emit("reconcile.unexpected_stop_observed", value=float(count)),
+                RequeueAfter(settings.interval_busy)]
+    if state == "failed":
+        if settings.relocate_failed:
+            return recovery.begin(record, obs, settings, now, fail_count=record.health_fail_count + 1,
+                                  label="alarm_failed")
+        return [Persist({"status": Status.STOPPED, "last_stopped_at": now, "health_fail_count": 0}),
+                Emit("reconcile.machine_failed", details={"machine_id": machine.id}),
+                Emit("instance.stopped", label="machine_failed"), RequeueAfter(settings.interval_idle)]
+    if state == "created":  # never an unexpected stop (SPEC §3)
+        return [RequeueAfter(settings.interval_running)]
+    return [RequeueAfter(settings.interval_busy)]
+
+
+# ------------------------------------------------------------------------------------------ stopped / provisioned
+
+
+def decide_stopped(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    if _is_stale_provision(record, settings, now):
+        return auto_destroy(record)
+    if obs.transient is not None:
+        return _backoff(obs)
+    if record.pending_action:
+        return [Persist({"pending_action": None})]
+    if record.machine_id is None:
+        adopt = _adopt_orphan(record, obs)
+        if adopt is not None:
+            return adopt
+    elif _machine_gone(obs) or obs.machine is None:
+        return [Persist({"machine_id": None}),
+                Emit("reconcile.clear_stale_machine", details={"machine_id": record.machine_id})]
+    if obs.volume_missing:
+        return replace_lost_volume(record, obs, settings)
+    if obs.machine is not None and obs.machine.state == "started":
+        return [Persist({"status": Status.RUNNING, "last_started_at": now, "health_fail_count": 0}),
+                Emit("reconcile.adopt_started_machine", details={"machine_id": obs.machine.id}),
+                Emit("instance.started", label="adopted"), RequeueAfter(settings.interval_running)]
+    return [RequeueAfter(settings.interval_idle)]
+
+
+def decide_provisioned(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    if _is_stale_provision(record, settings, now):
+        return auto_destroy(record)
+    if record.pending_action == "start":
+        return [Persist({"status": Status.STARTING})]
+    return [RequeueAfter(settings.interval_idle)]
+
+
+# ------------------------------------------------------------------------------------------ destroying (§8)
+
+
+def decide_destroying(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """Retry the pending deletes only; never create anything."""
+    if obs.transient is not None:
+        return _backoff(obs)
+    machines: list[str] = []
+    for mid in (record.pending_destroy_machine_id, record.machine_id, *[m.id for m in obs.owned_machines]):
+        if mid and mid not in machines:
+            machines.append(mid)
+    for mid in machines:
+        outcome = obs.outcome(f"destroy_machine:{mid}")
+        if outcome is None:
+            clear = tuple((f, None) for f in ("pending_destroy_machine_id", "machine_id")
+                          if getattr(record, f) == mid)
+            return [DestroyMachine(mid, clear=clear)]
+        if not outcome.ok:
+            return [Emit("reconcile.destroy_machine_failed", level="warning", error=outcome.message,
+                         details={"machine_id": mid}),
+                    RequeueAfter(settings.interval_busy)]
+    fields = ("pending_destroy_volume_id", "volume_id", "pending_recovery_volume_id", "retained_volume_id")
+    volumes: list[str] = []
+    for f in fields:
+        vid = getattr(record, f)
+        if vid and vid not in volumes:
+            volumes.append(vid)
+    gave_up = record.destroy_volume_attempts >= settings.destroy_volume_attempts
+    if not gave_up:
+        for vid in volumes:
+            outcome = obs.outcome(f"delete_volume:{vid}")
+            if outcome is None:
+                clear = tuple((f, None) for f in fields if getattr(record, f) == vid)
+                if vid == record.retained_volume_id:
+                    clear = (*clear, ("retained_volume_cleanup_after", None))
+                return [DeleteVolumeSafely(vid, reason="destroy", clear=clear)]
+            attempts = record.destroy_volume_attempts + 1
+            if attempts >= settings.destroy_volume_attempts:
+                return [Persist({"destroy_volume_attempts": attempts}),
+                        Emit("instance.destroy_volume_gave_up", level="error", error=outcome.message,
+                             value=float(attempts), details={"volume_ids": volumes})]
+            return [Persist({"destroy_volume_attempts": attempts}),
+                    Emit("reconcile.delete_volume_failed", level="warning", error=outcome.message,
+                         value=float(attempts), details={"volume_id": vid}),
+                    RequeueAfter(settings.interval_busy)]
+    return [Persist({"status": Status.DESTROYED, "destroyed_at": now, "machine_id": None, "alarm_at": None,
+                     "pending_action": None, "recovery_started_at": None, "recovery_step": None}),
+            Emit("instance.destroyed", details={"leaked_volume_ids": volumes} if gave_up else {}),
+            Done()]

@@ -1,0 +1,158 @@
+"""Names, ids, machine sizes and the machine configuration built from an instance record.
+
+* instance id ``ins_<16 hex>``, sandbox id ``sbx_<16 hex>``;
+* provider app per owner: ``{app_prefix}-{first 12 hex of sha256(user_id)}`` (a valid Fly app name:
+  lowercase letters, digits and dashes, starting with a letter — the prefix is normalised to that);
+* volume name: the instance id with ``_`` (Fly volume names allow letters, digits and underscores; forks keep
+  the name, SPEC §7.2);
+* machine name: the instance id for the first machine, ``<instance id>-r<n>`` for a recovery replacement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets as _pysecrets
+from collections.abc import Mapping
+
+from sandkeep.provider.models import Guest, MachineConfig, Mount
+from sandkeep.store.records import InstanceRecord
+
+#: Fly's machine size presets (https://fly.io/docs/about/pricing/#compute): name -> guest.
+SIZES: dict[str, Guest] = {
+    "shared-cpu-1x": Guest(cpu_kind="shared", cpus=1, memory_mb=256),
+    "shared-cpu-2x": Guest(cpu_kind="shared", cpus=2, memory_mb=512),
+    "shared-cpu-4x": Guest(cpu_kind="shared", cpus=4, memory_mb=1024),
+    "shared-cpu-8x": Guest(cpu_kind="shared", cpus=8, memory_mb=2048),
+    "performance-1x": Guest(cpu_kind="performance", cpus=1, memory_mb=2048),
+    "performance-2x": Guest(cpu_kind="performance", cpus=2, memory_mb=4096),
+    "performance-4x": Guest(cpu_kind="performance", cpus=4, memory_mb=8192),
+    "performance-8x": Guest(cpu_kind="performance", cpus=8, memory_mb=16384),
+}
+
+METADATA_SANDBOX = "sandbox_id"
+METADATA_USER = "user_id"
+METADATA_INSTANCE = "instance_id"
+METADATA_GENERATION = "config_generation"
+
+VOLUME_MOUNT_PATH = "/data"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: variables the machine host sets itself, or that sandkeep owns
+RESERVED_ENV_PREFIXES = ("FLY_", "SANDKEEP_")
+RESERVED_ENV_NAMES = frozenset({"PORT", "PATH", "HOME", "PYTHONPATH"})
+MAX_ENV_VALUE = 32 * 1024
+MAX_ENV_ENTRIES = 200
+MAX_IMAGE_LEN = 256
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+
+
+class ConfigError(ValueError):
+    """Bad instance configuration (size, image, env or secrets)."""
+
+
+def new_instance_id() -> str:
+    return f"ins_{_pysecrets.token_hex(8)}"
+
+
+def new_sandbox_id() -> str:
+    return f"sbx_{_pysecrets.token_hex(8)}"
+
+
+def app_name_for(user_id: str, prefix: str) -> str:
+    """The provider app of one owner: ``<prefix>-<12 hex of sha256(user_id)>``."""
+    clean = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "sk"
+    if not clean[0].isalpha():
+        clean = f"sk-{clean}"
+    digest = hashlib.sha256(user_id.encode()).hexdigest()[:12]
+    return f"{clean[:40]}-{digest}"
+
+
+def volume_name(record: InstanceRecord) -> str:
+    return record.id.replace("-", "_")[:30]
+
+
+def machine_name(record: InstanceRecord, *, recovery: bool = False) -> str:
+    if not recovery or record.recovery_started_at is None:
+        return record.id
+    return f"{record.id}-r{int(record.recovery_started_at.timestamp())}"
+
+
+def guest_for(size: str) -> Guest:
+    try:
+        return SIZES[size].model_copy()
+    except KeyError:
+        raise ConfigError(f"unknown machine size {size!r}; one of: {', '.join(SIZES)}") from None
+
+
+def validate_size(size: str) -> str:
+    if not isinstance(size, str):
+        raise ConfigError("size must be a string")
+    guest_for(size)
+    return size
+
+
+def validate_image(image: str) -> str:
+    if not isinstance(image, str) or not image.strip():
+        raise ConfigError("image must be a non-empty string")
+    image = image.strip()
+    if len(image) > MAX_IMAGE_LEN or not _IMAGE_RE.match(image):
+        raise ConfigError(f"image {image[:60]!r} is not a valid image reference")
+    return image
+
+
+def validate_env_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ConfigError(f"{what} name {str(name)[:60]!r} is invalid: use letters, digits and '_', "
+                          f"not starting with a digit (max 128)")
+    if name in RESERVED_ENV_NAMES or name.upper().startswith(RESERVED_ENV_PREFIXES):
+        raise ConfigError(f"{what} name {name!r} is reserved (PORT, PATH, HOME, PYTHONPATH, FLY_*, SANDKEEP_*)")
+    return name
+
+
+def validate_env(values: object, what: str = "env") -> dict[str, str]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{what} must be an object of strings")
+    if len(values) > MAX_ENV_ENTRIES:
+        raise ConfigError(f"{what} has more than {MAX_ENV_ENTRIES} entries")
+    out: dict[str, str] = {}
+    for name, value in values.items():
+        validate_env_name(name, what)
+        if not isinstance(value, str):
+            raise ConfigError(f"{what} value of {name!r} must be a string")
+        if len(value) > MAX_ENV_VALUE or "\x00" in value:
+            raise ConfigError(f"{what} value of {name!r} is too long or contains NUL")
+        out[name] = value
+    return out
+
+
+def machine_metadata(record: InstanceRecord) -> dict[str, str]:
+    return {METADATA_SANDBOX: record.sandbox_id, METADATA_USER: record.user_id, METADATA_INSTANCE: record.id,
+            METADATA_GENERATION: str(record.config_generation)}
+
+
+def build_machine_config(record: InstanceRecord, *, volume_id: str, secrets: Mapping[str, str],
+                         gateway_port: int) -> MachineConfig:
+    """The configuration a machine of this instance gets now (current image, size, env and secrets)."""
+    env = dict(record.env)
+    env.update(secrets)
+    env["PORT"] = str(gateway_port)  # the local host overrides it with the port it picked
+    return MachineConfig(
+        image=record.image,
+        env=env,
+        guest=guest_for(record.machine_size) if record.machine_size in SIZES else SIZES["shared-cpu-1x"],
+        mounts=[Mount(volume=volume_id, path=VOLUME_MOUNT_PATH, name="data")],
+        metadata=machine_metadata(record),
+        services=[{"protocol": "tcp", "internal_port": gateway_port,
+                   "ports": [{"port": 443, "handlers": ["tls", "http"]}, {"port": 80, "handlers": ["http"]}]}],
+        restart={"policy": "no"},
+    )
+
+
+def machine_generation(metadata: Mapping[str, str]) -> int | None:
+    raw = metadata.get(METADATA_GENERATION)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,105 @@
+"""Small pure helpers the decisions share: intervals, deadlines, region order, machine facts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sandkeep.config import Settings
+from sandkeep.provider.errors import AuthError, ProviderError, RateLimitedError, TransientError
+from sandkeep.provider.models import Machine
+from sandkeep.store.records import InstanceRecord, Status
+
+#: machine states that mean "on its way up" (starting timeouts wait for these until the hard timeout)
+PROGRESS_STATES = frozenset({"created", "starting", "replacing", "updating", "stopping"})
+GONE_STATES = frozenset({"destroyed", "destroying"})
+#: states of a replacement machine that end a recovery (SPEC §7.4)
+TERMINAL_REPLACEMENT_STATES = frozenset({"stopped", "failed", "destroyed", "destroying"})
+
+#: provider errors that never change an instance's status: back off and retry at the next alarm
+BACKOFF_ERRORS: tuple[type[ProviderError], ...] = (TransientError, RateLimitedError, AuthError)
+
+
+def is_backoff_error(error: BaseException) -> bool:
+    return isinstance(error, BACKOFF_ERRORS)
+
+
+def interval_for(status: Status | str, settings: Settings) -> float:
+    s = Status(status)
+    if s == Status.RUNNING:
+        return settings.interval_running
+    if s in (Status.STARTING, Status.RESTARTING, Status.RECOVERING, Status.DESTROYING):
+        return settings.interval_busy
+    return settings.interval_idle
+
+
+def backoff_seconds(error_count: int, settings: Settings, retry_after: float | None = None) -> float:
+    """Exponential backoff for the ``error_count``-th consecutive transient provider error."""
+    base = max(0.1, settings.interval_busy)
+    delay: float = min(base * (2 ** min(max(error_count - 1, 0), 20)), max(base, settings.provider_backoff_max))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def deadline_cap(record: InstanceRecord, settings: Settings) -> datetime | None:
+    """The latest moment the next alarm may be set to, so no timeout or due cleanup is slept through."""
+    caps: list[datetime] = []
+    if record.status == Status.RECOVERING and record.recovery_started_at is not None:
+        caps.append(record.recovery_started_at + timedelta(seconds=settings.recovery_timeout + 0.5))
+    if record.status in (Status.STARTING, Status.RESTARTING) and record.status_changed_at is not None:
+        caps.append(record.status_changed_at + timedelta(seconds=settings.start_hard_timeout + 0.5))
+    if (record.retained_volume_id and record.retained_volume_cleanup_after is not None
+            and record.status not in (Status.RECOVERING, Status.DESTROYING, Status.DESTROYED)):
+        caps.append(record.retained_volume_cleanup_after)
+    if (record.status in (Status.PROVISIONED, Status.STOPPED) and record.last_started_at is None):
+        caps.append(record.created_at + timedelta(seconds=settings.stale_provision_after + 0.5))
+    return min(caps) if caps else None
+
+
+def creation_regions(regions: Sequence[str], preferred: str | None) -> tuple[str, ...]:
+    """Regions for a new volume: the preferred one first, then the configured order."""
+    ordered = [r for r in regions if r]
+    if preferred and preferred in ordered:
+        ordered.remove(preferred)
+        ordered.insert(0, preferred)
+    elif preferred:
+        ordered.insert(0, preferred)
+    return tuple(ordered)
+
+
+def recovery_regions(regions: Sequence[str], old_region: str | None) -> tuple[str, ...]:
+    """SPEC §7.2.3: the old region dropped when 3+ regions are configured, moved last with 2."""
+    ordered = [r for r in regions if r]
+    if not old_region or old_region not in ordered:
+        return tuple(ordered) if ordered else ((old_region,) if old_region else ())
+    others = [r for r in ordered if r != old_region]
+    if len(ordered) >= 3:
+        return tuple(others)
+    return (*others, old_region)
+
+
+def last_exit_time(machine: Machine | None) -> datetime | None:
+    """When the machine last exited (its newest 'exit' event), from the provider's event timestamps."""
+    if machine is None:
+        return None
+    stamps = [e.timestamp for e in machine.events if e.type == "exit" and e.timestamp is not None]
+    if not stamps:
+        return None
+    return datetime.fromtimestamp(max(stamps) / 1000.0, tz=UTC)
+
+
+def detection_latency_ms(machine: Machine | None, now: datetime) -> int | None:
+    stopped_at = last_exit_time(machine)
+    if stopped_at is None:
+        return None
+    latency = (now - stopped_at).total_seconds()
+    if latency < 0 or latency > 86400:  # clocks disagree (e.g. a test clock): not a measurement
+        return None
+    return int(latency * 1000)
+
+
+def elapsed_ms(since: datetime | None, now: datetime) -> int | None:
+    if since is None:
+        return None
+    return max(0, int((now - since).total_seconds() * 1000))
