@@ -92,6 +92,7 @@ def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "sandkeep-gateway/1"
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # no ~40 ms Nagle/delayed-ACK stall per keep-alive response
 
         def log_message(self, format: str, *args: Any) -> None:
             sys.stderr.write(json.dumps({"event": "request", "line": format % args}) + "\n")

@@ -69,19 +69,14 @@ def _parse_api_listen(value: str) -> tuple[str, int]:
 
 
 def _bind(addr: tuple[str, int]) -> socket.socket:
-    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    from sandkeep.net import bind_tcp
+
     try:
-        sock.bind(addr)
+        return bind_tcp(addr)
     except OSError as exc:
-        sock.close()
         from sandkeep.runtime import StartupError
 
         raise StartupError(f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror or exc}") from exc
-    sock.listen(512)
-    sock.set_inheritable(False)
-    return sock
 
 
 async def _serve(settings: Any, *, login_links: bool) -> int:

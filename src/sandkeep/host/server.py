@@ -7,7 +7,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import sys
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from sandkeep.clock import Clock, SystemClock
 from sandkeep.host.api import HostAPI, ProxyApp
 from sandkeep.host.core import Host, HostOptions
 from sandkeep.host.faults import Faults
+from sandkeep.net import bind_tcp
 
 log = structlog.get_logger("sandkeep.host.server")  # lazy: configured by the command
 
@@ -73,21 +73,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bind(addr: tuple[str, int]) -> socket.socket:
-    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(addr)
-    sock.listen(512)
-    sock.set_inheritable(False)
-    return sock
-
-
 async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
     clock = clock or SystemClock()
     cfg.options.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        api_sock, proxy_sock = _bind(cfg.listen), _bind(cfg.proxy_listen)
+        api_sock, proxy_sock = bind_tcp(cfg.listen), bind_tcp(cfg.proxy_listen)
     except OSError as exc:
         raise SystemExit(f"sandkeep host: cannot listen: {exc}") from exc
     host = Host(cfg.options, clock)
