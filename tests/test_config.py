@@ -4,9 +4,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from tools import settings_table
 
 from sandkeep.config import SETTINGS, Settings, SettingsError, load_settings
-from tools import settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -54,7 +54,7 @@ def spawn(args: list[str], *, log_path: Path, env: dict[str, str] | None = None,
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    fh = open(log_path, "ab")
     popen = subprocess.Popen(SANDKEEP + args, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
                              cwd=str(cwd) if cwd else None, start_new_session=True)
     fh.close()
