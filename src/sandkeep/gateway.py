@@ -6,6 +6,8 @@ It listens on ``127.0.0.1:$PORT`` and serves:
 * ``PUT /data/{key}`` -> stores the request body in the volume (written to a temporary file, fsynced,
   renamed, directory fsynced) and answers 201 ``{"key", "size"}``
 * ``GET /data/{key}`` -> the stored bytes (404 when missing)
+* ``GET /ws`` with a WebSocket upgrade -> an echo: every text or binary message comes back unchanged, a ping
+  gets its pong, a close is answered with a close (RFC 6455, standard library only)
 
 Keys are one path segment of letters, digits, ``.``, ``_`` and ``-`` (no ``..``); anything else is a 400.
 SIGTERM and SIGINT stop the server cleanly (exit code 0). Only the standard library is used so a machine
@@ -14,6 +16,8 @@ boots fast.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -29,6 +33,8 @@ from urllib.parse import unquote, urlsplit
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 MAX_BODY = 64 * 1024 * 1024
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_MAX_FRAME = 1024 * 1024
 
 
 class GatewayConfig:
@@ -88,6 +94,50 @@ def write_key(cfg: GatewayConfig, key: str, body: bytes) -> None:
     _fsync_dir(directory)
 
 
+def ws_accept(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` answer to a client's ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """One WebSocket frame (servers send unmasked frames; clients pass a 4-byte ``mask``)."""
+    head = bytearray([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if mask is not None else 0
+    n = len(payload)
+    if n < 126:
+        head.append(mask_bit | n)
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + n.to_bytes(8, "big")
+    if mask is not None:
+        head += mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes(head) + payload
+
+
+def ws_read_frame(rfile: Any) -> tuple[bool, int, bytes] | None:
+    """Read one frame: (fin, opcode, unmasked payload); None on EOF or a frame over ``WS_MAX_FRAME``."""
+    first = rfile.read(2)
+    if len(first) < 2:
+        return None
+    fin, opcode = bool(first[0] & 0x80), first[0] & 0x0F
+    masked, n = bool(first[1] & 0x80), first[1] & 0x7F
+    if n == 126:
+        n = int.from_bytes(rfile.read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(rfile.read(8), "big")
+    if n > WS_MAX_FRAME:
+        return None
+    mask = rfile.read(4) if masked else b""
+    payload = rfile.read(n)
+    if len(payload) < n or (masked and len(mask) < 4):
+        return None
+    if masked:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return fin, opcode, payload
+
+
 def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "sandkeep-gateway/1"
@@ -128,8 +178,38 @@ def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
                 return None
             return self.rfile.read(length)
 
+        def _websocket_echo(self) -> None:
+            key = self.headers.get("Sec-WebSocket-Key", "")
+            if "websocket" not in (self.headers.get("Upgrade") or "").lower() or not key:
+                self._json(426, {"error": "/ws needs a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Key)"})
+                return
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", ws_accept(key))
+            self.end_headers()
+            self.wfile.flush()
+            self.close_connection = True
+            while True:
+                frame = ws_read_frame(self.rfile)
+                if frame is None:
+                    return
+                fin, opcode, payload = frame
+                if opcode == 0x8:  # close: answer with the same status code, then stop
+                    self.wfile.write(ws_frame(0x8, payload[:2]))
+                    self.wfile.flush()
+                    return
+                if opcode == 0x9:  # ping
+                    self.wfile.write(ws_frame(0xA, payload))
+                elif opcode in (0x0, 0x1, 0x2):  # continuation, text, binary: echo as received
+                    self.wfile.write(ws_frame(opcode, payload, fin=fin))
+                self.wfile.flush()
+
         def do_GET(self) -> None:
             path = urlsplit(self.path).path
+            if path == "/ws":
+                self._websocket_echo()
+                return
             if path == "/health":
                 self._json(200, {"status": "ok", "started_at": cfg.started_at,
                                  "volume_path": str(cfg.volume_path) if cfg.volume_path else None,

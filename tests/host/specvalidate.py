@@ -22,6 +22,10 @@ import jsonschema
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "fly-machines-api.swagger.json"
 
+VALIDATED: set[tuple[str, str, str]] = set()
+"""Every answer validated in this test session: (METHOD, spec path template, "ok" or "error").
+``test_zz_spec_coverage`` checks that each operation the host serves was validated both ways."""
+
 
 @lru_cache(maxsize=1)
 def spec() -> dict[str, Any]:
@@ -64,6 +68,10 @@ def _template_for(path: str) -> str:
     raise AssertionError(f"{path} is not a path of Fly's Machines API")
 
 
+def template_for(path: str) -> str:
+    return _template_for(path)
+
+
 def response_schema(path: str, method: str, status: int) -> dict[str, Any] | None:
     template = _template_for(path)
     operation = spec()["paths"][template].get(method.lower())
@@ -80,7 +88,8 @@ def response_schema(path: str, method: str, status: int) -> dict[str, Any] | Non
 def validate(path: str, method: str, status: int, body: Any) -> None:
     """Raise AssertionError when ``body`` does not match the spec's schema for this answer."""
     schema = response_schema(path, method, status)
-    if schema is None:
+    if schema is None:  # the spec documents this status without a body schema (e.g. 204, wait's 200)
+        VALIDATED.add((method.upper(), _template_for(path), "ok"))
         return
     root = {**_nullable(schema), "definitions": _definitions()}
     validator = jsonschema.Draft4Validator(root)
@@ -90,3 +99,4 @@ def validate(path: str, method: str, status: int, body: Any) -> None:
         raise AssertionError(f"{method} {path} -> {status} does not match Fly's spec: {detail}")
     if status >= 400:
         assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    VALIDATED.add((method.upper(), _template_for(path), "error" if status >= 400 else "ok"))

@@ -19,6 +19,17 @@ def test_app_create_get_list_and_errors(api: Api) -> None:
     api.call("GET", "/v1/apps/no-such-app-xyz/volumes", 404)
     api.call("POST", "/v1/apps/no-such-app-xyz/machines", 404, json={"config": {"image": "sandkeep/gateway"}})
     api.call("POST", "/v1/apps", 422, json={"app_name": "Bad Name!"})
+    err = api.call("GET", "/v1/apps", 401, headers={"Authorization": "Bearer not-the-token"})
+    assert "token" in err["error"]
+
+    doomed = api.new_app()
+    vol = api.volume(doomed)
+    api.machine(doomed, volume=vol["id"], wait=None)
+    assert api.call("DELETE", f"/v1/apps/{doomed}", 202) is None
+    api.call("GET", f"/v1/apps/{doomed}", 404)
+    api.call("DELETE", f"/v1/apps/{doomed}", 404)
+    assert not (api.handle.data_dir / "regions" / "lcl-a" / "volumes" / vol["id"]).exists()
+    assert doomed not in [a["name"] for a in api.call("GET", "/v1/apps", 200)["apps"]]
 
 
 def test_machine_lifecycle_env_and_events(api: Api) -> None:
@@ -26,6 +37,7 @@ def test_machine_lifecycle_env_and_events(api: Api) -> None:
     vol = api.volume(app, "lcl-b")
     m = api.machine(app, volume=vol["id"], name="life-1", config={"env": {"GREETING": "hi"},
                                                                   "metadata": {"sandbox": "sbx_1"}})
+    assert m["state"] == "created", "like Fly, a create answers the machine as created; it then starts"
     assert m["region"] == "lcl-b" and len(m["id"]) == 14 and m["name"] == "life-1"
     assert m["config"]["metadata"] == {"sandbox": "sbx_1"}
     got = api.get(app, m["id"])

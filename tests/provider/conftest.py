@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +12,9 @@ import httpx
 import pytest
 
 from sandkeep.provider.client import MachinesClient
+from tests.host.specvalidate import validate
 from tests.provider.fakeapi import RecordingClock
+from tests.provider.speccheck import check_request
 from tests.support.procs import HostHandle
 
 _counter = itertools.count(1)
@@ -62,10 +65,29 @@ class Local:
         await self.client.aclose()
 
 
+class SpecCheckingTransport(httpx.AsyncBaseTransport):
+    """A real HTTP transport that checks every /v1 request and answer against Fly's spec file."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v1/"):
+            check_request(request)
+        response = await self.inner.handle_async_request(request)
+        if request.url.path.startswith("/v1/"):
+            content = await response.aread()
+            validate(request.url.path, request.method, response.status_code, json.loads(content) if content else None)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def make_local(handle: HostHandle) -> Local:
     clock = RecordingClock()
     client = MachinesClient(handle.url, handle.token, proxy_url=handle.proxy_url, clock=clock, timeout=30.0,
-                            max_attempts=5, backoff_base=0.05, backoff_max=0.5)
+                            max_attempts=5, backoff_base=0.05, backoff_max=0.5, transport=SpecCheckingTransport())
     return Local(handle, client, clock)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import signal
@@ -18,12 +20,15 @@ from starlette.routing import Route
 
 from sandkeep.host.core import WAIT_STATES, Host, HostError, bad
 from sandkeep.host.faults import OPERATIONS, FaultInputError, Faults, RateLimiter
+from sandkeep.host.schema import type_errors
 
 log = structlog.get_logger("sandkeep.host.api")  # lazy: configured by the command
 
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_WAIT = 60
 MAX_WATCH = 30
+MAX_BODY = 1024 * 1024  # bytes; a Fly machine config is a few KiB
+MAX_DRAIN = 16 * MAX_BODY
 _SIGNALS = {name: getattr(signal, name) for name in (
     "SIGABRT", "SIGALRM", "SIGFPE", "SIGHUP", "SIGILL", "SIGINT", "SIGKILL", "SIGPIPE", "SIGQUIT", "SIGSEGV",
     "SIGTERM", "SIGTRAP", "SIGUSR1")}
@@ -35,8 +40,26 @@ def error(status: int, message: str, code: str = "unknown", headers: dict[str, s
     return JSONResponse({"error": message, "status": code}, status_code=status, headers=headers)
 
 
-async def read_json(request: Request, *, required: bool = True) -> dict[str, Any]:
-    raw = await request.body()
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body; beyond ``limit`` bytes a 413. An oversized body is read and dropped (up to
+    ``MAX_DRAIN``) so the client gets the 413 instead of a reset connection; nothing beyond ``limit`` is kept."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > MAX_DRAIN:
+            break
+    if size > limit:
+        raise HostError(413, f"request body too large: more than {limit} bytes (a machine or volume request "
+                             f"is a few KiB)")
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, *, required: bool = True, shape: str | None = None) -> dict[str, Any]:
+    """The body as a JSON object; with ``shape`` (a Fly request definition) every known field's type is checked."""
+    raw = await read_body(request)
     if not raw.strip():
         if required:
             raise bad("request body is required (a JSON object)")
@@ -45,8 +68,15 @@ async def read_json(request: Request, *, required: bool = True) -> dict[str, Any
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(f"malformed JSON body: {exc}") from exc
+    except RecursionError as exc:
+        raise bad("malformed JSON body: nested too deeply") from exc
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
+    if shape is not None:
+        problems = type_errors(body, shape)
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise bad("invalid request body: " + "; ".join(problems[:5]) + more)
     return body
 
 
@@ -200,7 +230,7 @@ class HostAPI:
         return JSONResponse(self.host.list_apps(request.query_params.get("org_slug")))
 
     async def create_app(self, request: Request) -> Response:
-        a = self.host.create_app(await read_json(request))
+        a = self.host.create_app(await read_json(request, shape="CreateAppRequest"))
         return JSONResponse(self.host.app_json(a), status_code=201)
 
     async def get_app(self, request: Request) -> Response:
@@ -227,8 +257,8 @@ class HostAPI:
     async def create_machine(self, request: Request) -> Response:
         app = request.path_params["app"]
         self.host.app(app)
-        m = await self.host.create_machine(app, await read_json(request))
-        return JSONResponse(self.host.machine_json(m))
+        _m, answer = await self.host.create_machine(app, await read_json(request, shape="CreateMachineRequest"))
+        return JSONResponse(answer)
 
     async def get_machine(self, request: Request) -> Response:
         m = self.host.machine(request.path_params["app"], request.path_params["mid"])
@@ -237,7 +267,7 @@ class HostAPI:
     async def update_machine(self, request: Request) -> Response:
         app, mid = request.path_params["app"], request.path_params["mid"]
         self.host.machine(app, mid, live=True)
-        m = await self.host.update_machine(app, mid, await read_json(request))
+        m = await self.host.update_machine(app, mid, await read_json(request, shape="UpdateMachineRequest"))
         return JSONResponse(self.host.machine_json(m))
 
     async def destroy_machine(self, request: Request) -> Response:
@@ -252,7 +282,7 @@ class HostAPI:
     async def stop_machine(self, request: Request) -> Response:
         app, mid = request.path_params["app"], request.path_params["mid"]
         m = self.host.machine(app, mid, live=True)
-        body = await read_json(request, required=False)
+        body = await read_json(request, required=False, shape="StopRequest")
         stop_config = m["config"].get("stop_config") or {}  # the machine's own defaults, as on Fly
         sig_name = body.get("signal") or stop_config.get("signal") or "SIGTERM"
         if not isinstance(sig_name, str) or sig_name.upper() not in _SIGNALS:
@@ -297,12 +327,11 @@ class HostAPI:
     async def set_metadata(self, request: Request) -> Response:
         app, mid, key = request.path_params["app"], request.path_params["mid"], request.path_params["key"]
         self.host.machine(app, mid, live=True)
-        if not self.host.valid_metadata_key(key):
-            raise bad(f"invalid metadata key {key!r}: 1-128 letters, digits, '.', '_', '-' or '/'")
         body = await read_json(request)
         value = body.get("value")
         if not isinstance(value, str):
             raise bad("body must be {\"value\": \"<string>\"}")
+        self.host.check_metadata(key, value)
         self.host.set_metadata(app, mid, key, value)
         return Response(status_code=204)
 
@@ -317,7 +346,7 @@ class HostAPI:
     async def create_volume(self, request: Request) -> Response:
         app = request.path_params["app"]
         self.host.app(app)
-        v = await self.host.create_volume(app, await read_json(request))
+        v = await self.host.create_volume(app, await read_json(request, shape="CreateVolumeRequest"))
         return JSONResponse(self.host.volume_json(v))
 
     async def get_volume(self, request: Request) -> Response:
@@ -432,3 +461,119 @@ class ProxyApp:
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP | {"content-encoding"}}
         out_headers["fly-request-id"] = mid
         return Response(upstream.content, status_code=upstream.status_code, headers=out_headers)
+
+
+def _raw_error(status: int, message: str) -> bytes:
+    body = json.dumps({"error": message, "status": "unknown"}).encode()
+    reason = {400: "Bad Request", 404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + body
+
+
+def _head_fields(head: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+    return fields
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy bytes until EOF, then pass the EOF on (half-close)."""
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                  b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    try:
+        await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
+    finally:
+        for w in (a[1], b[1]):
+            w.close()
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
+
+
+class ProxyFront:
+    """The proxy's listening side: WebSocket upgrades are tunnelled to the machine, everything else goes to
+    :class:`ProxyApp` (served by uvicorn on an internal loopback port).
+
+    uvicorn cannot pass an upgraded connection through without a WebSocket library, so this reads the head of
+    the first request on each connection: an ``Upgrade: websocket`` request is routed by its
+    ``fly-force-instance-id`` header and the connection becomes a raw TCP tunnel to the machine's gateway
+    (which answers the handshake itself); any other connection is spliced byte for byte to the internal HTTP
+    proxy, which routes every request on it. A WebSocket upgrade must therefore be the first request on its
+    connection (as browsers and WebSocket clients do).
+    """
+
+    def __init__(self, host: Host, internal: tuple[str, int], *, head_timeout: float = 30.0,
+                 max_head: int = 64 * 1024) -> None:
+        self.host = host
+        self.internal = internal
+        self.head_timeout = head_timeout
+        self.max_head = max_head
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=self.head_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            return
+        except asyncio.LimitOverrunError:
+            writer.write(_raw_error(400, f"request head larger than {self.max_head} bytes"))
+            await writer.drain()
+            return
+        fields = _head_fields(head)
+        upgrade = "websocket" in fields.get("upgrade", "").lower()
+        if upgrade:
+            mid = fields.get("fly-force-instance-id", "")
+            m, port = self.host.proxy_target(mid) if mid else (None, None)
+            problem = (_raw_error(400, "missing fly-force-instance-id header: the local proxy routes by machine id")
+                       if not mid else _raw_error(404, f"machine not found: {mid}") if m is None
+                       else _raw_error(503, f"machine {mid} is not started (state {m['state']})") if port is None
+                       else None)
+            target = ("127.0.0.1", port or 0)
+        else:
+            problem, target = None, self.internal
+        if problem is not None:
+            writer.write(problem)
+            await writer.drain()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*target)
+        except OSError as exc:
+            writer.write(_raw_error(502, f"upstream did not answer: {type(exc).__name__}"))
+            await writer.drain()
+            return
+        up_writer.write(head)
+        await up_writer.drain()
+        await _splice((reader, writer), (up_reader, up_writer))
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t

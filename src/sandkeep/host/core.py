@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import os
 import re
@@ -41,6 +42,7 @@ _VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,30}$")
 _MACHINE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _EVENTS_KEPT = 50
+MAX_METADATA_VALUE = 64 * 1024  # characters; metadata holds ids and labels, not data
 _ADJ = ("quiet", "bold", "calm", "brave", "lively", "misty", "proud", "snowy", "sunny", "young")
 _NOUN = ("river", "forest", "meadow", "sun", "moon", "field", "harbor", "cloud", "stone", "wave")
 
@@ -462,6 +464,8 @@ class Host:
         cfg = dict(config)
         cfg["env"] = _str_map(config.get("env"), "config.env")
         cfg["metadata"] = _str_map(config.get("metadata"), "config.metadata")
+        for key, value in cfg["metadata"].items():
+            self.check_metadata(key, value)
         guest = config.get("guest")
         if guest is None:
             guest = {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}
@@ -525,7 +529,12 @@ class Host:
         return cfg, region, volume
 
     # ------------------------------------------------------------------ machines
-    async def create_machine(self, app: str, body: JSON) -> JSON:
+    async def create_machine(self, app: str, body: JSON) -> tuple[JSON, JSON]:
+        """Create (and unless ``skip_launch``, start) a machine: its record and the create's answer.
+
+        Like Fly, the answer shows the machine as it was created (state ``created``); the start that follows
+        (``starting`` -> ``started``) is visible through get, wait, events and the watch.
+        """
         self.app(app)
         name = body.get("name")
         if name is not None and (not isinstance(name, str) or not _MACHINE_NAME_RE.match(name)):
@@ -553,9 +562,10 @@ class Host:
         if volume is not None:
             self._attach(volume, m)
         self._set_state(m, "created", "launch", source="user")
+        answer = copy.deepcopy(self.machine_json(m))
         if not skip_launch:
             self._begin_start(m)
-        return m
+        return m, answer
 
     def _attach(self, volume: JSON, m: JSON) -> None:
         volume["attached_machine_id"] = m["id"]
@@ -871,6 +881,14 @@ class Host:
     @staticmethod
     def valid_metadata_key(key: str) -> bool:
         return bool(_METADATA_KEY_RE.match(key))
+
+    @classmethod
+    def check_metadata(cls, key: str, value: str) -> None:
+        if not cls.valid_metadata_key(key):
+            raise bad(f"invalid metadata key {key[:200]!r}: 1-128 letters, digits, '.', '_', '-' or '/'")
+        if len(value) > MAX_METADATA_VALUE:
+            raise bad(f"metadata value for {key!r} is too long: {len(value)} characters, at most "
+                      f"{MAX_METADATA_VALUE}")
 
     # ------------------------------------------------------------------ volumes
     def volume_dir(self, v: JSON) -> Path:

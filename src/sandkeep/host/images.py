@@ -29,9 +29,11 @@ CATALOGUE: dict[str, Image] = {
         "spawn", "Runs, then exits on its own with $EXIT_CODE (default 0): 'stopped' + an exit event (test image)."),
     "sandkeep/stubborn": Image(
         "sandkeep/stubborn",
-        (sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        # listens on $PORT only once SIGTERM is ignored, so "started" means a SIGTERM can no longer stop it
+        (sys.executable, "-c", "import os, signal, socket, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                               "s = socket.create_server(('127.0.0.1', int(os.environ['PORT'])))\n"
                                "while True:\n    time.sleep(3600)"),
-        "spawn", "Ignores SIGTERM: a stop needs the SIGKILL after the grace period (test image)."),
+        "tcp", "Ignores SIGTERM: a stop needs the SIGKILL after the grace period (test image)."),
 }
 
 

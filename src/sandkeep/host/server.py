@@ -16,7 +16,7 @@ import structlog
 import uvicorn
 
 from sandkeep.clock import Clock, SystemClock
-from sandkeep.host.api import HostAPI, ProxyApp
+from sandkeep.host.api import HostAPI, ProxyApp, ProxyFront
 from sandkeep.host.core import Host, HostOptions
 from sandkeep.host.faults import Faults
 from sandkeep.net import bind_tcp
@@ -78,6 +78,7 @@ async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
     cfg.options.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         api_sock, proxy_sock = bind_tcp(cfg.listen), bind_tcp(cfg.proxy_listen)
+        internal_sock = bind_tcp(("127.0.0.1", 0))  # the HTTP side of the proxy, behind ProxyFront
     except OSError as exc:
         raise SystemExit(f"sandkeep host: cannot listen: {exc}") from exc
     host = Host(cfg.options, clock)
@@ -91,6 +92,8 @@ async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
     api_server = _Server(uvicorn.Config(api.app(), **common))  # type: ignore[arg-type]
     proxy_server = _Server(uvicorn.Config(proxy, **common))  # type: ignore[arg-type]
     servers = (api_server, proxy_server)
+    front = ProxyFront(host, internal_sock.getsockname()[:2])
+    front_server = await asyncio.start_server(front.handle, sock=proxy_sock, limit=front.max_head)
 
     def on_signal() -> None:
         for s in servers:
@@ -106,10 +109,12 @@ async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
              proxy=f"http://{cfg.proxy_listen[0]}:{proxy_sock.getsockname()[1]}",
              data_dir=str(cfg.options.data_dir), regions=cfg.options.regions)
     try:
-        await asyncio.gather(api_server.serve(sockets=[api_sock]), proxy_server.serve(sockets=[proxy_sock]))
+        await asyncio.gather(api_server.serve(sockets=[api_sock]), proxy_server.serve(sockets=[internal_sock]))
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        front_server.close()
+        await front.close()
         await host.shutdown()
         log.info("host.stopped")
 
