@@ -113,6 +113,51 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _machine_pid(m: JSON) -> int | None:
+    pid = m.get("pid")
+    return int(pid) if pid else None
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on ``port`` (Linux /proc/net/tcp{,6}); None when /proc cannot tell."""
+    inodes: set[str] = set()
+    seen_table = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        seen_table = True
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != "0A":  # 0A = LISTEN
+                continue
+            if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    return inodes if seen_table else None
+
+
+def _listener_owned_by(pid: int | None, port: int) -> bool | None:
+    """Whether the listener on ``port`` is one of ``pid``'s sockets; None when this cannot be checked."""
+    if pid is None:
+        return None
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
 def _proc_start_time(pid: int) -> str | None:
     """Start time of ``pid`` in clock ticks since boot (Linux), to never signal a recycled pid."""
     try:
@@ -682,7 +727,10 @@ class Host:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
-                return True
+                # Another process may hold the port (it was free when picked, then taken): only a listener
+                # that belongs to this machine's process counts as ready.
+                if _listener_owned_by(_machine_pid(m), port) is not False:
+                    return True
             if self.clock.monotonic() > deadline:
                 return False
             await self.clock.sleep(0.03)
