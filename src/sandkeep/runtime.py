@@ -243,6 +243,28 @@ def _tail(path: Path, lines: int = 20) -> str:
 # ---------------------------------------------------------------------------------------------- assembly
 
 
+PLANNED_RESTART_BUDGET = 10.0
+"""Seconds a shutdown spends marking running instances before it stops the local host child."""
+
+
+async def _note_planned_host_restart(service: Any, log: Any) -> None:
+    """serve is about to stop the local host it started, which stops every machine: a planned host restart.
+
+    Running instances are marked so that, when serve comes back, their stopped machine is started again in
+    place (same machine, same volume) rather than relocated by unexpected-stop recovery. A crash of serve or
+    of the host (no clean shutdown) is not marked and recovers as usual.
+    """
+    note = getattr(service, "note_planned_host_restart", None)
+    if note is None:
+        return
+    try:
+        marked = note(budget_seconds=PLANNED_RESTART_BUDGET)  # the API has stopped: nothing else to serve
+    except Exception as exc:  # never block the shutdown: unmarked instances simply recover
+        log.warning("runtime.planned_host_restart_failed", error=str(exc))
+        return
+    log.info("runtime.planned_host_restart", running_instances_marked=marked)
+
+
 def _import_engine() -> Any:
     import importlib
 
@@ -310,6 +332,9 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
 
         engine_cls = _import_engine()
         engine: EngineLike = engine_cls(settings, store, provider, clock)
+        if host_child is not None:
+            # runs after the engine stopped and before the host child is stopped (exit callbacks run LIFO)
+            stack.push_async_callback(_note_planned_host_restart, engine.service, log)
         if start_engine:
             await engine.start()
             stack.push_async_callback(engine.stop)

@@ -86,6 +86,12 @@ class FakeService:
         self.audit.append(AuditRecord(actor=actor.user_id, role=actor.role, action=action, at=self.clock.now(),
                                       instance_id=instance_id, outcome=outcome, id=len(self.audit) + 1))
 
+    def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
+        """Not a mutation of any instance: recorded in the audit log only (not in ``calls``)."""
+        self.audit.append(AuditRecord(actor=actor.user_id, role=actor.role, action=action, at=self.clock.now(),
+                                      instance_id=instance_id, outcome="refused", details={"error": reason},
+                                      id=len(self.audit) + 1))
+
     def _get(self, instance_id: str) -> InstanceRecord:
         record = self.instances.get(instance_id)
         if record is None:

@@ -63,7 +63,7 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 409, OTHER: 404, ADMIN: 409, PLATFORM: 409}, True),
     ("destroy", "DELETE", "/v1/instances/{id}", None, {OWNER: 202, OTHER: 404, ADMIN: 202, PLATFORM: 202}, True),
     ("destroy_force", "DELETE", "/v1/instances/{id}?force=true", None,
-     {OWNER: 403, OTHER: 404, ADMIN: 202, PLATFORM: 403}, True),
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
     ("events", "GET", "/v1/instances/{id}/events", None,
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 200}, False),
     ("fleet_events", "GET", "/v1/events", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
@@ -79,7 +79,19 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
     ("gateway_put", "PUT", "/v1/instances/{id}/gateway/data/x", "hello",
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    ("gateway_post", "POST", "/v1/instances/{id}/gateway/data/x", "hello",
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    ("gateway_patch", "PATCH", "/v1/instances/{id}/gateway/data/x", "hello",
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    ("gateway_delete", "DELETE", "/v1/instances/{id}/gateway/data/x", None,
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    ("gateway_head", "HEAD", "/v1/instances/{id}/gateway/data/x", None,
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    ("gateway_options", "OPTIONS", "/v1/instances/{id}/gateway/data/x", None,
+     {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
 ]
+# routes that need no token at all (tested in test_healthz_and_metrics_need_no_token)
+PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/metrics")}
 
 ACTORS = [OWNER, OTHER, ADMIN, PLATFORM, *UNAUTHENTICATED]
 
@@ -103,12 +115,13 @@ async def test_route_authorization(api: Api, route: tuple[str, str, str, Any, di
 
     want = 401 if who in UNAUTHENTICATED else expected[who]
     assert resp.status_code == want, (name, who, resp.text)
-    if want >= 400:
+    if want >= 400 and method != "HEAD":  # a HEAD answer has no body
         err = resp.json()["error"]
         assert err["status"] == want and err["code"] and err["message"]
-        if want == 401:
-            assert resp.headers.get("www-authenticate", "").startswith("Bearer")
-        if want in (401, 403) or (want == 404):
+    if want == 401:
+        assert resp.headers.get("www-authenticate", "").startswith("Bearer")
+    if want >= 400:
+        if want in (401, 403, 404):
             assert api.service.calls == [], f"{name} by {who} reached the service"
             assert api.service.instances[target.id] == before
             assert not api.upstream
@@ -150,3 +163,65 @@ async def test_healthz_and_metrics_need_no_token(api: Api) -> None:
     metrics = await api.client.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def _template(path: str) -> str:
+    """A matrix path as the OpenAPI spells it."""
+    path = path.split("?", 1)[0].replace("{id}", "{instance_id}")
+    if "/gateway/" in path:
+        path = path.split("/gateway/", 1)[0] + "/gateway/{path}"
+    return path
+
+
+async def test_the_matrix_covers_every_route_in_the_openapi(api: Api) -> None:
+    """Adding a route without adding it to ROUTES (or PUBLIC_ROUTES) fails here."""
+    spec = (await api.client.get("/openapi.json")).json()
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    covered = {(method, _template(path)) for _, method, path, *_ in ROUTES} | PUBLIC_ROUTES
+    assert documented - covered == set(), "routes missing from the authorization matrix"
+    assert covered - documented == set(), "matrix rows for routes that do not exist"
+    # and every API route of the app is in the OpenAPI (nothing hidden from the matrix)
+    app = api.client._transport.app  # type: ignore[attr-defined]
+    hidden = []
+    for route in _api_routes(app.router.routes):
+        if route.path.startswith("/v1/") and not route.include_in_schema:
+            hidden.append(route.path)
+    assert hidden == []
+
+
+def _api_routes(routes: list[Any]) -> list[Any]:
+    from fastapi.routing import APIRoute
+
+    out: list[Any] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            out.append(route)
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            out.extend(_api_routes(list(inner.routes)))
+    return out
+
+
+@pytest.mark.parametrize("who", [OWNER, PLATFORM, ADMIN])
+@pytest.mark.parametrize(("action", "method", "path"), [
+    ("retry_recovery", "POST", "/v1/instances/{id}/recovery/retry"),
+    ("retained_volume_cleanup", "POST", "/v1/instances/{id}/retained-volume/cleanup"),
+    ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy"),
+    ("force_destroy", "DELETE", "/v1/instances/{id}?force=true"),
+])
+async def test_refused_admin_actions_are_audited(api: Api, who: str, action: str, method: str, path: str) -> None:
+    """Every admin action lands in the audit log, refusals included: a non-admin token (403) and, for an
+    admin, an unknown instance (404)."""
+    target = api.service.add("alice", Status.RUNNING)
+    url = path.replace("{id}", target.id if who != ADMIN else "ins_missing")
+    resp = await api.client.request(method, url, headers=headers_for(api, who))
+    assert resp.status_code == (404 if who == ADMIN else 403)
+    assert api.service.calls == []
+    audit = await api.client.get("/v1/audit", headers=api.auth("root", "admin"))
+    items = audit.json()["items"]
+    assert len(items) == 1, items
+    entry = items[0]
+    assert entry["action"] == action and entry["outcome"] == "refused"
+    assert entry["actor"] == {OWNER: "alice", PLATFORM: "backend", ADMIN: "root"}[who]
+    assert entry["instance_id"] == url.split("/")[3].split("?")[0]
+    assert str(resp.status_code) in entry["details"]["error"]

@@ -121,16 +121,20 @@ def test_api_errors_become_messages_and_exit_codes(serve: Serve, user: str) -> N
 
 
 def test_busy_409_is_reported(serve: Serve, user: str) -> None:
-    for _ in range(3):
+    # hold the new instance in `starting`: the host answers machine creates 2 s late while this rule exists
+    rule = serve.host("POST", "/_local/faults", json={"operation": "machine.create", "latency": 2.0})
+    assert rule.status_code < 300, rule.text
+    try:
         created = run(serve, "instances", "create", "--json", user=user)
         inst = json.loads(created.stdout)
-        if not inst["busy"]:
-            continue
+        assert inst["busy"] is True, inst
         res = run(serve, "instances", "restart", inst["id"], user=user)
-        if res.exit_code == 1:
-            assert "instance_busy (409)" in res.stderr
-            return
-    pytest.fail("never caught an instance while busy")
+        assert res.exit_code == 1, res.output
+        assert "instance_busy (409)" in res.stderr
+        as_json = run(serve, "instances", "stop", inst["id"], "--json", user=user)
+        assert as_json.exit_code == 1 and json.loads(as_json.stdout)["error"]["code"] == "instance_busy"
+    finally:
+        serve.host("DELETE", "/_local/faults")
 
 
 def test_console_script_entry_point(serve: Serve, user: str) -> None:

@@ -93,7 +93,16 @@ class Rig:
         return resp
 
     async def crash(self, record: InstanceRecord) -> None:
+        """SIGKILL the machine and wait until the host reports it ``stopped`` (the exit is noticed
+        asynchronously: a reconcile right after the POST could still see ``started``)."""
+        path = f"/v1/apps/{record.app_name}/machines/{record.machine_id}"
         await self.local("POST", f"/_local/apps/{record.app_name}/machines/{record.machine_id}/crash")
+
+        async def stopped() -> bool:  # (a running engine may already have destroyed it: that counts too)
+            resp = await self.http.get(f"{self.host.url}{path}", headers=self.host.headers())
+            return resp.status_code == 404 or resp.json().get("state") not in ("started", "starting")
+
+        await async_wait_until(stopped, timeout=30, message=f"machine {record.machine_id} to stop after the crash")
 
     async def machines(self, app: str) -> list[dict[str, Any]]:
         resp = await self.local("GET", f"/v1/apps/{app}/machines")

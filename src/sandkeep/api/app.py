@@ -121,6 +121,26 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
         if actor.role != "admin":
             raise ApiError(403, "forbidden", "this route needs an admin token")
 
+    def audit_denied(actor: Actor, action: str, instance_id: str, error: ApiError) -> None:
+        """Admin actions refused at the door (non-admin token, unknown instance) go to the audit log too."""
+        record = getattr(service, "audit_denied", None)
+        if record is None:
+            return
+        shown = instance_id if INSTANCE_ID_RE.match(instance_id) else instance_id[:64]
+        try:
+            record(actor, action, shown, f"{error.status} {error.code}: {error.message}")
+        except Exception as exc:  # the refusal itself must still be answered
+            log.warning("api.audit_failed", action=action, error=str(exc))
+
+    def admin_action(actor: Actor, action: str, instance_id: str) -> None:
+        """Gate an admin action (admin role, visible instance), auditing a refusal."""
+        try:
+            require_admin(actor)
+            load(actor, instance_id)
+        except ApiError as exc:
+            audit_denied(actor, action, instance_id, exc)
+            raise
+
     def not_found(instance_id: str) -> ApiError:
         shown = instance_id if len(instance_id) <= 64 else instance_id[:64] + "..."
         return ApiError(404, InstanceNotFound.code, f"instance {shown!r} not found")
@@ -200,9 +220,9 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
                                force: Annotated[bool, Query(description="Admin only: destroy even while "
                                                                          "recovering.")] = False) -> dict[str, Any]:
         """Two-phase destroy; refused with 409 while recovering unless an admin passes force=true."""
+        if force:
+            admin_action(actor, "force_destroy", instance_id)
         load(actor, instance_id)
-        if force and actor.role != "admin":
-            raise ApiError(403, "forbidden", "only an admin may force a destroy")
         return render_instance(await service.destroy(actor, instance_id, force=force))
 
     @v1.post("/instances/{instance_id}/start", status_code=202, response_model=Instance, tags=["instances"])
@@ -260,23 +280,20 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     @v1.post("/instances/{instance_id}/recovery/retry", status_code=202, response_model=Instance, tags=["admin"])
     async def retry_recovery(actor: ActorDep, instance_id: InstanceId) -> dict[str, Any]:
         """Admin: set the alarm to now so the instance is reconciled at once."""
-        require_admin(actor)
-        load(actor, instance_id)
+        admin_action(actor, "retry_recovery", instance_id)
         return render_instance(await service.retry_recovery(actor, instance_id))
 
     @v1.post("/instances/{instance_id}/retained-volume/cleanup", response_model=CleanupResult, tags=["admin"])
     async def cleanup_retained(actor: ActorDep, instance_id: InstanceId) -> dict[str, Any]:
         """Admin: delete the retained old volume now (409 while recovering or when refused)."""
-        require_admin(actor)
-        load(actor, instance_id)
+        admin_action(actor, "retained_volume_cleanup", instance_id)
         deleted = await service.cleanup_retained_volume(actor, instance_id)
         return {"ok": True, "deleted_volume_id": deleted}
 
     @v1.post("/instances/{instance_id}/machine/destroy", status_code=202, response_model=Instance, tags=["admin"])
     async def destroy_machine(actor: ActorDep, instance_id: InstanceId) -> dict[str, Any]:
         """Admin: force-destroy the instance's current machine (reconcile then sees it gone)."""
-        require_admin(actor)
-        load(actor, instance_id)
+        admin_action(actor, "destroy_machine", instance_id)
         return render_instance(await service.destroy_machine(actor, instance_id))
 
     # ------------------------------------------------------------------------------------------ traffic

@@ -4,6 +4,11 @@ Embedded defaults everywhere: ``sandkeep serve`` on a fresh machine keeps its da
 (``./.sandkeep``): the SQLite store, the generated JWT secret, the secrets key and the local host's
 volumes. With ``--provider fly`` it uses ``FLY_API_TOKEN``, ``FLY_ORG`` and ``FLY_REGIONS`` and creates one
 Fly app per instance owner (see :mod:`sandkeep.runtime` for the naming).
+
+Stopping serve (SIGTERM / Ctrl-C) in local mode stops its local host child and so every machine. That is a
+planned host restart, not a crash: running instances are marked first and, when serve starts again, their
+machines are started again in place (same machine, same volume) instead of going through unexpected-stop
+recovery. A serve that is killed (SIGKILL, crash) marks nothing: its instances recover as after a host failure.
 """
 
 from __future__ import annotations

@@ -103,8 +103,10 @@ class EngineContext:
         delay = max(0.0, seconds) * (1.0 + self.rng.uniform(0.0, jitter))
         when = now + timedelta(seconds=delay)
         cap = deadline_cap(record, self.settings)
-        if cap is not None and cap < when:
-            when = max(now, cap)
+        # a deadline still ahead pulls the alarm in; one already passed has had its decision (a refused or
+        # failed overdue cleanup, say) and must not pin the alarm to "now" — that would be a tight loop
+        if cap is not None and now < cap < when:
+            when = cap
         return when
 
     def machine_config(self, record: InstanceRecord, volume_id: str) -> MachineConfig:
@@ -264,8 +266,16 @@ class Pass:
             self.record = claimed
 
     def wait_seconds(self) -> float:
-        """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease."""
-        return max(1.0, self.ctx.settings.machine_wait_timeout)
+        """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
+
+        While recovering, never longer than what is left of the recovery timeout (SPEC §12.5)."""
+        settings = self.ctx.settings
+        seconds = max(1.0, settings.machine_wait_timeout)
+        started = self.record.recovery_started_at
+        if self.record.status == Status.RECOVERING and started is not None:
+            remaining = settings.recovery_timeout - (self.ctx.clock.now() - started).total_seconds()
+            seconds = min(seconds, max(1.0, remaining))
+        return seconds
 
     # -------------------------------------------------------------- the loop
 

@@ -175,6 +175,10 @@ class InstanceService:
         self.ctx.store.add_audit(AuditRecord(actor=actor.user_id, role=actor.role, action=action, at=self._now(),
                                              instance_id=instance_id, outcome=outcome, details=details))
 
+    def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
+        """An admin action refused at the door (wrong role, unknown instance) is audited too."""
+        self._audit(actor, action, instance_id, "refused", error=reason[:500])
+
     def _finish(self, record: InstanceRecord) -> InstanceRecord:
         self.wake(record.id)
         return self._load(record.id)
@@ -365,6 +369,20 @@ class InstanceService:
         return self._finish(lease.record)
 
     async def destroy(self, actor: Actor, instance_id: str, *, force: bool = False) -> InstanceRecord:
+        """Two-phase destroy (SPEC §8). An admin's ``force`` is an admin action: audited, whatever the outcome."""
+        if not (force and actor.is_admin):
+            record, _ = await self._destroy(actor, instance_id, force=False)
+            return record
+        try:
+            record, before = await self._destroy(actor, instance_id, force=True)
+        except ServiceError as exc:
+            outcome = "error" if isinstance(exc, InstanceLocked) else "refused"
+            self._audit(actor, "force_destroy", instance_id, outcome, error=exc.message)
+            raise
+        self._audit(actor, "force_destroy", instance_id, "ok", status_before=before)
+        return record
+
+    async def _destroy(self, actor: Actor, instance_id: str, *, force: bool) -> tuple[InstanceRecord, str]:
         record = self._load(instance_id)
         self._check_access(actor, record)
 
@@ -377,20 +395,19 @@ class InstanceService:
 
         check(record)
         if record.status == Status.DESTROYING:
-            return record
+            return record, record.status.value
         async with self._claimed(instance_id) as lease:
             current = lease.record
             check(current)
+            before = current.status.value
             if current.status == Status.DESTROYING:
-                return current
+                return current, before
             forced = current.status == Status.RECOVERING
             lease.update({"status": Status.DESTROYING, "pending_destroy_machine_id": current.machine_id,
                           "pending_destroy_volume_id": current.volume_id, "pending_action": None,
                           "destroy_volume_attempts": 0, "alarm_at": self._now()})
             self._emit(lease.record, "instance.destroy_started", label="admin_force" if forced else "user_request")
-        if forced:
-            self._audit(actor, "force_destroy", instance_id, "ok")
-        return self._finish(lease.record)
+        return self._finish(lease.record), before
 
     # ------------------------------------------------------------------ admin
 
@@ -481,6 +498,43 @@ class InstanceService:
             raise
         self._audit(actor, "destroy_machine", instance_id, "ok", machine_id=machine_id)
         return self._finish(lease.record)
+
+    # ------------------------------------------------------------------ planned host restart
+
+    def note_planned_host_restart(self, *, budget_seconds: float = 10.0) -> int:
+        """Before ``serve`` stops the local host it started (a planned restart, not a crash): mark every running
+        instance so that the machine stop that follows is resumed in place at the next start instead of
+        being treated as an unexpected stop (a fleet-wide relocation). Instances whose claim is held elsewhere,
+        or past the time budget, are left alone (they simply recover). Returns how many were marked."""
+        from sandkeep.engine.lifecycle import RESUME_AFTER_HOST_RESTART
+
+        store = self.ctx.store
+        deadline = time.monotonic() + budget_seconds
+        marked = 0
+        cursor: str | None = None
+        while time.monotonic() < deadline:
+            page = store.list_instances(status=[Status.RUNNING.value], cursor=cursor, limit=200)
+            for item in page.items:
+                if time.monotonic() >= deadline:
+                    break
+                owner = f"{self.owner_prefix}/shutdown#{next(self._seq)}"
+                record = store.claim(item.id, owner, self.ctx.settings.lease_ttl, self._now())
+                if record is None:
+                    continue
+                try:
+                    if record.status == Status.RUNNING and record.pending_action is None and record.machine_id:
+                        record = store.update(record, owner, {"pending_action": RESUME_AFTER_HOST_RESTART,
+                                                              "alarm_at": self._now()})
+                        self._emit(record, "instance.host_restart_planned", details={"machine_id": record.machine_id})
+                        marked += 1
+                except FencedError:
+                    continue
+                finally:
+                    store.release(record, owner)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return marked
 
     # ------------------------------------------------------------------ traffic
 

@@ -37,6 +37,9 @@ from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
 
 RESTART_ISSUED = "restart_issued"
+#: set on running instances by a clean ``serve`` shutdown that takes its local host down with it: the
+#: machine's stop that follows is planned, so it is started again in place instead of being relocated
+RESUME_AFTER_HOST_RESTART = "resume_after_host_restart"
 
 
 def _backoff(obs: Observed) -> list[Action]:
@@ -264,11 +267,27 @@ def _stop_flow(record: InstanceRecord, obs: Observed, settings: Settings, now: d
             RequeueAfter(settings.interval_idle)]
 
 
+def _resume_after_host_restart(record: InstanceRecord, obs: Observed, now: datetime) -> list[Action]:
+    """The machine stopped because serve took its local host down on purpose: start it again, same machine and
+    volume, no recovery. Anything else (still started, gone, failed, volume missing): forget the note and let
+    the usual rules decide."""
+    machine = obs.machine
+    if (machine is not None and machine.state in ("stopped", "suspended") and record.volume_id
+            and not obs.volume_missing):
+        return [Emit("instance.stopped", label="planned_host_restart", details={"machine_id": machine.id}),
+                Persist({"status": Status.STARTING, "pending_action": "start", "last_stopped_at": now,
+                         "health_fail_count": 0}),
+                Emit("reconcile.resume_after_host_restart", details={"machine_id": machine.id})]
+    return [Persist({"pending_action": None})]
+
+
 def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     if obs.transient is not None:
         return _backoff(obs)
     if record.pending_action == "stop":
         return _stop_flow(record, obs, settings, now)
+    if record.pending_action == RESUME_AFTER_HOST_RESTART:
+        return _resume_after_host_restart(record, obs, now)
     if record.machine_id is None:
         adopt = _adopt_orphan(record, obs)
         if adopt is not None:

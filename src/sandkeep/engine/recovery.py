@@ -286,7 +286,11 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
                     error="recovery volume missing at cutover", replacement=True)
     probe = obs.outcome(f"probe:{record.machine_id}")
     if probe is None:
-        return [ProbeHealth(record.machine_id, timeout=settings.health_probe_timeout)]
+        # bounded, never blocking, and never carrying the recovery past its timeout (SPEC §12.5): a probe
+        # that ran over would turn a started, cut-over-ready replacement into an alarm_timeout failure
+        remaining = settings.recovery_timeout - (now - (record.recovery_started_at or now)).total_seconds()
+        budget = min(settings.health_probe_timeout, remaining - settings.health_probe_interval)
+        return [ProbeHealth(record.machine_id, timeout=max(0.0, budget))]
     healthy = bool(probe.value)
     old_id = record.volume_id
     retained_id = record.retained_volume_id

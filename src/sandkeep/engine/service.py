@@ -125,6 +125,9 @@ class InstanceServiceAPI(Protocol):
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
     def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
                    limit: int = 100) -> Page[AuditRecord]: ...
+    def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
+        """Record an admin action the API refused before reaching the service (e.g. a non-admin token)."""
+        ...
     # traffic
     def gateway_target(self, instance_id: str) -> tuple[str, dict[str, str]] | None:
         """Base URL and headers to reach the instance's gateway, or None when not running."""
