@@ -8,6 +8,7 @@ skip into a failure.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "web"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-LAPTOP = {"width": 1280, "height": 900}
+LAPTOP = {"width": 1366, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
@@ -58,9 +59,14 @@ def launched_browser() -> Iterator[Any]:
 
 @dataclass
 class ConsoleLog:
-    """Console errors, warnings and uncaught page errors seen by a page."""
+    """Console errors, warnings and uncaught page errors seen by a page.
+
+    The ``open_page`` fixture (tests/web/conftest.py) attaches one to every page it opens and fails the
+    test when any problem was seen that the test did not announce beforehand with :meth:`allow`.
+    """
 
     problems: list[str] = field(default_factory=list)
+    allowed: list[re.Pattern[str]] = field(default_factory=list)
 
     def attach(self, page: Any) -> None:
         def on_console(msg: Any) -> None:
@@ -70,8 +76,16 @@ class ConsoleLog:
         page.on("console", on_console)
         page.on("pageerror", lambda exc: self.problems.append(f"pageerror: {exc} @ {page.url}"))
 
+    def allow(self, pattern: str) -> None:
+        """Expect console problems matching ``pattern`` (e.g. the browser's note about a 403 page)."""
+        self.allowed.append(re.compile(pattern))
+
+    def unexpected(self) -> list[str]:
+        return [p for p in self.problems if not any(a.search(p) for a in self.allowed)]
+
     def assert_clean(self) -> None:
-        assert not self.problems, "browser console problems:\n" + "\n".join(self.problems)
+        problems = self.unexpected()
+        assert not problems, "browser console problems:\n" + "\n".join(problems)
 
 
 def screenshot(page: Any, name: str) -> Path:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 
 from sandkeep.api.errors import install_error_handlers
 from sandkeep.web.routes import create_web_router
+from tests.web.browser import LAPTOP, ConsoleLog, launched_browser
 from tests.web.fakes import FakeRuntime, make_runtime, token
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -62,3 +64,50 @@ async def anon(rt: FakeRuntime) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(rt)),
                                  base_url="https://testserver") as client:
         yield client
+
+
+# --- browser tests ---------------------------------------------------------------------------------------
+
+OpenPage = Callable[..., tuple[Any, ConsoleLog]]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Debian Chromium per test module (launched only when a test asks for it).
+
+    Module scope, not session: Playwright's sync API runs its own event loop, which must be gone before
+    the pytest-asyncio tests of the next module run."""
+    with launched_browser() as b:
+        yield b
+
+
+@pytest.fixture()
+def open_page(browser: Any) -> Iterator[OpenPage]:
+    """open_page(viewport=..., **context_options) -> (page, console log), in a fresh browser context.
+
+    Every page opened here is watched for console errors/warnings and uncaught page errors; the test
+    fails at teardown if any occurred that it did not expect with ``log.allow(pattern)``.
+    """
+    contexts: list[Any] = []
+    logs: list[ConsoleLog] = []
+
+    def do(viewport: dict[str, int] | None = None, **options: Any) -> tuple[Any, ConsoleLog]:
+        context = browser.new_context(viewport=viewport or LAPTOP, **options)
+        contexts.append(context)
+        pg = context.new_page()
+        log = ConsoleLog()
+        log.attach(pg)
+        logs.append(log)
+        return pg, log
+
+    yield do
+    for context in contexts:
+        context.close()
+    problems = [p for log in logs for p in log.unexpected()]
+    assert not problems, "browser console problems:\n" + "\n".join(problems)
+
+
+@pytest.fixture()
+def page(open_page: OpenPage) -> tuple[Any, ConsoleLog]:
+    """A laptop-sized page whose console is checked at teardown (see ``open_page``)."""
+    return open_page()

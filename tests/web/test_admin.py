@@ -271,3 +271,20 @@ async def test_admin_destroy_while_recovering_is_forced(rt: FakeRuntime, login: 
                          headers=HX)
     assert "Destroy started for ins_a1 (forced)" in r.text
     assert rt.service.instances["ins_a1"].status == Status.DESTROYING
+
+
+async def test_cleanup_disabled_while_the_engines_automatic_cleanup_runs(rt: FakeRuntime, login: Login) -> None:
+    now = rt.clock.now()
+    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old",
+                   retained_volume_cleanup_after=now - timedelta(seconds=5),
+                   lease_owner="worker-1", lease_expires_at=now + timedelta(seconds=20))
+    admin = await login("root", "admin")
+    page = (await admin.get("/ui/admin/instances/ins_a1")).text
+    button = re.search(r'<button[^>]*id="cleanup-ins_a1"[^>]*>', page)
+    assert button and "disabled" in button.group(0)
+    assert "The automatic cleanup of this volume is running now" in page
+    # the deadline passed but nobody holds the lease (e.g. the cleanup keeps failing): the admin may act
+    rt.service.instances["ins_a1"] = rt.service.instances["ins_a1"].copy(lease_owner=None, lease_expires_at=None)
+    page = (await admin.get("/ui/admin/instances/ins_a1")).text
+    button = re.search(r'<button[^>]*id="cleanup-ins_a1"[^>]*>', page)
+    assert button and "disabled" not in button.group(0)

@@ -170,3 +170,18 @@ def test_login_codes_live_in_runtime_extras_when_present(rt: FakeRuntime) -> Non
     actor = login_codes(a).redeem(rt.clock, code)
     assert actor is not None and actor.user_id == "demo" and actor.role == "user"
     assert login_codes(a).redeem(rt.clock, code) is None
+
+
+async def test_login_page_warns_when_the_secure_cookie_cannot_stick(rt: FakeRuntime) -> None:
+    from tests.web.conftest import make_app
+
+    transport = httpx.ASGITransport(app=make_app(rt))
+    for base, warned in (("http://192.168.1.20:8080", True), ("http://sandkeep.example", True),
+                         ("https://sandkeep.example", False), ("http://127.0.0.1:8080", False),
+                         ("http://localhost:8080", False)):
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
+            page = (await client.get("/login")).text
+            assert ('data-testid="insecure-origin"' in page) is warned, base
+    async with httpx.AsyncClient(transport=transport, base_url="http://sandkeep.example") as client:
+        proxied = await client.get("/login", headers={"X-Forwarded-Proto": "https"})  # TLS ends at a proxy
+        assert 'data-testid="insecure-origin"' not in proxied.text

@@ -50,3 +50,28 @@ def test_svg_is_well_formed_and_escaped() -> None:
     hist = charts.duration_histogram_svg(charts.duration_bins([ev(charts.SUCCEEDED, 1, 2000)]))
     assert ET.fromstring(str(hist)).get("data-total") == "1"
     assert "&gt; 10 min" in str(hist)
+
+
+def test_empty_charts_say_so_instead_of_drawing_blank_axes() -> None:
+    import xml.etree.ElementTree as ET
+
+    ns = "{http://www.w3.org/2000/svg}"
+    chart = ET.fromstring(str(charts.recovery_chart_svg(charts.recovery_buckets([], NOW, "7d"), "7d")))
+    notes = [t for t in chart.iter(f"{ns}text") if t.get("data-testid") == "chart-empty"]
+    assert [n.text for n in notes] == ["No recoveries in the last 7d"]
+    assert chart.find(f"{ns}desc").text == "No recoveries in the last 7d."  # type: ignore[union-attr]
+    hist = ET.fromstring(str(charts.duration_histogram_svg(charts.duration_bins([]))))
+    notes = [t for t in hist.iter(f"{ns}text") if t.get("data-testid") == "chart-empty"]
+    assert [n.text for n in notes] == ["No finished recoveries yet"]
+    assert hist.find(f"{ns}title") is not None and hist.find(f"{ns}desc") is not None
+    # with data, no empty note
+    full = charts.recovery_chart_svg(charts.recovery_buckets([ev(charts.STARTED, 1)], NOW, "7d"), "7d")
+    assert "chart-empty" not in str(full)
+    assert "chart-empty" not in str(charts.duration_histogram_svg(charts.duration_bins([ev(charts.FAILED, 1, 9)])))
+
+
+def test_axis_labels_are_split_into_short_lines() -> None:
+    hist = str(charts.duration_histogram_svg(charts.duration_bins([])))
+    assert '<tspan x="' in hist and ">10-30</tspan>" in hist and ">min</tspan>" in hist
+    week = str(charts.recovery_chart_svg(charts.recovery_buckets([], NOW, "7d"), "7d"))
+    assert any(f">{day:02d} Feb</tspan>" in week for day in range(22, 29))

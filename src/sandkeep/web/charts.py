@@ -95,29 +95,66 @@ def _bucket_label(start: datetime, width: timedelta) -> str:
     return start.strftime("%d %b %H:%M")
 
 
-W, H = 640, 240
-LEFT, RIGHT, TOP, BOTTOM = 40, 10, 16, 40
+def _bucket_lines(start: datetime, width: timedelta) -> list[str]:
+    """The axis label of a bucket, in at most two short lines (readable when the chart is phone-sized)."""
+    if width < timedelta(hours=6):
+        return [start.strftime("%H:%M")]
+    return [start.strftime("%d %b"), start.strftime("%H:%M")]
+
+
+def _bin_lines(label: str) -> list[str]:
+    """``"10-30 s"`` -> ``["10-30", "s"]``: the range above its unit, so eight bins fit a phone's width."""
+    head, _, unit = label.rpartition(" ")
+    return [head, unit] if head else [label]
+
+
+def _axis_text(x: float, y: float, lines: list[str]) -> str:
+    spans = "".join(f'<tspan x="{x:.1f}" dy="{0 if i == 0 else 1.15}em">{escape(line)}</tspan>'
+                    for i, line in enumerate(lines))
+    return f'<text class="axis" x="{x:.1f}" y="{y:.1f}" text-anchor="middle">{spans}</text>'
+
+
+def _empty_note(x: float, y: float, text: str) -> str:
+    return (f'<text class="empty-note" x="{x:.1f}" y="{y:.1f}" text-anchor="middle" '
+            f'data-testid="chart-empty">{escape(text)}</text>')
+
+
+W = 640
+LEFT, RIGHT, TOP = 40, 10, 26
+PLOT_H = 184  # both charts: the plot area spans y = TOP .. TOP + PLOT_H
+CHART_H = 282  # recovery chart: plot, two-line time labels, legend
+HIST_H = 262  # histogram: plot, two-line bin labels
+LEGEND_STEP = 200
+
+
+def _grid(top: int, plot_h: float) -> list[str]:
+    out = []
+    for i in range(5):  # grid lines and y labels
+        value = top * i // 4
+        y = TOP + plot_h - plot_h * i / 4
+        out.append(f'<line class="grid" x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        out.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>')
+    return out
 
 
 def recovery_chart_svg(buckets: list[Bucket], window: str = DEFAULT_WINDOW) -> Markup:
     _, width = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
     totals = {name: sum(b.counts[name] for b in buckets) for name, _ in SERIES}
     top = _nice_max(max((max(b.counts.values()) for b in buckets), default=0))
-    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
+    plot_w, plot_h = W - LEFT - RIGHT, PLOT_H
     slot = plot_w / max(1, len(buckets))
     bar = max(1.0, (slot - 2) / len(SERIES))
-    summary = (f"Recoveries in the last {window}: {totals['started']} started, {totals['succeeded']} succeeded, "
-               f"{totals['failed']} failed.")
-    out = [f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="rc-title rc-desc" '
+    empty = not any(totals.values())
+    if empty:
+        summary = f"No recoveries in the last {window}."
+    else:
+        summary = (f"Recoveries in the last {window}: {totals['started']} started, {totals['succeeded']} "
+                   f"succeeded, {totals['failed']} failed. Times are UTC.")
+    out = [f'<svg class="chart" viewBox="0 0 {W} {CHART_H}" role="img" aria-labelledby="rc-title rc-desc" '
            f'xmlns="http://www.w3.org/2000/svg" data-started="{totals["started"]}" '
            f'data-succeeded="{totals["succeeded"]}" data-failed="{totals["failed"]}">',
            f'<title id="rc-title">Recoveries over time ({escape(window)})</title>',
-           f'<desc id="rc-desc">{escape(summary)}</desc>']
-    for i in range(5):  # grid lines and y labels
-        value = top * i // 4
-        y = TOP + plot_h - plot_h * i / 4
-        out.append(f'<line class="grid" x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        out.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>')
+           f'<desc id="rc-desc">{escape(summary)}</desc>', *_grid(top, plot_h)]
     label_every = max(1, len(buckets) // 6)
     for i, b in enumerate(buckets):
         x0 = LEFT + i * slot + 1
@@ -129,13 +166,14 @@ def recovery_chart_svg(buckets: list[Bucket], window: str = DEFAULT_WINDOW) -> M
                            f'width="{bar:.1f}" height="{h:.1f}"><title>{count} {name} from '
                            f'{escape(_bucket_label(b.start, width))} UTC</title></rect>')
         if i % label_every == 0:
-            out.append(f'<text class="axis" x="{x0 + slot / 2:.1f}" y="{H - BOTTOM + 16}" text-anchor="middle">'
-                       f'{escape(_bucket_label(b.start, width))}</text>')
+            out.append(_axis_text(x0 + slot / 2, TOP + plot_h + 24, _bucket_lines(b.start, width)))
+    if empty:
+        out.append(_empty_note(LEFT + plot_w / 2, TOP + plot_h / 2, f"No recoveries in the last {window}"))
     lx = LEFT
     for name, _ in SERIES:
-        out.append(f'<rect class="c-{name}" x="{lx}" y="{H - 14}" width="10" height="10"/>')
-        out.append(f'<text class="legend" x="{lx + 14}" y="{H - 5}">{name} ({totals[name]})</text>')
-        lx += 130
+        out.append(f'<rect class="c-{name}" x="{lx}" y="{CHART_H - 18}" width="12" height="12"/>')
+        out.append(f'<text class="legend" x="{lx + 17}" y="{CHART_H - 7}">{name} ({totals[name]})</text>')
+        lx += LEGEND_STEP
     out.append("</svg>")
     return Markup("".join(out))
 
@@ -143,18 +181,16 @@ def recovery_chart_svg(buckets: list[Bucket], window: str = DEFAULT_WINDOW) -> M
 def duration_histogram_svg(bins: list[tuple[str, int]]) -> Markup:
     top = _nice_max(max((c for _, c in bins), default=0))
     total = sum(c for _, c in bins)
-    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM + 14
+    plot_w, plot_h = W - LEFT - RIGHT, PLOT_H
     slot = plot_w / max(1, len(bins))
-    summary = f"{total} finished recoveries by duration: " + ", ".join(f"{label}: {c}" for label, c in bins)
-    out = [f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-labelledby="rh-title rh-desc" '
+    if total:
+        summary = f"{total} finished recoveries by duration: " + ", ".join(f"{label}: {c}" for label, c in bins)
+    else:
+        summary = "No finished recoveries recorded yet."
+    out = [f'<svg class="chart" viewBox="0 0 {W} {HIST_H}" role="img" aria-labelledby="rh-title rh-desc" '
            f'xmlns="http://www.w3.org/2000/svg" data-total="{total}">',
            '<title id="rh-title">Recovery durations</title>',
-           f'<desc id="rh-desc">{escape(summary)}</desc>']
-    for i in range(5):
-        value = top * i // 4
-        y = TOP + plot_h - plot_h * i / 4
-        out.append(f'<line class="grid" x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        out.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>')
+           f'<desc id="rh-desc">{escape(summary)}</desc>', *_grid(top, plot_h)]
     for i, (label, count) in enumerate(bins):
         x0 = LEFT + i * slot + 4
         if count:
@@ -163,7 +199,8 @@ def duration_histogram_svg(bins: list[tuple[str, int]]) -> Markup:
                        f'width="{slot - 8:.1f}" height="{h:.1f}"><title>{count} took {escape(label)}</title></rect>')
             out.append(f'<text class="axis" x="{x0 + (slot - 8) / 2:.1f}" y="{TOP + plot_h - h - 4:.1f}" '
                        f'text-anchor="middle">{count}</text>')
-        out.append(f'<text class="axis" x="{x0 + (slot - 8) / 2:.1f}" y="{H - 8}" text-anchor="middle">'
-                   f'{escape(label)}</text>')
+        out.append(_axis_text(x0 + (slot - 8) / 2, TOP + plot_h + 24, _bin_lines(label)))
+    if not total:
+        out.append(_empty_note(LEFT + plot_w / 2, TOP + plot_h / 2, "No finished recoveries yet"))
     out.append("</svg>")
     return Markup("".join(out))

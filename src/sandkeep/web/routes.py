@@ -59,6 +59,7 @@ log = get_logger("sandkeep.web")
 
 STATIC_FILES: dict[str, str] = {
     "htmx.min.js": "text/javascript; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
     "htmx.LICENSE": "text/plain; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
@@ -92,6 +93,21 @@ def _safe_next(target: str | None) -> str | None:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return None
     return target
+
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def _cookie_would_be_dropped(request: Request) -> bool:
+    """True when browsers will refuse the Secure session cookie: plain HTTP to a non-loopback host.
+
+    Browsers only keep Secure cookies over HTTPS or from localhost; anywhere else sign-in would silently
+    bounce back to /login, so the sign-in page says so up front.
+    """
+    if request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https":
+        return False
+    host = (request.url.hostname or "").lower()
+    return not (host in LOOPBACK_HOSTS or host.endswith(".localhost") or host.startswith("127."))
 
 
 def _collect(fetch: Callable[[str | None], Page[T]], cap: int) -> list[T]:
@@ -323,10 +339,18 @@ class WebUI:
         audit.sort(key=lambda a: (a.at, a.id or 0), reverse=True)
         status = present.status_value(rec.status)
         cleanup_running = instance_id in self.cleanups_running
+        now = self.now()
+        # the engine deletes a retained volume by itself once its deadline passed, under the instance's lease
+        auto_cleanup_running = bool(
+            rec.retained_volume_id and rec.retained_volume_cleanup_after is not None
+            and rec.retained_volume_cleanup_after <= now and rec.lease_owner
+            and rec.lease_expires_at is not None and rec.lease_expires_at > now)
         if status == Status.RECOVERING:
             cleanup_reason = "Refused while the instance is recovering."
         elif cleanup_running:
             cleanup_reason = "A cleanup of this volume is running."
+        elif auto_cleanup_running:
+            cleanup_reason = "The automatic cleanup of this volume is running now (its deadline has passed)."
         elif status in (Status.DESTROYING, Status.DESTROYED):
             cleanup_reason = "The instance is being destroyed; its volumes go with it."
         else:
@@ -424,7 +448,8 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
     def login_page(request: Request, *, error: str = "", status: int = 200, next_url: str | None = None) -> Response:
         token = new_login_csrf()
         response = ui.render("login.html", request=request, session=None, status=status, error=error,
-                             login_csrf=token, next_url=next_url or "")
+                             login_csrf=token, next_url=next_url or "",
+                             insecure_origin=_cookie_would_be_dropped(request))
         response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, path="/login", secure=True, httponly=True,
                             samesite="lax")
         return response
