@@ -243,6 +243,7 @@ class Host:
         self.seq = 0
         self._rt: dict[str, MachineRuntime] = {}
         self._waiters: list[asyncio.Event] = []
+        self.closing = False  # set on SIGTERM/SIGINT: long polls answer now instead of holding shutdown up
         self._bg: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
 
@@ -328,6 +329,13 @@ class Host:
             await self.clock.sleep(seconds)
 
     def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for ev in waiters:
+            ev.set()
+
+    def begin_shutdown(self) -> None:
+        """Answer every long poll now (watch returns, wait says 503) so the servers can stop at once."""
+        self.closing = True
         waiters, self._waiters = self._waiters, []
         for ev in waiters:
             ev.set()
@@ -910,6 +918,8 @@ class Host:
                 raise
             if current == state:
                 return
+            if self.closing:
+                raise HostError(503, "the host is shutting down; try again")
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 raise HostError(408, f"deadline_exceeded: machine failed to reach desired state, {state}, "
@@ -1175,7 +1185,7 @@ class Host:
     # ------------------------------------------------------------------ watch
     async def watch(self, since: int, timeout: float) -> JSON:
         deadline = self.clock.monotonic() + timeout
-        while self.seq <= since:
+        while self.seq <= since and not self.closing:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 break

@@ -96,6 +96,7 @@ async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
     front_server = await asyncio.start_server(front.handle, sock=proxy_sock, limit=front.max_head)
 
     def on_signal() -> None:
+        host.begin_shutdown()
         for s in servers:
             if s.should_exit:
                 s.force_exit = True
