@@ -34,6 +34,18 @@ class Ctx:
     def client(self) -> ApiClient:
         return ApiClient(self.url, self.token)
 
+    def print_listing(self, path: str, params: dict[str, Any], limit: int,
+                      render: Callable[[Sequence[dict[str, Any]]], str], empty: str) -> None:
+        """Fetch up to ``limit`` items of a paginated listing and print them as JSON or a table."""
+        with self.client() as client:
+            items = list(client.pages(path, params, max_items=limit))
+        if self.as_json:
+            emit_json(items)
+        elif items:
+            click.echo(render(items))
+        else:
+            click.echo(empty)
+
 
 def api_options(fn: F) -> F:
     """Adds --url, --token and --json; passes ``ctx: Ctx`` and turns API errors into exit codes."""

@@ -92,14 +92,7 @@ def events(ctx: Ctx, name: str | None, instance_id: str | None, limit: int) -> N
         params["name"] = name
     if instance_id:
         params["instance_id"] = instance_id
-    with ctx.client() as client:
-        items = list(client.pages("/v1/events", params, max_items=limit))
-    if ctx.as_json:
-        emit_json(items)
-    elif items:
-        click.echo(event_rows(items))
-    else:
-        click.echo("no events")
+    ctx.print_listing("/v1/events", params, limit, event_rows, "no events")
 
 
 @admin.command("audit")
@@ -111,11 +104,4 @@ def audit(ctx: Ctx, instance_id: str | None, limit: int) -> None:
     params: dict[str, Any] = {"limit": min(limit, 500)}
     if instance_id:
         params["instance_id"] = instance_id
-    with ctx.client() as client:
-        items = list(client.pages("/v1/audit", params, max_items=limit))
-    if ctx.as_json:
-        emit_json(items)
-    elif items:
-        click.echo(audit_rows(items))
-    else:
-        click.echo("no audit entries")
+    ctx.print_listing("/v1/audit", params, limit, audit_rows, "no audit entries")

@@ -64,14 +64,7 @@ def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | 
         params["user_id"] = user_id
     if region:
         params["region"] = region
-    with ctx.client() as client:
-        items = list(client.pages("/v1/instances", params, max_items=limit))
-    if ctx.as_json:
-        emit_json(items)
-    elif items:
-        click.echo(instance_rows(items))
-    else:
-        click.echo("no instances")
+    ctx.print_listing("/v1/instances", params, limit, instance_rows, "no instances")
 
 
 @instances.command("show")
@@ -153,11 +146,4 @@ def events(ctx: Ctx, instance_id: str, name: str | None, limit: int) -> None:
     params: dict[str, Any] = {"limit": min(limit, 500)}
     if name:
         params["name"] = name
-    with ctx.client() as client:
-        items = list(client.pages(f"/v1/instances/{instance_id}/events", params, max_items=limit))
-    if ctx.as_json:
-        emit_json(items)
-    elif items:
-        click.echo(event_rows(items))
-    else:
-        click.echo("no events")
+    ctx.print_listing(f"/v1/instances/{instance_id}/events", params, limit, event_rows, "no events")
