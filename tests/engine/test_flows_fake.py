@@ -60,6 +60,12 @@ async def test_unexpected_stop_recovers_to_another_region(h: Harness) -> None:
     started = h.event(rec.id, "instance.unexpected_stop_recovery_started")
     assert started.label == "alarm_stopped" and started.value == 1
     assert "detection_latency_ms" in started.details
+    # the replacement's events name the replacement and its region, not the old record's
+    created = h.event(rec.id, "reconcile.create_machine")
+    assert created.label == "recovery"
+    assert created.machine_id == final.machine_id and created.region == final.region
+    assert created.volume_id == final.volume_id
+    assert h.event(rec.id, "reconcile.gateway_health_probe").machine_id == final.machine_id
 
 
 async def test_recovery_retains_old_volume_with_snapshots(h: Harness) -> None:

@@ -21,12 +21,17 @@ class Emitter:
 
     def emit(self, record: InstanceRecord | None, event: str, *, label: str | None = None,
              error: str | None = None, duration_ms: int | None = None, value: float | None = None,
-             details: dict[str, Any] | None = None, level: str = "info") -> EventRecord:
+             details: dict[str, Any] | None = None, level: str = "info", machine_id: str | None = None,
+             volume_id: str | None = None, region: str | None = None) -> EventRecord:
+        """Record ``event``; ``machine_id``/``volume_id``/``region`` name what the event acted on when that is
+        not (yet) the record's own (e.g. a replacement machine created in another region)."""
         row = EventRecord(
             event=event, instance_id=record.id if record else None, at=self.clock.now(),
             user_id=record.user_id if record else None, sandbox_id=record.sandbox_id if record else None,
-            status=record.status.value if record else None, machine_id=record.machine_id if record else None,
-            volume_id=record.volume_id if record else None, region=record.region if record else None,
+            status=record.status.value if record else None,
+            machine_id=machine_id or (record.machine_id if record else None),
+            volume_id=volume_id or (record.volume_id if record else None),
+            region=region or (record.region if record else None),
             label=label, error=error, duration_ms=duration_ms, value=value, details=dict(details or {}),
         )
         try:

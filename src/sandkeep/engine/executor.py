@@ -361,6 +361,7 @@ class Pass:
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
             self.persist({action.assign: machine.id, **dict(action.extra)})
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
+                             machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
                              details={"machine_id": machine.id, "region": machine.region,
                                       "volume_id": action.volume_id})
             return machine
@@ -395,6 +396,7 @@ class Pass:
             if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
                 ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
                                  label="healthy" if healthy else "timeout", level="info" if healthy else "warning",
+                                 machine_id=action.machine_id,
                                  details={"machine_id": action.machine_id, "blocking": False})
             return healthy
         if isinstance(action, ListSnapshots):
