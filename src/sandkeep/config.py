@@ -46,7 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fly_regions", "FLY_REGIONS", "iad,ord,dfw", "Comma-separated Fly regions, preferred first."),
     Setting("fly_api_url", "FLY_API_URL", "https://api.machines.dev", "Fly Machines API base URL."),
     Setting("fly_proxy_url", "FLY_PROXY_URL", None,
-            "Base URL of the Fly proxy used for gateway traffic (default https://<app>.fly.dev)."),
+            "URL template of the Fly proxy for gateway traffic, {app} = app name (default https://{app}.fly.dev)."),
     Setting("app_prefix", "SANDKEEP_APP_PREFIX", "sk", "Prefix of the per-owner provider app names."),
     Setting("image", "SANDKEEP_IMAGE", "sandkeep/gateway", "Default machine image for new instances."),
     Setting("regions", "SANDKEEP_REGIONS", "lcl-a,lcl-b,lcl-c", "Regions of the local host, preferred first."),

@@ -302,9 +302,11 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         if settings.provider == "fly":
             if not settings.fly_api_token:
                 raise StartupError("provider 'fly' needs FLY_API_TOKEN")
-            # proxy_url stays None for Fly: the client then routes gateway traffic via https://<app>.fly.dev
-            # (a proxy URL would make the client treat the provider as the local host).
+            # proxy_url stays None for Fly (a proxy URL means the local host): gateway traffic goes through
+            # Fly's proxy at FLY_PROXY_URL, a template with {app} (default https://{app}.fly.dev).
             api_url, api_token, proxy_url = settings.fly_api_url, settings.fly_api_token, None
+            if settings.fly_proxy_url and "{app}" not in settings.fly_proxy_url:
+                raise StartupError(f"FLY_PROXY_URL must contain {{app}}, got {settings.fly_proxy_url!r}")
         elif settings.provider == "local":
             if settings.host_url:
                 host_url = settings.host_url
@@ -325,9 +327,10 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         else:
             raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
-        from sandkeep.provider.client import MachinesClient
+        from sandkeep.provider.client import FLY_PROXY_TEMPLATE, MachinesClient
 
-        provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock)
+        provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
+                                  fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE)
         stack.push_async_callback(provider.aclose)
 
         engine_cls = _import_engine()

@@ -45,6 +45,14 @@ def test_fly_without_a_token_is_a_clear_start_up_error(tmp_path: Path) -> None:
     assert "FLY_API_TOKEN" in out.stderr
 
 
+def test_fly_proxy_url_without_app_placeholder_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    out = _serve(["--provider", "fly", "--data-dir", str(tmp_path), "--listen", f"127.0.0.1:{free_port()}"],
+                 env={"FLY_API_TOKEN": "x", "FLY_PROXY_URL": "https://proxy.example"})
+    assert out.returncode == 1
+    assert "FLY_PROXY_URL" in out.stderr and "{app}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_a_taken_port_is_a_clear_start_up_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -591,6 +591,14 @@ async def test_base_url_works_for_real_fly(base: str) -> None:
     await client.aclose()
 
 
+def test_fly_proxy_template_is_configurable() -> None:
+    client = MachinesClient("https://api.machines.dev", "t", fly_proxy_template="http://{app}.internal:8080/")
+    assert client.is_local is False
+    assert client.proxy_target("my-app", "m9") == ("http://my-app.internal:8080", {"fly-force-instance-id": "m9"})
+    with pytest.raises(ValueError, match="app"):
+        MachinesClient("https://api.machines.dev", "t", fly_proxy_template="https://proxy.example")
+
+
 async def test_local_host_proxy_target_and_watch() -> None:
     api = FakeApi().on("GET", "/_local/watch", ok({"seq": 12, "events": [
         {"seq": 12, "app_name": APP, "machine_id": "m1", "type": "exit", "state": "stopped", "exit_code": 137,

@@ -95,10 +95,15 @@ def _config_json(config: MachineConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude_none=True)
 
 
+FLY_PROXY_TEMPLATE = "https://{app}.fly.dev"
+"""Where gateway traffic for a Fly app goes (Fly's public proxy); ``{app}`` is the app name."""
+
+
 class MachinesClient:
     """Async Fly Machines API client implementing :class:`sandkeep.provider.base.MachineProvider`."""
 
-    def __init__(self, base_url: str, token: str, *, proxy_url: str | None = None, clock: Clock | None = None,
+    def __init__(self, base_url: str, token: str, *, proxy_url: str | None = None,
+                 fly_proxy_template: str = FLY_PROXY_TEMPLATE, clock: Clock | None = None,
                  timeout: float = 30.0, max_attempts: int = 5, backoff_base: float = 0.2,
                  backoff_max: float = 5.0, transport: httpx.AsyncBaseTransport | None = None,
                  max_retry_after: float = 60.0, rng: random.Random | None = None) -> None:
@@ -111,6 +116,9 @@ class MachinesClient:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = root
         self.proxy_url = proxy_url.rstrip("/") if proxy_url else None
+        if "{app}" not in fly_proxy_template:
+            raise ValueError(f"fly_proxy_template must contain '{{app}}', got {fly_proxy_template!r}")
+        self.fly_proxy_template = fly_proxy_template.rstrip("/")
         self.clock: Clock = clock or SystemClock()
         self.timeout = float(timeout)
         self.policy = RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base, backoff_max=backoff_max,
@@ -535,7 +543,7 @@ class MachinesClient:
         headers = {"fly-force-instance-id": machine_id}
         if self.proxy_url is not None:
             return self.proxy_url, headers
-        return f"https://{app_name}.fly.dev", headers
+        return self.fly_proxy_template.replace("{app}", app_name), headers
 
     async def watch_events(self, since: int, timeout: float) -> tuple[int, list[dict[str, Any]]]:
         """Local host only: long-poll machine state changes after sequence ``since``.
