@@ -39,3 +39,17 @@ def test_bind_failure_closes_the_socket_and_raises() -> None:
             raise AssertionError("second bind on a listening port succeeded")
     finally:
         first.close()
+
+
+def test_parse_hostport() -> None:
+    import pytest
+
+    from sandkeep.net import parse_hostport
+
+    assert parse_hostport(" 127.0.0.1:8080 ") == ("127.0.0.1", 8080)
+    assert parse_hostport("[::1]:0") == ("::1", 0)
+    with pytest.raises(ValueError, match="out of range"):
+        parse_hostport("127.0.0.1:0", allow_zero=False)
+    for bad, why in (("nonsense", "HOST:PORT"), (":80", "HOST:PORT"), ("h:x", "number"), ("h:70000", "range")):
+        with pytest.raises(ValueError, match=why):
+            parse_hostport(bad)

@@ -5,6 +5,27 @@ from __future__ import annotations
 import socket
 
 
+def parse_hostport(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 hosts may be bracketed) -> (host, port). Port 0 ("any free port") only when allowed."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    try:
+        number = int(port)
+    except ValueError as exc:
+        raise ValueError(f"port must be a number in {value!r}") from exc
+    if not (0 if allow_zero else 1) <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host.strip("[]"), number
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` right now (another process may still take it before it is used)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def bind_tcp(addr: tuple[str, int], *, backlog: int = 512) -> socket.socket:
     """A bound, listening TCP socket for uvicorn's ``sockets=``.
 

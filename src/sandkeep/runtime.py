@@ -43,6 +43,7 @@ from sandkeep.clock import Clock, SystemClock
 from sandkeep.config import Settings
 from sandkeep.engine.service import InstanceServiceAPI
 from sandkeep.logs import get_logger
+from sandkeep.net import parse_hostport
 
 
 class EngineLike(Protocol):
@@ -138,21 +139,8 @@ def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
     return value
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    try:
-        number = int(port)
-    except ValueError as exc:
-        raise ValueError(f"port must be a number in {value!r}") from exc
-    if not 0 < number <= 65535:
-        raise ValueError(f"port out of range in {value!r}")
-    return host.strip("[]"), number
-
-
 def http_url(listen: str) -> str:
-    host, port = parse_listen(listen)
+    host, port = parse_hostport(listen, allow_zero=False)
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
@@ -222,7 +210,7 @@ async def wait_host_ready(child: HostChild, timeout: float, *, interval: float =
 
 
 def _check_free(listen: str, what: str) -> None:
-    host, port = parse_listen(listen)
+    host, port = parse_hostport(listen, allow_zero=False)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

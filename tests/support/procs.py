@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,15 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from sandkeep.net import free_port as free_port  # re-exported for the tests
 from tests.support.wait import wait_until
 
 SANDKEEP = [sys.executable, "-m", "sandkeep"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from sandkeep.net import free_port
 
 DEMO_ENV = {
     "SANDKEEP_INTERVAL_RUNNING": "5",
@@ -51,12 +52,6 @@ DESCRIBE = {
     "instance.started": "instance running",
     "instance.stopped": "instance stopped",
 }
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _describe(e: dict[str, Any]) -> str:
@@ -98,7 +93,7 @@ def demo(keep: bool, timeout: float) -> None:
     from sandkeep.api.client import ApiCallError, ApiClient, ApiUnreachable
 
     data = Path(tempfile.mkdtemp(prefix="sandkeep-demo-"))
-    api_port, host_port, proxy_port = _free_port(), _free_port(), _free_port()
+    api_port, host_port, proxy_port = free_port(), free_port(), free_port()
     secret, host_token = secrets.token_urlsafe(48), secrets.token_urlsafe(24)
     env = {**os.environ, **DEMO_ENV, "SANDKEEP_JWT_SECRET": secret, "SANDKEEP_HOST_TOKEN": host_token,
            "PYTHONUNBUFFERED": "1"}

@@ -40,13 +40,14 @@ def host(listen: str, proxy_listen: str, data_dir: Path | None, regions: str, pr
     """Run the local machine host: Fly Machines API (Bearer token), proxy, real processes, directory volumes."""
     from sandkeep.host.core import HostOptions
     from sandkeep.host.faults import profile_delays
-    from sandkeep.host.server import ServeConfig, load_or_create_token, parse_listen, run
+    from sandkeep.host.server import ServeConfig, load_or_create_token, run
     from sandkeep.logs import configure_logging
+    from sandkeep.net import parse_hostport
 
     level = (log_level or os.environ.get("SANDKEEP_LOG_LEVEL") or "info").lower()
     configure_logging(level)
     try:
-        api_addr, proxy_addr = parse_listen(listen), parse_listen(proxy_listen)
+        api_addr, proxy_addr = parse_hostport(listen), parse_hostport(proxy_listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     region_list = [r.strip() for r in regions.split(",") if r.strip()]

@@ -44,17 +44,22 @@ def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_
     """Run sandkeep: HTTP API (+ /docs), web UI, engine and the local machine host."""
     from sandkeep.config import SettingsError, load_settings
     from sandkeep.logs import configure_logging
-    from sandkeep.runtime import StartupError, parse_listen
+    from sandkeep.net import parse_hostport
+    from sandkeep.runtime import StartupError
 
     try:
         settings = load_settings(listen=listen, provider=provider, host_listen=host_listen,
                                  host_proxy_listen=host_proxy_listen, log_level=log_level,
                                  home=data_dir)
-        _parse_api_listen(settings.listen)
-        parse_listen(settings.host_listen)
-        parse_listen(settings.host_proxy_listen)
-    except (SettingsError, ValueError) as exc:
+    except SettingsError as exc:
         raise click.UsageError(str(exc)) from exc
+    for option, value, allow_zero in (("--listen", settings.listen, True),
+                                      ("--host-listen", settings.host_listen, False),
+                                      ("--host-proxy-listen", settings.host_proxy_listen, False)):
+        try:
+            parse_hostport(value, allow_zero=allow_zero)
+        except ValueError as exc:
+            raise click.UsageError(f"{option}: {exc}") from exc
     configure_logging(settings.log_level)
     try:
         code = asyncio.run(_serve(settings, login_links=not no_login_links))
@@ -64,13 +69,6 @@ def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_
     except KeyboardInterrupt:  # pragma: no cover
         code = 130
     sys.exit(code)
-
-
-def _parse_api_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen expects HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def _bind(addr: tuple[str, int]) -> socket.socket:
@@ -92,7 +90,9 @@ async def _serve(settings: Any, *, login_links: bool) -> int:
     from sandkeep.runtime import open_runtime
 
     log = get_logger("sandkeep.serve")
-    host, port = _parse_api_listen(settings.listen)
+    from sandkeep.net import parse_hostport
+
+    host, port = parse_hostport(settings.listen)
     sock = _bind((host, port))  # fail fast before starting anything else when the port is taken
     actual_port = int(sock.getsockname()[1])
     if port == 0:

@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from sandkeep.clock import Clock, utc_iso
 from sandkeep.host import ids
 from sandkeep.host.db import HostDB
 from sandkeep.host.images import CATALOGUE, resolve
+from sandkeep.net import free_port
 
 log = structlog.get_logger("sandkeep.host")  # lazy: configured by the command
 
@@ -105,12 +105,6 @@ def _parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _machine_pid(m: JSON) -> int | None:
@@ -677,7 +671,7 @@ class Host:
         if image is None:
             self._set_state(m, "failed", "start", request={"error": f"unknown image {m['config']['image']}"})
             return
-        port = _free_port()
+        port = free_port()
         work = self.data_dir / "machines" / m["id"]
         work.mkdir(parents=True, exist_ok=True)
         env = self._machine_env(m, port)

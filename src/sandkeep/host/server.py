@@ -35,19 +35,6 @@ class ServeConfig:
     rate_limits: bool = False
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    try:
-        number = int(port)
-    except ValueError as exc:
-        raise ValueError(f"port must be a number in {value!r}") from exc
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port out of range in {value!r}")
-    return host.strip("[]"), number
-
-
 def load_or_create_token(data_dir: Path, env_token: str | None) -> tuple[str, Path | None]:
     """The token from the environment, else the one stored in ``data_dir/token`` (created once)."""
     if env_token:
