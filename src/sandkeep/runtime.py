@@ -105,26 +105,13 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------- secrets
 
 
-def write_private(path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content + "\n")
-    os.replace(tmp, path)
-
-
 def load_or_create_secret(path: Path, from_env: str | None, generate: Any) -> tuple[str, bool]:
     """(value, generated?) — the env value wins; else the file's content; else a new value saved to the file."""
     if from_env:
         return from_env, False
-    if path.exists():
-        value = path.read_text().strip()
-        if value:
-            return value, False
-    value = str(generate())
-    write_private(path, value)
-    return value, True
+    from sandkeep.secrets import read_or_create_private
+
+    return read_or_create_private(path, generate)
 
 
 def resolve_data_dir(settings: Settings, data_dir: Path | None = None) -> Path:

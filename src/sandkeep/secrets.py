@@ -9,7 +9,8 @@ views and never logged.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -23,29 +24,43 @@ class SecretsError(Exception):
     """A key is malformed or a token cannot be decrypted with it."""
 
 
-def load_or_create_key(home: Path) -> bytes:
-    """The Fernet key stored in ``home/secrets.key``, generated (0600) on first use."""
-    path = home / KEY_FILE_NAME
+def read_or_create_private(path: Path, generate: Callable[[], str]) -> tuple[str, bool]:
+    """``(value, created)``: the file's content, or ``generate()`` saved there once with mode 0600.
+
+    Safe when several processes start at once (serve, ``sandkeep token``, a second engine): the file is
+    written aside and hard-linked into place, so the first writer wins and everyone reads the same value.
+    """
     try:
-        return path.read_bytes().strip()
+        existing: str | None = path.read_text().strip()
     except FileNotFoundError:
-        pass
-    home.mkdir(parents=True, exist_ok=True)
-    key = Fernet.generate_key()
-    tmp = path.with_name(f".{KEY_FILE_NAME}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        existing = None
+    if existing:
+        return existing, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = str(generate())
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+    tmp = Path(tmp_name)
     try:
-        os.write(fd, key + b"\n")
+        os.write(fd, (fresh + "\n").encode())
     finally:
         os.close(fd)
     try:
-        # first writer wins: link fails if another process created the file meanwhile
-        os.link(tmp, path)
+        if existing is not None:  # the file was there but empty: nothing worth keeping
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if another process created the file meanwhile
     except FileExistsError:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    return path.read_bytes().strip()
+    value = path.read_text().strip()
+    return value, value == fresh
+
+
+def load_or_create_key(home: Path) -> bytes:
+    """The Fernet key stored in ``home/secrets.key``, generated (0600) on first use."""
+    value, _ = read_or_create_private(home / KEY_FILE_NAME, lambda: Fernet.generate_key().decode())
+    return value.encode()
 
 
 class SecretBox:

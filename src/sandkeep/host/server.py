@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import signal
 import sys
@@ -20,6 +19,7 @@ from sandkeep.host.api import HostAPI, ProxyApp, ProxyFront
 from sandkeep.host.core import Host, HostOptions
 from sandkeep.host.faults import Faults
 from sandkeep.net import bind_tcp
+from sandkeep.secrets import read_or_create_private
 
 log = structlog.get_logger("sandkeep.host.server")  # lazy: configured by the command
 
@@ -40,15 +40,7 @@ def load_or_create_token(data_dir: Path, env_token: str | None) -> tuple[str, Pa
     if env_token:
         return env_token, None
     path = data_dir / "token"
-    if path.exists():
-        token = path.read_text().strip()
-        if token:
-            return token, path
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    token, _ = read_or_create_private(path, lambda: secrets.token_urlsafe(32))
     return token, path
 
 
