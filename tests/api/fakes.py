@@ -158,6 +158,13 @@ class FakeService:
         nxt = _cursor("instances", start + limit) if start + limit < len(items) else None
         return Page(items=page, next_cursor=nxt)
 
+    def count_by_status(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.instances.values():
+            if r.status != Status.DESTROYED:
+                counts[str(r.status)] = counts.get(str(r.status), 0) + 1
+        return counts
+
     async def start(self, actor: Actor, instance_id: str) -> InstanceRecord:
         r = self._user_action(actor, "start", instance_id)
         if r.status == Status.RUNNING:

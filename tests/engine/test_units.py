@@ -163,3 +163,15 @@ def test_fake_provider_is_a_machine_provider() -> None:
     provider: MachineProvider = FakeProvider()
     assert provider.proxy_target("a", "m")[1] == {"fly-force-instance-id": "m"}
     assert USER.role == "user"
+
+
+async def test_count_by_status_leaves_destroyed_instances_out(h: Harness) -> None:
+    await h.running()
+    await h.running()
+    now = h.clock.now()
+    h.store.insert_instance(InstanceRecord(id="ins_gone", user_id="u", sandbox_id="sbx_gone",
+                                           status=Status.DESTROYED, created_at=now, updated_at=now, app_name="a"))
+    h.store.insert_instance(InstanceRecord(id="ins_rec", user_id="u", sandbox_id="sbx_rec",
+                                           status=Status.RECOVERING, created_at=now, updated_at=now, app_name="a"))
+    assert h.store.count_by_status()["destroyed"] == 1
+    assert h.service.count_by_status() == {"running": 2, "recovering": 1}

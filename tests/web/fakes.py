@@ -119,6 +119,13 @@ class FakeService:
                  and (region is None or r.region == region)]
         return _page(items, cursor, limit)
 
+    def count_by_status(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.instances.values():
+            if r.status != Status.DESTROYED:
+                counts[r.status.value] = counts.get(r.status.value, 0) + 1
+        return counts
+
     async def start(self, actor: Actor, instance_id: str) -> InstanceRecord:
         rec = self._get(instance_id)
         self.calls.append(("start", actor.user_id, instance_id))

@@ -298,6 +298,11 @@ class InstanceService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
+    def count_by_status(self) -> dict[str, int]:
+        counts = self.ctx.store.count_by_status()
+        counts.pop(Status.DESTROYED.value, None)
+        return counts
+
     def list_events(self, *, instance_id: str | None = None, name: str | None = None,
                     cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
         try:
