@@ -126,22 +126,15 @@ class Deadline:
 async def poll_until(predicate: Callable[[], Awaitable[T | None]], *, timeout: float, interval: float,
                      what: str) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy; bounded by ``timeout``."""
-    import asyncio
+    from tests.support.wait import WaitTimeout, async_wait_until
 
-    end = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = await predicate()
-            if value:
-                return value
-        except BenchError:
-            raise
-        except Exception as exc:  # keep polling; report the last error on timeout
-            last_exc = exc
-        if time.monotonic() > end:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}; last error: {last_exc!r}")
-        await asyncio.sleep(interval)
+    try:
+        value = await async_wait_until(predicate, timeout=timeout, interval=interval, message=what,
+                                       fatal=(BenchError,))
+    except WaitTimeout as exc:
+        raise BenchError(str(exc)) from exc
+    assert value is not None  # async_wait_until returns only a truthy value
+    return value
 
 
 def payload(size: int, seed: int = 0) -> bytes:

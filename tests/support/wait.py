@@ -32,7 +32,10 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, interval: f
 
 
 async def async_wait_until(predicate: Callable[[], Awaitable[T]], *, timeout: float = 30.0,
-                           interval: float = 0.05, message: str = "condition") -> T:
+                           interval: float = 0.05, message: str = "condition",
+                           fatal: tuple[type[Exception], ...] = ()) -> T:
+    """Await ``predicate`` until it returns a truthy value. Errors keep the polling going (the last one is
+    reported on timeout), except those listed in ``fatal``, which end the wait at once."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:
@@ -40,6 +43,8 @@ async def async_wait_until(predicate: Callable[[], Awaitable[T]], *, timeout: fl
             value = await predicate()
             if value:
                 return value
+        except fatal:
+            raise
         except Exception as exc:
             last_exc = exc
         if time.monotonic() > deadline:
