@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.procs import Proc, free_port, spawn
+from tests.e2e.serving import running_serve
+from tests.support.procs import Proc
 from tests.support.wait import wait_until
 from tests.web.browser import PHONE, ConsoleLog, screenshot, sign_in_with_token
 from tests.web.conftest import OpenPage
@@ -99,24 +100,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("web-serve")
-    data_dir = base / "data"
-    port, host_port, proxy_port = free_port(), free_port(), free_port()
-    proc = spawn(["serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
-                  "--host-listen", f"127.0.0.1:{host_port}", "--host-proxy-listen", f"127.0.0.1:{proxy_port}"],
-                 log_path=base / "serve.log", env=ENGINE_ENV)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"serve exited with {proc.popen.returncode}:\n{proc.log()[-4000:]}")
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-
-    try:
-        wait_until(ready, timeout=60, interval=0.1, message="sandkeep serve /healthz")
-        yield Stack(url=url, host_url=f"http://127.0.0.1:{host_port}", data_dir=data_dir, proc=proc)
-    finally:
-        proc.stop()
+    with running_serve(tmp_path_factory.mktemp("web-serve"), extra_env=ENGINE_ENV) as serve:
+        yield Stack(url=serve.url, host_url=serve.host_url, data_dir=serve.data_dir, proc=serve.proc)
 
 
 @pytest.fixture(autouse=True)
