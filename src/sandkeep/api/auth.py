@@ -77,12 +77,3 @@ def actor_from_token(secret: str, token: str) -> Actor:
         raise TokenError(f"token 'role' claim must be one of {', '.join(ROLES)}")
     return Actor(user_id=sub, role=str(role))
 
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
-    if not authorization:
-        return None
-    scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()

@@ -29,7 +29,6 @@ from sandkeep.engine.naming import (
     validate_image,
     validate_size,
 )
-from sandkeep.engine.policy import interval_for
 from sandkeep.engine.recovery import EVENT_STARTED
 from sandkeep.engine.service import (
     Actor,
@@ -317,9 +316,6 @@ class InstanceService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
-    def view(self, record: InstanceRecord) -> dict[str, Any]:
-        return public_view(record)
-
     # ------------------------------------------------------------------ user actions
 
     @staticmethod
@@ -548,6 +544,3 @@ class InstanceService:
         if record.status != Status.RUNNING or not record.machine_id:
             return None
         return self.ctx.provider.proxy_target(record.app_name, record.machine_id)
-
-    def next_interval(self, record: InstanceRecord) -> float:
-        return interval_for(record.status, self.ctx.settings)

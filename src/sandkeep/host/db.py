@@ -42,9 +42,6 @@ class HostDB:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta(self, key: str, value: str) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
     def add_watch(self, seq: int, data: dict[str, Any]) -> None:
         self._conn.execute("BEGIN")
         try:
