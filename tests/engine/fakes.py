@@ -180,7 +180,8 @@ class FakeProvider:
             out.append(self._view(m))
         return out
 
-    async def update_machine(self, app_name: str, machine_id: str, *, config: MachineConfig) -> Machine:
+    async def update_machine(self, app_name: str, machine_id: str, *, config: MachineConfig,
+                             skip_launch: bool = False) -> Machine:
         self._check("update_machine")
         m = self._machine(app_name, machine_id)
         for v in self.volumes.values():
@@ -190,13 +191,15 @@ class FakeProvider:
             if mount.volume in self.volumes:
                 self.volumes[mount.volume].attached_machine_id = m.id
         m.config = config.model_copy(deep=True)
-        if m.state == "started":
-            self._boot(m)
+        if not skip_launch and m.state in ("started", "stopped", "created", "failed", "suspended"):
+            self._boot(m)  # as on Fly: an update (re)launches the machine unless skip_launch
         return self._view(m)
 
     async def start_machine(self, app_name: str, machine_id: str) -> None:
         self._check("start_machine")
         m = self._machine(app_name, machine_id)
+        if m.state in ("starting", "started"):  # as Fly answers a start of a machine already on its way up
+            raise ConflictError(f"unable to start machine from current state: '{m.state}'", status=412)
         if m.state in ("stopped", "created", "failed", "suspended"):
             self._boot(m)
 
