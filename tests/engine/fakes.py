@@ -11,6 +11,7 @@ from sandkeep.clock import Clock, FakeClock, utc_iso
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
+    HostUnavailableError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -267,8 +268,8 @@ class FakeProvider:
             if src is None:
                 raise NotFoundError(f"source volume not found: {source_volume_id}", status=404)
             if src.host_status == "unreachable" or src.region in self.unreachable:
-                raise ConflictError(f"failed_precondition: cannot fork volume {src.id}: its host in region "
-                                    f"{src.region} is unreachable", status=412)
+                raise HostUnavailableError(f"failed_precondition: cannot fork volume {src.id}: its host in region "
+                                           f"{src.region} is unreachable (host_status: unreachable)", status=412)
             data = dict(src.data)
         if snapshot_id:
             snap = next((s for snaps in self.snapshots.values() for s in snaps if s.id == snapshot_id), None)
