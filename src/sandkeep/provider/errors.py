@@ -107,6 +107,8 @@ def classify(status: int, body: str, *, operation: str = "",
         return NotFoundError(message, **kw)  # type: ignore[arg-type]
     if 400 <= status < 600 and _PRECONDITION_PATTERNS.search(body or ""):
         return ConflictError(message, **kw)  # type: ignore[arg-type]
+    if status in (405, 501):  # the operation is not offered: final, never "gone", never worth a retry
+        return InvalidRequestError(message, **kw)  # type: ignore[arg-type]
     if status >= 500:
         return TransientError(message, **kw)  # type: ignore[arg-type]
     if status in (401, 403):
