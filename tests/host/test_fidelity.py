@@ -56,6 +56,18 @@ def test_update_with_skip_launch_leaves_a_stopped_machine_stopped(api: Api) -> N
     api.wait(app, m["id"], "started")
 
 
+def test_a_start_of_a_machine_already_started_changes_nothing(api: Api) -> None:
+    # Fly's answer is undocumented (a 412 "unable to start machine from current state" is reported); the host
+    # answers 200 with previous_state and changes nothing; the engine copes with both (tests/engine)
+    app = api.new_app()
+    m = api.machine(app)
+    events = api.call("GET", f"/v1/apps/{app}/machines/{m['id']}/events", 200)
+    out = api.call("POST", f"/v1/apps/{app}/machines/{m['id']}/start", 200)
+    assert out["previous_state"] == "started"
+    assert api.get(app, m["id"])["state"] == "started"
+    assert api.call("GET", f"/v1/apps/{app}/machines/{m['id']}/events", 200) == events
+
+
 # ------------------------------------------------------------------ 2. missing volume is a 400
 
 
