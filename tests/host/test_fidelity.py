@@ -28,11 +28,16 @@ def _classified(api: Api, method: str, path: str, expect: int, **kw: object) -> 
 # ------------------------------------------------------------------ 1. update launches
 
 
-def test_update_of_a_stopped_machine_launches_it(api: Api) -> None:
+def _stopped_machine(api: Api) -> tuple[str, dict[str, object]]:
     app = api.new_app()
     m = api.machine(app)
     api.call("POST", f"/v1/apps/{app}/machines/{m['id']}/stop", 200)
     api.wait(app, m["id"], "stopped")
+    return app, m
+
+
+def test_update_of_a_stopped_machine_launches_it(api: Api) -> None:
+    app, m = _stopped_machine(api)
     updated = api.call("POST", f"/v1/apps/{app}/machines/{m['id']}", 200,
                        json={"config": {"image": "sandkeep/gateway", "env": {"V": "2"}}})
     assert updated["config"]["env"] == {"V": "2"}
@@ -42,10 +47,7 @@ def test_update_of_a_stopped_machine_launches_it(api: Api) -> None:
 
 
 def test_update_with_skip_launch_leaves_a_stopped_machine_stopped(api: Api) -> None:
-    app = api.new_app()
-    m = api.machine(app)
-    api.call("POST", f"/v1/apps/{app}/machines/{m['id']}/stop", 200)
-    api.wait(app, m["id"], "stopped")
+    app, m = _stopped_machine(api)
     updated = api.call("POST", f"/v1/apps/{app}/machines/{m['id']}", 200,
                        json={"config": {"image": "sandkeep/gateway", "env": {"V": "2"}}, "skip_launch": True})
     assert updated["state"] == "stopped"
