@@ -554,13 +554,14 @@ async def test_volume_reads() -> None:
 
 async def test_ensure_app_gets_creates_and_tolerates_a_concurrent_create() -> None:
     app_path = f"/v1/apps/{APP}"
+    ips = f"{app_path}/ip_assignments"
     existing = {"id": "a1", "name": APP, "status": "deployed", "organization": {"slug": "personal"}}
-    api = FakeApi().on("GET", app_path, ok(existing))
+    has_ips = ok({"ips": [{"ip": "203.0.113.1", "shared": True}, {"ip": "2001:db8::1"}]})
+    api = FakeApi().on("GET", app_path, ok(existing)).on("GET", ips, has_ips)
     client, _ = make_client(api)
     assert (await client.ensure_app(APP, "personal")).name == APP
     assert api.calls("POST") == []
 
-    ips = f"{app_path}/ip_assignments"
     api = (FakeApi().on("GET", app_path, err(404, "app not found"), ok(existing)).on("POST", "/v1/apps", ok(status=201))
            .on("GET", ips, ok({"ips": []})).on("POST", ips, ok({"ip": "2001:db8::1"})))
     client, _ = make_client(api)
@@ -571,7 +572,7 @@ async def test_ensure_app_gets_creates_and_tolerates_a_concurrent_create() -> No
     assert [body(r) for r in api.calls("POST", ips)] == [{"type": "shared_v4"}, {"type": "v6"}]
 
     api = (FakeApi().on("GET", app_path, err(404, "app not found"), ok(existing))
-           .on("POST", "/v1/apps", err(422, "Name has already been taken")))
+           .on("POST", "/v1/apps", err(422, "Name has already been taken")).on("GET", ips, has_ips))
     client, _ = make_client(api)
     assert (await client.ensure_app(APP, "personal")).id == "a1"
 

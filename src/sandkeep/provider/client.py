@@ -310,21 +310,24 @@ class MachinesClient:
         return self._model(App, await self._call("GET", self._app_path(app_name), operation=op), op)
 
     async def ensure_app(self, app_name: str, org_slug: str) -> App:
-        """The app, created when missing (with its public IPs, see :meth:`ensure_public_ips`); a concurrent create
-        by someone else counts as success."""
+        """The app, created when missing, with its public IPs (:meth:`ensure_public_ips`, also when an earlier
+        call made the app but died before the IPs); a concurrent create by someone else counts as success."""
+        app = await self._get_or_create_app(app_name, org_slug)
+        await self.ensure_public_ips(app_name)
+        return app
+
+    async def _get_or_create_app(self, app_name: str, org_slug: str) -> App:
         try:
             return await self.get_app(app_name)
         except NotFoundError:
             pass
         try:
-            app = await self.create_app(app_name, org_slug)
+            return await self.create_app(app_name, org_slug)
         except (ConflictError, InvalidRequestError) as exc:
             try:
                 return await self.get_app(app_name)
             except NotFoundError:
                 raise exc from None
-        await self.ensure_public_ips(app_name)
-        return app
 
     async def list_ip_assignments(self, app_name: str) -> list[dict[str, Any]]:
         """The app's IP assignments (``GET /v1/apps/{app}/ip_assignments``, as fly-go's flaps client calls it)."""
