@@ -121,7 +121,7 @@ class Credentials:
 
     def check_token(self, token: str) -> tuple[Actor, TokenRecord]:
         """The actor of a valid, registered, unrevoked, unexpired token; TokenError (with a code) otherwise."""
-        actor, claims = verify_token(self.secret, token)
+        actor, claims = verify_token(self.secret, token, now=self.clock.now().timestamp())
         jti = claims.get("jti")
         if not isinstance(jti, str) or not TOKEN_ID_RE.match(jti):
             raise TokenError("token has no registered id (issued before token revocation existed?); "

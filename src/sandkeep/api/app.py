@@ -81,6 +81,7 @@ async def current_actor(request: Request,
 
 ActorDep = Annotated[Actor, Depends(current_actor)]
 InstanceId = Annotated[str, Path(description="Instance id (ins_...)", max_length=200)]
+TokenId = Annotated[str, Path(description="Token id (tok_...)", max_length=200)]
 Cursor = Annotated[str | None, Query(max_length=2000, description="Opaque cursor from next_cursor.")]
 Limit200 = Annotated[int, Query(ge=1, le=200, description="Page size (1-200).")]
 Limit500 = Annotated[int, Query(ge=1, le=500, description="Page size (1-500).")]
@@ -313,8 +314,6 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
         return render_instance(await service.destroy_machine(actor, instance_id))
 
     # ------------------------------------------------------------------------------------------ tokens
-
-    TokenId = Annotated[str, Path(description="Token id (tok_...)", max_length=200)]
 
     @v1.get("/tokens", response_model=TokenList, tags=["tokens"])
     async def my_tokens(actor: ActorDep) -> dict[str, Any]:
