@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -131,6 +131,7 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     install_error_handlers(app)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)
+    app.add_middleware(RejectMalformed)
 
     def require_admin(actor: Actor) -> None:
         if actor.role != "admin":
@@ -417,6 +418,45 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
 
     _include_web(app, runtime)
     return app
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_HTML_PREFIXES = ("/ui", "/login", "/logout")
+
+
+class RejectMalformed:
+    """400 before any route runs for requests no route should see:
+
+    * both ``Transfer-Encoding`` and ``Content-Length`` (ambiguous framing, the request-smuggling shape;
+      RFC 9112 §6.3 lets a server reject it);
+    * a path that decodes to control characters (e.g. ``/ui/instances/x/open/%00``).
+
+    Web UI paths get a small HTML page, everything else the API's JSON error shape.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = None
+            names = {name.lower() for name, _ in scope.get("headers", [])}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                problem = "a request may not carry both Transfer-Encoding and Content-Length"
+            elif _CONTROL_CHARS.search(scope.get("path", "")):
+                problem = "the request path contains control characters"
+            if problem is not None:
+                path = str(scope.get("path", ""))
+                if path.startswith(_HTML_PREFIXES):
+                    html = (f"<!doctype html><title>Bad request</title><h1>Bad request</h1><p>{problem}.</p>"
+                            '<p><a href="/">Back to the start page</a></p>')
+                    response: Response = HTMLResponse(html, status_code=400, headers={"Connection": "close"})
+                else:
+                    response = _err(400, "bad_request", problem)
+                    response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _TooLarge(StarletteHTTPException):
