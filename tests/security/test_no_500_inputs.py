@@ -80,7 +80,8 @@ def test_a_nul_in_the_open_path_is_400(serve: Serve, running: dict[str, Any]) ->
 
 def test_a_client_that_hangs_up_mid_body_is_a_quiet_4xx(serve: Serve, running: dict[str, Any]) -> None:
     before = serve.proc.log().count("api.client_disconnected")
-    request = (f"PUT /v1/instances/{running['id']}/gateway/data/upload HTTP/1.1\r\nHost: sandkeep\r\nAuthorization: Bearer {serve.token('raw-alice')}\r\n"
+    request = (f"PUT /v1/instances/{running['id']}/gateway/data/upload HTTP/1.1\r\nHost: sandkeep\r\n"
+               f"Authorization: Bearer {serve.token('raw-alice')}\r\n"
                f"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n").encode() + b'{"env": {"A": "'
     with socket.create_connection(address(serve), timeout=30) as sock:
         sock.sendall(request)  # ... and hang up with most of the promised body unsent
