@@ -178,3 +178,24 @@ async def test_login_page_warns_when_the_secure_cookie_cannot_stick(rt: FakeRunt
     async with httpx.AsyncClient(transport=transport, base_url="http://sandkeep.example") as client:
         proxied = await client.get("/login", headers={"X-Forwarded-Proto": "https"})  # TLS ends at a proxy
         assert 'data-testid="insecure-origin"' not in proxied.text
+
+
+async def test_sign_in_throttle_lifts_when_the_failures_leave_the_window() -> None:
+    from tests.web.conftest import make_app
+    from tests.web.fakes import make_runtime
+
+    rt = make_runtime(signin_max_failures=2, signin_failure_window=60.0)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(rt)),
+                                 base_url="https://testserver") as client:
+        for _ in range(2):
+            page = await client.get("/login")
+            bad = await client.post("/login", data={"token": "nope", "csrf_token": csrf_of(page.text)})
+            assert bad.status_code == 401
+        page = await client.get("/login")
+        good = {"token": token(rt, "alice"), "csrf_token": csrf_of(page.text)}
+        blocked = await client.post("/login", data=good)
+        assert blocked.status_code == 429 and blocked.headers["retry-after"] == "60"
+        rt.clock.advance(30)
+        assert (await client.post("/login", data=good)).headers["retry-after"] == "30"
+        rt.clock.advance(31)
+        assert (await client.post("/login", data=good)).status_code == 303

@@ -531,16 +531,24 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
                                  "`sandkeep serve` for fresh links, or sign in with a token.",
                          link=("/login", "Sign in with a token"))
 
-    @router.get("/login/once/{code}", response_model=None)
-    async def login_once(request: Request, code: str) -> Response:
-        """A confirmation page: opening (or previewing) the link does not use the code; its POST does."""
+    def code_actor(request: Request, code: str, *, consume: bool) -> Actor | Response:
+        """Who ``code`` signs in (consuming it when ``consume``), or the 429 / 410 page to answer instead."""
         blocked = throttled(request)
         if blocked is not None:
             return blocked
-        actor = runtime.credentials.peek_login_code(code)
+        credentials = runtime.credentials
+        actor = credentials.redeem_login_code(code) if consume else credentials.peek_login_code(code)
         if actor is None:
             failed_signin(request, "code")
             return code_gone(request)
+        return actor
+
+    @router.get("/login/once/{code}", response_model=None)
+    async def login_once(request: Request, code: str) -> Response:
+        """A confirmation page: opening (or previewing) the link does not use the code; its POST does."""
+        actor = code_actor(request, code, consume=False)
+        if not isinstance(actor, Actor):
+            return actor
         token = new_login_csrf()
         response = ui.render("login_once.html", request=request, session=None, who=actor, login_csrf=token,
                              action_url=f"/login/once/{quote(code, safe='')}")
@@ -555,13 +563,9 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
             return ui.render("error.html", request=request, session=None, status=403, title="Form expired",
                              message="This sign-in confirmation was not sent from this site (CSRF check). "
                                      "Open the sign-in link again.", link=(request.url.path, "Open the link again"))
-        blocked = throttled(request)
-        if blocked is not None:
-            return blocked
-        actor = runtime.credentials.redeem_login_code(code)
-        if actor is None:
-            failed_signin(request, "code")
-            return code_gone(request)
+        actor = code_actor(request, code, consume=True)
+        if not isinstance(actor, Actor):
+            return actor
         return start_session(actor, home_for(actor))
 
     @router.post("/logout", response_model=None)
