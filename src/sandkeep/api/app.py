@@ -429,7 +429,8 @@ class RejectMalformed:
 
     * both ``Transfer-Encoding`` and ``Content-Length`` (ambiguous framing, the request-smuggling shape;
       RFC 9112 §6.3 lets a server reject it);
-    * a path that decodes to control characters (e.g. ``/ui/instances/x/open/%00``).
+    * outside the API (``/v1/``, whose routes answer weird ids with 404 themselves), a path that decodes to
+      control characters (e.g. ``/ui/instances/x/open/%00``).
 
     Web UI paths get a small HTML page, everything else the API's JSON error shape.
     """
@@ -443,7 +444,7 @@ class RejectMalformed:
             names = {name.lower() for name, _ in scope.get("headers", [])}
             if b"transfer-encoding" in names and b"content-length" in names:
                 problem = "a request may not carry both Transfer-Encoding and Content-Length"
-            elif _CONTROL_CHARS.search(scope.get("path", "")):
+            elif not str(scope.get("path", "")).startswith("/v1/") and _CONTROL_CHARS.search(scope.get("path", "")):
                 problem = "the request path contains control characters"
             if problem is not None:
                 path = str(scope.get("path", ""))
