@@ -112,6 +112,22 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the web pages refresh instance status without a reload."),
     Setting("web_gateway_timeout", "SANDKEEP_WEB_GATEWAY_TIMEOUT", 30.0,
             "Timeout of one request the web UI's Open link proxies to an instance's gateway."),
+    # credentials and limits
+    Setting("signin_max_failures", "SANDKEEP_SIGNIN_MAX_FAILURES", 10,
+            "Failed web sign-ins (token paste, one-time code) per client address before 429 (0 = no limit)."),
+    Setting("signin_failure_window", "SANDKEEP_SIGNIN_FAILURE_WINDOW", 300.0,
+            "Window in which failed sign-ins are counted; also the longest Retry-After."),
+    Setting("max_instances_per_user", "SANDKEEP_MAX_INSTANCES_PER_USER", 10,
+            "Instances (not destroyed) one user may own; 0 = unlimited; admins are exempt."),
+    Setting("allowed_images", "SANDKEEP_ALLOWED_IMAGES", None,
+            "Comma-separated images instances may use (default: only SANDKEEP_IMAGE)."),
+    Setting("user_machine_sizes", "SANDKEEP_USER_MACHINE_SIZES",
+            "shared-cpu-1x,shared-cpu-2x,shared-cpu-4x,shared-cpu-8x",
+            "Comma-separated machine sizes non-admins may pick (admins: every size)."),
+    Setting("audit_refused_max", "SANDKEEP_AUDIT_REFUSED_MAX", 20,
+            "Refused admin calls audited per actor per window; more are counted into the next row."),
+    Setting("audit_refused_window", "SANDKEEP_AUDIT_REFUSED_WINDOW", 3600.0,
+            "Window of SANDKEEP_AUDIT_REFUSED_MAX."),
 )
 
 
@@ -171,6 +187,13 @@ class Settings:
     web_login_code_ttl: float = 900.0
     web_poll_interval: float = 2.0
     web_gateway_timeout: float = 30.0
+    signin_max_failures: int = 10
+    signin_failure_window: float = 300.0
+    max_instances_per_user: int = 10
+    allowed_images: str | None = None
+    user_machine_sizes: str = "shared-cpu-1x,shared-cpu-2x,shared-cpu-4x,shared-cpu-8x"
+    audit_refused_max: int = 20
+    audit_refused_window: float = 3600.0
 
     @property
     def region_list(self) -> list[str]:

@@ -94,8 +94,11 @@ class Runtime:
     host_url: str | None = None
     host_token: str | None = None
     host_proxy_url: str | None = None
+    credentials: Any = None
+    """:class:`sandkeep.credentials.Credentials`: API token registry, web sessions, sign-in codes (required
+    by the API app)."""
     extras: dict[str, Any] = field(default_factory=dict)
-    """Scratch space for other parts (e.g. the web UI's one-time sign-in codes)."""
+    """Scratch space for other parts."""
 
     @property
     def local_mode(self) -> bool:
@@ -316,8 +319,11 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         if start_engine:
             await engine.start()
             stack.push_async_callback(engine.stop)
+        from sandkeep.credentials import Credentials
+
         runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=jwt_secret,
                           data_dir=directory, base_url=public, store=store, provider=provider, engine=engine,
+                          credentials=Credentials(store, jwt_secret, clock),
                           host_process=host_child, host_url=host_url, host_token=host_token,
                           host_proxy_url=host_proxy)
         yield runtime

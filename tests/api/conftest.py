@@ -12,9 +12,9 @@ import pytest
 from fastapi import FastAPI
 
 from sandkeep.api.app import create_app
-from sandkeep.api.auth import issue_token
 from sandkeep.clock import FakeClock
 from sandkeep.config import Settings
+from sandkeep.credentials import Credentials, memory_credentials
 from sandkeep.logs import configure_logging
 from sandkeep.runtime import Runtime
 from tests.api.fakes import FakeService
@@ -26,10 +26,12 @@ SECRET = "api-test-secret-0123456789abcdefghijklmnop"
 class Api:
     client: httpx.AsyncClient
     service: FakeService
+    credentials: Credentials
     upstream: list[httpx.Request] = field(default_factory=list)
 
     def token(self, user_id: str = "alice", role: str = "user", ttl: float | None = None) -> str:
-        return issue_token(SECRET, user_id, role, ttl)
+        """A token recorded in the app's registry (as `sandkeep token` makes them)."""
+        return self.credentials.issue_token(user_id, role, ttl).token
 
     def auth(self, user_id: str = "alice", role: str = "user") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(user_id, role)}"}
@@ -50,7 +52,8 @@ def gateway_echo(seen: list[httpx.Request]) -> httpx.MockTransport:
 
 def make_runtime(service: FakeService, tmp_path: Path) -> Runtime:
     return Runtime(settings=Settings(home=tmp_path), clock=service.clock, service=service, jwt_secret=SECRET,
-                   data_dir=tmp_path, base_url="http://testserver")
+                   data_dir=tmp_path, base_url="http://testserver",
+                   credentials=memory_credentials(SECRET, service.clock))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,4 +77,4 @@ async def api(shared_app: tuple[FastAPI, FakeService, list[httpx.Request]]) -> A
     seen.clear()
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield Api(client=client, service=service, upstream=seen)
+        yield Api(client=client, service=service, credentials=app.state.credentials, upstream=seen)

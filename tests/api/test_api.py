@@ -8,9 +8,8 @@ from pathlib import Path
 import httpx
 
 from sandkeep.api.app import create_app
-from sandkeep.api.auth import issue_token
 from sandkeep.store.records import Status
-from tests.api.conftest import SECRET, Api, make_runtime
+from tests.api.conftest import Api, make_runtime
 from tests.api.fakes import FakeService, retained
 
 INSTANCE_KEYS = {"id", "user_id", "sandbox_id", "status", "busy", "region", "machine_id", "volume_id", "app_name",
@@ -157,11 +156,13 @@ async def test_gateway_unreachable_is_502_not_500(tmp_path: Path) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    app = create_app(make_runtime(service, tmp_path), proxy_transport=httpx.MockTransport(refuse))
+    runtime = make_runtime(service, tmp_path)
+    app = create_app(runtime, proxy_transport=httpx.MockTransport(refuse))
+    token = runtime.credentials.issue_token("alice").token
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
                                  base_url="http://t") as client:
         resp = await client.get(f"/v1/instances/{r.id}/gateway/health",
-                                headers={"Authorization": f"Bearer {issue_token(SECRET, 'alice')}"})
+                                headers={"Authorization": f"Bearer {token}"})
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "gateway_unreachable"
 
 

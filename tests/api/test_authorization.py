@@ -75,6 +75,11 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, True),
     ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy", None,
      {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    # token registry: everyone lists their own tokens; listing all and revoking are admin routes
+    ("my_tokens", "GET", "/v1/tokens", None, ok_for(200, OWNER, OTHER, ADMIN, PLATFORM), False),
+    ("admin_tokens", "GET", "/v1/admin/tokens", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
+    ("revoke_token", "POST", "/v1/admin/tokens/{tok}/revoke", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
     ("gateway", "GET", "/v1/instances/{id}/gateway/data/x", None,
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
     ("gateway_put", "PUT", "/v1/instances/{id}/gateway/data/x", "hello",
@@ -104,7 +109,8 @@ async def test_route_authorization(api: Api, route: tuple[str, str, str, Any, di
     target = api.service.add("alice", Status.RUNNING, **retained(api.service.clock))
     api.service.add("bob", Status.RUNNING)
     before = api.service.instances[target.id]
-    url = path.replace("{id}", target.id)
+    victim = api.credentials.issue_token("alice", "user", 3600).record  # {tok}: a token of the owner
+    url = path.replace("{id}", target.id).replace("{tok}", victim.jti)
     kwargs: dict[str, Any] = {"headers": headers_for(api, who)}
     if isinstance(body, str):
         kwargs["content"] = body
@@ -125,6 +131,7 @@ async def test_route_authorization(api: Api, route: tuple[str, str, str, Any, di
             assert api.service.calls == [], f"{name} by {who} reached the service"
             assert api.service.instances[target.id] == before
             assert not api.upstream
+            assert api.credentials.get_token(victim.jti).revoked_at is None
     elif mutates:
         assert api.service.calls, f"{name} by {who} did not reach the service"
 
@@ -167,7 +174,7 @@ async def test_healthz_and_metrics_need_no_token(api: Api) -> None:
 
 def _template(path: str) -> str:
     """A matrix path as the OpenAPI spells it."""
-    path = path.split("?", 1)[0].replace("{id}", "{instance_id}")
+    path = path.split("?", 1)[0].replace("{id}", "{instance_id}").replace("{tok}", "{token_id}")
     if "/gateway/" in path:
         path = path.split("/gateway/", 1)[0] + "/gateway/{path}"
     return path

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from sandkeep.api.app import create_app
-from sandkeep.api.auth import issue_token
 from sandkeep.clock import FakeClock
+from sandkeep.credentials import Credentials
 from sandkeep.engine.runtime import Engine
 from sandkeep.runtime import Runtime
 from sandkeep.store.records import Status
@@ -28,11 +28,13 @@ ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$"
 
 
 class Real:
-    def __init__(self, client: httpx.AsyncClient, engine: Engine, store: SqlStore, fake: FakeProvider) -> None:
+    def __init__(self, client: httpx.AsyncClient, engine: Engine, store: SqlStore, fake: FakeProvider,
+                 credentials: Credentials) -> None:
         self.client, self.engine, self.store, self.fake = client, engine, store, fake
+        self.credentials = credentials
 
     def auth(self, user: str, role: str = "user") -> dict[str, str]:
-        return {"Authorization": f"Bearer {issue_token(SECRET, user, role, 3600)}"}
+        return {"Authorization": f"Bearer {self.credentials.issue_token(user, role, 3600).token}"}
 
     async def running(self, user: str) -> dict[str, Any]:
         resp = await self.client.post("/v1/instances", json={}, headers=self.auth(user))
@@ -52,11 +54,12 @@ async def real(tmp_path: Path) -> AsyncIterator[Real]:
     settings = engine_settings(tmp_path)
     engine = Engine(settings, store, fake, clock, worker_id="api", prober=FakeProber(fake))
     engine.service.wake = lambda _id: None  # the test drives reconciles itself
+    credentials = Credentials(store, SECRET, clock)
     runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=SECRET, data_dir=tmp_path,
-                      base_url="http://testserver", store=store, provider=fake, engine=engine)
+                      base_url="http://testserver", store=store, provider=fake, engine=engine, credentials=credentials)
     transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield Real(client, engine, store, fake)
+        yield Real(client, engine, store, fake, credentials)
     await engine.stop()
     store.close()
 

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from sandkeep.api.app import create_app
-from sandkeep.api.auth import issue_token
 from sandkeep.store.records import Status
-from tests.api.conftest import SECRET, gateway_echo, make_runtime
+from tests.api.conftest import gateway_echo, make_runtime
 from tests.api.fakes import FakeService
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis not installed: property-based run skipped")
@@ -24,10 +23,11 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 _service = FakeService()
 _owned = _service.add("alice")
 _service.add("bob", Status.RECOVERING)
-_app = create_app(make_runtime(_service, Path("/nonexistent-sandkeep-test")), proxy_transport=gateway_echo([]))
+_runtime = make_runtime(_service, Path("/nonexistent-sandkeep-test"))
+_app = create_app(_runtime, proxy_transport=gateway_echo([]))
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app)
-TOKENS = {"admin": issue_token(SECRET, "root", "admin"), "user": issue_token(SECRET, "alice", "user"),
-          "platform": issue_token(SECRET, "backend", "platform")}
+TOKENS = {role: _runtime.credentials.issue_token(user, role).token
+          for user, role in (("root", "admin"), ("alice", "user"), ("backend", "platform"))}
 
 
 @schema.parametrize()

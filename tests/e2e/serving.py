@@ -5,13 +5,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from sandkeep.api.auth import issue_token
+from sandkeep.clock import SystemClock
+from sandkeep.credentials import Credentials, open_credentials
 from tests.support.procs import Proc, free_port, spawn
 from tests.support.wait import wait_until
 
@@ -36,9 +37,24 @@ class Serve:
     host_proxy_url: str
     host_token: str
     proc: Proc
+    database_url: str = ""
+    _credentials: list[Credentials] = field(default_factory=list)
+
+    @property
+    def credentials(self) -> Credentials:
+        """serve's token registry, sessions and sign-in codes (its database, opened from the test)."""
+        if not self._credentials:
+            self._credentials.append(open_credentials(self.database_url, self.secret, SystemClock()))
+        return self._credentials[0]
 
     def token(self, user_id: str, role: str = "user") -> str:
-        return issue_token(self.secret, user_id, role, 3600)
+        """A token recorded in serve's database, as `sandkeep token` makes them."""
+        return self.credentials.issue_token(user_id, role, 3600, issued_by="test").token
+
+    def close(self) -> None:
+        for credentials in self._credentials:
+            credentials.store.close()
+        self._credentials.clear()
 
     def headers(self, user_id: str, role: str = "user") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(user_id, role)}"}
@@ -77,9 +93,15 @@ def running_serve(base: Path, *, extra_env: dict[str, str] | None = None) -> Ite
             raise RuntimeError(f"serve exited with {proc.popen.returncode}:\n{proc.log()}")
         return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
 
+    database_url = env.get("SANDKEEP_DATABASE_URL") or f"sqlite:///{(data / 'sandkeep.db').resolve()}"
+    serve: Serve | None = None
     try:
         wait_until(ready, timeout=60, message="sandkeep serve /healthz")
-        yield Serve(url=url, data_dir=data, secret=secret, host_url=f"http://127.0.0.1:{host}",
-                    host_proxy_url=f"http://127.0.0.1:{proxy}", host_token=host_token, proc=proc)
+        serve = Serve(url=url, data_dir=data, secret=secret, host_url=f"http://127.0.0.1:{host}",
+                      host_proxy_url=f"http://127.0.0.1:{proxy}", host_token=host_token, proc=proc,
+                      database_url=database_url)
+        yield serve
     finally:
+        if serve is not None:
+            serve.close()
         proc.stop()

@@ -131,7 +131,9 @@ def test_real_server_errors_have_the_standard_shape(serve: Serve) -> None:
 
 def test_token_command_uses_the_same_secret_as_serve(serve: Serve, tmp_path: Path) -> None:
     env = {**os.environ, "SANDKEEP_JWT_SECRET": serve.secret}
-    out = subprocess.run([sys.executable, "-m", "sandkeep", "token", "--user", "tok-user", "--ttl", "60"],
+    # the token's id is recorded in serve's database (found through serve's data dir), or serve refuses it
+    out = subprocess.run([sys.executable, "-m", "sandkeep", "token", "--user", "tok-user", "--ttl", "60",
+                          "--data-dir", str(serve.data_dir)],
                          env=env, capture_output=True, text=True, timeout=60, check=True)
     token = out.stdout.strip()
     ok = httpx.get(f"{serve.url}/v1/instances", headers={"Authorization": f"Bearer {token}"})

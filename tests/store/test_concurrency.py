@@ -211,3 +211,25 @@ def test_processes_claim_due_on_sqlite_disjoint(sqlite_store: SqlStore, clock: F
         for iid in ids:
             row = sqlite_store.get_instance(iid)
             assert row is not None and row.lease_owner == owner
+
+
+def test_threads_racing_to_create_within_a_quota_never_exceed_it(store: SqlStore, clock: FakeClock) -> None:
+    """insert_instance(max_for_user=n): the count and the insert cannot interleave across connections
+    (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock per user), so 8 racers leave exactly n rows."""
+    from sandkeep.store.base import QuotaReached
+    from sandkeep.store.records import Status
+
+    store.insert_instance(new_instance(clock, user_id="quota-u", status=Status.DESTROYED))  # does not count
+
+    def create(i: int) -> str:
+        try:
+            store.insert_instance(new_instance(clock, user_id="quota-u"), max_for_user=3)
+        except QuotaReached as exc:
+            assert exc.count == 3
+            return "refused"
+        return "created"
+
+    results = _race(8, create)
+    assert Counter(results) == {"created": 3, "refused": 5}
+    assert len(store.list_instances(user_id="quota-u").items) == 3
+    store.insert_instance(new_instance(clock, user_id="quota-v"), max_for_user=3)  # other users are not affected

@@ -50,7 +50,7 @@ async def login(rt: FakeRuntime) -> AsyncIterator[Login]:
         clients.append(client)
         page = await client.get("/login")
         assert page.status_code == 200
-        r = await client.post("/login", data={"token": token(user, role), "csrf_token": csrf_of(page.text)})
+        r = await client.post("/login", data={"token": token(rt, user, role), "csrf_token": csrf_of(page.text)})
         assert r.status_code == 303, r.text
         return client
 

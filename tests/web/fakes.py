@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sandkeep.api.auth import issue_token
 from sandkeep.clock import FakeClock
 from sandkeep.config import Settings
+from sandkeep.credentials import Credentials, memory_credentials
 from sandkeep.engine.service import (
     Actor,
     InstanceBusy,
@@ -212,13 +212,16 @@ class FakeRuntime:
     settings: Settings
     clock: FakeClock
     service: FakeService
+    credentials: Credentials
     jwt_secret: str = SECRET
 
 
 def make_runtime(**settings: Any) -> FakeRuntime:
     clock = FakeClock()
-    return FakeRuntime(settings=Settings(**settings), clock=clock, service=FakeService(clock=clock))
+    return FakeRuntime(settings=Settings(**settings), clock=clock, service=FakeService(clock=clock),
+                       credentials=memory_credentials(SECRET, clock))
 
 
-def token(user_id: str, role: str = "user") -> str:
-    return issue_token(SECRET, user_id, role)
+def token(rt: FakeRuntime, user_id: str, role: str = "user") -> str:
+    """A token recorded in ``rt``'s registry (as `sandkeep token` makes them)."""
+    return rt.credentials.issue_token(user_id, role).token

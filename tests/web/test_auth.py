@@ -20,7 +20,7 @@ async def test_login_page_has_token_field_and_csrf(anon: httpx.AsyncClient) -> N
 
 async def test_token_login_sets_secure_httponly_lax_cookie(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
     page = await anon.get("/login")
-    r = await anon.post("/login", data={"token": token("alice"), "csrf_token": csrf_of(page.text)})
+    r = await anon.post("/login", data={"token": token(rt, "alice"), "csrf_token": csrf_of(page.text)})
     assert r.status_code == 303
     assert r.headers["location"] == "/ui/"
     cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE))
@@ -33,9 +33,9 @@ async def test_token_login_sets_secure_httponly_lax_cookie(rt: FakeRuntime, anon
     assert 'data-testid="whoami"' in home.text and "alice" in home.text
 
 
-async def test_admin_login_lands_on_fleet(anon: httpx.AsyncClient) -> None:
+async def test_admin_login_lands_on_fleet(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
     page = await anon.get("/login")
-    r = await anon.post("/login", data={"token": token("root", "admin"), "csrf_token": csrf_of(page.text)})
+    r = await anon.post("/login", data={"token": token(rt, "root", "admin"), "csrf_token": csrf_of(page.text)})
     assert r.headers["location"] == "/ui/admin/"
 
 
@@ -52,24 +52,24 @@ async def test_bad_token_is_refused_with_a_message(anon: httpx.AsyncClient) -> N
     assert SESSION_COOKIE not in anon.cookies
 
 
-async def test_login_without_matching_csrf_is_refused(anon: httpx.AsyncClient) -> None:
+async def test_login_without_matching_csrf_is_refused(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
     await anon.get("/login")
-    r = await anon.post("/login", data={"token": token("alice"), "csrf_token": "forged"})
+    r = await anon.post("/login", data={"token": token(rt, "alice"), "csrf_token": "forged"})
     assert r.status_code == 403
     assert SESSION_COOKIE not in anon.cookies
     fresh = httpx.AsyncClient(transport=anon._transport, base_url="https://testserver")
     try:  # no login cookie at all (a cross-site form post)
-        r = await fresh.post("/login", data={"token": token("alice"), "csrf_token": "x"})
+        r = await fresh.post("/login", data={"token": token(rt, "alice"), "csrf_token": "x"})
         assert r.status_code == 403
         assert SESSION_COOKIE not in fresh.cookies
     finally:
         await fresh.aclose()
 
 
-async def test_next_parameter_only_allows_local_paths(anon: httpx.AsyncClient) -> None:
+async def test_next_parameter_only_allows_local_paths(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
     page = await anon.get("/login?next=https://evil.example/")
     assert "evil.example" not in page.text
-    r = await anon.post("/login", data={"token": token("alice"), "csrf_token": csrf_of(page.text),
+    r = await anon.post("/login", data={"token": token(rt, "alice"), "csrf_token": csrf_of(page.text),
                                         "next": "//evil.example/x"})
     assert r.headers["location"] == "/ui/"
 
@@ -85,7 +85,10 @@ async def test_pages_redirect_anonymous_users_to_login(anon: httpx.AsyncClient) 
 
 async def test_one_time_link_works_once(rt: FakeRuntime, anon: httpx.AsyncClient) -> None:
     code = issue_login_code(rt, "root", "admin")
-    r = await anon.get(f"/login/once/{code}")
+    confirm = await anon.get(f"/login/once/{code}")  # a confirmation page; the GET does not sign in
+    assert confirm.status_code == 200 and SESSION_COOKIE not in anon.cookies
+    assert 'data-testid="login-once-user">root<' in confirm.text
+    r = await anon.post(f"/login/once/{code}", data={"csrf_token": csrf_of(confirm.text)})
     assert r.status_code == 303 and r.headers["location"] == "/ui/admin/"
     assert (await anon.get("/ui/admin/")).status_code == 200
     anon.cookies.clear()
@@ -115,17 +118,16 @@ async def test_tampered_session_cookie_is_ignored(rt: FakeRuntime, login: Login)
     client = await login("alice", "user")
     value = client.cookies.get(SESSION_COOKIE)
     assert value
-    head, body, sig = value.split(".")
     client.cookies.clear()
     client.cookies.set(SESSION_COOKIE, value)  # the jar really sends a cookie set this way
     assert (await client.get("/ui/")).status_code == 200
     client.cookies.clear()
-    client.cookies.set(SESSION_COOKIE, f"{head}.{body}.{sig[::-1]}")
+    client.cookies.set(SESSION_COOKIE, value[::-1])
     r = await client.get("/ui/")
     assert r.status_code == 303
-    # an API token is not a session either (wrong audience)
+    # an API token is not a session either
     client.cookies.clear()
-    client.cookies.set(SESSION_COOKIE, token("root", "admin"))
+    client.cookies.set(SESSION_COOKIE, token(rt, "root", "admin"))
     assert (await client.get("/ui/admin/")).status_code == 303
 
 
@@ -148,28 +150,19 @@ def test_issue_login_code_validates_role(rt: FakeRuntime) -> None:
     assert issue_login_code(rt, "x", "user") != issue_login_code(rt, "x", "user")
 
 
-def test_login_codes_live_in_runtime_extras_when_present(rt: FakeRuntime) -> None:
-    from dataclasses import dataclass, field
-    from typing import Any
+def test_login_codes_are_stored_hashed_and_work_once(rt: FakeRuntime) -> None:
+    from sqlalchemy import select
 
-    from sandkeep.web.auth import login_codes
+    from sandkeep.store.tables import login_codes
 
-    @dataclass
-    class WithExtras:
-        settings: Any
-        clock: Any
-        service: Any
-        jwt_secret: str
-        extras: dict[str, Any] = field(default_factory=dict)
-
-    a = WithExtras(rt.settings, rt.clock, rt.service, rt.jwt_secret)
-    b = WithExtras(rt.settings, rt.clock, rt.service, rt.jwt_secret)
-    code = issue_login_code(a, "demo", "user")
-    assert "web.login_codes" in a.extras
-    assert login_codes(b).redeem(rt.clock, code) is None  # codes belong to their runtime
-    actor = login_codes(a).redeem(rt.clock, code)
+    code = issue_login_code(rt, "demo", "user")
+    with rt.credentials.store.engine.connect() as conn:
+        stored = [r.code_hash for r in conn.execute(select(login_codes.c.code_hash))]
+    assert code not in stored and len(stored) == 1
+    assert rt.credentials.peek_login_code(code) is not None  # looking does not consume
+    actor = rt.credentials.redeem_login_code(code)
     assert actor is not None and actor.user_id == "demo" and actor.role == "user"
-    assert login_codes(a).redeem(rt.clock, code) is None
+    assert rt.credentials.redeem_login_code(code) is None
 
 
 async def test_login_page_warns_when_the_secure_cookie_cannot_stick(rt: FakeRuntime) -> None:
@@ -185,3 +178,24 @@ async def test_login_page_warns_when_the_secure_cookie_cannot_stick(rt: FakeRunt
     async with httpx.AsyncClient(transport=transport, base_url="http://sandkeep.example") as client:
         proxied = await client.get("/login", headers={"X-Forwarded-Proto": "https"})  # TLS ends at a proxy
         assert 'data-testid="insecure-origin"' not in proxied.text
+
+
+async def test_sign_in_throttle_lifts_when_the_failures_leave_the_window() -> None:
+    from tests.web.conftest import make_app
+    from tests.web.fakes import make_runtime
+
+    rt = make_runtime(signin_max_failures=2, signin_failure_window=60.0)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(rt)),
+                                 base_url="https://testserver") as client:
+        for _ in range(2):
+            page = await client.get("/login")
+            bad = await client.post("/login", data={"token": "nope", "csrf_token": csrf_of(page.text)})
+            assert bad.status_code == 401
+        page = await client.get("/login")
+        good = {"token": token(rt, "alice"), "csrf_token": csrf_of(page.text)}
+        blocked = await client.post("/login", data=good)
+        assert blocked.status_code == 429 and blocked.headers["retry-after"] == "60"
+        rt.clock.advance(30)
+        assert (await client.post("/login", data=good)).headers["retry-after"] == "30"
+        rt.clock.advance(31)
+        assert (await client.post("/login", data=good)).status_code == 303

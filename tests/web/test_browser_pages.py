@@ -49,7 +49,7 @@ def test_badge_follows_the_state_without_reload(site: tuple[str, FakeRuntime],
     base, rt = site
     pg, log = page
     rt.service.add("ins_a1", "alice")
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     badge = pg.locator("#ins-ins_a1 [data-testid=badge]")
     assert badge.inner_text() == "Running"
     pg.evaluate("window.__noReload = 'still here'")
@@ -72,7 +72,7 @@ def test_destroy_asks_first_and_reports_the_result(site: tuple[str, FakeRuntime]
     base, rt = site
     pg, log = page
     rt.service.add("ins_a1", "alice")
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     questions: list[str] = []
 
     def dismiss(dialog: Any) -> None:
@@ -98,7 +98,7 @@ def test_keyboard_only_start(site: tuple[str, FakeRuntime], page: tuple[Any, Con
     base, rt = site
     pg, log = page
     rt.service.add("ins_a1", "alice", Status.STOPPED)
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     for _ in range(30):
         pg.keyboard.press("Tab")
         if pg.evaluate("document.activeElement && document.activeElement.id") == "start-ins_a1":
@@ -115,7 +115,7 @@ def test_busy_refusal_is_shown(site: tuple[str, FakeRuntime], page: tuple[Any, C
     base, rt = site
     pg, log = page
     rt.service.add("ins_a1", "alice", Status.STOPPED)
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     # the engine moved on between drawing the page and the click: the service refuses
     rt.service.fail_next = InstanceBusy("instance ins_a1 is busy (starting)", status="starting")
     pg.click("#restart-ins_a1")
@@ -141,7 +141,7 @@ def test_admin_pages_render_cleanly_at_laptop_and_phone_width(site: tuple[str, F
                          at=now - timedelta(minutes=minutes - 1), duration_ms=minutes * 900)
     for name, viewport in (("laptop", LAPTOP), ("phone", PHONE)):
         pg, log = open_page(viewport)
-        sign_in_with_token(pg, base, token("root", "admin"))
+        sign_in_with_token(pg, base, token(rt, "root", "admin"))
         assert pg.url.endswith("/ui/admin/")
         assert pg.locator("[data-testid=recovering-now]").inner_text().count("ins_b1") == 1
         assert pg.locator("svg.chart").count() == 2
@@ -190,7 +190,7 @@ def test_every_page_fits_a_phone_and_its_charts_stay_readable(site: tuple[str, F
     log.allow(r"status of 404")  # the browser notes the 404 page load in the console
     pg.goto(f"{base}/login")
     assert pg.evaluate(FITS), "login page scrolls sideways"
-    sign_in_with_token(pg, base, token("root", "admin"))
+    sign_in_with_token(pg, base, token(rt, "root", "admin"))
     for path in ("/ui/", "/ui/admin/", "/ui/admin/?window=7d", "/ui/admin/instances/ins_c1",
                  "/ui/admin/instances/ins_b1", "/ui/admin/audit", "/ui/nowhere"):
         pg.goto(f"{base}{path}")
@@ -239,7 +239,7 @@ def test_tab_reaches_every_control_with_a_visible_focus(site: tuple[str, FakeRun
     base, rt = site
     busy_fleet(rt)
     pg, _ = open_page()
-    sign_in_with_token(pg, base, token("root", "admin"))
+    sign_in_with_token(pg, base, token(rt, "root", "admin"))
     for path in ("/ui/", "/ui/admin/", "/ui/admin/instances/ins_c1", "/ui/admin/audit"):
         pg.goto(f"{base}{path}")
         expected = pg.evaluate(FOCUSABLE_JS)
@@ -260,7 +260,7 @@ def test_destroy_confirmation_works_from_the_keyboard(site: tuple[str, FakeRunti
     base, rt = site
     pg, _ = page
     rt.service.add("ins_a1", "alice", Status.STOPPED)
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     questions: list[str] = []
 
     def answer_with_enter(dialog: Any) -> None:  # a native confirm: Enter accepts, Escape dismisses
@@ -284,7 +284,7 @@ def test_keyboard_focus_survives_live_updates(site: tuple[str, FakeRuntime], pag
     base, rt = site
     pg, _ = page
     busy_fleet(rt)
-    sign_in_with_token(pg, base, token("root", "admin"))
+    sign_in_with_token(pg, base, token(rt, "root", "admin"))
     for _ in range(80):
         pg.keyboard.press("Tab")
         if pg.evaluate("document.activeElement.id") == "row-ins_c1":
@@ -304,14 +304,14 @@ def test_reduced_motion_stops_the_recovering_animation(site: tuple[str, FakeRunt
     base, rt = site
     rt.service.add("ins_a1", "alice", Status.RECOVERING)
     still, _ = open_page(reduced_motion="reduce")
-    sign_in_with_token(still, base, token("alice"))
+    sign_in_with_token(still, base, token(rt, "alice"))
     badge = still.locator("#ins-ins_a1 [data-testid=badge]")
     assert badge.evaluate("el => getComputedStyle(el).animationName") == "none"
     assert badge.locator(".spinner").evaluate("el => getComputedStyle(el).animationName") == "none"
     style = badge.evaluate("el => { const s = getComputedStyle(el); return [s.borderTopStyle, s.backgroundImage]; }")
     assert style[0] == "dashed" and "gradient" in style[1]  # still visibly different from the other badges
     moving, _ = open_page()
-    sign_in_with_token(moving, base, token("alice"))
+    sign_in_with_token(moving, base, token(rt, "alice"))
     assert moving.locator("#ins-ins_a1 [data-testid=badge] .spinner").evaluate(
         "el => getComputedStyle(el).animationName") == "spin"
 
@@ -324,7 +324,7 @@ def test_failed_requests_are_reported_in_the_page(site: tuple[str, FakeRuntime],
     log.allow(r"status of (502|403)|net::ERR_FAILED|Response Status Error Code|"
               r"htmx:(sendError|responseError|afterRequest)")
     rt.service.add("ins_a1", "alice", Status.STOPPED)
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     # a proxy in front of sandkeep fails the request
     pg.route("**/ui/instances/ins_a1/start", lambda route: route.fulfill(status=502, body="bad gateway"))
     pg.click("#start-ins_a1")
@@ -357,7 +357,7 @@ def test_keyboard_focus_stays_on_the_card_when_its_button_becomes_disabled(site:
     pg, _ = page
     rt.service.add("ins_a1", "alice", Status.STOPPED)
     rt.service.add("ins_a2", "alice", Status.STOPPED)
-    sign_in_with_token(pg, base, token("alice"))
+    sign_in_with_token(pg, base, token(rt, "alice"))
     for _ in range(40):
         pg.keyboard.press("Tab")
         if pg.evaluate("document.activeElement.id") == "start-ins_a1":

@@ -16,13 +16,14 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandkeep.api.auth import TokenError, actor_from_token, valid_user_id
+from sandkeep.api.auth import TokenError, valid_user_id
 from sandkeep.api.errors import ApiError, install_error_handlers
 from sandkeep.api.schemas import (
     AuditPage,
@@ -32,12 +33,16 @@ from sandkeep.api.schemas import (
     EventPage,
     Instance,
     InstancePage,
+    TokenInfo,
+    TokenList,
     UpdateConfigBody,
     render_audit,
     render_debug,
     render_event,
     render_instance,
+    render_token,
 )
+from sandkeep.credentials import TOKEN_ID_RE, Credentials, TokenNotFound
 from sandkeep.engine.service import Actor, InstanceNotFound, InstanceServiceAPI
 from sandkeep.logs import get_logger
 from sandkeep.store.records import InstanceRecord, Status
@@ -58,19 +63,25 @@ bearer = HTTPBearer(auto_error=False, description="HS256 JWT with claims sub, ro
 
 async def current_actor(request: Request,
                         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Actor:
-    """The caller, from ``Authorization: Bearer <JWT>``; 401 with a reason otherwise."""
+    """The caller, from ``Authorization: Bearer <JWT>``; 401 with a reason (and a code) otherwise.
+
+    The token must be registered and neither revoked nor expired (checked on every request).
+    """
     if creds is None or not creds.credentials:
         raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <token>' header",
                        headers={"WWW-Authenticate": "Bearer"})
+    credentials: Credentials = request.app.state.credentials
     try:
-        return actor_from_token(request.app.state.jwt_secret, creds.credentials)
+        actor, _ = await run_in_threadpool(credentials.check_token, creds.credentials)
     except TokenError as exc:
-        raise ApiError(401, "unauthorized", str(exc),
+        raise ApiError(401, exc.code, str(exc),
                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from exc
+    return actor
 
 
 ActorDep = Annotated[Actor, Depends(current_actor)]
 InstanceId = Annotated[str, Path(description="Instance id (ins_...)", max_length=200)]
+TokenId = Annotated[str, Path(description="Token id (tok_...)", max_length=200)]
 Cursor = Annotated[str | None, Query(max_length=2000, description="Opaque cursor from next_cursor.")]
 Limit200 = Annotated[int, Query(ge=1, le=200, description="Page size (1-200).")]
 Limit500 = Annotated[int, Query(ge=1, le=500, description="Page size (1-500).")]
@@ -113,20 +124,27 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     )
     app.state.runtime = runtime
     app.state.jwt_secret = secret
+    credentials: Credentials = runtime.credentials
+    if credentials is None:
+        raise ValueError("the runtime has no credential store (runtime.credentials)")
+    app.state.credentials = credentials
     install_error_handlers(app)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)
+    app.add_middleware(RejectMalformed)
 
     def require_admin(actor: Actor) -> None:
         if actor.role != "admin":
             raise ApiError(403, "forbidden", "this route needs an admin token")
 
-    def audit_denied(actor: Actor, action: str, instance_id: str, error: ApiError) -> None:
-        """Admin actions refused at the door (non-admin token, unknown instance) go to the audit log too."""
+    def audit_denied(actor: Actor, action: str, instance_id: str | None, error: ApiError) -> None:
+        """Admin actions refused at the door (non-admin token, unknown instance) go to the audit log too
+        (rate-limited per actor by the service, so refusals cannot grow the log without bound)."""
         record = getattr(service, "audit_denied", None)
         if record is None:
             return
-        shown = instance_id if INSTANCE_ID_RE.match(instance_id) else instance_id[:64]
+        shown = None if instance_id is None else (
+            instance_id if INSTANCE_ID_RE.match(instance_id) else instance_id[:64])
         try:
             record(actor, action, shown, f"{error.status} {error.code}: {error.message}")
         except Exception as exc:  # the refusal itself must still be answered
@@ -296,6 +314,42 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
         admin_action(actor, "destroy_machine", instance_id)
         return render_instance(await service.destroy_machine(actor, instance_id))
 
+    # ------------------------------------------------------------------------------------------ tokens
+
+    @v1.get("/tokens", response_model=TokenList, tags=["tokens"])
+    async def my_tokens(actor: ActorDep) -> dict[str, Any]:
+        """The caller's own live tokens (ids and lifetimes; a token's text is never stored)."""
+        now = runtime.clock.now()
+        rows = await run_in_threadpool(lambda: credentials.list_tokens(user_id=actor.user_id))
+        return {"items": [render_token(t, now) for t in rows]}
+
+    @v1.get("/admin/tokens", response_model=TokenList, tags=["admin"])
+    async def admin_tokens(actor: ActorDep, user_id: Annotated[str | None, Query(max_length=200)] = None,
+                           include_ended: Annotated[bool, Query(description="Also revoked and expired "
+                                                                            "tokens.")] = False) -> dict[str, Any]:
+        """Admin: tokens (of one user with user_id), newest first, live ones unless include_ended."""
+        require_admin(actor)
+        now = runtime.clock.now()
+        rows = await run_in_threadpool(lambda: credentials.list_tokens(user_id=user_id, include_ended=include_ended))
+        return {"items": [render_token(t, now) for t in rows]}
+
+    @v1.post("/admin/tokens/{token_id}/revoke", response_model=TokenInfo, tags=["admin"])
+    async def revoke_token(actor: ActorDep, token_id: TokenId) -> dict[str, Any]:
+        """Admin: revoke a token; requests with it get 401 token_revoked at once (idempotent)."""
+        try:
+            require_admin(actor)
+        except ApiError as exc:
+            audit_denied(actor, "token_revoke", None, exc)
+            raise
+        if not TOKEN_ID_RE.match(token_id):
+            raise ApiError(404, "token_not_found", f"no token {token_id[:64]!r}")
+        try:
+            record = await run_in_threadpool(lambda: credentials.revoke_token(token_id, by=actor.user_id))
+        except TokenNotFound as exc:
+            raise ApiError(404, "token_not_found", str(exc)) from exc
+        log.info("api.token_revoked", token_id=record.jti, token_user=record.user_id, by=actor.user_id)
+        return render_token(record, runtime.clock.now())
+
     # ------------------------------------------------------------------------------------------ traffic
 
     async def gateway(actor: ActorDep, instance_id: InstanceId, path: str, request: Request) -> Response:
@@ -364,6 +418,46 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
 
     _include_web(app, runtime)
     return app
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_HTML_PREFIXES = ("/ui", "/login", "/logout")
+
+
+class RejectMalformed:
+    """400 before any route runs for requests no route should see:
+
+    * both ``Transfer-Encoding`` and ``Content-Length`` (ambiguous framing, the request-smuggling shape;
+      RFC 9112 §6.3 lets a server reject it);
+    * outside the API (``/v1/``, whose routes answer weird ids with 404 themselves), a path that decodes to
+      control characters (e.g. ``/ui/instances/x/open/%00``).
+
+    Web UI paths get a small HTML page, everything else the API's JSON error shape.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = None
+            names = {name.lower() for name, _ in scope.get("headers", [])}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                problem = "a request may not carry both Transfer-Encoding and Content-Length"
+            elif not str(scope.get("path", "")).startswith("/v1/") and _CONTROL_CHARS.search(scope.get("path", "")):
+                problem = "the request path contains control characters"
+            if problem is not None:
+                path = str(scope.get("path", ""))
+                if path.startswith(_HTML_PREFIXES):
+                    html = (f"<!doctype html><title>Bad request</title><h1>Bad request</h1><p>{problem}.</p>"
+                            '<p><a href="/">Back to the start page</a></p>')
+                    response: Response = HTMLResponse(html, status_code=400, headers={"Connection": "close"})
+                else:
+                    response = _err(400, "bad_request", problem)
+                    response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _TooLarge(StarletteHTTPException):

@@ -10,7 +10,9 @@ Roles:
   ``user_id`` and may read, configure, start, stop, restart and destroy (unforced) any instance. It gets
   no admin routes and no gateway traffic: user data is reached by its owner (or an admin) only.
 
-The web UI reuses :func:`issue_token` and :func:`actor_from_token`.
+Every token carries an id claim ``jti`` recorded in the database when it is issued
+(:class:`sandkeep.credentials.Credentials`); requests are checked against that registry, so tokens can be
+listed and revoked. :func:`verify_token` here only checks the signature and the claims.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
 
 
 class TokenError(Exception):
-    """The token is missing, malformed, badly signed, expired or carries bad claims."""
+    """The token is missing, malformed, badly signed, expired, carries bad claims, is unknown or revoked.
+
+    ``code`` is the machine-readable error code of the 401 answer.
+    """
+
+    def __init__(self, message: str, *, code: str = "unauthorized") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def valid_user_id(user_id: str) -> bool:
@@ -38,8 +47,12 @@ def valid_user_id(user_id: str) -> bool:
 
 
 def issue_token(secret: str, user_id: str, role: str = "user", ttl_seconds: float | None = None, *,
-                now: float | None = None) -> str:
-    """A signed token for ``user_id`` with ``role``; no ``exp`` claim when ``ttl_seconds`` is None or <= 0."""
+                now: float | None = None, jti: str | None = None) -> str:
+    """A signed token for ``user_id`` with ``role``; no ``exp`` claim when ``ttl_seconds`` is None or <= 0.
+
+    Only tokens whose ``jti`` is recorded are accepted by the API: issue them through
+    :meth:`sandkeep.credentials.Credentials.issue_token` (or ``sandkeep token``), which records it.
+    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not valid_user_id(user_id):
@@ -50,18 +63,23 @@ def issue_token(secret: str, user_id: str, role: str = "user", ttl_seconds: floa
     claims: dict[str, Any] = {"sub": user_id, "role": role, "iat": issued}
     if ttl_seconds is not None and ttl_seconds > 0:
         claims["exp"] = issued + int(ttl_seconds)
+    if jti is not None:
+        claims["jti"] = jti
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def actor_from_token(secret: str, token: str) -> Actor:
-    """Verify ``token`` and return who it speaks for; raises :class:`TokenError` with a clear reason."""
+def verify_token(secret: str, token: str, *, now: float | None = None) -> tuple[Actor, dict[str, Any]]:
+    """Check ``token``'s signature and claims (not the registry); (actor, claims) or :class:`TokenError`.
+
+    ``exp`` is checked against ``now`` (seconds since the epoch; default the system time), so the
+    injected clock decides, like everywhere else.
+    """
     if not token:
         raise TokenError("missing bearer token")
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
-                            options={"require": ["sub", "role"], "verify_exp": True})
-    except jwt.ExpiredSignatureError as exc:
-        raise TokenError("token expired") from exc
+                            options={"require": ["sub", "role"], "verify_exp": False, "verify_iat": False,
+                                     "verify_nbf": False})
     except jwt.InvalidSignatureError as exc:
         raise TokenError("token signature does not match this server's secret") from exc
     except jwt.MissingRequiredClaimError as exc:
@@ -70,10 +88,18 @@ def actor_from_token(secret: str, token: str) -> Actor:
         raise TokenError(f"malformed token: {exc}") from exc
     except Exception as exc:  # defensive: never let a weird token become a 500
         raise TokenError("malformed token") from exc
+    if not isinstance(claims, dict):
+        raise TokenError("malformed token")
+    exp = claims.get("exp")
+    if exp is not None:
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise TokenError("token 'exp' claim is not a number")
+        if float(exp) <= (time.time() if now is None else now):
+            raise TokenError("token expired", code="token_expired")
     sub, role = claims.get("sub"), claims.get("role")
     if not isinstance(sub, str) or not valid_user_id(sub):
         raise TokenError("token 'sub' claim is not a valid user id")
     if role not in ROLES:
         raise TokenError(f"token 'role' claim must be one of {', '.join(ROLES)}")
-    return Actor(user_id=sub, role=str(role))
+    return Actor(user_id=sub, role=str(role)), claims
 

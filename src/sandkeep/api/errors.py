@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sandkeep.engine.service import ServiceError
 from sandkeep.logs import get_logger
@@ -134,6 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(409, "conflict", "the instance changed concurrently; retry the request",
                               headers={"Retry-After": "1"})
 
+    async def client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # the client hung up while sending its body: nothing to answer, nothing went wrong on our side
+        log.info("api.client_disconnected", method=request.method, path=request.url.path)
+        return error_response(400, "client_disconnected", "the client disconnected before the request body "
+                              "was complete")
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, ValueError) and "Cursor" in type(exc).__name__:
             # the store's InvalidCursor: a pagination cursor it did not hand out
@@ -149,4 +156,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValueError, unexpected)
     app.add_exception_handler(ProviderError, provider_error)
     app.add_exception_handler(FencedError, fenced)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)

@@ -179,6 +179,22 @@ class CleanupResult(BaseModel):
     deleted_volume_id: str | None
 
 
+class TokenInfo(BaseModel):
+    id: str
+    user_id: str
+    role: str
+    issued_at: str | None
+    expires_at: str | None
+    issued_by: str | None
+    revoked_at: str | None
+    revoked_by: str | None
+    live: bool
+
+
+class TokenList(BaseModel):
+    items: list[TokenInfo]
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -245,6 +261,13 @@ def render_event(e: EventRecord) -> dict[str, Any]:
 def render_audit(a: AuditRecord) -> dict[str, Any]:
     return {"id": a.id, "actor": a.actor, "role": a.role, "action": a.action, "instance_id": a.instance_id,
             "outcome": a.outcome, "at": utc_iso(a.at), "details": _plain(a.details or {})}
+
+
+def render_token(t: Any, now: Any) -> dict[str, Any]:
+    """A registry row (:class:`sandkeep.credentials.TokenRecord`); the token's text is never stored or shown."""
+    return {"id": t.jti, "user_id": t.user_id, "role": t.role, "issued_at": utc_iso(t.issued_at),
+            "expires_at": utc_iso(t.expires_at), "issued_by": t.issued_by, "revoked_at": utc_iso(t.revoked_at),
+            "revoked_by": t.revoked_by, "live": t.live(now)}
 
 
 SECRET_FIELDS = frozenset({"secrets_encrypted"})

@@ -89,8 +89,9 @@ def _at(e: dict[str, Any]) -> datetime:
               help="Give up on any single phase after this many seconds.")
 def demo(keep: bool, timeout: float) -> None:
     """Provision three instances, crash one machine, watch sandkeep recover it with the data intact."""
-    from sandkeep.api.auth import issue_token
     from sandkeep.api.client import ApiCallError, ApiClient, ApiUnreachable
+    from sandkeep.clock import SystemClock
+    from sandkeep.credentials import open_credentials
 
     data = Path(tempfile.mkdtemp(prefix="sandkeep-demo-"))
     api_port, host_port, proxy_port = free_port(), free_port(), free_port()
@@ -105,14 +106,20 @@ def demo(keep: bool, timeout: float) -> None:
     say = click.echo
     say(f"sandkeep demo — data dir {data}")
     say(f"  starting sandkeep serve on {url} (local host {host_url}, log {log_path})")
+    # tokens are recorded in serve's database (like `sandkeep token` does), or serve refuses them (opening
+    # the database creates and migrates it, before serve starts)
+    credentials = open_credentials(f"sqlite:///{data / 'sandkeep.db'}", secret, SystemClock())
+    try:
+        admin = ApiClient(url, credentials.issue_token("demo-admin", "admin", 3600, issued_by="demo").token)
+        platform = ApiClient(url, credentials.issue_token("demo-platform", "platform", 3600, issued_by="demo").token)
+    finally:
+        credentials.store.close()
     with open(log_path, "ab") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sandkeep", "serve", "--listen", f"127.0.0.1:{api_port}", "--data-dir", str(data),
              "--provider", "local", "--host-listen", f"127.0.0.1:{host_port}",
              "--host-proxy-listen", f"127.0.0.1:{proxy_port}", "--no-login-links"],
             stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-    admin = ApiClient(url, issue_token(secret, "demo-admin", "admin", 3600))
-    platform = ApiClient(url, issue_token(secret, "demo-platform", "platform", 3600))
     created: list[dict[str, Any]] = []
     survived = False
     try:

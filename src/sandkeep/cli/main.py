@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "host": ("sandkeep.cli.host_cmd", "host", "Run the local machine host (Fly Machines API + proxy)."),
     "gateway": ("sandkeep.cli.gateway_cmd", "gateway", "Run the gateway that lives inside a machine."),
     "serve": ("sandkeep.cli.serve_cmd", "serve", "Run sandkeep: API, engine, web UI and the local host."),
-    "token": ("sandkeep.cli.token_cmd", "token", "Print an API token for a user."),
+    "token": ("sandkeep.cli.token_cmd", "token", "Issue (print), list and revoke API tokens."),
     "db": ("sandkeep.cli.db_cmd", "db", "Database maintenance (migrations)."),
     "instances": ("sandkeep.cli.instances_cmd", "instances", "Manage instances through the API."),
     "admin": ("sandkeep.cli.admin_cmd", "admin", "Admin actions through the API."),

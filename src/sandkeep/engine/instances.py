@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sandkeep.clock import utc_iso
+from sandkeep.engine import policy
 from sandkeep.engine.executor import EngineContext, Refused, destroy_own_machine, safe_delete_volume
 from sandkeep.engine.naming import (
     ConfigError,
@@ -41,11 +43,12 @@ from sandkeep.engine.service import (
     InvalidConfig,
     InvalidTransition,
     ProviderUnavailable,
+    QuotaExceeded,
     RecoveringRefused,
     ServiceError,
 )
 from sandkeep.provider.errors import ProviderError
-from sandkeep.store.base import AlreadyExists, FencedError
+from sandkeep.store.base import AlreadyExists, FencedError, QuotaReached
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
 
 CLAIM_RETRY_PAUSE = 0.05
@@ -115,6 +118,9 @@ class InstanceService:
         self.owner_prefix = owner_prefix
         self.wake = wake
         self._seq = itertools.count(1)
+        # refused admin calls audited per actor: key -> (window start, rows written, refusals not written)
+        self._refusals: dict[str, tuple[float, int, int]] = {}
+        self._refusals_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
 
@@ -175,8 +181,32 @@ class InstanceService:
                                              instance_id=instance_id, outcome=outcome, details=details))
 
     def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
-        """An admin action refused at the door (wrong role, unknown instance) is audited too."""
-        self._audit(actor, action, instance_id, "refused", error=reason[:500])
+        """An admin action refused at the door (wrong role, unknown instance) is audited too, at most
+        ``audit_refused_max`` rows per actor per ``audit_refused_window`` (per process): further refusals in
+        the window are counted, logged, and reported as ``suppressed`` in the actor's next audited refusal,
+        so a caller cannot grow the audit log without bound."""
+        limit, window = int(self.settings.audit_refused_max), float(self.settings.audit_refused_window)
+        key = f"{actor.role}:{actor.user_id}"
+        now = self.ctx.clock.monotonic()
+        with self._refusals_lock:
+            start, written, suppressed = self._refusals.pop(key, (now, 0, 0))
+            if now - start >= window:
+                start, written = now, 0
+            record = limit <= 0 or written < limit
+            if record:
+                written += 1
+            self._refusals[key] = (start, written, 0 if record else suppressed + 1)
+            while len(self._refusals) > 10000:
+                self._refusals.pop(next(iter(self._refusals)))
+        if not record:
+            if suppressed == 0:
+                self.ctx.emitter.log.warning("audit.refusals_suppressed", actor=actor.user_id, role=actor.role,
+                                     limit=limit, window_seconds=window)
+            return
+        details: dict[str, Any] = {"error": reason[:500]}
+        if suppressed:
+            details["suppressed"] = suppressed
+        self._audit(actor, action, instance_id, "refused", **details)
 
     def _finish(self, record: InstanceRecord) -> InstanceRecord:
         self.wake(record.id)
@@ -229,6 +259,9 @@ class InstanceService:
             raise Forbidden("users may create instances only for themselves")
         config = self._config(size=size or self.settings.default_size, env=env or {},
                               image=image or self.settings.image)
+        policy.check_image(config["image"], self.settings)
+        policy.check_size(actor, config["machine_size"], self.settings)
+        quota = policy.instance_quota(actor, self.settings)
         secret_map = self._secrets({}, dict(secrets) if secrets else None)
         self._check_overlap(config["env"], list(secret_map))
         now = self._now()
@@ -242,7 +275,10 @@ class InstanceService:
             alarm_at=now + timedelta(seconds=max(1.0, 2 * self.settings.claim_wait)),
         )
         try:
-            record = self.ctx.store.insert_instance(record)
+            record = self.ctx.store.insert_instance(record, max_for_user=quota)
+        except QuotaReached as exc:
+            raise QuotaExceeded(f"user {user_id} already has {exc.count} instances; the limit is {quota} "
+                                f"(SANDKEEP_MAX_INSTANCES_PER_USER). Destroy one first.", limit=quota) from exc
         except AlreadyExists as exc:  # a 64-bit id collision: practically impossible, never half-written
             raise ServiceError("could not allocate an instance id; retry") from exc
         self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})
@@ -261,6 +297,8 @@ class InstanceService:
         record = self._load(instance_id)
         self._check_access(actor, record)
         config = self._config(size=size, env=env, image=None)
+        if "machine_size" in config:
+            policy.check_size(actor, config["machine_size"], self.settings)
         if secrets is not None and not isinstance(secrets, dict):
             raise InvalidConfig("secrets must be an object of strings (null removes one)")
         async with self._claimed(instance_id) as lease:

@@ -1,4 +1,5 @@
-"""Small pure helpers the decisions share: intervals, deadlines, region order, machine facts."""
+"""Small pure helpers the decisions share: intervals, deadlines, region order, machine facts, and the
+limits every caller of the service is held to (instance quota, image allow-list, machine sizes per role)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from sandkeep.config import Settings
+from sandkeep.engine.service import Actor, ImageNotAllowed, MachineSizeNotAllowed
 from sandkeep.provider.errors import AuthError, ProviderError, RateLimitedError, TransientError
 from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
@@ -103,3 +105,41 @@ def elapsed_ms(since: datetime | None, now: datetime) -> int | None:
     if since is None:
         return None
     return max(0, int((now - since).total_seconds() * 1000))
+
+
+# --------------------------------------------------------------------------------------------- limits
+
+
+def _csv(raw: str | None) -> list[str]:
+    return [part.strip() for part in (raw or "").split(",") if part.strip()]
+
+
+def allowed_images(settings: Settings) -> frozenset[str]:
+    """SANDKEEP_ALLOWED_IMAGES, or just SANDKEEP_IMAGE when unset."""
+    return frozenset(_csv(settings.allowed_images) or [settings.image])
+
+
+def check_image(image: str, settings: Settings) -> None:
+    """Every role is held to the allow-list (operators change the setting, not the request)."""
+    allowed = allowed_images(settings)
+    if image not in allowed:
+        raise ImageNotAllowed(f"image {image[:100]!r} is not allowed here; allowed: {', '.join(sorted(allowed))}",
+                              allowed=sorted(allowed))
+
+
+def check_size(actor: Actor, size: str, settings: Settings) -> None:
+    """Admins may pick any size; users and platform callers the sizes in SANDKEEP_USER_MACHINE_SIZES."""
+    if actor.is_admin:
+        return
+    allowed = _csv(settings.user_machine_sizes)
+    if size not in allowed:
+        raise MachineSizeNotAllowed(f"machine size {size!r} is not allowed for role {actor.role}; "
+                                    f"allowed: {', '.join(allowed) or 'none'}", allowed=allowed)
+
+
+def instance_quota(actor: Actor, settings: Settings) -> int | None:
+    """How many instances (not destroyed) the owner may have when ``actor`` creates one; None = no limit."""
+    limit = int(settings.max_instances_per_user)
+    if actor.is_admin or limit <= 0:
+        return None
+    return limit

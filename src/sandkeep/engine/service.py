@@ -63,6 +63,27 @@ class Forbidden(ServiceError):
     http_status = 403
 
 
+class QuotaExceeded(ServiceError):
+    """The instance owner already has SANDKEEP_MAX_INSTANCES_PER_USER instances (not destroyed)."""
+
+    code = "quota_exceeded"
+    http_status = 403
+
+
+class ImageNotAllowed(ServiceError):
+    """The image is not in SANDKEEP_ALLOWED_IMAGES (default: only SANDKEEP_IMAGE)."""
+
+    code = "image_not_allowed"
+    http_status = 403
+
+
+class MachineSizeNotAllowed(ServiceError):
+    """A non-admin asked for a machine size outside SANDKEEP_USER_MACHINE_SIZES."""
+
+    code = "machine_size_not_allowed"
+    http_status = 403
+
+
 class InvalidArgument(ServiceError):
     """A malformed filter, cursor or argument."""
 

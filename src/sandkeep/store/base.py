@@ -30,9 +30,19 @@ class AlreadyExists(StoreError):
     pass
 
 
+class QuotaReached(StoreError):
+    """``insert_instance(..., max_for_user=n)``: the user already has ``count`` >= n instances (not destroyed)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"the user already has {count} instances")
+        self.count = count
+
+
 class Store(Protocol):
     # instances
-    def insert_instance(self, record: InstanceRecord) -> InstanceRecord: ...
+    def insert_instance(self, record: InstanceRecord, *, max_for_user: int | None = None) -> InstanceRecord:
+        """Insert; with ``max_for_user``, atomically refuse (QuotaReached) when the user already has that many."""
+        ...
     def get_instance(self, instance_id: str) -> InstanceRecord | None: ...
     def list_instances(self, *, user_id: str | None = None, status: Sequence[str] | None = None,
                        region: str | None = None, include_destroyed: bool = False,

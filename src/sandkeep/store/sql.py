@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import sqlite3
 import threading
@@ -60,7 +61,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeEngine
 
 from sandkeep.clock import Clock
-from sandkeep.store.base import AlreadyExists, FencedError, NotFound, StoreError
+from sandkeep.store.base import AlreadyExists, FencedError, NotFound, QuotaReached, StoreError
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
 from sandkeep.store.tables import JSONText, UTCDateTime, audit, events, instances
 
@@ -78,6 +79,8 @@ _AUDIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dc_fields(AuditRecord))
 
 # advisory lock key that serialises concurrent migrations on PostgreSQL ("sndk")
 _PG_MIGRATION_LOCK = 0x736E646B
+# first key of the two-key advisory locks that serialise one user's instance creations ("sndq")
+_PG_QUOTA_LOCK = 0x736E6471
 
 
 class InvalidCursor(ValueError):
@@ -426,10 +429,23 @@ class SqlStore:
     # ---------------------------------------------------------------------------------------------
     # instances
 
-    def insert_instance(self, record: InstanceRecord) -> InstanceRecord:
+    def insert_instance(self, record: InstanceRecord, *, max_for_user: int | None = None) -> InstanceRecord:
+        """Insert a new instance. With ``max_for_user``, count the user's instances (not destroyed) and insert
+        in one transaction that concurrent creations for the same user cannot interleave with (SQLite: the
+        write lock of BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped advisory lock on the user), raising
+        :class:`QuotaReached` instead of exceeding it."""
         values = _instance_row(record)
         try:
             with self._write() as conn:
+                if max_for_user is not None:
+                    if self._dialect == "postgresql":
+                        key = int.from_bytes(hashlib.sha256(record.user_id.encode()).digest()[:4], "big", signed=True)
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": _PG_QUOTA_LOCK, "b": key})
+                    count = int(conn.execute(select(func.count()).select_from(instances).where(
+                        instances.c.user_id == record.user_id,
+                        instances.c.status != Status.DESTROYED.value)).scalar() or 0)
+                    if count >= max_for_user:
+                        raise QuotaReached(count)
                 row = conn.execute(insert(instances).values(**values).returning(*instances.c)).mappings().one()
         except IntegrityError as exc:
             raise AlreadyExists(

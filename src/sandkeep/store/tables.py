@@ -170,3 +170,43 @@ audit = Table(
     Column("details", JSONText(), nullable=False),
     Index("ix_audit_instance_id_id", "instance_id", "id"),
 )
+
+# --- credentials (migration v0003): server-side web sessions, one-time sign-in codes, API token registry.
+# Secrets never reach the database in the clear: sessions and codes are stored as the SHA-256 of the value.
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("token_jti", String(64), nullable=True),
+    Index("ix_web_sessions_expires_at", "expires_at"),
+)
+
+login_codes = Table(
+    "login_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index("ix_login_codes_expires_at", "expires_at"),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("user_id", String(255), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("issued_by", String(255), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("revoked_by", String(255), nullable=True),
+    Index("ix_api_tokens_user_id", "user_id"),
+)

@@ -1,14 +1,21 @@
-"""Web sign-in: sessions in a signed cookie, CSRF tokens bound to the session, one-time login links.
+"""Web sign-in: server-side sessions, CSRF tokens bound to the session, one-time login links, throttling.
 
-* The session cookie holds a JWT (HS256, signed with the runtime's JWT secret) with the audience
-  ``sandkeep-web``, so it is never mistaken for an API token, and a random session id ``sid``.
-* Every form carries a CSRF token: an HMAC of the session id under the same secret. It travels in a
+* The session cookie carries only an opaque random session id; the session itself (user, role, expiry)
+  is a row in the database, keyed by the id's SHA-256 (:class:`sandkeep.credentials.Credentials`). Sign-out
+  deletes the row, so a copied cookie stops working at once, on every API process. A session made from a
+  pasted API token also ends when that token is revoked or expires.
+* Every form carries a CSRF token: an HMAC of the session id under the JWT secret. It travels in a
   hidden field (``csrf_token``) and, for htmx requests, in the ``X-CSRF-Token`` header. A request that
   changes anything must present the token of *its own* session.
-* The sign-in form itself is protected by a double-submit cookie (a random value in a short-lived cookie
-  that must match the hidden field), so nobody can sign a victim into an attacker's account.
-* :func:`issue_login_code` mints single-use, expiring codes that ``sandkeep serve`` prints as
-  ``http://HOST/login/once/<code>``. They live in memory, one table per runtime.
+* The sign-in forms (token paste, one-time link confirmation) are protected by a double-submit cookie (a
+  random value in a short-lived cookie that must match the hidden field), so nobody can sign a victim into
+  an attacker's account.
+* :func:`issue_login_code` mints single-use, expiring codes (stored hashed in the database) that
+  ``sandkeep serve`` prints as ``http://HOST/login/once/<code>``. Opening the link shows a confirmation
+  page; only its POST consumes the code, so link previewers that fetch URLs do not burn it.
+* :class:`SignInThrottle`: after ``SANDKEEP_SIGNIN_MAX_FAILURES`` failed sign-ins (bad token, unknown or
+  used code) from one client address within ``SANDKEEP_SIGNIN_FAILURE_WINDOW`` seconds, sign-in answers
+  429 with ``Retry-After`` until the oldest failure leaves the window (counted per API process).
 """
 
 from __future__ import annotations
@@ -17,23 +24,21 @@ import hashlib
 import hmac
 import secrets
 import threading
-import weakref
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
-import jwt
-
-from sandkeep.api.auth import actor_from_token
+from sandkeep.api.auth import TokenError
 from sandkeep.clock import Clock
 from sandkeep.config import Settings
+from sandkeep.credentials import Credentials, TokenRecord
 from sandkeep.engine.service import Actor, InstanceServiceAPI
 
 SESSION_COOKIE = "sk_session"
 LOGIN_CSRF_COOKIE = "sk_login_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
-SESSION_AUDIENCE = "sandkeep-web"
 ROLES = ("user", "admin", "platform")
 
 
@@ -52,38 +57,30 @@ class WebRuntime(Protocol):
     @property
     def jwt_secret(self) -> str: ...
 
+    @property
+    def credentials(self) -> Credentials: ...
+
 
 class BadToken(ValueError):
     """The pasted token is not a valid sandkeep API token."""
 
 
-def _secret_bytes(runtime: WebRuntime) -> bytes:
-    secret: Any = runtime.jwt_secret
-    return secret if isinstance(secret, bytes) else str(secret).encode()
-
-
-def actor_from_api_token(runtime: WebRuntime, token: str) -> tuple[Actor, datetime | None]:
-    """Check an API token with the API's own verifier; returns the actor and the token's expiry."""
+def actor_from_api_token(runtime: WebRuntime, token: str) -> tuple[Actor, TokenRecord]:
+    """Check a pasted API token exactly as the API does (registered, not revoked, not expired)."""
     token = token.strip()
     if not token:
         raise BadToken("Paste an API token (the output of `sandkeep token`).")
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
     try:
-        actor = actor_from_token(runtime.jwt_secret, token)
-    except Exception as exc:  # TokenError, or anything odd about the pasted text
-        message = getattr(exc, "message", None) or str(exc) or "invalid token"
-        raise BadToken(f"That token was not accepted: {message}") from exc
+        actor, record = runtime.credentials.check_token(token)
+    except TokenError as exc:
+        raise BadToken(f"That token was not accepted: {exc}") from exc
+    except Exception as exc:  # anything odd about the pasted text
+        raise BadToken("That token was not accepted: malformed token") from exc
     if actor.role not in ROLES:
         raise BadToken(f"That token has an unknown role {actor.role!r}.")
-    expires: datetime | None = None
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-        if isinstance(claims.get("exp"), int | float):
-            expires = datetime.fromtimestamp(float(claims["exp"]), tz=runtime.clock.now().tzinfo)
-    except jwt.PyJWTError:
-        expires = None
-    return actor, expires
+    return actor, record
 
 
 @dataclass(frozen=True)
@@ -93,39 +90,32 @@ class Session:
     expires_at: datetime
 
 
-def new_session_cookie(runtime: WebRuntime, actor: Actor, *, not_after: datetime | None = None) -> tuple[str, Session]:
-    now = runtime.clock.now()
-    expires = now + timedelta(seconds=runtime.settings.web_session_ttl)
-    if not_after is not None and not_after < expires:
-        expires = not_after
-    sid = secrets.token_urlsafe(18)
-    claims = {"sub": actor.user_id, "role": actor.role, "sid": sid, "aud": SESSION_AUDIENCE,
-              "typ": "web-session", "iat": int(now.timestamp()), "exp": int(expires.timestamp())}
-    value = jwt.encode(claims, _secret_bytes(runtime), algorithm="HS256")
-    return value, Session(actor=actor, sid=sid, expires_at=expires)
+def new_session_cookie(runtime: WebRuntime, actor: Actor, *, not_after: datetime | None = None,
+                       token_jti: str | None = None) -> tuple[str, Session]:
+    """A new server-side session; returns (cookie value = the session id, session)."""
+    sid, expires = runtime.credentials.new_session(actor, float(runtime.settings.web_session_ttl),
+                                                   not_after=not_after, token_jti=token_jti)
+    return sid, Session(actor=actor, sid=sid, expires_at=expires)
 
 
 def read_session(runtime: WebRuntime, cookie: str | None) -> Session | None:
-    """The session in ``cookie``, or None when missing, forged, for another audience or expired."""
+    """The live session the cookie names, or None (missing, unknown, signed out, expired, token revoked)."""
     if not cookie:
         return None
-    try:
-        claims = jwt.decode(cookie, _secret_bytes(runtime), algorithms=["HS256"], audience=SESSION_AUDIENCE,
-                            options={"verify_exp": False, "verify_iat": False,
-                                     "require": ["sub", "role", "sid", "exp"]})
-    except jwt.PyJWTError:
+    found = runtime.credentials.get_session(cookie)
+    if found is None:
         return None
-    if claims.get("typ") != "web-session" or claims.get("role") not in ROLES:
-        return None
-    now = runtime.clock.now()
-    try:
-        expires = datetime.fromtimestamp(float(claims["exp"]), tz=now.tzinfo)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if expires <= now:
-        return None
-    return Session(actor=Actor(user_id=str(claims["sub"]), role=str(claims["role"])), sid=str(claims["sid"]),
-                   expires_at=expires)
+    return Session(actor=found.actor, sid=cookie, expires_at=found.expires_at)
+
+
+def end_session(runtime: WebRuntime, cookie: str | None) -> bool:
+    """Sign-out: delete the session the cookie names (True when there was one)."""
+    return runtime.credentials.end_session(cookie)
+
+
+def _secret_bytes(runtime: WebRuntime) -> bytes:
+    secret: Any = runtime.jwt_secret
+    return secret if isinstance(secret, bytes) else str(secret).encode()
 
 
 def csrf_token_for(runtime: WebRuntime, sid: str) -> str:
@@ -146,73 +136,63 @@ def login_csrf_ok(cookie: str | None, presented: str | None) -> bool:
     return bool(cookie) and bool(presented) and hmac.compare_digest(str(cookie), str(presented))
 
 
-# --- one-time sign-in codes ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Code:
-    user_id: str
-    role: str
-    expires_at: datetime
-
-
-@dataclass
-class LoginCodes:
-    codes: dict[str, _Code] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def issue(self, clock: Clock, ttl: float, user_id: str, role: str) -> str:
-        code = secrets.token_urlsafe(24)
-        now = clock.now()
-        with self.lock:
-            # drop expired codes so the table cannot grow without bound
-            for key in [k for k, v in self.codes.items() if v.expires_at <= now]:
-                del self.codes[key]
-            self.codes[code] = _Code(user_id=user_id, role=role, expires_at=now + timedelta(seconds=ttl))
-        return code
-
-    def redeem(self, clock: Clock, code: str) -> Actor | None:
-        """The actor for ``code`` (consuming it), or None when unknown, used or expired."""
-        with self.lock:
-            entry = self.codes.pop(code, None)
-        if entry is None or entry.expires_at <= clock.now():
-            return None
-        return Actor(user_id=entry.user_id, role=entry.role)
-
-
-_CODES: dict[int, tuple[Any, LoginCodes]] = {}
-_CODES_LOCK = threading.Lock()
-
-
-def login_codes(runtime: WebRuntime) -> LoginCodes:
-    """The code table of ``runtime`` (created on first use), kept in ``runtime.extras`` when it has one."""
-    extras = getattr(runtime, "extras", None)
-    if isinstance(extras, dict):
-        with _CODES_LOCK:
-            table = extras.get("web.login_codes")
-            if not isinstance(table, LoginCodes):
-                table = extras["web.login_codes"] = LoginCodes()
-            return table
-    key = id(runtime)
-    with _CODES_LOCK:
-        found = _CODES.get(key)
-        if found is not None and found[0]() is runtime:
-            return found[1]
-        table = LoginCodes()
-        try:
-            ref: Any = weakref.ref(runtime)
-            weakref.finalize(runtime, _CODES.pop, key, None)
-        except TypeError:  # not weak-referenceable: keep a strong reference (runtimes are few)
-            def ref() -> Any:
-                return runtime
-        _CODES[key] = (ref, table)
-        return table
-
-
 def issue_login_code(runtime: WebRuntime, user_id: str, role: str) -> str:
     """A single-use sign-in code for ``user_id`` with ``role``; valid for settings.web_login_code_ttl."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not user_id:
         raise ValueError("user_id must not be empty")
-    return login_codes(runtime).issue(runtime.clock, runtime.settings.web_login_code_ttl, user_id, role)
+    return runtime.credentials.issue_login_code(user_id, role, float(runtime.settings.web_login_code_ttl))
+
+
+# --- sign-in throttling --------------------------------------------------------------------------------
+
+
+class SignInThrottle:
+    """Failed sign-ins per client address in a sliding window (in memory, per process, bounded in size)."""
+
+    MAX_CLIENTS = 10000
+
+    def __init__(self, clock: Clock, max_failures: int, window: float) -> None:
+        self.clock = clock
+        self.max_failures = int(max_failures)
+        self.window = float(window)
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _trim(self, key: str, now: float) -> deque[float] | None:
+        times = self._failures.get(key)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until ``client`` may try again, or None when it may try now."""
+        if self.max_failures <= 0 or self.window <= 0:
+            return None
+        now = self.clock.monotonic()
+        with self._lock:
+            times = self._trim(client, now)
+            if times is None or len(times) < self.max_failures:
+                return None
+            wait = times[-self.max_failures] + self.window - now
+        return max(1, int(wait + 0.999))
+
+    def failed(self, client: str) -> None:
+        if self.max_failures <= 0 or self.window <= 0:
+            return
+        now = self.clock.monotonic()
+        with self._lock:
+            times = self._trim(client, now) or deque()
+            times.append(now)
+            while len(times) > self.max_failures:
+                times.popleft()
+            self._failures[client] = times
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.MAX_CLIENTS:
+                self._failures.popitem(last=False)

@@ -3,7 +3,9 @@
 Every page calls ``runtime.service`` — the same :class:`~sandkeep.engine.service.InstanceServiceAPI` the
 HTTP API uses — so the UI never has a second implementation of any rule. Routes:
 
-* ``GET /login`` (form field ``token``), ``POST /login``, ``GET /login/once/<code>``, ``POST /logout``
+* ``GET /login`` (form field ``token``), ``POST /login``, ``GET /login/once/<code>`` (a confirmation page:
+  link previewers do not consume the code), ``POST /login/once/<code>`` (signs in), ``POST /logout`` (ends
+  the server-side session)
 * ``GET /ui/`` — the owner's instances; ``GET /ui/instances/live`` — the polled fragment;
   ``POST /ui/instances/<id>/<start|stop|restart|destroy>``; ``GET /ui/instances/<id>/open/<path>`` — the
   instance's gateway through the provider's proxy, authorised by the session cookie
@@ -43,11 +45,12 @@ from sandkeep.web.auth import (
     SESSION_COOKIE,
     BadToken,
     Session,
+    SignInThrottle,
     WebRuntime,
     actor_from_api_token,
     csrf_ok,
     csrf_token_for,
-    login_codes,
+    end_session,
     login_csrf_ok,
     new_login_csrf,
     new_session_cookie,
@@ -443,20 +446,45 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
 
     # --- sign-in ------------------------------------------------------------------------------------
 
+    throttle = SignInThrottle(runtime.clock, runtime.settings.signin_max_failures,
+                              runtime.settings.signin_failure_window)
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def set_login_csrf(response: Response, token: str) -> None:
+        response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, path="/login", secure=True, httponly=True,
+                            samesite="lax")
+
     def login_page(request: Request, *, error: str = "", status: int = 200, next_url: str | None = None) -> Response:
         token = new_login_csrf()
         response = ui.render("login.html", request=request, session=None, status=status, error=error,
                              login_csrf=token, next_url=next_url or "",
                              insecure_origin=_cookie_would_be_dropped(request))
-        response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, path="/login", secure=True, httponly=True,
-                            samesite="lax")
+        set_login_csrf(response, token)
         return response
+
+    def throttled(request: Request) -> Response | None:
+        """429 with Retry-After when this client failed to sign in too often recently."""
+        wait = throttle.retry_after(client_of(request))
+        if wait is None:
+            return None
+        log.warning("web.signin_throttled", client=client_of(request), retry_after=wait)
+        return ui.render("error.html", request=request, session=None, status=429,
+                         headers={"Retry-After": str(wait)}, title="Too many sign-in attempts",
+                         message=f"Too many failed sign-ins from your address. Try again in {wait} seconds.",
+                         link=("/login", "Sign in"))
+
+    def failed_signin(request: Request, how: str) -> None:
+        throttle.failed(client_of(request))
+        log.info("web.signin_failed", client=client_of(request), how=how)
 
     def home_for(actor: Actor) -> str:
         return "/ui/admin/" if actor.is_admin else "/ui/"
 
-    def start_session(actor: Actor, target: str, not_after: datetime | None = None) -> Response:
-        value, sess = new_session_cookie(runtime, actor, not_after=not_after)
+    def start_session(actor: Actor, target: str, not_after: datetime | None = None,
+                      token_jti: str | None = None) -> Response:
+        value, sess = new_session_cookie(runtime, actor, not_after=not_after, token_jti=token_jti)
         response = RedirectResponse(target, status_code=303, headers=ui.headers())
         max_age = max(1, int((sess.expires_at - runtime.clock.now()).total_seconds()))
         response.set_cookie(SESSION_COOKIE, value, max_age=max_age, path="/", secure=True, httponly=True,
@@ -486,23 +514,58 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
             return login_page(request, status=403, next_url=next_url,
                               error="The sign-in form expired or was not sent from this site (CSRF check). "
                                     "It has been reloaded: paste your token again.")
+        blocked = throttled(request)
+        if blocked is not None:
+            return blocked
         try:
-            actor, expires = actor_from_api_token(runtime, data.get("token", ""))
+            actor, record = actor_from_api_token(runtime, data.get("token", ""))
         except BadToken as exc:
+            failed_signin(request, "token")
             return login_page(request, status=401, error=str(exc), next_url=next_url)
-        if expires is not None and expires <= runtime.clock.now():
-            return login_page(request, status=401, error="That token has expired.", next_url=next_url)
-        return start_session(actor, next_url or home_for(actor), not_after=expires)
+        return start_session(actor, next_url or home_for(actor), not_after=record.expires_at, token_jti=record.jti)
+
+    def code_gone(request: Request) -> Response:
+        return ui.render("error.html", request=request, session=ui.session(request), status=410,
+                         title="Sign-in link expired",
+                         message="This one-time sign-in link was already used or has expired. Restart "
+                                 "`sandkeep serve` for fresh links, or sign in with a token.",
+                         link=("/login", "Sign in with a token"))
+
+    def code_actor(request: Request, code: str, *, consume: bool) -> Actor | Response:
+        """Who ``code`` signs in (consuming it when ``consume``), or the 429 / 410 page to answer instead."""
+        blocked = throttled(request)
+        if blocked is not None:
+            return blocked
+        credentials = runtime.credentials
+        actor = credentials.redeem_login_code(code) if consume else credentials.peek_login_code(code)
+        if actor is None:
+            failed_signin(request, "code")
+            return code_gone(request)
+        return actor
 
     @router.get("/login/once/{code}", response_model=None)
     async def login_once(request: Request, code: str) -> Response:
-        actor = login_codes(runtime).redeem(runtime.clock, code)
-        if actor is None:
-            return ui.render("error.html", request=request, session=ui.session(request), status=410,
-                             title="Sign-in link expired",
-                             message="This one-time sign-in link was already used or has expired. Restart "
-                                     "`sandkeep serve` for fresh links, or sign in with a token.",
-                             link=("/login", "Sign in with a token"))
+        """A confirmation page: opening (or previewing) the link does not use the code; its POST does."""
+        actor = code_actor(request, code, consume=False)
+        if not isinstance(actor, Actor):
+            return actor
+        token = new_login_csrf()
+        response = ui.render("login_once.html", request=request, session=None, who=actor, login_csrf=token,
+                             action_url=f"/login/once/{quote(code, safe='')}")
+        set_login_csrf(response, token)
+        return response
+
+    @router.post("/login/once/{code}", response_model=None)
+    async def login_once_post(request: Request, code: str) -> Response:
+        form = await request.form()
+        data = {k: v for k, v in form.items() if isinstance(v, str)}
+        if not login_csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE), data.get(CSRF_FIELD)):
+            return ui.render("error.html", request=request, session=None, status=403, title="Form expired",
+                             message="This sign-in confirmation was not sent from this site (CSRF check). "
+                                     "Open the sign-in link again.", link=(request.url.path, "Open the link again"))
+        actor = code_actor(request, code, consume=True)
+        if not isinstance(actor, Actor):
+            return actor
         return start_session(actor, home_for(actor))
 
     @router.post("/logout", response_model=None)
@@ -512,6 +575,7 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
             _, ok = await ui.form_and_csrf(request, session)
             if not ok:
                 return ui.csrf_failed(request, session)
+            end_session(runtime, session.sid)
         response = RedirectResponse("/login", status_code=303, headers=ui.headers())
         response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="lax")
         return response
