@@ -97,6 +97,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Proxy address of the local host that serve starts (HOST:PORT)."),
     Setting("host_start_timeout", "SANDKEEP_HOST_START_TIMEOUT", 30.0,
             "How long serve waits for its local host child to answer /healthz."),
+    Setting("host_machines", "SANDKEEP_HOST_MACHINES", "process",
+            "How the local host runs machines: 'process' (a real OS process each) or 'sim' (simulated, no "
+            "process: thousands of instances on a laptop). Read by `sandkeep host` and serve's host child."),
+    Setting("host_hosts_per_region", "SANDKEEP_HOST_HOSTS_PER_REGION", 3,
+            "Hosts (Fly zones) in each region of the local host; a volume and its machine live on one."),
+    Setting("host_profile", "SANDKEEP_HOST_PROFILE", "none",
+            "Delay profile of the local host serve starts: 'none' or 'realistic' (Fly-like create, fork, boot)."),
+    Setting("host_rate_limits", "SANDKEEP_HOST_RATE_LIMITS", False,
+            "Whether the local host serve starts enforces Fly's Machines API rate limits (429 + Retry-After)."),
     Setting("gateway_proxy_timeout", "SANDKEEP_GATEWAY_PROXY_TIMEOUT", 60.0,
             "Timeout of one request proxied by the API to an instance's gateway."),
     Setting("token_ttl", "SANDKEEP_TOKEN_TTL", 2592000.0,
@@ -179,6 +188,10 @@ class Settings:
     host_listen: str = "127.0.0.1:4280"
     host_proxy_listen: str = "127.0.0.1:4281"
     host_start_timeout: float = 30.0
+    host_machines: str = "process"
+    host_hosts_per_region: int = 3
+    host_profile: str = "none"
+    host_rate_limits: bool = False
     gateway_proxy_timeout: float = 60.0
     token_ttl: float = 2592000.0
     api_url: str = "http://127.0.0.1:8080"

@@ -152,6 +152,21 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+def host_child_options(settings: Settings) -> list[str]:
+    """The host options serve passes on: machine runner, hosts per region, delay profile, rate limits."""
+    from sandkeep.host.runner import RUNNERS
+
+    if settings.host_machines not in RUNNERS:
+        raise StartupError(f"SANDKEEP_HOST_MACHINES must be one of {', '.join(RUNNERS)}, "
+                           f"got {settings.host_machines!r}")
+    if settings.host_profile not in ("none", "realistic"):
+        raise StartupError(f"SANDKEEP_HOST_PROFILE must be 'none' or 'realistic', got {settings.host_profile!r}")
+    if settings.host_hosts_per_region < 1:
+        raise StartupError("SANDKEEP_HOST_HOSTS_PER_REGION must be at least 1")
+    return ["--machines", settings.host_machines, "--hosts-per-region", str(settings.host_hosts_per_region),
+            "--profile", settings.host_profile, "--rate-limits" if settings.host_rate_limits else "--no-rate-limits"]
+
+
 def spawn_host_child(settings: Settings, data_dir: Path, token: str, *, log_path: Path) -> HostChild:
     """Start ``python -m sandkeep host`` (call from the main thread: the parent-death signal is per thread)."""
     host_dir = data_dir / "host"
@@ -161,6 +176,7 @@ def spawn_host_child(settings: Settings, data_dir: Path, token: str, *, log_path
     args = [sys.executable, "-m", "sandkeep", "host", "--listen", settings.host_listen,
             "--proxy-listen", settings.host_proxy_listen, "--data-dir", str(host_dir),
             "--regions", settings.regions, "--log-level", settings.log_level]
+    args += host_child_options(settings)
     env = dict(os.environ)
     env["SANDKEEP_HOST_TOKEN"] = token
     env.setdefault("PYTHONUNBUFFERED", "1")

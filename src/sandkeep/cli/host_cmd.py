@@ -31,6 +31,11 @@ import click
               help="Seconds a destroyed machine still answers GET with state 'destroyed' before 404.")
 @click.option("--rate-limits/--no-rate-limits", default=False, show_default=True,
               help="Enforce Fly's documented per-machine, per-action rate limits (429 + Retry-After).")
+@click.option("--machines", type=click.Choice(["process", "sim"]), default=None,
+              help="'process': a real OS process per machine; 'sim': simulated machines (no process; the proxy "
+                   "serves a simulated gateway) [default: $SANDKEEP_HOST_MACHINES or process].")
+@click.option("--hosts-per-region", type=int, default=None,
+              help="Hosts (Fly zones) per region [default: $SANDKEEP_HOST_HOSTS_PER_REGION or 3].")
 @click.option("--fault-seed", type=int, default=None, help="Seed for fault-injection rate draws.")
 @click.option("--log-level", default=None, help="debug, info, warning or error [default: $SANDKEEP_LOG_LEVEL or info].")
 def host(listen: str, proxy_listen: str, data_dir: Path | None, regions: str, profile: str,

@@ -37,10 +37,19 @@ import click
               help="Local host Machines API address [default: $SANDKEEP_HOST_LISTEN or 127.0.0.1:4280].")
 @click.option("--host-proxy-listen", default=None,
               help="Local host proxy address [default: $SANDKEEP_HOST_PROXY_LISTEN or 127.0.0.1:4281].")
+@click.option("--host-machines", type=click.Choice(["process", "sim"]), default=None,
+              help="How the local host runs machines: real processes or simulated [default: $SANDKEEP_HOST_MACHINES "
+                   "or process].")
+@click.option("--host-profile", type=click.Choice(["none", "realistic"]), default=None,
+              help="The local host's delay profile (its --profile) [default: $SANDKEEP_HOST_PROFILE or none].")
+@click.option("--host-rate-limits/--no-host-rate-limits", default=None,
+              help="The local host enforces Fly's API rate limits (its --rate-limits) [default: "
+                   "$SANDKEEP_HOST_RATE_LIMITS or off].")
 @click.option("--log-level", default=None, help="debug, info, warning or error [default: $SANDKEEP_LOG_LEVEL].")
 @click.option("--no-login-links", is_flag=True, help="Do not print one-time sign-in links.")
 def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_listen: str | None,
-          host_proxy_listen: str | None, log_level: str | None, no_login_links: bool) -> None:
+          host_proxy_listen: str | None, host_machines: str | None, host_profile: str | None,
+          host_rate_limits: bool | None, log_level: str | None, no_login_links: bool) -> None:
     """Run sandkeep: HTTP API (+ /docs), web UI, engine and the local machine host."""
     from sandkeep.config import SettingsError, load_settings
     from sandkeep.logs import configure_logging
@@ -50,6 +59,8 @@ def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_
     try:
         settings = load_settings(listen=listen, provider=provider, host_listen=host_listen,
                                  host_proxy_listen=host_proxy_listen, log_level=log_level,
+                                 host_machines=host_machines, host_profile=host_profile,
+                                 host_rate_limits=host_rate_limits,
                                  home=data_dir)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from exc
