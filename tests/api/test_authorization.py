@@ -75,6 +75,8 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, True),
     ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy", None,
      {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    ("rotate_gateway_token", "POST", "/v1/instances/{id}/gateway-token/rotate", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
     ("gateway", "GET", "/v1/instances/{id}/gateway/data/x", None,
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
     ("gateway_put", "PUT", "/v1/instances/{id}/gateway/data/x", "hello",
