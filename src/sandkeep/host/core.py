@@ -193,6 +193,12 @@ def _killpg(pid: int, sig: int) -> None:
 MACHINE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+def launcher_env() -> dict[str, str]:
+    """The environment a machine process is started with (nothing of the host's or the config's env)."""
+    return {"PATH": MACHINE_PATH, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
 def resolve_machine_user(name: str) -> tuple[int, int] | None:
     """``(uid, gid)`` machine processes run as: None when the host is not root (it cannot switch users) or
     ``name`` is empty. ``name`` is a user name or ``UID[:GID]``; an unknown user is a HostError at start-up."""
@@ -715,9 +721,7 @@ class Host:
         cannot override them). Nothing of the host's environment is inherited, and no host path is given:
         the machine starts in its volume's directory (``SANDKEEP_VOLUME_PATH`` is ``.``)."""
         env = dict(m["config"].get("env") or {})
-        env.update({"PATH": MACHINE_PATH, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
-                    "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-                    "PORT": str(port), "SANDKEEP_VOLUME_PATH": "." if volume is not None else "",
+        env.update({**launcher_env(), "PORT": str(port), "SANDKEEP_VOLUME_PATH": "." if volume is not None else "",
                     "FLY_MACHINE_ID": m["id"], "FLY_APP_NAME": m["app"], "FLY_REGION": m["region"],
                     "FLY_ALLOC_ID": m["id"], "FLY_IMAGE_REF": m["config"]["image"],
                     "FLY_PRIVATE_IP": m["private_ip"], "FLY_MACHINE_VERSION": m["instance_id"]})
@@ -752,25 +756,35 @@ class Host:
         # the process starts in its volume (or a home of its own) as the machine user; it never needs to
         # reach the host's directories above it, which stay private to the host (mode 0700)
         cwd = self.volume_dir(volume) if volume is not None else work / "home"
-        user: dict[str, Any] = {}
-        if self.machine_owner is not None:
-            user = {"user": self.machine_owner[0], "group": self.machine_owner[1], "extra_groups": []}
+        owner = self.machine_owner
+        spec = json.dumps({"args": list(image.argv[1:]), "env": env, "cwd": str(cwd),
+                           "uid": owner[0] if owner else None, "gid": owner[1] if owner else None}).encode()
         try:
-            await asyncio.to_thread(_own_tree, cwd, self.machine_owner)
+            await asyncio.to_thread(_own_tree, cwd, owner)
             out = os.open(work / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             self._set_state(m, "failed", "start", request={"error": f"cannot prepare the machine: {exc.strerror}"})
             return
         try:
+            # the launcher starts with the host's minimal environment (never the config's env), drops to the
+            # machine user and runs the image in-process (see sandkeep.host.launch)
             proc = await asyncio.create_subprocess_exec(
-                *image.argv, env=env, cwd=str(cwd), stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_set_pdeathsig if sys.platform == "linux" else None, **user)
+                image.argv[0], "-m", "sandkeep.host.launch", env=launcher_env(), cwd=str(work),
+                stdin=asyncio.subprocess.PIPE, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
         except OSError as exc:
             os.close(out)
             self._set_state(m, "failed", "start", request={"error": f"cannot start process: {exc.strerror}"})
             return
         os.close(out)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(spec)
+            await proc.stdin.drain()
+        except (ConnectionError, OSError):
+            pass  # the process died at once: its exit is handled below like any other
+        finally:
+            proc.stdin.close()
         rt.proc = proc
         m["pid"], m["pid_start"], m["port"] = proc.pid, _proc_start_time(proc.pid), port
         m["booted_once"] = True
