@@ -21,10 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from sandkeep.gateway import PROXY_TOKEN_HEADER, TOKEN_ENV, TOKEN_HEADER
 from tests.e2e.serving import Serve
 from tests.support.procs import HostHandle, running_host
 
+# the contract, spelled out (sandkeep.gateway defines the same names)
+TOKEN_ENV, TOKEN_HEADER, PROXY_TOKEN_HEADER = "SANDKEEP_GATEWAY_TOKEN", "sandkeep-gateway-token", "sandkeep-proxy-token"
 GATEWAY_TOKEN = "tok-" + secrets.token_hex(8)
 
 
@@ -250,8 +251,8 @@ def test_data_dir_is_private_and_holds_no_secret_in_plaintext(serve: Serve) -> N
             for value, where in found.items():
                 if value.encode() in content:
                     where.append(str(path.relative_to(serve.data_dir)))
-    assert loose == [], f"group/other may access: {loose}"
     assert found[secret_value] == [] and found[later_secret] == [], f"secret values in plaintext: {found}"
+    assert loose == [], f"group/other may access: {loose}"
     assert found[visible], "control: the plain env value is stored (the grep works)"
     log = serve.proc.log_path.read_bytes()
     assert secret_value.encode() not in log and later_secret.encode() not in log
