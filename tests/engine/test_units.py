@@ -208,3 +208,12 @@ async def test_count_by_status_leaves_destroyed_instances_out(h: Harness) -> Non
                                            status=Status.RECOVERING, created_at=now, updated_at=now, app_name="a"))
     assert h.store.count_by_status()["destroyed"] == 1
     assert h.service.count_by_status() == {"running": 2, "recovering": 1}
+
+
+def test_forbidden_names_stored_before_the_list_never_reach_a_machine() -> None:
+    from sandkeep.engine.naming import build_machine_config
+
+    rec = record(env={"LD_PRELOAD": "/data/evil.so", "COLOR": "red"})
+    cfg = build_machine_config(rec, volume_id="vol_1", secrets={"PYTHONSTARTUP": "x", "API_KEY": "k"},
+                               gateway_port=8080, gateway_token="tok")
+    assert cfg.env == {"COLOR": "red", "API_KEY": "k", "PORT": "8080", "SANDKEEP_GATEWAY_TOKEN": "tok"}

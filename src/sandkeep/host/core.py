@@ -317,7 +317,9 @@ class Host:
                 self.db.put("region", name, self.regions[name])
         self.seq = int(self.db.get_meta("seq") or "0")
         recovered: list[str] = []
+        plaintext = False
         for m in self.db.load("machine"):
+            plaintext = plaintext or "env_encrypted" not in (m.get("config") or {})
             m["config"] = self._opened_config(m)
             self.machines[m["id"]] = m
             pid, start = m.get("pid"), m.get("pid_start")
@@ -334,6 +336,8 @@ class Host:
                 self._mark_destroyed(m)
             else:
                 self._save_machine(m)
+        if plaintext:  # records written before env was encrypted: now re-saved encrypted; drop the old pages
+            self.db.compact()
         return recovered
 
     def start_background(self) -> None:

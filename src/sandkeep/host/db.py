@@ -41,6 +41,12 @@ class HostDB:
         rows = self._conn.execute("SELECT data FROM records WHERE kind = ? ORDER BY id", (kind,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def compact(self) -> None:
+        """Rewrite the file so that no deleted or overwritten record survives in free pages or the WAL."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.execute("VACUUM")
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
