@@ -35,3 +35,21 @@ def test_plaintext_env_of_an_older_host_is_encrypted_and_compacted_at_load(tmp_p
     again.load()
     assert again.machines["m1"]["config"]["env"] == {"API_KEY": secret}, "read back with the same key"
     again.db.close()
+
+
+def test_a_root_host_refuses_to_run_machines_as_root(tmp_path: Path) -> None:
+    import os
+
+    import pytest
+
+    from sandkeep.host.core import HostError, resolve_machine_user
+
+    if os.geteuid() != 0:
+        assert resolve_machine_user("nobody") is None, "a host that is not root runs machines as itself"
+        return
+    for bad in ("", "root", "0", "0:0", "no-such-user-xyz"):
+        with pytest.raises(HostError):
+            resolve_machine_user(bad)
+    uid, gid = resolve_machine_user("nobody") or (0, 0)
+    assert uid != 0 and gid != 0
+    assert resolve_machine_user("4242:4343") == (4242, 4343)

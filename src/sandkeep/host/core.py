@@ -87,7 +87,7 @@ class HostOptions:
     snapshot_retention: float = 5 * 86400.0  # snapshots older than this are pruned (5 days)
     scheduler_tick: float = 60.0  # how often the scheduler looks for due snapshots
     delays: dict[str, float] = field(default_factory=dict)  # see faults.REALISTIC_PROFILE
-    # the unprivileged user machine processes run as when the host runs as root ("" = the host's own user)
+    # the unprivileged user machine processes run as when the host runs as root (name or UID[:GID])
     machine_user: str = "nobody"
     bytes_per_gb: int = 1024 ** 3  # a volume's limit = size_gb * bytes_per_gb (tests shrink it)
     secrets_key: str | None = None  # encrypts machine env in host.db; None = a key generated per host object
@@ -200,10 +200,15 @@ def launcher_env() -> dict[str, str]:
 
 
 def resolve_machine_user(name: str) -> tuple[int, int] | None:
-    """``(uid, gid)`` machine processes run as: None when the host is not root (it cannot switch users) or
-    ``name`` is empty. ``name`` is a user name or ``UID[:GID]``; an unknown user is a HostError at start-up."""
-    if not name or os.geteuid() != 0:
+    """``(uid, gid)`` machine processes run as: None when the host is not root (it cannot switch users, and
+    machines run as the host's own user). ``name`` is a user name or ``UID[:GID]``; an unknown user, an empty
+    name or root is a HostError at start-up: a root host never runs machines as root."""
+    if os.geteuid() != 0:
         return None
+    if not name.strip():
+        raise HostError(500, "the host runs as root: --machine-user (SANDKEEP_HOST_MACHINE_USER) must name an "
+                             "unprivileged user for machine processes")
+    name = name.strip()
     uid_s, _, gid_s = name.partition(":")
     if uid_s.isdigit():
         uid = int(uid_s)
