@@ -12,6 +12,7 @@ from sandkeep.gateway import TOKEN_ENV as GATEWAY_TOKEN_ENV
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
+    HostUnavailableError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -181,7 +182,8 @@ class FakeProvider:
             out.append(self._view(m))
         return out
 
-    async def update_machine(self, app_name: str, machine_id: str, *, config: MachineConfig) -> Machine:
+    async def update_machine(self, app_name: str, machine_id: str, *, config: MachineConfig,
+                             skip_launch: bool = False) -> Machine:
         self._check("update_machine")
         m = self._machine(app_name, machine_id)
         for v in self.volumes.values():
@@ -191,13 +193,15 @@ class FakeProvider:
             if mount.volume in self.volumes:
                 self.volumes[mount.volume].attached_machine_id = m.id
         m.config = config.model_copy(deep=True)
-        if m.state == "started":
-            self._boot(m)
+        if not skip_launch and m.state in ("started", "stopped", "created", "failed", "suspended"):
+            self._boot(m)  # as on Fly: an update (re)launches the machine unless skip_launch
         return self._view(m)
 
     async def start_machine(self, app_name: str, machine_id: str) -> None:
         self._check("start_machine")
         m = self._machine(app_name, machine_id)
+        if m.state in ("starting", "started"):  # as Fly answers a start of a machine already on its way up
+            raise ConflictError(f"unable to start machine from current state: '{m.state}'", status=412)
         if m.state in ("stopped", "created", "failed", "suspended"):
             self._boot(m)
 
@@ -265,8 +269,8 @@ class FakeProvider:
             if src is None:
                 raise NotFoundError(f"source volume not found: {source_volume_id}", status=404)
             if src.host_status == "unreachable" or src.region in self.unreachable:
-                raise ConflictError(f"failed_precondition: cannot fork volume {src.id}: its host in region "
-                                    f"{src.region} is unreachable", status=412)
+                raise HostUnavailableError(f"failed_precondition: cannot fork volume {src.id}: its host in region "
+                                           f"{src.region} is unreachable (host_status: unreachable)", status=412)
             data = dict(src.data)
         if snapshot_id:
             snap = next((s for snaps in self.snapshots.values() for s in snaps if s.id == snapshot_id), None)

@@ -100,9 +100,9 @@ def test_list_filters_metadata_and_update(api: Api) -> None:
 
     updated = api.call("POST", f"/v1/apps/{app}/machines/{a['id']}", 200,
                        json={"config": {"image": "sandkeep/gateway", "env": {"V": "2"},
-                                        "metadata": {"sandbox": "sbx_a", "v": "2"}}})
+                                        "metadata": {"sandbox": "sbx_a", "v": "2"}}, "skip_launch": True})
     assert updated["config"]["env"] == {"V": "2"} and updated["instance_id"] != a["instance_id"]
-    assert updated["state"] == "created"
+    assert updated["state"] == "created"  # skip_launch: the update does not launch it
 
     api.call("DELETE", f"/v1/apps/{app}/machines/{b['id']}", 200)
     assert api.get(app, b["id"])["state"] == "destroyed"

@@ -201,7 +201,7 @@ def test_bad_input_gets_clear_4xx_and_host_stays_healthy(api: Api) -> None:
     api.call("POST", base, 422, json={"config": {"image": "unknown/image"}})
     api.call("POST", base, 400, json={"config": {"image": "sandkeep/gateway"}, "current_version": 3})
     api.call("POST", base, 400, json={"config": {"image": "sandkeep/gateway", "auto_destroy": "yes"}})
-    assert api.raw("GET", "/v1/nothing-here").status_code == 404
+    assert api.raw("GET", "/v1/nothing-here").status_code == 501  # not implemented, never "gone" (404)
     assert api.raw("PUT", f"/v1/apps/{app}").status_code == 405
     got = api.get(app, m["id"])
     assert got["config"]["image"] == "sandkeep/gateway" and "auto_destroy" not in got["config"], \

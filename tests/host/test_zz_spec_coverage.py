@@ -44,7 +44,7 @@ def served_operations() -> set[tuple[str, str]]:
 
 def test_served_operations_are_the_implemented_subset() -> None:
     ops = served_operations()
-    assert len(ops) == 23
+    assert len(ops) == 27  # + volume extend and the three ip_assignments operations
     assert ("GET", "/apps/{app_name}/machines/{machine_id}/wait") in ops
     assert ("POST", "/apps/{app_name}/volumes/{volume_id}/snapshots") in ops
 

@@ -55,6 +55,9 @@ class Fly:
         answers: dict[tuple[str, str], httpx.Response] = {
             ("POST", "/apps"): httpx.Response(201),
             ("GET", "/apps/{app_name}"): httpx.Response(200, json={"id": "a1", "name": APP, "status": "deployed"}),
+            ("GET", "/apps/{app_name}/ip_assignments"): httpx.Response(200, json={"ips": []}),
+            ("POST", "/apps/{app_name}/ip_assignments"): httpx.Response(200, json={
+                "ip": "2a09:8280:1::1", "region": "global", "service_name": "", "shared": False}),
             ("GET", "/apps/{app_name}/machines"): httpx.Response(200, json=[]),
             ("POST", "/apps/{app_name}/machines"): httpx.Response(200, json=machine),
             ("GET", "/apps/{app_name}/machines/{machine_id}"): httpx.Response(200, json=machine),
@@ -75,6 +78,8 @@ class Fly:
             ("GET", "/apps/{app_name}/volumes/{volume_id}"): httpx.Response(200, json=volume),
             ("DELETE", "/apps/{app_name}/volumes/{volume_id}"): httpx.Response(200, json=volume),
             ("GET", "/apps/{app_name}/volumes/{volume_id}/snapshots"): httpx.Response(200, json=[]),
+            ("PUT", "/apps/{app_name}/volumes/{volume_id}/extend"): httpx.Response(
+                200, json={"volume": {**volume, "size_gb": 5}, "needs_restart": True}),
             ("POST", "/apps/{app_name}/volumes/{volume_id}/snapshots"): httpx.Response(200),
         }
         return answers[op]
@@ -93,6 +98,10 @@ async def test_app_calls() -> None:
         ("POST", f"{FLY}/v1/apps", {"app_name": APP, "org_slug": "personal"}),
         ("GET", A, None),  # Fly answers a create with an empty 201: the client reads the app back
         ("GET", A, None),
+        # <app>.fly.dev (the gateway's route through Fly's proxy) needs public IPs: fly-go's ip_assignments calls
+        ("GET", f"{A}/ip_assignments", None),
+        ("POST", f"{A}/ip_assignments", {"type": "shared_v4"}),
+        ("POST", f"{A}/ip_assignments", {"type": "v6"}),
     ]
 
 
@@ -197,3 +206,11 @@ async def test_capacity_in_every_region_is_raised() -> None:
         with pytest.raises(CapacityError):
             await c.create_volume_with_fallback(APP, regions=["syd", "ams"], name="data")
     assert [s[2]["region"] for s in fly.sent if s[0] == "POST"] == ["syd", "ams"]
+
+
+async def test_extend_volume_call() -> None:
+    fly = Fly()
+    async with fly_client(fly) as c:
+        volume, needs_restart = await c.extend_volume(APP, VID, 5)
+    assert volume.size_gb == 5 and needs_restart is True
+    assert fly.sent == [("PUT", f"{A}/volumes/{VID}/extend", {"size_gb": 5})]

@@ -10,6 +10,7 @@ from sandkeep.gateway import TOKEN_ENV
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
+    HostUnavailableError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -308,7 +309,7 @@ async def test_region_outage_and_capacity(fresh_local: Local, app_name: str) -> 
     await c.wait_machine(app_name, m.id, state="stopped", timeout=30)
     assert (await c.get_volume(app_name, vol.id)).host_status == "unreachable"
     loc.clock.sleeps.clear()
-    with pytest.raises(ConflictError, match="unreachable") as info:  # a clear, final answer
+    with pytest.raises(HostUnavailableError, match="unreachable") as info:  # a clear, final answer
         await c.create_volume(app_name, name="fork", region="lcl-b", source_volume_id=vol.id)
     assert "lcl-a" in str(info.value)
     assert loc.clock.sleeps == []  # not retried

@@ -554,20 +554,25 @@ async def test_volume_reads() -> None:
 
 async def test_ensure_app_gets_creates_and_tolerates_a_concurrent_create() -> None:
     app_path = f"/v1/apps/{APP}"
+    ips = f"{app_path}/ip_assignments"
     existing = {"id": "a1", "name": APP, "status": "deployed", "organization": {"slug": "personal"}}
-    api = FakeApi().on("GET", app_path, ok(existing))
+    has_ips = ok({"ips": [{"ip": "203.0.113.1", "shared": True}, {"ip": "2001:db8::1"}]})
+    api = FakeApi().on("GET", app_path, ok(existing)).on("GET", ips, has_ips)
     client, _ = make_client(api)
     assert (await client.ensure_app(APP, "personal")).name == APP
     assert api.calls("POST") == []
 
-    api = FakeApi().on("GET", app_path, err(404, "app not found"), ok(existing)).on("POST", "/v1/apps", ok(status=201))
+    api = (FakeApi().on("GET", app_path, err(404, "app not found"), ok(existing)).on("POST", "/v1/apps", ok(status=201))
+           .on("GET", ips, ok({"ips": []})).on("POST", ips, ok({"ip": "2001:db8::1"})))
     client, _ = make_client(api)
     app = await client.ensure_app(APP, "personal")
     assert app.id == "a1"
     assert body(api.calls("POST")[0]) == {"app_name": APP, "org_slug": "personal"}
+    # a new app gets its public IPs (Fly's <app>.fly.dev resolves only then): a shared IPv4 and an IPv6
+    assert [body(r) for r in api.calls("POST", ips)] == [{"type": "shared_v4"}, {"type": "v6"}]
 
     api = (FakeApi().on("GET", app_path, err(404, "app not found"), ok(existing))
-           .on("POST", "/v1/apps", err(422, "Name has already been taken")))
+           .on("POST", "/v1/apps", err(422, "Name has already been taken")).on("GET", ips, has_ips))
     client, _ = make_client(api)
     assert (await client.ensure_app(APP, "personal")).id == "a1"
 
@@ -670,4 +675,21 @@ async def test_plain_conflict_on_create_is_raised() -> None:
     with pytest.raises(ConflictError):
         await client.create_machine(APP, config=CONFIG, name="vm")
     assert len(api.calls("POST", M_PATH)) == 1
+    await client.aclose()
+
+
+async def test_public_ips_are_allocated_only_when_missing() -> None:
+    ips = f"/v1/apps/{APP}/ip_assignments"
+    # fly-go's newer IPAssignment carries no "type": shared / v6 are derived from the address, egress ignored
+    listed = {"ips": [{"ip": "66.241.124.1", "shared": True}, {"ip": "2a09:8280:1::3", "shared": False},
+                      {"ip": "2a09:8280:1::9", "egress": True}]}
+    api = FakeApi().on("GET", ips, ok(listed))
+    client, _ = make_client(api)
+    await client.ensure_public_ips(APP)
+    assert api.calls("POST") == []
+    api = FakeApi().on("GET", ips, ok({"ips": [{"ip": "fdaa:0:1::3", "type": "private_v6"},
+                                               {"ip": "2a09:8280:1::3", "type": "v6"}]})).on("POST", ips, ok({}))
+    client, _ = make_client(api)
+    await client.ensure_public_ips(APP)
+    assert [body(r) for r in api.calls("POST", ips)] == [{"type": "shared_v4"}]
     await client.aclose()

@@ -58,6 +58,7 @@ from sandkeep.engine.reconcile import decide
 from sandkeep.engine.recovery import STEP_CREATING_MACHINE, STEP_FORKING
 from sandkeep.provider.base import MachineProvider
 from sandkeep.provider.errors import (
+    ConflictError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -68,6 +69,10 @@ from sandkeep.provider.models import MachineConfig
 from sandkeep.secrets import SecretBox, SecretsError
 from sandkeep.store.base import Store
 from sandkeep.store.records import InstanceRecord, Status
+
+#: states in which Fly refuses a start because one is already underway ("unable to start machine from current
+#: state": starting, started, or mid-update: replacing/updating, and created while an update swaps the image)
+STARTING_OR_STARTED = frozenset({"created", "starting", "started", "replacing", "updating"})
 
 MAX_STEPS = 24
 """Decision steps per pass before the pass gives up and requeues (a safety valve against loops)."""
@@ -393,7 +398,17 @@ class Pass:
                                       "volume_id": action.volume_id})
             return machine
         if isinstance(action, StartMachine):
-            await provider.start_machine(app, action.machine_id)
+            try:
+                await provider.start_machine(app, action.machine_id)
+            except ConflictError as exc:
+                # Fly refuses (412) to start a machine already on its way up, e.g. launched by an update just
+                # before: that is no failure. Any other state keeps the error (the decision fails the start).
+                state = await self._machine_state(action.machine_id)
+                if state not in STARTING_OR_STARTED:
+                    raise
+                self.log.info("reconcile.start_already_underway", machine_id=action.machine_id, state=state,
+                              error=str(exc))
+                return state
             return None
         if isinstance(action, StopMachine):
             await provider.stop_machine(app, action.machine_id)
@@ -440,6 +455,12 @@ class Pass:
 
     async def _destroy_machine(self, machine_id: str) -> None:
         await destroy_own_machine(self.ctx, self.record, machine_id)
+
+    async def _machine_state(self, machine_id: str) -> str | None:
+        try:
+            return (await self.ctx.provider.get_machine(self.record.app_name, machine_id)).state
+        except NotFoundError:
+            return None
 
 
 async def destroy_own_machine(ctx: EngineContext, record: InstanceRecord, machine_id: str) -> None:

@@ -207,9 +207,9 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
     if restarting and record.pending_action == "restart":
         issued: list[Action] = []
         if _needs_update(record, machine):
-            issued.append(UpdateMachine(mid, record.volume_id))  # restarts a running machine
-            if state not in ("started", "starting"):
-                issued.append(StartMachine(mid))
+            # as on Fly, the update (re)launches the machine: a running one restarts, a stopped one starts (no
+            # start of our own to collide with it; should it stay stopped, the stopped rule below starts it)
+            issued.append(UpdateMachine(mid, record.volume_id))
         elif state in ("started", "starting"):
             issued.append(RestartMachine(mid))
         else:
@@ -233,7 +233,7 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
                             error=f"machine {mid} failed to start")
     if state in ("stopped", "suspended") and obs.outcome(f"start:{mid}") is None:
         if _needs_update(record, machine) and obs.outcome(f"update:{mid}") is None:
-            return [UpdateMachine(mid, record.volume_id), StartMachine(mid)]
+            return [UpdateMachine(mid, record.volume_id)]  # launches it (Fly: unless skip_launch)
         return [StartMachine(mid)]
     waited = obs.outcome(f"wait:{mid}:started")
     if waited is None:

@@ -56,7 +56,7 @@ from sandkeep.engine.actions import (
 )
 from sandkeep.engine.naming import machine_name, volume_name
 from sandkeep.engine.policy import TERMINAL_REPLACEMENT_STATES, detection_latency_ms, elapsed_ms, recovery_regions
-from sandkeep.provider.errors import NotFoundError, WaitTimeoutError
+from sandkeep.provider.errors import HostUnavailableError, NotFoundError, WaitTimeoutError
 from sandkeep.store.records import InstanceRecord, Status
 
 STEP_FORK = "fork"
@@ -172,7 +172,8 @@ def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
     unreachable = (source.host_status or "ok") == "unreachable"
     fork_outcome = obs.outcome("create_volume:recovery")
     if fork_outcome is not None and not fork_outcome.ok:
-        if not unreachable and "unreachable" not in fork_outcome.message.lower():
+        # the fork is impossible (the source's host is unreachable): restore the newest snapshot instead
+        if not unreachable and not isinstance(fork_outcome.error, HostUnavailableError):
             return fail(record, settings, now, label="alarm_fork_failed",
                         error=f"fork of {source.id} failed: {fork_outcome.message}")
         unreachable = True

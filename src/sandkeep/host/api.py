@@ -117,6 +117,47 @@ def _duration_seconds(value: Any) -> float | None:
     raise bad(f"timeout must be a duration such as '10s', got {value!r}")
 
 
+# Every operation of Fly's Machines API (tests/data/fly-machines-api.swagger.json, plus the app-level
+# ip_assignments that fly-go's flaps client calls), as (path under /v1, methods): a request the host has no route
+# for is a 501 when Fly defines it and a 405 when Fly defines the path with other methods, never a 404 (which a
+# client reads as "that resource is gone").
+_A, _M, _V = "/v1/apps/{app}", "/v1/apps/{app}/machines/{mid}", "/v1/apps/{app}/volumes/{vid}"
+FLY_OPERATIONS: tuple[tuple[str, frozenset[str]], ...] = tuple((p, frozenset(ms.split())) for p, ms in (
+    ("/v1/apps", "GET POST"), (_A, "GET DELETE"), (_A + "/machines", "GET POST"), (_M, "GET POST DELETE"),
+    (_M + "/cordon", "POST"), (_M + "/events", "GET"), (_M + "/exec", "POST"), (_M + "/lease", "GET POST DELETE"),
+    (_M + "/metadata", "GET"), (_M + "/metadata/{key}", "POST DELETE"), (_M + "/ps", "GET"),
+    (_M + "/restart", "POST"), (_M + "/signal", "POST"), (_M + "/start", "POST"), (_M + "/stop", "POST"),
+    (_M + "/uncordon", "POST"), (_M + "/versions", "GET"), (_M + "/wait", "GET"), (_A + "/volumes", "GET POST"),
+    (_V, "GET POST PUT DELETE"), (_V + "/extend", "PUT"), (_V + "/snapshots", "GET POST"),
+    (_A + "/ip_assignments", "GET POST"), (_A + "/ip_assignments/{ip}", "DELETE")))
+
+
+def _path_matches(template: str, path: str) -> bool:
+    parts, want = path.rstrip("/").split("/"), template.split("/")
+    if template.endswith("{key}"):  # a metadata key may contain '/'
+        return len(parts) >= len(want) and all(w.startswith("{") or w == p for w, p in zip(want, parts, strict=False))
+    return len(parts) == len(want) and all(w.startswith("{") or w == p for w, p in zip(want, parts, strict=True))
+
+
+def unrouted(method: str, path: str, served: dict[str, set[str]]) -> JSONResponse:
+    """The answer to a request no route takes: 405 (with ``Allow``) for a wrong method on a path Fly or the host
+    knows, else 501 with Fly's error body. Never 404: that means "the resource is gone"."""
+    allowed: set[str] = set()
+    for template, methods in FLY_OPERATIONS:
+        if _path_matches(template, path):
+            if method in methods:
+                return error(501, f"not implemented: the local host does not serve {method} {path} (a Fly Machines "
+                                  f"API operation outside the subset it implements)")
+            allowed |= methods
+    for template, verbs in served.items():
+        if _path_matches(template.replace("{key:path}", "{key}"), path):
+            allowed |= verbs - {"HEAD"}
+    if allowed:
+        return error(405, f"method not allowed: {method} {path} (allowed: {', '.join(sorted(allowed))})",
+                     headers={"Allow": ", ".join(sorted(allowed))})
+    return error(501, f"not implemented: no route {method} {path} on the local host")
+
+
 class HostAPI:
     def __init__(self, host: Host, token: str, faults: Faults | None = None, *, rate_limits: bool = False) -> None:
         self.host = host
@@ -179,6 +220,9 @@ class HostAPI:
         add("/v1/apps", "POST", "app.create", self.create_app)
         add(a, "GET", "app.get", self.get_app)
         add(a, "DELETE", "app.delete", self.delete_app)
+        add(a + "/ip_assignments", "GET", "app.ips.list", self.list_ips)
+        add(a + "/ip_assignments", "POST", "app.ips.assign", self.assign_ip)
+        add(a + "/ip_assignments/{ip}", "DELETE", "app.ips.release", self.release_ip)
         add(a + "/machines", "GET", "machine.list", self.list_machines)
         add(a + "/machines", "POST", "machine.create", self.create_machine)
         add(m, "GET", "machine.get", self.get_machine)
@@ -196,6 +240,7 @@ class HostAPI:
         add(a + "/volumes", "POST", "volume.create", self.create_volume)
         add(v, "GET", "volume.get", self.get_volume)
         add(v, "DELETE", "volume.delete", self.delete_volume)
+        add(v + "/extend", "PUT", "volume.extend", self.extend_volume)
         add(v + "/snapshots", "GET", "volume.snapshots.list", self.list_snapshots)
         add(v + "/snapshots", "POST", "volume.snapshots.create", self.create_snapshot)
         add("/_local/apps/{app}/machines/{mid}/crash", "POST", None, self.crash_machine)
@@ -211,12 +256,14 @@ class HostAPI:
         return r
 
     def app(self) -> Starlette:
+        served: dict[str, set[str]] = {}
+        for route in self.routes():
+            served.setdefault(route.path, set()).update(route.methods or ())
+
         async def http_error(request: Request, exc: Exception) -> Response:
             status = exc.status_code if isinstance(exc, HTTPException) else 500
-            if status == 404:
-                return error(404, f"not found: {request.method} {request.url.path}")
-            if status == 405:
-                return error(405, f"method not allowed: {request.method} {request.url.path}")
+            if status in (404, 405):
+                return unrouted(request.method, request.url.path, served)
             detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
             return error(status, str(detail))
 
@@ -240,6 +287,16 @@ class HostAPI:
     async def delete_app(self, request: Request) -> Response:
         await self.host.delete_app(request.path_params["app"])
         return Response(status_code=202)
+
+    async def list_ips(self, request: Request) -> Response:
+        return JSONResponse(self.host.list_ips(request.path_params["app"]))
+
+    async def assign_ip(self, request: Request) -> Response:
+        return JSONResponse(self.host.assign_ip(request.path_params["app"], await read_json(request)))
+
+    async def release_ip(self, request: Request) -> Response:
+        self.host.release_ip(request.path_params["app"], request.path_params["ip"])
+        return JSONResponse({"ok": True})
 
     # -------------------------------------------------------------- machines
     async def list_machines(self, request: Request) -> Response:
@@ -357,6 +414,11 @@ class HostAPI:
     async def delete_volume(self, request: Request) -> Response:
         out = await self.host.delete_volume(request.path_params["app"], request.path_params["vid"])
         return JSONResponse(out)
+
+    async def extend_volume(self, request: Request) -> Response:
+        v, needs_restart = await self.host.extend_volume(request.path_params["app"], request.path_params["vid"],
+                                                         await read_json(request, shape="ExtendVolumeRequest"))
+        return JSONResponse({"volume": self.host.volume_json(v), "needs_restart": needs_restart})
 
     async def list_snapshots(self, request: Request) -> Response:
         snaps = self.host.list_snapshots(request.path_params["app"], request.path_params["vid"])

@@ -47,6 +47,9 @@ _MACHINE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _EVENTS_KEPT = 50
 MAX_METADATA_VALUE = 64 * 1024  # characters; metadata holds ids and labels, not data
+GIB = 1024 ** 3
+IP_TYPES = ("v4", "v6", "shared_v4", "private_v6")  # Fly's ip_assignments types the host records
+SHARED_V4 = "203.0.113.1"  # documentation range (RFC 5737): one shared address for every app, as on Fly
 _ADJ = ("quiet", "bold", "calm", "brave", "lively", "misty", "proud", "snowy", "sunny", "young")
 _NOUN = ("river", "forest", "meadow", "sun", "moon", "field", "harbor", "cloud", "stone", "wave")
 
@@ -71,8 +74,24 @@ def bad(message: str, status: int = 400) -> HostError:
 
 
 def capacity_error(region: str, what: str) -> HostError:
+    """Fly's refusal of a create the region cannot place: a volume create is a 400 ending in "no capacity",
+    a machine create a 412 "insufficient resources" with status ``insufficient_capacity`` (README, fidelity)."""
+    if what == "volume":
+        return HostError(400, f"could not place the volume in region {region} (local host): aborted: no capacity")
     return HostError(412, f"insufficient resources to create new {what} in region {region}: no capacity "
                           f"available on the local host", code="insufficient_capacity")
+
+
+def memory_error(m: JSON) -> HostError:
+    """Fly's refusal to (re)reserve resources for an existing machine on its host: 409 "insufficient memory"."""
+    return HostError(409, f"could not reserve resource for machine {m['id']}: insufficient memory available to "
+                          f"fulfill request (region {m['region']} has no capacity on the local host)")
+
+
+def host_unreachable(what: str, region: str) -> HostError:
+    """A request that needs the host of ``what`` while that host is unreachable (region outage)."""
+    return HostError(412, f"failed_precondition: {what}: its host in region {region} is unreachable "
+                          f"(host_status: unreachable)")
 
 
 @dataclass
@@ -465,6 +484,46 @@ class Host:
                 1 for m in self.machines.values() if m["app"] == a["name"] and m["state"] != "destroyed"),
              "network": "default"} for a in apps]}
 
+    # Fly's app-level IP assignments (``/v1/apps/{app}/ip_assignments``, what fly-go's flaps client calls): the
+    # host only records them, so an app setup that allocates its public IPs works; nothing routes to them.
+    def list_ips(self, app: str) -> JSON:
+        return {"ips": [dict(ip) for ip in self.app(app).get("ips", [])]}
+
+    def assign_ip(self, app: str, body: JSON) -> JSON:
+        a = self.app(app)
+        kind = body.get("type")
+        if kind not in IP_TYPES:
+            raise bad(f"type must be one of {', '.join(IP_TYPES)}, got {kind!r}")
+        for key in ("region", "org_slug", "network", "service_name"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise bad(f"'{key}' must be a string")
+        ips: list[JSON] = a.setdefault("ips", [])
+        if kind == "shared_v4":
+            for ip in ips:
+                if ip["type"] == "shared_v4":
+                    return dict(ip)  # one shared address per app: asking again is no new allocation
+        taken = {ip["ip"] for other in self.apps.values() for ip in other.get("ips", [])}
+        address = SHARED_V4
+        while kind != "shared_v4" and address in taken | {SHARED_V4}:
+            n = secrets.randbelow(2 ** 17 - 2) + 1  # documentation/benchmark ranges: never a real address
+            address = {"v4": f"198.{18 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}", "v6": f"2001:db8::{n:x}",
+                       "private_v6": f"fdaa:0:{n:x}::3"}[str(kind)]
+        record = {"ip": address, "region": body.get("region") or "global",
+                  "service_name": body.get("service_name") or "", "shared": kind == "shared_v4",
+                  "created_at": self.now_iso(), "type": kind}
+        ips.append(record)
+        self.db.put("app", a["name"], a)
+        return dict(record)
+
+    def release_ip(self, app: str, address: str) -> None:
+        a = self.app(app)
+        ips = a.get("ips", [])
+        kept = [ip for ip in ips if ip["ip"] != address]
+        if len(kept) == len(ips):
+            raise HostError(404, f"ip assignment not found: {address}")
+        a["ips"] = kept
+        self.db.put("app", a["name"], a)
+
     async def delete_app(self, name: str) -> None:
         self.app(name)
         for m in list(self.machines.values()):
@@ -561,7 +620,8 @@ class Host:
                 "instance_id": m["instance_id"], "private_ip": m["private_ip"], "config": m["config"],
                 "image_ref": {"registry": "local", "repository": image.split(":")[0], "tag": "latest",
                               "digest": "sha256:" + hashlib.sha256(image.encode()).hexdigest(), "labels": {}},
-                "created_at": m["created_at"], "updated_at": m["updated_at"], "events": m.get("events", [])}
+                "created_at": m["created_at"], "updated_at": m["updated_at"], "events": m.get("events", []),
+                "host_status": "unreachable" if self.regions.get(m["region"], {}).get("down") else "ok"}
 
     def list_machines(self, app: str, *, metadata: dict[str, str], region: str | None,
                       include_deleted: bool) -> list[JSON]:
@@ -583,9 +643,12 @@ class Host:
         return out
 
     # ------------------------------------------------------------------ machine config validation
-    def _validate_config(self, app: str, config: Any, *, region: str | None,
-                         machine_id: str | None) -> tuple[JSON, str, JSON | None]:
-        """Check a machine config; return (config, region, volume or None)."""
+    def _validate_config(self, app: str, config: Any, *, region: str | None, machine_id: str | None,
+                         missing_volume: str = "volume not found") -> tuple[JSON, str, JSON | None]:
+        """Check a machine config; return (config, region, volume or None).
+
+        A mount of a volume that does not exist is a 400 with Fly's ``missing_volume`` message (never a 404,
+        which a client would read as "the machine is gone")."""
         if not isinstance(config, dict):
             raise bad("config is required and must be an object", 422 if config is None else 400)
         image = config.get("image")
@@ -642,7 +705,7 @@ class Host:
             mount["path"] = path
             volume = self.volumes.get(vid)
             if volume is None or volume["app"] != app:
-                raise HostError(404, f"volume not found: {vid} (app {app})")
+                raise HostError(400, f"{missing_volume}: {vid} (app {app})")
             if region and region != volume["region"]:
                 raise HostError(422, f"volume {vid} is in region {volume['region']} but the machine was requested "
                                      f"in region {region}: a machine and its volume must be in the same region")
@@ -900,14 +963,20 @@ class Host:
                 raise HostError(412, f"failed_precondition: machine {machine_id} is {prev}; wait for it to stop "
                                      f"first")
             self._check_region_up(m)
+            self._check_machine_capacity(m)
             self._begin_start(m)
             return {"previous_state": prev, "migrated": False, "new_host": ""}
 
     def _check_region_up(self, m: JSON) -> None:
         r = self.regions.get(m["region"])
         if r is not None and r["down"]:
-            raise HostError(412, f"failed_precondition: the host of machine {m['id']} in region {m['region']} is "
-                                 f"unreachable (region outage)")
+            raise host_unreachable(f"machine {m['id']}", m["region"])
+
+    def _check_machine_capacity(self, m: JSON) -> None:
+        """Starting or updating an existing machine re-reserves its resources: refused in a capacity-off region."""
+        r = self.regions.get(m["region"])
+        if r is not None and not r["available"]:
+            raise memory_error(m)
 
     def _request_stop(self, m: JSON, rt: MachineRuntime, sig: int, grace: float) -> None:
         rt.stop_requested = True
@@ -936,6 +1005,7 @@ class Host:
             self._check_region_up(m)
             if m["state"] == "destroying":
                 raise HostError(412, f"failed_precondition: machine {machine_id} is being destroyed")
+            self._check_machine_capacity(m)
             self._restart_locked(m, rt)
 
     def _restart_locked(self, m: JSON, rt: MachineRuntime) -> None:
@@ -964,7 +1034,10 @@ class Host:
             if name is not None and (not isinstance(name, str) or not _MACHINE_NAME_RE.match(name)):
                 raise bad("name must be 1-63 letters, digits, '.', '_' or '-'", 422)
             cfg, _region, volume = self._validate_config(app, body.get("config"), region=m["region"],
-                                                         machine_id=machine_id)
+                                                         machine_id=machine_id,
+                                                         missing_volume="invalid_argument: volume does not exist")
+            self._check_region_up(m)
+            self._check_machine_capacity(m)
             m["config"] = cfg
             m["instance_id"] = ids.instance_id()
             if name:
@@ -973,8 +1046,11 @@ class Host:
             if volume is not None:
                 self._attach(volume, m)
             self._set_state(m, m["state"], "update", source="user")
-            if m["state"] in ("starting", "started") and not skip_launch:
-                self._restart_locked(m, rt)
+            if not skip_launch:  # as on Fly: an update (re)launches the machine unless skip_launch
+                if m["state"] in ("starting", "started"):
+                    self._restart_locked(m, rt)
+                elif m["state"] in ("stopped", "created", "failed", "suspended"):
+                    self._begin_start(m)
             return m
 
     async def destroy_machine(self, app: str, machine_id: str, *, force: bool) -> None:
@@ -1115,8 +1191,7 @@ class Host:
             if src is None or src["app"] != app:
                 raise HostError(404, f"source volume not found: {source_id}")
             if self.regions[src["region"]]["down"]:
-                raise HostError(412, f"failed_precondition: cannot fork volume {source_id}: its host in region "
-                                     f"{src['region']} is unreachable (region outage)")
+                raise host_unreachable(f"cannot fork volume {source_id}", src["region"])
             size = max(size or 0, src["size_gb"])
             source_dir, delay = self.volume_dir(src), "volume.fork"
         elif snap_id:
@@ -1147,6 +1222,24 @@ class Host:
         log.info("volume.created", volume_id=vid, app=app, region=region, source_volume_id=source_id,
                  snapshot_id=snap_id)
         return v
+
+    async def extend_volume(self, app: str, volume_id: str, body: JSON) -> tuple[JSON, bool]:
+        """Fly's extend: grow ``size_gb`` (never shrink). A directory volume needs no restart."""
+        v = self.volume(app, volume_id)
+        size = body.get("size_gb")
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise bad("size_gb is required: the new size in GB, a whole number")
+        if size <= v["size_gb"]:
+            raise bad(f"size_gb must be larger than the volume's current size ({v['size_gb']} GB): a volume can "
+                      f"only be extended")
+        if size > 500:
+            raise bad("size_gb must be at most 500")
+        if self.regions[v["region"]]["down"]:
+            raise host_unreachable(f"cannot extend volume {volume_id}", v["region"])
+        v["size_gb"] = size
+        self.db.put("volume", v["id"], v)
+        log.info("volume.extended", volume_id=v["id"], app=app, size_gb=size)
+        return v, False
 
     def list_volumes(self, app: str) -> list[JSON]:
         self.app(app)
@@ -1186,7 +1279,8 @@ class Host:
     # ------------------------------------------------------------------ snapshots
     def snapshot_json(self, s: JSON) -> JSON:
         return {"id": s["id"], "created_at": s["created_at"], "digest": s["digest"], "size": s["size"],
-                "status": s["status"], "retention_days": s["retention_days"]}
+                "status": s["status"], "retention_days": s["retention_days"],
+                "volume_size": int(s["size_gb"]) * GIB}
 
     def list_snapshots(self, app: str, volume_id: str) -> list[JSON]:
         self.volume(app, volume_id)
@@ -1196,8 +1290,7 @@ class Host:
     async def create_snapshot(self, app: str, volume_id: str, *, kind: str = "user") -> JSON:
         v = self.volume(app, volume_id)
         if self.regions[v["region"]]["down"]:
-            raise HostError(412, f"failed_precondition: cannot snapshot volume {volume_id}: its host in region "
-                                 f"{v['region']} is unreachable (region outage)")
+            raise host_unreachable(f"cannot snapshot volume {volume_id}", v["region"])
         if kind == "user":
             await self.delay("volume.snapshot")
         return await self._take_snapshot(v, kind)

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 OPERATIONS: tuple[str, ...] = (
-    "app.list", "app.create", "app.get", "app.delete",
+    "app.list", "app.create", "app.get", "app.delete", "app.ips.list", "app.ips.assign", "app.ips.release",
     "machine.create", "machine.get", "machine.list", "machine.update", "machine.start", "machine.stop",
     "machine.restart", "machine.destroy", "machine.wait", "machine.events", "machine.metadata.get",
     "machine.metadata.set", "machine.metadata.delete",
-    "volume.create", "volume.get", "volume.list", "volume.delete", "volume.snapshots.list",
+    "volume.create", "volume.get", "volume.list", "volume.delete", "volume.extend", "volume.snapshots.list",
     "volume.snapshots.create",
 )
 

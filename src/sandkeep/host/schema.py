@@ -26,6 +26,7 @@ FIELD_TYPES: dict[str, dict[str, str]] = {
         "compute": "object:fly.MachineGuest", "encrypted": "boolean", "fstype": "string", "machines_only": "boolean",
         "name": "string", "region": "string", "require_unique_zone": "boolean", "size_gb": "integer",
         "snapshot_id": "string", "snapshot_retention": "integer", "source_volume_id": "string"},
+    "ExtendVolumeRequest": {"size_gb": "integer"},
     "StopRequest": {"signal": "string"},
     "fly.MachineConfig": {
         "auto_destroy": "boolean", "checks": "object", "disable_machine_autostart": "boolean",

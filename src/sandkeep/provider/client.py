@@ -313,7 +313,13 @@ class MachinesClient:
         return self._model(App, await self._call("GET", self._app_path(app_name), operation=op), op)
 
     async def ensure_app(self, app_name: str, org_slug: str) -> App:
-        """The app, created when missing; a concurrent create by someone else counts as success."""
+        """The app, created when missing, with its public IPs (:meth:`ensure_public_ips`, also when an earlier
+        call made the app but died before the IPs); a concurrent create by someone else counts as success."""
+        app = await self._get_or_create_app(app_name, org_slug)
+        await self.ensure_public_ips(app_name)
+        return app
+
+    async def _get_or_create_app(self, app_name: str, org_slug: str) -> App:
         try:
             return await self.get_app(app_name)
         except NotFoundError:
@@ -325,6 +331,39 @@ class MachinesClient:
                 return await self.get_app(app_name)
             except NotFoundError:
                 raise exc from None
+
+    async def list_ip_assignments(self, app_name: str) -> list[dict[str, Any]]:
+        """The app's IP assignments (``GET /v1/apps/{app}/ip_assignments``, as fly-go's flaps client calls it)."""
+        op = f"list_ip_assignments {app_name}"
+        data = self._json(await self._call("GET", f"{self._app_path(app_name)}/ip_assignments", operation=op), op)
+        ips = data.get("ips") if isinstance(data, dict) else None
+        return [ip for ip in ips if isinstance(ip, dict)] if isinstance(ips, list) else []
+
+    async def assign_ip(self, app_name: str, ip_type: str) -> dict[str, Any]:
+        """Allocate an app IP of ``ip_type`` (``shared_v4``, ``v6``, ``v4``, ``private_v6``)."""
+        op = f"assign_ip {app_name} {ip_type}"
+        # not retried on ambiguous failures (a retry could allocate twice); ensure_public_ips looks first
+        resp = await self._retry(lambda: self._send("POST", f"{self._app_path(app_name)}/ip_assignments",
+                                                    operation=op, body={"type": ip_type}),
+                                 retry_on=(RateLimitedError,))
+        data = self._optional_json(resp)
+        return data if isinstance(data, dict) else {}
+
+    async def ensure_public_ips(self, app_name: str) -> None:
+        """Give the app a shared IPv4 and an IPv6 address unless it has public ones: on Fly, ``<app>.fly.dev``
+        (the gateway route through Fly's proxy) resolves only once the app has IPs. The local host records them."""
+        have: set[str] = set()
+        for ip in await self.list_ip_assignments(app_name):
+            address = str(ip.get("ip") or "")
+            kind = str(ip.get("type") or "") or (  # newer answers carry no type: derive it as fly-go does
+                "private_v6" if address.startswith("fdaa:") else "shared_v4" if ip.get("shared")
+                else "v6" if ":" in address else "v4")
+            if not ip.get("egress"):
+                have.add(kind)
+        if not have & {"shared_v4", "v4"}:
+            await self.assign_ip(app_name, "shared_v4")
+        if "v6" not in have:
+            await self.assign_ip(app_name, "v6")
 
     # ------------------------------------------------------------------ machines
 
@@ -377,10 +416,15 @@ class MachinesClient:
         resp = await self._call("GET", f"{self._app_path(app_name)}/machines", operation=op, params=params or None)
         return self._models(Machine, resp, op)
 
-    async def update_machine(self, app_name: str, machine_id: str, *, config: MachineConfig) -> Machine:
+    async def update_machine(self, app_name: str, machine_id: str, *, config: MachineConfig,
+                             skip_launch: bool = False) -> Machine:
+        """Apply ``config``. As on Fly, the update (re)launches the machine — a running one restarts, a stopped
+        or failed one starts — unless ``skip_launch``."""
         op = f"update_machine {app_name}/{machine_id}"
-        resp = await self._call("POST", self._machine_path(app_name, machine_id), operation=op,
-                                body={"config": _config_json(config)})
+        body: dict[str, Any] = {"config": _config_json(config)}
+        if skip_launch:
+            body["skip_launch"] = True
+        resp = await self._call("POST", self._machine_path(app_name, machine_id), operation=op, body=body)
         return self._model(Machine, resp, op)
 
     async def start_machine(self, app_name: str, machine_id: str) -> None:
@@ -515,6 +559,21 @@ class MachinesClient:
         except NotFoundError:
             if not missing_ok:
                 raise
+
+    async def extend_volume(self, app_name: str, volume_id: str, size_gb: int) -> tuple[Volume, bool]:
+        """Grow a volume to ``size_gb``: the volume and whether its machine needs a restart to see the space."""
+        op = f"extend_volume {app_name}/{volume_id}"
+        resp = await self._call("PUT", f"{self._volume_path(app_name, volume_id)}/extend", operation=op,
+                                body={"size_gb": size_gb}, volume_404_is_not_found=True)
+        data = self._json(resp, op)
+        if not isinstance(data, dict) or not isinstance(data.get("volume"), dict):
+            raise ProviderError(f"unexpected extend response: {resp.text[:200]!r}", status=resp.status_code,
+                                body=resp.text, operation=op)
+        try:
+            volume = Volume.model_validate(data["volume"])
+        except ValidationError as exc:
+            raise ProviderError(f"unexpected volume in extend response: {exc.errors()[:3]}", operation=op) from exc
+        return volume, bool(data.get("needs_restart"))
 
     async def list_snapshots(self, app_name: str, volume_id: str) -> list[VolumeSnapshot]:
         op = f"list_snapshots {app_name}/{volume_id}"

@@ -5,12 +5,22 @@ from __future__ import annotations
 import re
 
 _CAPACITY_STATUSES = {400, 403, 409, 412, 422, 503}
+# Fly's capacity answers (README "Fidelity to Fly"): volume create 400 "... no capacity", machine create 412
+# "insufficient resources" (status insufficient_capacity), update/start of an existing machine 409 "insufficient
+# memory" (or CPUs/IPs) "available to fulfill request"; the status codes insufficient_capacity and
+# volume_placement_capacity (fly-go flaps_error.go) say so without any message.
 _CAPACITY_PATTERNS = re.compile(
-    r"insufficient_capacity|no capacity|insufficient resources|insufficient memory|over the allowed quota",
+    r"insufficient_capacity|volume_placement_capacity|no capacity|insufficient (resources|memory|cpus|ips)"
+    r"|over the allowed quota",
     re.IGNORECASE,
 )
 _MISSING_VOLUME_PATTERNS = re.compile(r"volume[^\n]*(not found|does not exist|missing)|no such volume",
                                       re.IGNORECASE)
+# The request needs a host that cannot be reached (Fly's host_status "unreachable"; a fork from a volume on a
+# dead host): neither capacity (another region does not help the source) nor transient (retrying soon does not
+# help either).
+_HOST_UNAVAILABLE_PATTERNS = re.compile(
+    r"host[^\n]{0,80}\b(unreachable|unavailable)\b|host_status\W{0,4}(unreachable|unknown)", re.IGNORECASE)
 # Fly's gRPC-style precondition failures (e.g. "failed_precondition: volume is currently bound to machine: <id>")
 # arrive with varying HTTP statuses; retrying never helps.
 _PRECONDITION_PATTERNS = re.compile(r"failed_precondition", re.IGNORECASE)
@@ -43,6 +53,11 @@ class MissingVolumeError(ProviderError):
 
 class CapacityError(ProviderError):
     """The region has no capacity for this request; try another region."""
+
+
+class HostUnavailableError(ProviderError):
+    """The machine's or volume's host is unreachable (e.g. a fork from a volume on a dead host): not capacity,
+    not transient. Recovery reads it as "fork impossible" and restores a snapshot instead (SPEC §7.2.3)."""
 
 
 class WaitTimeoutError(ProviderError):
@@ -84,12 +99,16 @@ def classify(status: int, body: str, *, operation: str = "",
         return RateLimitedError(message, retry_after=retry_after, **kw)
     if status in _CAPACITY_STATUSES and _CAPACITY_PATTERNS.search(body or ""):
         return CapacityError(message, **kw)  # type: ignore[arg-type]
+    if 400 <= status < 500 and status != 404 and _HOST_UNAVAILABLE_PATTERNS.search(body or message):
+        return HostUnavailableError(message, **kw)  # type: ignore[arg-type]
     if _MISSING_VOLUME_PATTERNS.search(body or "") and status in (400, 404, 412, 422):
         return MissingVolumeError(message, **kw)  # type: ignore[arg-type]
     if status == 404:
         return NotFoundError(message, **kw)  # type: ignore[arg-type]
     if 400 <= status < 600 and _PRECONDITION_PATTERNS.search(body or ""):
         return ConflictError(message, **kw)  # type: ignore[arg-type]
+    if status in (405, 501):  # the operation is not offered: final, never "gone", never worth a retry
+        return InvalidRequestError(message, **kw)  # type: ignore[arg-type]
     if status >= 500:
         return TransientError(message, **kw)  # type: ignore[arg-type]
     if status in (401, 403):

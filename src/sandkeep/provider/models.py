@@ -76,14 +76,23 @@ class Machine(_Model):
     created_at: str | None = None
     updated_at: str | None = None
     events: list[MachineEvent] = Field(default_factory=list)
+    host_status: str | None = None  # "ok" | "unknown" | "unreachable" (fly-go HostStatus)
+    # Fly sends this instead of ``config`` while host_status is not "ok" (fly-go Machine.IncompleteConfig)
+    incomplete_config: MachineConfig | None = None
+
+    @property
+    def effective_config(self) -> MachineConfig | None:
+        return self.config if self.config is not None else self.incomplete_config
 
     @property
     def metadata(self) -> dict[str, str]:
-        return dict(self.config.metadata) if self.config else {}
+        config = self.effective_config
+        return dict(config.metadata) if config else {}
 
     @property
     def volume_ids(self) -> list[str]:
-        return [m.volume for m in self.config.mounts] if self.config else []
+        config = self.effective_config
+        return [m.volume for m in config.mounts] if config else []
 
 
 class Volume(_Model):
@@ -94,7 +103,8 @@ class Volume(_Model):
     size_gb: int | None = None
     attached_machine_id: str | None = None
     attached_alloc_id: str | None = None
-    host_status: str | None = None  # "ok" | "unreachable"
+    host_status: str | None = None  # "ok" | "unknown" | "unreachable"
+    zone: str | None = None
     created_at: str | None = None
     encrypted: bool | None = None
     snapshot_retention: int | None = None
@@ -106,6 +116,8 @@ class VolumeSnapshot(_Model):
     size: int | None = None
     digest: str | None = None
     status: str | None = None
+    retention_days: int | None = None
+    volume_size: int | None = None  # the source volume's size when the snapshot was taken (the host: bytes)
 
 
 class App(_Model):
