@@ -23,6 +23,7 @@ import pytest
 
 from tests.e2e.serving import Serve
 from tests.support.procs import HostHandle, running_host
+from tests.support.wait import wait_until
 
 # the contract, spelled out (sandkeep.gateway defines the same names)
 TOKEN_ENV, TOKEN_HEADER, PROXY_TOKEN_HEADER = "SANDKEEP_GATEWAY_TOKEN", "sandkeep-gateway-token", "sandkeep-proxy-token"
@@ -48,8 +49,9 @@ def expected_machine_uid() -> int | None:
     return pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else None
 
 
-def host_machine(handle: HostHandle, env: dict[str, str], *, size_gb: int = 1) -> tuple[str, str, httpx.Client]:
-    """A started gateway machine with a volume on a real local host: (machine id, volume id, proxy client)."""
+def host_machine(handle: HostHandle, env: dict[str, str], *,
+                 size_gb: int = 1) -> tuple[str, str, str, httpx.Client]:
+    """A started gateway machine with a volume on a real local host: (app, machine id, volume id, proxy client)."""
     http = httpx.Client(base_url=handle.url, headers=handle.headers(), timeout=60.0)
     app = "sec-" + secrets.token_hex(4)
     assert http.post("/v1/apps", json={"app_name": app, "org_slug": "personal"}).status_code == 201
@@ -61,7 +63,7 @@ def host_machine(handle: HostHandle, env: dict[str, str], *, size_gb: int = 1) -
     http.close()
     proxy = httpx.Client(base_url=handle.proxy_url, timeout=30.0,
                          headers={"fly-force-instance-id": m["id"], TOKEN_HEADER: GATEWAY_TOKEN})
-    return m["id"], vol["id"], proxy
+    return app, m["id"], vol["id"], proxy
 
 
 # ------------------------------------------------------------------------------------------ code execution
@@ -102,7 +104,7 @@ def test_machine_process_is_unprivileged_even_with_the_env_check_bypassed(tmp_pa
     """The host itself is handed loader hooks (as if the service's check were bypassed): the machine runs as
     the unprivileged machine user, never sees them in its environment, and owns only its own volume."""
     with running_host(tmp_path / "host") as handle:
-        _mid, vid, proxy = host_machine(handle, {TOKEN_ENV: GATEWAY_TOKEN, "LD_PRELOAD": "/nonexistent/evil.so",
+        _app, _mid, vid, proxy = host_machine(handle, {TOKEN_ENV: GATEWAY_TOKEN, "LD_PRELOAD": "/nonexistent/evil.so",
                                                 "PYTHONSTARTUP": "/nonexistent/evil.py", "SECRET_X": "s3"})
         with proxy:
             health = proxy.get("/health")
@@ -170,7 +172,7 @@ def test_admin_rotates_the_gateway_token(serve: Serve) -> None:
 
 def test_host_proxy_token_when_configured(tmp_path: Path) -> None:
     with running_host(tmp_path / "host", env={"SANDKEEP_HOST_PROXY_TOKEN": "proxy-secret"}) as handle:
-        mid, _vid, proxy = host_machine(handle, {TOKEN_ENV: GATEWAY_TOKEN})
+        _app, mid, _vid, proxy = host_machine(handle, {TOKEN_ENV: GATEWAY_TOKEN})
         with proxy:
             for extra in ({}, {PROXY_TOKEN_HEADER: "wrong"}):
                 r = proxy.get("/health", headers=extra)
@@ -205,7 +207,7 @@ def test_nothing_sandkeep_returns_reveals_a_host_path(serve: Serve) -> None:
 def test_a_write_over_the_volume_size_is_507_and_leaves_nothing_behind(tmp_path: Path) -> None:
     # one "GB" is 4096 bytes on this host, so a 1 GB volume holds 4096 bytes of files
     with running_host(tmp_path / "host", extra_args=["--bytes-per-gb", "4096"]) as handle:
-        _mid, vid, proxy = host_machine(handle, {TOKEN_ENV: GATEWAY_TOKEN})
+        app, mid, vid, proxy = host_machine(handle, {TOKEN_ENV: GATEWAY_TOKEN})
         volume = handle.data_dir / "regions" / "lcl-a" / "volumes" / vid
 
         def files() -> list[str]:
@@ -223,6 +225,15 @@ def test_a_write_over_the_volume_size_is_507_and_leaves_nothing_behind(tmp_path:
             assert proxy.put("/data/a", content=b"X" * 5000).status_code == 507
             assert proxy.get("/data/a").content == b"A" * 4000, "the old value is intact"
             assert files() == ["data/a"]
+            # a bigger volume takes effect when the machine restarts with it
+            with httpx.Client(base_url=handle.url, headers=handle.headers(), timeout=60.0) as http:
+                vol_path = f"/v1/apps/{app}/volumes/{vid}"
+                extended = http.put(f"{vol_path}/extend", json={"size_gb": 2}).json()
+                assert extended["needs_restart"] is True
+                assert http.post(f"/v1/apps/{app}/machines/{mid}/restart").status_code == 200
+            wait_until(lambda: proxy.put("/data/a", content=b"X" * 5000).status_code == 201, timeout=30,
+                       message="the restarted machine accepts 5000 bytes in a 2 x 4096-byte volume")
+            assert proxy.get("/data/a").content == b"X" * 5000
 
 
 # ------------------------------------------------------------------------------------------ the data dir

@@ -1224,7 +1224,8 @@ class Host:
         return v
 
     async def extend_volume(self, app: str, volume_id: str, body: JSON) -> tuple[JSON, bool]:
-        """Fly's extend: grow ``size_gb`` (never shrink). A directory volume needs no restart."""
+        """Fly's extend: grow ``size_gb`` (never shrink). A machine that holds the volume keeps enforcing the size
+        it was started with until it restarts (``needs_restart``)."""
         v = self.volume(app, volume_id)
         size = body.get("size_gb")
         if isinstance(size, bool) or not isinstance(size, int):
@@ -1239,7 +1240,8 @@ class Host:
         v["size_gb"] = size
         self.db.put("volume", v["id"], v)
         log.info("volume.extended", volume_id=v["id"], app=app, size_gb=size)
-        return v, False
+        holder = self._holder(v)
+        return v, holder is not None and self.machines[holder]["state"] in RUNNING
 
     def list_volumes(self, app: str) -> list[JSON]:
         self.app(app)
