@@ -1,4 +1,9 @@
-"""Fixtures for the local host tests: a raw-HTTP client that checks every /v1 answer against Fly's spec."""
+"""Fixtures for the local host tests: a raw-HTTP client that checks every /v1 answer against Fly's spec.
+
+Every test that takes ``api`` or ``fapi`` runs twice: against a host with real machine processes and against a
+host with simulated machines (``--machines sim``), proving the simulated machines pass the host's contract.
+Tests (or modules) marked ``process_only`` need real processes (WebSockets, process signals) and run once.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
+from sandkeep.gateway import TOKEN_ENV, TOKEN_HEADER
 from tests.host.specvalidate import validate
 from tests.support.procs import HostHandle, running_host
 from tests.support.wait import wait_until
 
 _counter = itertools.count(1)
+GATEWAY_TOKEN = "test-gateway-token"
 
 
 class Api:
@@ -24,7 +31,8 @@ class Api:
     def __init__(self, handle: HostHandle) -> None:
         self.handle = handle
         self.http = httpx.Client(base_url=handle.url, headers=handle.headers(), timeout=70.0)
-        self.proxy = httpx.Client(base_url=handle.proxy_url, timeout=30.0)
+        # gateway machines made by ``machine()`` get GATEWAY_TOKEN; the proxy client sends it (SPEC §13)
+        self.proxy = httpx.Client(base_url=handle.proxy_url, timeout=30.0, headers={TOKEN_HEADER: GATEWAY_TOKEN})
         self.apps: list[str] = []
 
     def cleanup(self) -> None:
@@ -69,6 +77,7 @@ class Api:
     def machine(self, app: str, *, volume: str | None = None, region: str | None = None,
                 image: str = "sandkeep/gateway", wait: str | None = "started", **body: Any) -> dict[str, Any]:
         config: dict[str, Any] = {"image": image, **body.pop("config", {})}
+        config["env"] = {TOKEN_ENV: GATEWAY_TOKEN, **(config.get("env") or {})}
         if volume:
             config["mounts"] = [{"volume": volume, "path": "/data"}]
         payload: dict[str, Any] = {"config": config, **body}
@@ -102,19 +111,41 @@ class Api:
                           timeout=30, message=f"machine {mid} {state}")
 
 
+RUNNERS = ("process", "sim")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "process_only: needs real machine processes (not run with --machines sim)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``machines``: the runner of the host behind ``api``/``fapi`` -- both, unless the test is process_only."""
+    if "machines" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("process_only") is not None
+        metafunc.parametrize("machines", ["process"] if only else list(RUNNERS), scope="module")
+
+
+@pytest.fixture(scope="session")
+def sim_host_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostHandle]:
+    """A host with simulated machines shared by the session (the process twin is ``host_session``)."""
+    with running_host(tmp_path_factory.mktemp("sim-host-session") / "host", extra_args=["--machines", "sim"]) as h:
+        yield h
+
+
 @pytest.fixture()
-def api(host_session: HostHandle) -> Iterator[Api]:
-    a = Api(host_session)
+def api(machines: str, request: pytest.FixtureRequest) -> Iterator[Api]:
+    a = Api(request.getfixturevalue("host_session" if machines == "process" else "sim_host_session"))
     yield a
     a.cleanup()
     a.close()
 
 
 @pytest.fixture(scope="module")
-def faults_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostHandle]:
-    """A host of their own for tests that take regions down or inject faults."""
+def faults_host(machines: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostHandle]:
+    """A host of their own for tests that take regions or hosts down or inject faults."""
     with running_host(tmp_path_factory.mktemp("faults") / "host",
-                      extra_args=["--destroyed-retention", "0.3", "--stop-timeout", "2"]) as handle:
+                      extra_args=["--destroyed-retention", "0.3", "--stop-timeout", "2", "--machines", machines]
+                      ) as handle:
         yield handle
 
 
@@ -123,6 +154,9 @@ def fapi(faults_host: HostHandle) -> Iterator[Api]:
     a = Api(faults_host)
     yield a
     a.local("DELETE", "/_local/faults")
+    for h in a.local("GET", "/_local/hosts")["hosts"]:
+        if h["dead"]:
+            a.local("POST", f"/_local/hosts/{h['name']}/return")
     a.cleanup()
     for region in faults_host.regions:
         a.local("POST", f"/_local/regions/{region}/outage", json={"down": False})

@@ -124,7 +124,8 @@ def test_a_region_whose_hosts_all_died_has_no_capacity(fapi: Api) -> None:
         fapi.local("POST", f"/_local/hosts/{h['name']}/die")
     err = fapi.call("POST", f"/v1/apps/{app}/volumes", 400, json={"name": "d", "region": "lcl-a"})
     assert "no capacity" in err["error"]
-    fapi.call("POST", f"/v1/apps/{app}/machines", 412, json={"region": "lcl-a", "config": {"image": "sandkeep/gateway"}})
+    fapi.call("POST", f"/v1/apps/{app}/machines", 412,
+              json={"region": "lcl-a", "config": {"image": "sandkeep/gateway"}})
     fapi.volume(app, "lcl-b")
 
 

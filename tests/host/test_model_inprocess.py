@@ -66,7 +66,7 @@ async def test_simulated_machines_run_in_process_on_the_fake_clock(tmp_path: Pat
         assert (await gw.handle("PUT", "/data/k", TOKEN, b"hello"))[0] == 201
         assert (await gw.handle("GET", "/data/k", TOKEN, b""))[2] == b"hello"
         assert (await gw.handle("GET", "/data/k", {}, b""))[0] == 401, "the gateway token is required"
-        status, _, body = await gw.handle("PUT", "/data/big", TOKEN, b"x" * 100)
+        status, _, _ = await gw.handle("PUT", "/data/big", TOKEN, b"x" * 100)
         assert status == 507, "the volume's size limit (1 GB of 64 bytes here) holds"
         assert (host.volume_dir(vol) / "data" / "k").read_bytes() == b"hello", "kept in the volume"
         assert _children() == before, "no OS process was started"

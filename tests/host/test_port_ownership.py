@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from sandkeep.host.core import _listener_owned_by
+from sandkeep.host.process import _listener_owned_by
 
 
 def test_listener_of_this_process_is_recognised() -> None:

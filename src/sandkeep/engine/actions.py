@@ -102,6 +102,18 @@ class EnsureApp:
 
 
 @dataclass(frozen=True)
+class RotateGatewayToken:
+    """Give the instance a new random gateway token (stored encrypted) and bump ``config_generation`` so its
+    machine is updated with it before it serves again (an instance from before gateway tokens, SPEC §13)."""
+
+    reason: str = "missing"
+
+    @property
+    def key(self) -> str:
+        return "rotate_gateway_token"
+
+
+@dataclass(frozen=True)
 class CreateVolume:
     """Create (or fork / restore) a volume over ``regions`` (capacity fallback); persist its id at once.
 
@@ -241,8 +253,9 @@ class DeleteVolumeSafely:
         return f"delete_volume:{self.volume_id}"
 
 
-Effect = (EnsureApp | CreateVolume | CreateMachine | StartMachine | StopMachine | RestartMachine | UpdateMachine
-          | DestroyMachine | WaitMachine | ProbeHealth | ListSnapshots | DeleteVolumeSafely)
+Effect = (EnsureApp | RotateGatewayToken | CreateVolume | CreateMachine | StartMachine | StopMachine
+          | RestartMachine | UpdateMachine | DestroyMachine | WaitMachine | ProbeHealth | ListSnapshots
+          | DeleteVolumeSafely)
 Action = Persist | Emit | RequeueAfter | Backoff | Done | Effect
 
 TERMINAL = (RequeueAfter, Backoff, Done)

@@ -10,6 +10,7 @@ afterwards (:class:`LeaseLost` when someone else took it meanwhile — that work
 from __future__ import annotations
 
 import random
+import secrets as _pysecrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from sandkeep.engine.actions import (
     ProbeHealth,
     RequeueAfter,
     RestartMachine,
+    RotateGatewayToken,
     StartMachine,
     StopMachine,
     UpdateMachine,
@@ -117,10 +119,21 @@ class EngineContext:
     def machine_config(self, record: InstanceRecord, volume_id: str) -> MachineConfig:
         try:
             secrets = self.secrets.decrypt_map(record.secrets_encrypted)
+            token = self.gateway_token(record)
         except SecretsError as exc:
             raise InvalidRequestError(str(exc), operation="decrypt secrets") from exc
         return build_machine_config(record, volume_id=volume_id, secrets=secrets,
-                                    gateway_port=self.settings.gateway_port)
+                                    gateway_port=self.settings.gateway_port, gateway_token=token)
+
+    def gateway_token(self, record: InstanceRecord) -> str | None:
+        """The instance's gateway token in plaintext (None for an instance that has not started since tokens)."""
+        if not record.gateway_token_encrypted:
+            return None
+        return self.secrets.decrypt(record.gateway_token_encrypted)
+
+    def new_gateway_token(self) -> str:
+        """A fresh random gateway token, encrypted for the record (SPEC §13)."""
+        return self.secrets.encrypt(_pysecrets.token_urlsafe(32))
 
 
 # ------------------------------------------------------------------------------------------ observe
@@ -346,6 +359,12 @@ class Pass:
 
     # -------------------------------------------------------------- effects
 
+    def _probe_token(self) -> str | None:
+        try:
+            return self.ctx.gateway_token(self.record)
+        except SecretsError as exc:
+            raise InvalidRequestError(str(exc), operation="decrypt gateway token") from exc
+
     async def effect(self, action: Action) -> Any:
         ctx, record = self.ctx, self.record
         provider, app = ctx.provider, record.app_name
@@ -361,8 +380,16 @@ class Pass:
                 changes[action.assign_region] = volume.region
             self.persist(changes)
             return volume
+        if isinstance(action, RotateGatewayToken):
+            self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
+                          "config_generation": self.record.config_generation + 1})
+            ctx.emitter.emit(self.record, "instance.gateway_token_rotated", label=action.reason)
+            return None
         if isinstance(action, CreateMachine):
-            config = ctx.machine_config(record, action.volume_id)
+            # a new machine gets a new gateway token, persisted before the machine exists (a crash in between
+            # only means one more rotation; a machine created with it is adopted by name/metadata)
+            self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
+            config = ctx.machine_config(self.record, action.volume_id)
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
             self.persist({action.assign: machine.id, **dict(action.extra)})
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
@@ -407,7 +434,8 @@ class Pass:
             async with self.unleashed(action.timeout + ctx.settings.lease_ttl):
                 healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
                                                     timeout=action.timeout,
-                                                    interval=ctx.settings.health_probe_interval)
+                                                    interval=ctx.settings.health_probe_interval,
+                                                    gateway_token=self._probe_token())
             if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
                 ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
                                  label="healthy" if healthy else "timeout", level="info" if healthy else "warning",

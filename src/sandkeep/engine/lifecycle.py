@@ -25,6 +25,7 @@ from sandkeep.engine.actions import (
     ProbeHealth,
     RequeueAfter,
     RestartMachine,
+    RotateGatewayToken,
     StartMachine,
     StopMachine,
     UpdateMachine,
@@ -198,6 +199,10 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
         if outcome is not None and not outcome.ok:
             return start_failed(record, obs, settings, now, label=f"{key.split(':')[0]}_failed",
                                 error=f"{key.split(':')[0]} of machine {mid} failed: {outcome.message}")
+    if record.gateway_token_encrypted is None and obs.outcome("rotate_gateway_token") is None:
+        # an instance from before gateway tokens (SPEC §13): give it one; the generation bump makes the
+        # machine updated with it before it starts
+        return [RotateGatewayToken(reason="missing")]
     state = machine.state
     if restarting and record.pending_action == "restart":
         issued: list[Action] = []

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandkeep.gateway import PROXY_TOKEN_HEADER
 from sandkeep.host.core import WAIT_STATES, Host, HostError, bad
 from sandkeep.host.faults import OPERATIONS, FaultInputError, Faults, RateLimiter
 from sandkeep.host.schema import type_errors
@@ -246,6 +247,10 @@ class HostAPI:
         add("/_local/regions", "GET", None, self.list_regions)
         add("/_local/regions/{region}/outage", "POST", None, self.outage)
         add("/_local/regions/{region}/capacity", "POST", None, self.capacity)
+        add("/_local/hosts", "GET", None, self.list_hosts)
+        add("/_local/hosts/{name}/die", "POST", None, self.host_die)
+        add("/_local/hosts/{name}/reboot", "POST", None, self.host_reboot)
+        add("/_local/hosts/{name}/return", "POST", None, self.host_return)
         add("/_local/faults", "GET", None, self.get_faults)
         add("/_local/faults", "POST", None, self.set_faults)
         add("/_local/faults", "DELETE", None, self.clear_faults)
@@ -270,7 +275,8 @@ class HostAPI:
 
     # -------------------------------------------------------------- misc
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "regions": self.host.opt.regions, "seq": self.host.seq})
+        return JSONResponse({"status": "ok", "regions": self.host.opt.regions, "seq": self.host.seq,
+                             "machines": self.host.runner.kind})
 
     # -------------------------------------------------------------- apps
     async def list_apps(self, request: Request) -> Response:
@@ -449,6 +455,23 @@ class HostAPI:
             raise bad("body must be {\"available\": true|false}")
         return JSONResponse(self.host.set_capacity(request.path_params["region"], available))
 
+    async def list_hosts(self, request: Request) -> Response:
+        region = request.query_params.get("region")
+        if region:
+            self.host.region_ok(region)
+        hosts = [self.host.host_json(h) for h in sorted(self.host.hosts.values(), key=lambda h: h["name"])
+                 if h["region"] in self.host.opt.regions and region in (None, "", h["region"])]
+        return JSONResponse({"hosts": hosts})
+
+    async def host_die(self, request: Request) -> Response:
+        return JSONResponse(self.host.kill_host(request.path_params["name"]))
+
+    async def host_reboot(self, request: Request) -> Response:
+        return JSONResponse(self.host.reboot_host(request.path_params["name"]))
+
+    async def host_return(self, request: Request) -> Response:
+        return JSONResponse(self.host.revive_host(request.path_params["name"]))
+
     async def get_faults(self, request: Request) -> Response:
         return JSONResponse({"rules": [r.as_json() for r in self.faults.rules], "operations": list(OPERATIONS)})
 
@@ -478,11 +501,25 @@ class HostAPI:
         return JSONResponse(await self.host.scheduled_pass())
 
 
-class ProxyApp:
-    """Fly's proxy, locally: ``fly-force-instance-id: <machine id>`` routes a request to that machine's gateway."""
+def proxy_token_ok(token: str | None, presented: str | None) -> bool:
+    """Whether a proxy request may pass: always without a configured token, else only with that token."""
+    if not token:
+        return True
+    return bool(presented) and hmac.compare_digest(str(presented).strip().encode(), token.encode())
 
-    def __init__(self, host: Host, *, timeout: float = 60.0) -> None:
+
+PROXY_UNAUTHORIZED = f"unauthorized: this proxy needs its token in the {PROXY_TOKEN_HEADER} header"
+
+
+class ProxyApp:
+    """Fly's proxy, locally: ``fly-force-instance-id: <machine id>`` routes a request to that machine's gateway.
+
+    With a ``token`` (``SANDKEEP_HOST_PROXY_TOKEN``) every request must carry it in ``sandkeep-proxy-token``
+    (401 otherwise); the header is not passed on to the machine."""
+
+    def __init__(self, host: Host, *, timeout: float = 60.0, token: str | None = None) -> None:
         self.host = host
+        self.token = token
         self.client = httpx.AsyncClient(timeout=timeout)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -502,15 +539,24 @@ class ProxyApp:
         await response(scope, receive, send)
 
     async def forward(self, request: Request) -> Response:
+        if not proxy_token_ok(self.token, request.headers.get(PROXY_TOKEN_HEADER)):
+            return error(401, PROXY_UNAUTHORIZED)
         mid = request.headers.get("fly-force-instance-id", "").strip()
         if not mid:
             return error(400, "missing fly-force-instance-id header: the local proxy routes by machine id")
-        m, port = self.host.proxy_target(mid)
+        m, target = self.host.proxy_target(mid)
         if m is None:
             return error(404, f"machine not found: {mid}")
-        if port is None:
-            return error(503, f"machine {mid} is not started (state {m['state']})")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        if target is None:
+            return error(503, self.host.proxy_refusal(m))
+        if not isinstance(target, int):  # a simulated machine: its gateway answers in this process
+            raw = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+            status, content_type, content = await target.handle(
+                request.method, raw, {k.lower(): v for k, v in request.headers.items()}, await request.body())
+            return Response(content if request.method != "HEAD" else b"", status_code=status,
+                            media_type=content_type, headers={"fly-request-id": mid})
+        port = target
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP | {PROXY_TOKEN_HEADER}}
         headers["fly-forwarded-port"] = str(request.url.port or "")
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         url = f"http://127.0.0.1:{port}{raw_path.decode('latin-1')}"
@@ -527,9 +573,17 @@ class ProxyApp:
 
 def _raw_error(status: int, message: str) -> bytes:
     body = json.dumps({"error": message, "status": "unknown"}).encode()
-    reason = {400: "Bad Request", 404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
+    reason = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 501: "Not Implemented",
+              502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode() + body
+
+
+def _drop_header(head: bytes, name: str) -> bytes:
+    """``head`` without the lines of header ``name`` (case-insensitive)."""
+    lines = head.split(b"\r\n")
+    prefix = name.lower().encode() + b":"
+    return b"\r\n".join([lines[0], *[x for x in lines[1:] if not x.lower().startswith(prefix)]])
 
 
 def _head_fields(head: bytes) -> dict[str, str]:
@@ -577,8 +631,9 @@ class ProxyFront:
     """
 
     def __init__(self, host: Host, internal: tuple[str, int], *, head_timeout: float = 30.0,
-                 max_head: int = 64 * 1024) -> None:
+                 max_head: int = 64 * 1024, token: str | None = None) -> None:
         self.host = host
+        self.token = token
         self.internal = internal
         self.head_timeout = head_timeout
         self.max_head = max_head
@@ -610,10 +665,17 @@ class ProxyFront:
         upgrade = "websocket" in fields.get("upgrade", "").lower()
         if upgrade:
             mid = fields.get("fly-force-instance-id", "")
-            m, port = self.host.proxy_target(mid) if mid else (None, None)
-            problem = (_raw_error(400, "missing fly-force-instance-id header: the local proxy routes by machine id")
+            allowed = proxy_token_ok(self.token, fields.get(PROXY_TOKEN_HEADER))
+            m, reach = self.host.proxy_target(mid) if mid and allowed else (None, None)
+            port = reach if isinstance(reach, int) else None
+            head = _drop_header(head, PROXY_TOKEN_HEADER)
+            problem = (_raw_error(401, PROXY_UNAUTHORIZED) if not allowed
+                       else _raw_error(400, "missing fly-force-instance-id header: the local proxy routes by "
+                                            "machine id")
                        if not mid else _raw_error(404, f"machine not found: {mid}") if m is None
-                       else _raw_error(503, f"machine {mid} is not started (state {m['state']})") if port is None
+                       else _raw_error(503, self.host.proxy_refusal(m)) if reach is None
+                       else _raw_error(501, f"machine {mid} is simulated: simulated machines serve no "
+                                            f"WebSockets") if port is None
                        else None)
             target = ("127.0.0.1", port or 0)
         else:

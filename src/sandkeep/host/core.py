@@ -1,10 +1,20 @@
-"""The local machine host's state and behaviour (HTTP-free; :mod:`sandkeep.host.api` serves it).
+"""The local machine host's model: Fly semantics without HTTP and without OS processes.
 
-Records (apps, machines, volumes, snapshots, regions, the watch sequence) live in SQLite in the data dir
-and survive a restart; machines whose processes are gone come back ``stopped``. Volumes are directories
+:class:`Host` models apps, machines, volumes, hosts (a volume's ``zone``), regions, snapshots, waits, the
+event stream and faults. :mod:`sandkeep.host.api` serves it over HTTP (Fly API, ``/_local`` faults, proxy);
+what runs a machine is a :class:`~sandkeep.host.runner.MachineRunner` (real processes or simulated machines).
+Every delay and timeout goes through the injected :class:`~sandkeep.clock.Clock` and every random choice (ids,
+names, placement) through the injected ``random.Random``, so the model runs in process on a virtual clock.
+
+Records (apps, machines, volumes, snapshots, regions, hosts, the watch sequence) live in SQLite in the data
+dir and survive a restart; machines whose processes are gone come back ``stopped``. Volumes are directories
 under ``DATA/regions/<region>/volumes/<id>/``; snapshots are copies under ``DATA/regions/<region>/snapshots/``.
-Machines are real child processes (see :mod:`sandkeep.host.images`). Every delay and timeout goes through
-the injected :class:`~sandkeep.clock.Clock`.
+
+Each region has ``hosts_per_region`` hosts named ``<region>-z<n>`` (Fly's volume ``zone``); a volume lives on
+one host and a machine on its volume's host. A host can die (its machines freeze in their last state and report
+``host_status: unreachable``; its volumes cannot be forked, attached or snapshotted; actions on its machines
+fail with 412), reboot (its machines stop, exit 137) and come back (frozen machines resume as they were).
+A region outage takes every host of the region down and stops its machines (a power loss).
 """
 
 from __future__ import annotations
@@ -13,12 +23,11 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-import os
+import json
+import random
 import re
-import secrets
 import shutil
 import signal
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,10 +36,15 @@ from typing import Any
 import structlog
 
 from sandkeep.clock import Clock, utc_iso
+from sandkeep.gateway import LIMIT_ENV
 from sandkeep.host import ids
 from sandkeep.host.db import HostDB
+from sandkeep.host.errors import HostError, bad, capacity_error, host_unreachable, memory_error
 from sandkeep.host.images import CATALOGUE, resolve
-from sandkeep.net import free_port
+from sandkeep.host.runner import Gateway, LaunchError, MachineRunner, Run, make_runner
+from sandkeep.secrets import SecretBox, SecretsError
+
+__all__ = ["GIB", "RUNNING", "WAIT_STATES", "Host", "HostError", "HostOptions", "bad"]
 
 log = structlog.get_logger("sandkeep.host")  # lazy: configured by the command
 
@@ -50,46 +64,6 @@ _ADJ = ("quiet", "bold", "calm", "brave", "lively", "misty", "proud", "snowy", "
 _NOUN = ("river", "forest", "meadow", "sun", "moon", "field", "harbor", "cloud", "stone", "wave")
 
 
-class HostError(Exception):
-    """An answer other than success: HTTP status, Fly-style message and ``status`` code."""
-
-    def __init__(self, status: int, message: str, *, code: str = "unknown",
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> JSON:
-        return {"error": self.message, "status": self.code}
-
-
-def bad(message: str, status: int = 400) -> HostError:
-    return HostError(status, message)
-
-
-def capacity_error(region: str, what: str) -> HostError:
-    """Fly's refusal of a create the region cannot place: a volume create is a 400 ending in "no capacity",
-    a machine create a 412 "insufficient resources" with status ``insufficient_capacity`` (README, fidelity)."""
-    if what == "volume":
-        return HostError(400, f"could not place the volume in region {region} (local host): aborted: no capacity")
-    return HostError(412, f"insufficient resources to create new {what} in region {region}: no capacity "
-                          f"available on the local host", code="insufficient_capacity")
-
-
-def memory_error(m: JSON) -> HostError:
-    """Fly's refusal to (re)reserve resources for an existing machine on its host: 409 "insufficient memory"."""
-    return HostError(409, f"could not reserve resource for machine {m['id']}: insufficient memory available to "
-                          f"fulfill request (region {m['region']} has no capacity on the local host)")
-
-
-def host_unreachable(what: str, region: str) -> HostError:
-    """A request that needs the host of ``what`` while that host is unreachable (region outage)."""
-    return HostError(412, f"failed_precondition: {what}: its host in region {region} is unreachable "
-                          f"(host_status: unreachable)")
-
-
 @dataclass
 class HostOptions:
     data_dir: Path
@@ -102,12 +76,19 @@ class HostOptions:
     snapshot_retention: float = 5 * 86400.0  # snapshots older than this are pruned (5 days)
     scheduler_tick: float = 60.0  # how often the scheduler looks for due snapshots
     delays: dict[str, float] = field(default_factory=dict)  # see faults.REALISTIC_PROFILE
+    # the unprivileged user machine processes run as when the host runs as root (name or UID[:GID])
+    machine_user: str = "nobody"
+    bytes_per_gb: int = 1024 ** 3  # a volume's limit = size_gb * bytes_per_gb (tests shrink it)
+    secrets_key: str | None = None  # encrypts machine env in host.db; None = a key generated per host object
+    machines: str = "process"  # the machine runner: "process" (real processes) or "sim" (simulated machines)
+    hosts_per_region: int = 3  # hosts (Fly zones) in each region
+    seed: int | None = None  # seeds ids, names and placement (None: the operating system's randomness)
 
 
 @dataclass
 class MachineRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    proc: asyncio.subprocess.Process | None = None
+    run: Run | None = None  # the running incarnation (a process or a simulated machine)
     launch_task: asyncio.Task[None] | None = None
     kill_task: asyncio.Task[None] | None = None
     bg_task: asyncio.Task[None] | None = None
@@ -126,84 +107,11 @@ def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def _machine_pid(m: JSON) -> int | None:
-    pid = m.get("pid")
-    return int(pid) if pid else None
-
-
-def _listening_inodes(port: int) -> set[str] | None:
-    """Socket inodes listening on ``port`` (Linux /proc/net/tcp{,6}); None when /proc cannot tell."""
-    inodes: set[str] = set()
-    seen_table = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        seen_table = True
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 10 or parts[3] != "0A":  # 0A = LISTEN
-                continue
-            if int(parts[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(parts[9])
-    return inodes if seen_table else None
-
-
-def _listener_owned_by(pid: int | None, port: int) -> bool | None:
-    """Whether the listener on ``port`` is one of ``pid``'s sockets; None when this cannot be checked."""
-    if pid is None:
-        return None
-    inodes = _listening_inodes(port)
-    if inodes is None:
-        return None
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to never signal a recycled pid."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return raw.rsplit(")", 1)[1].split()[19]
-    except IndexError:
-        return None
-
-
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGKILL the machine if the host dies (a crashed host = stopped machines)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
 def _dir_size_and_digest(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     for p in sorted(path.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():  # a machine may plant symlinks: never follow them as root
             data = p.read_bytes()
             size += len(data)
             digest.update(str(p.relative_to(path)).encode() + b"\0")
@@ -243,16 +151,29 @@ def _opt_bool(body: JSON, key: str) -> bool:
 
 
 class Host:
-    def __init__(self, options: HostOptions, clock: Clock) -> None:
+    def __init__(self, options: HostOptions, clock: Clock, *, runner: MachineRunner | None = None,
+                 rng: random.Random | None = None) -> None:
         self.opt = options
         self.clock = clock
         self.data_dir = options.data_dir
+        self.rng = rng or (random.Random(options.seed) if options.seed is not None else ids.SYSTEM_RANDOM)
+        if runner is None:
+            owner = None
+            if options.machines == "process":
+                from sandkeep.host.process import resolve_machine_user
+
+                owner = resolve_machine_user(options.machine_user)
+            runner = make_runner(options.machines, clock=clock, data_dir=self.data_dir,
+                                 boot_timeout=options.boot_timeout, machine_owner=owner)
+        self.runner = runner
+        self.box = SecretBox(options.secrets_key or SecretBox.generate_key())
         self.db = HostDB(self.data_dir / "host.db")
         self.apps: dict[str, JSON] = {}
         self.machines: dict[str, JSON] = {}
         self.volumes: dict[str, JSON] = {}
         self.snapshots: dict[str, JSON] = {}
         self.regions: dict[str, JSON] = {}
+        self.hosts: dict[str, JSON] = {}  # name (the zone) -> {"name", "region", "dead"}
         self.seq = 0
         self._rt: dict[str, MachineRuntime] = {}
         self._waiters: list[asyncio.Event] = []
@@ -275,13 +196,29 @@ class Host:
             if name not in self.regions:
                 self.regions[name] = {"name": name, "down": False, "available": True}
                 self.db.put("region", name, self.regions[name])
+        for h in self.db.load("host"):
+            self.hosts[h["name"]] = h
+        for name in self.opt.regions:
+            for n in range(1, max(1, self.opt.hosts_per_region) + 1):
+                zone = f"{name}-z{n}"
+                if zone not in self.hosts:
+                    self.hosts[zone] = {"name": zone, "region": name, "dead": False}
+                    self.db.put("host", zone, self.hosts[zone])
+        for v in self.volumes.values():  # records of versions before hosts: their volumes were on host 1
+            if not v.get("host"):
+                v["host"] = f"{v['region']}-z1"
+                self.db.put("volume", v["id"], v)
         self.seq = int(self.db.get_meta("seq") or "0")
         recovered: list[str] = []
+        plaintext = False
         for m in self.db.load("machine"):
+            plaintext = plaintext or "env_encrypted" not in (m.get("config") or {})
+            m["config"] = self._opened_config(m)
             self.machines[m["id"]] = m
-            pid, start = m.get("pid"), m.get("pid_start")
-            if pid and start and _proc_start_time(int(pid)) == start:
-                _killpg(int(pid), signal.SIGKILL)
+            if not m.get("host"):
+                vol = self._mounted_volume(m)
+                m["host"] = vol["host"] if vol is not None else f"{m.get('region', '')}-z1"
+            self.runner.reap(m)  # a process left from the host's previous life is killed
             m["pid"] = None
             m["pid_start"] = None
             if m["state"] in RUNNING:
@@ -293,6 +230,8 @@ class Host:
                 self._mark_destroyed(m)
             else:
                 self._save_machine(m)
+        if plaintext:  # records written before env was encrypted: now re-saved encrypted; drop the old pages
+            self.db.compact()
         return recovered
 
     def start_background(self) -> None:
@@ -308,12 +247,12 @@ class Host:
         """Kill every machine process (like a host going down); records keep their state for ``load``."""
         self.shutting_down = True
         for rt in self._rt.values():
-            if rt.proc is not None and rt.proc.returncode is None:
-                _killpg(rt.proc.pid, signal.SIGKILL)
+            if rt.run is not None and not rt.run.exited:
+                rt.run.signal(signal.SIGKILL)
         for rt in self._rt.values():
-            if rt.proc is not None:
+            if rt.run is not None:
                 with contextlib.suppress(Exception):
-                    await rt.proc.wait()
+                    await rt.run.wait()
         tasks = [t for t in self._bg if not t.done()]
         for rt in self._rt.values():
             for t in (rt.launch_task, rt.kill_task, rt.bg_task):
@@ -375,8 +314,100 @@ class Host:
 
     def _check_create_capacity(self, region: str, what: str) -> None:
         r = self.region_ok(region)
-        if r["down"] or not r["available"]:
+        if r["down"] or not r["available"] or not self._live_hosts(region):
             raise capacity_error(region, what)
+
+    # ------------------------------------------------------------------ hosts
+    def _live_hosts(self, region: str) -> list[str]:
+        return sorted(h["name"] for h in self.hosts.values() if h["region"] == region and not h["dead"])
+
+    def _place(self, region: str, avoid: str | None = None) -> str:
+        """A reachable host of ``region`` for a new volume or machine (another than ``avoid`` when possible)."""
+        live = self._live_hosts(region)
+        others = [h for h in live if h != avoid]
+        return self.rng.choice(others or live)
+
+    def host_reachable(self, host: str | None, region: str) -> bool:
+        h = self.hosts.get(host or "")
+        return not self.regions.get(region, {}).get("down") and not (h is not None and h["dead"])
+
+    def host_status(self, rec: JSON) -> str:
+        """Fly's ``host_status`` of a machine or volume record: ``ok`` or ``unreachable``."""
+        return "ok" if self.host_reachable(rec.get("host"), str(rec.get("region", ""))) else "unreachable"
+
+    def _check_host(self, rec: JSON, what: str) -> None:
+        """412 (the client's HostUnavailableError) when the host of ``rec`` is dead or its region is down."""
+        if not self.host_reachable(rec.get("host"), rec["region"]):
+            raise host_unreachable(what, rec["region"], rec.get("host"))
+
+    def _check_host_alive(self, m: JSON) -> None:
+        """Actions on a machine of a dead host fail as Fly's do (412); a region outage only refuses starts."""
+        h = self.hosts.get(m.get("host") or "")
+        if h is not None and h["dead"]:
+            raise host_unreachable(f"machine {m['id']}", m["region"], h["name"])
+
+    def host_json(self, h: JSON) -> JSON:
+        down = bool(self.regions.get(h["region"], {}).get("down"))
+        return {"name": h["name"], "region": h["region"], "dead": h["dead"],
+                "host_status": "unreachable" if h["dead"] or down else "ok",
+                "machines": sorted(m["id"] for m in self.machines.values()
+                                   if m.get("host") == h["name"] and m["state"] != "destroyed"),
+                "volumes": sorted(v["id"] for v in self.volumes.values() if v.get("host") == h["name"])}
+
+    def host_record(self, name: str) -> JSON:
+        h = self.hosts.get(name)
+        if h is None:
+            raise HostError(404, f"unknown host '{name}'; hosts are named <region>-z<n>, see GET /_local/hosts")
+        return h
+
+    def _kill_unexpected(self, m: JSON) -> None:
+        """The machine's host lost power (reboot, region outage): it stops with exit 137, not requested."""
+        rt = self.runtime(m["id"])
+        rt.unexpected = True
+        if rt.run is not None:
+            rt.run.signal(signal.SIGKILL)
+        elif rt.in_delay and rt.launch_task is not None:
+            rt.launch_task.cancel()
+            self._set_state(m, "stopped", "exit", request=self._exit_request(137, requested=False),
+                            exit_code=137, requested_stop=False)
+
+    def kill_host(self, name: str) -> JSON:
+        """The host dies (or is partitioned): its machines freeze in their last state, unreachable."""
+        h = self.host_record(name)
+        if not h["dead"]:
+            h["dead"] = True
+            self.db.put("host", name, h)
+            for m in self.machines.values():
+                rt = self._rt.get(m["id"])
+                if m.get("host") == name and rt is not None and rt.run is not None:
+                    rt.run.freeze(True)
+            log.info("host.died", host=name)
+            self._notify()
+        return self.host_json(h)
+
+    def revive_host(self, name: str) -> JSON:
+        """A dead host comes back: its machines resume in the state they had (a started one runs again)."""
+        h = self.host_record(name)
+        if h["dead"]:
+            h["dead"] = False
+            self.db.put("host", name, h)
+            for m in self.machines.values():
+                rt = self._rt.get(m["id"])
+                if m.get("host") == name and rt is not None and rt.run is not None:
+                    rt.run.freeze(False)
+            log.info("host.back", host=name)
+            self._notify()
+        return self.host_json(h)
+
+    def reboot_host(self, name: str) -> JSON:
+        """The host reboots: its machines stop (exit 137, not requested), its volumes stay; it is up after."""
+        h = self.host_record(name)
+        for m in self.machines.values():
+            if m.get("host") == name and m["state"] in RUNNING:
+                self._kill_unexpected(m)
+        self.revive_host(name)
+        log.info("host.rebooted", host=name)
+        return self.host_json(h)
 
     # ------------------------------------------------------------------ apps
     def app(self, name: str) -> JSON:
@@ -403,7 +434,7 @@ class Host:
             raise bad("network must be a string", 422)
         if name in self.apps:
             raise HostError(409, f"app already exists: {name}")
-        a = {"id": ids.app_id(), "name": name, "org_slug": org, "created_at": self.now_iso()}
+        a = {"id": ids.app_id(self.rng), "name": name, "org_slug": org, "created_at": self.now_iso()}
         self.apps[name] = a
         self.db.put("app", name, a)
         return a
@@ -436,7 +467,7 @@ class Host:
         taken = {ip["ip"] for other in self.apps.values() for ip in other.get("ips", [])}
         address = SHARED_V4
         while kind != "shared_v4" and address in taken | {SHARED_V4}:
-            n = secrets.randbelow(2 ** 17 - 2) + 1  # documentation/benchmark ranges: never a real address
+            n = self.rng.randrange(2 ** 17 - 2) + 1  # documentation/benchmark ranges: never a real address
             address = {"v4": f"198.{18 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}", "v6": f"2001:db8::{n:x}",
                        "private_v6": f"fdaa:0:{n:x}::3"}[str(kind)]
         record = {"ip": address, "region": body.get("region") or "global",
@@ -459,7 +490,7 @@ class Host:
         self.app(name)
         for m in list(self.machines.values()):
             if m["app"] == name and m["state"] != "destroyed":
-                await self.destroy_machine(name, m["id"], force=True)
+                await self.destroy_machine(name, m["id"], force=True, app_deleted=True)
         for v in list(self.volumes.values()):
             if v["app"] == name:
                 await self._remove_volume(v)
@@ -471,7 +502,24 @@ class Host:
 
     # ------------------------------------------------------------------ machine records
     def _save_machine(self, m: JSON) -> None:
-        self.db.put("machine", m["id"], m)
+        """Persist a machine; its env (secret values, the gateway token) is stored encrypted, never in plaintext."""
+        cfg = dict(m["config"])
+        env = cfg.pop("env", None) or {}
+        cfg["env_encrypted"] = self.box.encrypt(json.dumps(env)) if env else ""
+        self.db.put("machine", m["id"], {**m, "config": cfg})
+
+    def _opened_config(self, m: JSON) -> JSON:
+        cfg = dict(m.get("config") or {})
+        if "env_encrypted" not in cfg:  # written before env was encrypted: re-saved encrypted by load()
+            return cfg
+        blob = cfg.pop("env_encrypted")
+        try:
+            cfg["env"] = json.loads(self.box.decrypt(blob)) if blob else {}
+        except (SecretsError, ValueError):
+            log.error("machine.env_unreadable", machine_id=m.get("id"),
+                      error="cannot decrypt the machine's env: was the host given another secrets key?")
+            cfg["env"] = {}
+        return cfg
 
     def _exit_request(self, exit_code: int | None, *, requested: bool, error: str = "") -> JSON:
         exit_event = {"exit_code": exit_code, "requested_stop": requested, "restarting": False,
@@ -486,7 +534,8 @@ class Host:
         m["state"] = state
         m["updated_at"] = self.now_iso()
         if event_type is not None:
-            ev: JSON = {"id": ids.instance_id(), "type": event_type, "status": state, "source": source,
+            ev: JSON = {"id": ids.instance_id(self.rng, ms=_now_ms(self.clock)), "type": event_type, "status": state,
+                        "source": source,
                         "timestamp": _now_ms(self.clock)}
             if request is not None:
                 ev["request"] = request
@@ -535,7 +584,7 @@ class Host:
                 "image_ref": {"registry": "local", "repository": image.split(":")[0], "tag": "latest",
                               "digest": "sha256:" + hashlib.sha256(image.encode()).hexdigest(), "labels": {}},
                 "created_at": m["created_at"], "updated_at": m["updated_at"], "events": m.get("events", []),
-                "host_status": "unreachable" if self.regions.get(m["region"], {}).get("down") else "ok"}
+                "host_status": self.host_status(m)}
 
     def list_machines(self, app: str, *, metadata: dict[str, str], region: str | None,
                       include_deleted: bool) -> list[JSON]:
@@ -629,6 +678,9 @@ class Host:
                 hm = self.machines.get(holder)
                 if hm is not None and hm["state"] != "destroyed":
                     raise HostError(422, f"volume {vid} is already attached to machine {holder}")
+            vh = self.hosts.get(volume.get("host") or "")
+            if vh is not None and vh["dead"]:
+                raise host_unreachable(f"cannot attach volume {vid}", volume["region"], vh["name"])
             mount.setdefault("name", volume["name"])
             cfg["mounts"] = [mount]
         else:
@@ -653,7 +705,7 @@ class Host:
         cfg, region, volume = self._validate_config(app, body.get("config"), region=body.get("region"),
                                                     machine_id=None)
         if name is None:
-            name = f"{secrets.choice(_ADJ)}-{secrets.choice(_NOUN)}-{secrets.randbelow(9000) + 1000}"
+            name = f"{self.rng.choice(_ADJ)}-{self.rng.choice(_NOUN)}-{self.rng.randrange(9000) + 1000}"
         for other in self.machines.values():
             if other["app"] == app and other["name"] == name and other["state"] != "destroyed":
                 raise HostError(409, f"already_exists: a machine named '{name}' already exists in app {app} "
@@ -664,8 +716,10 @@ class Host:
         if volume is not None:  # re-check after the delay: another create may have taken it
             cfg, region, volume = self._validate_config(app, cfg, region=region, machine_id=None)
         now = self.now_iso()
-        m: JSON = {"id": ids.machine_id(), "app": app, "name": name, "region": region, "state": "created",
-                   "config": cfg, "instance_id": ids.instance_id(), "private_ip": ids.private_ip(),
+        host = volume["host"] if volume is not None else self._place(region)
+        m: JSON = {"id": ids.machine_id(self.rng), "app": app, "name": name, "region": region, "state": "created",
+                   "host": host, "config": cfg, "instance_id": ids.instance_id(self.rng, ms=_now_ms(self.clock)),
+                   "private_ip": ids.private_ip(self.rng),
                    "created_at": now, "updated_at": now, "events": [], "destroyed_at": None,
                    "booted_once": False, "pid": None, "pid_start": None, "port": None}
         self.machines[m["id"]] = m
@@ -698,29 +752,31 @@ class Host:
         self._set_state(m, "starting", "start", source="user")
         rt.launch_task = asyncio.ensure_future(self._launch(m, rt, first=first))
 
-    def _machine_env(self, m: JSON, port: int) -> dict[str, str]:
-        keep = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "VIRTUAL_ENV", "SYSTEMROOT", "TZ")
-        env = {k: v for k, v in os.environ.items() if k in keep}
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(m["config"].get("env") or {})
+    def _mounted_volume(self, m: JSON) -> JSON | None:
         mounts = m["config"].get("mounts") or []
-        vol_path = ""
-        if mounts:
-            v = self.volumes.get(mounts[0]["volume"])
-            if v is not None:
-                vol_path = str(self.volume_dir(v))
-        env.update({"PORT": str(port), "SANDKEEP_VOLUME_PATH": vol_path, "FLY_MACHINE_ID": m["id"],
-                    "FLY_APP_NAME": m["app"], "FLY_REGION": m["region"], "FLY_ALLOC_ID": m["id"],
-                    "FLY_IMAGE_REF": m["config"]["image"], "FLY_PRIVATE_IP": m["private_ip"],
-                    "FLY_MACHINE_VERSION": m["instance_id"]})
+        return self.volumes.get(mounts[0]["volume"]) if mounts else None
+
+    def _machine_env(self, m: JSON, volume: JSON | None) -> dict[str, str]:
+        """A minimal environment: the machine's config env, then the host's own variables on top (a config
+        cannot override them; the runner adds ``PORT`` and its own). No host path is given: the machine starts
+        in its volume's directory (``SANDKEEP_VOLUME_PATH`` is ``.``)."""
+        env = dict(m["config"].get("env") or {})
+        env.update({"SANDKEEP_VOLUME_PATH": "." if volume is not None else "",
+                    "FLY_MACHINE_ID": m["id"], "FLY_APP_NAME": m["app"], "FLY_REGION": m["region"],
+                    "FLY_ALLOC_ID": m["id"], "FLY_IMAGE_REF": m["config"]["image"],
+                    "FLY_PRIVATE_IP": m["private_ip"], "FLY_MACHINE_VERSION": m["instance_id"]})
+        env.pop(LIMIT_ENV, None)
+        if volume is not None:
+            env[LIMIT_ENV] = str(int(volume["size_gb"]) * self.opt.bytes_per_gb)
         return env
 
     async def _launch(self, m: JSON, rt: MachineRuntime, *, first: bool) -> None:
         rt.in_delay = True
         try:
             await self.delay("machine.boot.first" if first else "machine.boot")
+            while not self.host_reachable(m.get("host"), m["region"]) and m["state"] == "starting" \
+                    and not self.regions[m["region"]]["down"] and not (rt.stop_requested or rt.unexpected):
+                await self.wait_change(60.0)  # its host died while it booted: it boots when the host is back
         finally:
             rt.in_delay = False
         if m["state"] != "starting":
@@ -734,44 +790,35 @@ class Host:
         if image is None:
             self._set_state(m, "failed", "start", request={"error": f"unknown image {m['config']['image']}"})
             return
-        port = free_port()
-        work = self.data_dir / "machines" / m["id"]
-        work.mkdir(parents=True, exist_ok=True)
-        env = self._machine_env(m, port)
-        cwd = env["SANDKEEP_VOLUME_PATH"] or str(work)
-        out = os.open(work / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        volume = self._mounted_volume(m)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *image.argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
-        except OSError as exc:
-            os.close(out)
-            self._set_state(m, "failed", "start", request={"error": f"cannot start process: {exc}"})
+            run = await self.runner.launch(m, image, self._machine_env(m, volume),
+                                           self.volume_dir(volume) if volume is not None else None)
+        except LaunchError as exc:
+            self._set_state(m, "failed", "start", request={"error": str(exc)})
             return
-        os.close(out)
-        rt.proc = proc
-        m["pid"], m["pid_start"], m["port"] = proc.pid, _proc_start_time(proc.pid), port
+        rt.run = run
+        m["pid"], m["pid_start"], m["port"] = run.pid, run.pid_start, run.port
         m["booted_once"] = True
         self._save_machine(m)
-        waiter = asyncio.ensure_future(proc.wait())
+        waiter = asyncio.ensure_future(run.wait())
         try:
             ready = True
             if image.ready == "tcp":
-                ready = await self._await_tcp(m, port, waiter)
+                ready = await run.ready(waiter, lambda: m["state"] == "starting")
             if m["state"] == "starting" and not rt.stop_requested and not rt.unexpected:
                 if ready:
                     self._set_state(m, "started", "start", source="flyd")
                 elif not waiter.done():
-                    _killpg(proc.pid, signal.SIGKILL)
+                    run.signal(signal.SIGKILL)
                     await waiter
-                    rt.proc = None
+                    rt.run = None
                     m["pid"] = m["pid_start"] = m["port"] = None
                     self._set_state(m, "failed", "start", request={
                         "error": f"machine did not listen on its port within {self.opt.boot_timeout:g}s"})
                     return
             elif m["state"] in ("destroying", "destroyed") or rt.unexpected:
-                _killpg(proc.pid, signal.SIGKILL)  # arrived while the process was being spawned
+                run.signal(signal.SIGKILL)  # arrived while the machine was being spawned
             elif rt.stop_requested:
                 self._signal(m, rt, signal.SIGTERM, self.opt.stop_timeout)
             booted = ready and m["state"] in ("started", "stopping")
@@ -781,28 +828,8 @@ class Host:
                 waiter.cancel()
         await self._on_exit(m, rt, rc, booted=booted)
 
-    async def _await_tcp(self, m: JSON, port: int, waiter: asyncio.Future[int]) -> bool:
-        deadline = self.clock.monotonic() + self.opt.boot_timeout
-        while not waiter.done() and m["state"] == "starting":
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                pass
-            else:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-                # Another process may hold the port (it was free when picked, then taken): only a listener
-                # that belongs to this machine's process counts as ready.
-                if _listener_owned_by(_machine_pid(m), port) is not False:
-                    return True
-            if self.clock.monotonic() > deadline:
-                return False
-            await self.clock.sleep(0.03)
-        return False
-
     async def _on_exit(self, m: JSON, rt: MachineRuntime, rc: int, *, booted: bool) -> None:
-        rt.proc = None
+        rt.run = None
         if rt.kill_task is not None and not rt.kill_task.done():
             rt.kill_task.cancel()
         m["pid"] = m["pid_start"] = m["port"] = None
@@ -833,16 +860,16 @@ class Host:
         self._set_state(m, "destroyed", "destroy", source="user")
 
     def _signal(self, m: JSON, rt: MachineRuntime, sig: int, grace: float) -> None:
-        proc = rt.proc
-        if proc is None or proc.returncode is not None:
+        run = rt.run
+        if run is None or run.exited:
             return
-        _killpg(proc.pid, sig)
+        run.signal(sig)
         if sig != signal.SIGKILL:
             async def escalate() -> None:
                 await self.clock.sleep(grace)
-                if rt.proc is proc and proc.returncode is None:
+                if rt.run is run and not run.exited:
                     log.info("machine.stop_escalated", machine_id=m["id"])
-                    _killpg(proc.pid, signal.SIGKILL)
+                    run.signal(signal.SIGKILL)
             rt.kill_task = asyncio.ensure_future(escalate())
 
     async def start_machine(self, app: str, machine_id: str) -> JSON:
@@ -850,6 +877,7 @@ class Host:
         rt = self.runtime(machine_id)
         async with rt.lock:
             prev = m["state"]
+            self._check_host_alive(m)
             if prev in ("started", "starting"):
                 return {"previous_state": prev, "migrated": False, "new_host": ""}
             if prev in ("stopping", "destroying"):
@@ -874,7 +902,7 @@ class Host:
     def _request_stop(self, m: JSON, rt: MachineRuntime, sig: int, grace: float) -> None:
         rt.stop_requested = True
         self._set_state(m, "stopping", "stop", source="user")
-        if rt.proc is not None:
+        if rt.run is not None:
             self._signal(m, rt, sig, grace)
         elif rt.in_delay and rt.launch_task is not None:
             rt.launch_task.cancel()
@@ -888,6 +916,7 @@ class Host:
         m = self.machine(app, machine_id, live=True)
         rt = self.runtime(machine_id)
         async with rt.lock:
+            self._check_host_alive(m)
             if m["state"] in ("starting", "started"):
                 self._request_stop(m, rt, sig, self.opt.stop_timeout if timeout is None else timeout)
 
@@ -895,6 +924,7 @@ class Host:
         m = self.machine(app, machine_id, live=True)
         rt = self.runtime(machine_id)
         async with rt.lock:
+            self._check_host_alive(m)
             self._check_region_up(m)
             if m["state"] == "destroying":
                 raise HostError(412, f"failed_precondition: machine {machine_id} is being destroyed")
@@ -911,7 +941,7 @@ class Host:
                 with contextlib.suppress(asyncio.CancelledError):
                     await launch
             async with rt.lock:
-                if m["state"] in ("stopped", "created", "failed") and not self.regions[m["region"]]["down"]:
+                if m["state"] in ("stopped", "created", "failed") and self.host_reachable(m.get("host"), m["region"]):
                     self._begin_start(m)
         rt.bg_task = self._spawn_bg(finish())
 
@@ -919,6 +949,7 @@ class Host:
         m = self.machine(app, machine_id, live=True)
         rt = self.runtime(machine_id)
         async with rt.lock:
+            self._check_host_alive(m)
             region = body.get("region")
             if region is not None and region != m["region"]:
                 raise bad(f"cannot move machine {machine_id} from region {m['region']} to {region} by update", 422)
@@ -932,7 +963,7 @@ class Host:
             self._check_region_up(m)
             self._check_machine_capacity(m)
             m["config"] = cfg
-            m["instance_id"] = ids.instance_id()
+            m["instance_id"] = ids.instance_id(self.rng, ms=_now_ms(self.clock))
             if name:
                 m["name"] = name
             self._detach_all(m, keep=volume["id"] if volume else None)
@@ -946,17 +977,19 @@ class Host:
                     self._begin_start(m)
             return m
 
-    async def destroy_machine(self, app: str, machine_id: str, *, force: bool) -> None:
+    async def destroy_machine(self, app: str, machine_id: str, *, force: bool, app_deleted: bool = False) -> None:
         m = self.machine(app, machine_id, live=True)
         rt = self.runtime(machine_id)
         async with rt.lock:
+            if not app_deleted:  # deleting the whole app takes its machines even from a dead host
+                self._check_host_alive(m)
             if m["state"] not in ("stopped", "created", "failed") and not force:
                 raise HostError(412, f"failed_precondition: unable to destroy machine {machine_id}, not currently "
                                      f"stopped (state {m['state']}); use force=true")
             self._set_state(m, "destroying", None)
             launch = rt.launch_task
-            if rt.proc is not None:
-                _killpg(rt.proc.pid, signal.SIGKILL)
+            if rt.run is not None:
+                rt.run.signal(signal.SIGKILL)
             elif launch is not None and rt.in_delay:
                 launch.cancel()
             if launch is not None and not launch.done():
@@ -969,12 +1002,13 @@ class Host:
     async def crash_machine(self, app: str, machine_id: str) -> None:
         m = self.machine(app, machine_id, live=True)
         rt = self.runtime(machine_id)
-        if rt.proc is None or m["state"] not in RUNNING:
+        self._check_host_alive(m)
+        if rt.run is None or m["state"] not in RUNNING:
             raise HostError(412, f"failed_precondition: machine {machine_id} has no running process "
                                  f"(state {m['state']})")
         rt.unexpected = True
         rt.stop_requested = False
-        _killpg(rt.proc.pid, signal.SIGKILL)
+        rt.run.signal(signal.SIGKILL)
 
     async def wait_machine(self, app: str, machine_id: str, *, state: str, timeout: float) -> None:
         deadline = self.clock.monotonic() + timeout
@@ -988,6 +1022,7 @@ class Host:
                 raise
             if current == state:
                 return
+            self._check_host_alive(m)  # a dead host's machine does not change: Fly cannot wait on it either
             if self.closing:
                 raise HostError(503, "the host is shutting down; try again")
             remaining = deadline - self.clock.monotonic()
@@ -998,11 +1033,13 @@ class Host:
 
     def set_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
         m = self.machine(app, machine_id, live=True)
+        self._check_host_alive(m)
         m["config"].setdefault("metadata", {})[key] = value
         self._save_machine(m)
 
     def delete_metadata(self, app: str, machine_id: str, key: str) -> None:
         m = self.machine(app, machine_id, live=True)
+        self._check_host_alive(m)
         (m["config"].get("metadata") or {}).pop(key, None)
         self._save_machine(m)
 
@@ -1039,12 +1076,11 @@ class Host:
 
     def volume_json(self, v: JSON) -> JSON:
         holder = v.get("attached_machine_id")
-        region = self.regions.get(v["region"], {})
         size_blocks = v["size_gb"] * 262144
         return {"id": v["id"], "name": v["name"], "state": v["state"], "size_gb": v["size_gb"],
-                "region": v["region"], "zone": f"{v['region']}-z1", "encrypted": v["encrypted"],
+                "region": v["region"], "zone": v["host"], "encrypted": v["encrypted"],
                 "attached_machine_id": holder, "attached_alloc_id": v.get("attached_alloc_id") if holder else None,
-                "created_at": v["created_at"], "host_status": "unreachable" if region.get("down") else "ok",
+                "created_at": v["created_at"], "host_status": self.host_status(v),
                 "fstype": "ext4", "block_size": 4096, "blocks": size_blocks, "blocks_free": size_blocks,
                 "blocks_avail": size_blocks, "snapshot_retention": self._retention_days(v),
                 "auto_backup_enabled": v.get("auto_backup_enabled", True)}
@@ -1078,27 +1114,32 @@ class Host:
             raise bad("give either source_volume_id (fork) or snapshot_id (restore), not both", 422)
         self.region_ok(region)
         source_dir: Path | None = None
+        source_host: str | None = None
         delay = "volume.create"
         if source_id:
             src = self.volumes.get(source_id)
             if src is None or src["app"] != app:
                 raise HostError(404, f"source volume not found: {source_id}")
-            if self.regions[src["region"]]["down"]:
-                raise host_unreachable(f"cannot fork volume {source_id}", src["region"])
+            self._check_host(src, f"cannot fork volume {source_id}")
             size = max(size or 0, src["size_gb"])
-            source_dir, delay = self.volume_dir(src), "volume.fork"
+            source_dir, delay, source_host = self.volume_dir(src), "volume.fork", src["host"]
         elif snap_id:
             snap = self.snapshots.get(snap_id)
             if snap is None or snap["app"] != app:
                 raise HostError(404, f"snapshot not found: {snap_id}")
+            if size is not None and size < snap["size_gb"]:  # as Fly: never smaller than the snapshot's source
+                raise bad(f"invalid_argument: size_gb {size} is smaller than the volume snapshot {snap_id} was "
+                          f"taken of ({snap['size_gb']} GB); a restore needs at least that size")
             size = max(size or 0, snap["size_gb"])
             source_dir, delay = self.snapshot_dir(snap), "volume.restore"
         self._check_create_capacity(region, "volume")
         await self.delay(delay)
         self.app(app)
-        vid = ids.volume_id()
+        self._check_create_capacity(region, "volume")  # hosts may have died during the delay
+        vid = ids.volume_id(self.rng)
         v: JSON = {"id": vid, "app": app, "name": name, "state": "created", "size_gb": size or 1,
-                   "region": region, "encrypted": body.get("encrypted", True) is not False,
+                   "region": region, "host": self._place(region, avoid=source_host),
+                   "encrypted": body.get("encrypted", True) is not False,
                    "attached_machine_id": None, "attached_alloc_id": None, "created_at": self.now_iso(),
                    "snapshot_retention": retention, "auto_backup_enabled": body.get("auto_backup_enabled", True)
                    is not False, "source_volume_id": source_id, "snapshot_id": snap_id,
@@ -1109,6 +1150,7 @@ class Host:
             await asyncio.to_thread(_copy_dir, source_dir, target)
         else:
             target.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.runner.prepare_dir, target)
         self.volumes[vid] = v
         self.db.put("volume", vid, v)
         log.info("volume.created", volume_id=vid, app=app, region=region, source_volume_id=source_id,
@@ -1116,7 +1158,8 @@ class Host:
         return v
 
     async def extend_volume(self, app: str, volume_id: str, body: JSON) -> tuple[JSON, bool]:
-        """Fly's extend: grow ``size_gb`` (never shrink). A directory volume needs no restart."""
+        """Fly's extend: grow ``size_gb`` (never shrink). A machine that holds the volume keeps enforcing the size
+        it was started with until it restarts (``needs_restart``)."""
         v = self.volume(app, volume_id)
         size = body.get("size_gb")
         if isinstance(size, bool) or not isinstance(size, int):
@@ -1126,12 +1169,12 @@ class Host:
                       f"only be extended")
         if size > 500:
             raise bad("size_gb must be at most 500")
-        if self.regions[v["region"]]["down"]:
-            raise host_unreachable(f"cannot extend volume {volume_id}", v["region"])
+        self._check_host(v, f"cannot extend volume {volume_id}")
         v["size_gb"] = size
         self.db.put("volume", v["id"], v)
         log.info("volume.extended", volume_id=v["id"], app=app, size_gb=size)
-        return v, False
+        holder = self._holder(v)
+        return v, holder is not None and self.machines[holder]["state"] in RUNNING
 
     def list_volumes(self, app: str) -> list[JSON]:
         self.app(app)
@@ -1181,14 +1224,13 @@ class Host:
 
     async def create_snapshot(self, app: str, volume_id: str, *, kind: str = "user") -> JSON:
         v = self.volume(app, volume_id)
-        if self.regions[v["region"]]["down"]:
-            raise host_unreachable(f"cannot snapshot volume {volume_id}", v["region"])
+        self._check_host(v, f"cannot snapshot volume {volume_id}")
         if kind == "user":
             await self.delay("volume.snapshot")
         return await self._take_snapshot(v, kind)
 
     async def _take_snapshot(self, v: JSON, kind: str) -> JSON:
-        s: JSON = {"id": ids.snapshot_id(), "app": v["app"], "volume_id": v["id"], "region": v["region"],
+        s: JSON = {"id": ids.snapshot_id(self.rng), "app": v["app"], "volume_id": v["id"], "region": v["region"],
                    "created_at": self.now_iso(), "status": "created", "kind": kind, "size_gb": v["size_gb"],
                    "retention_days": self._retention_days(v), "size": 0, "digest": ""}
         target = self.snapshot_dir(s)
@@ -1205,7 +1247,7 @@ class Host:
         now = self.clock.now()
         taken, pruned = [], []
         for v in list(self.volumes.values()):
-            if self.regions.get(v["region"], {}).get("down") or not v.get("auto_backup_enabled", True):
+            if not self.host_reachable(v.get("host"), v["region"]) or not v.get("auto_backup_enabled", True):
                 continue
             last = _parse_time(v.get("last_scheduled_snapshot_at")) or _parse_time(v["created_at"])
             if last is None or (now - last).total_seconds() >= self.opt.snapshot_interval:
@@ -1247,16 +1289,9 @@ class Host:
         r["down"] = down
         self.db.put("region", region, r)
         if down:
-            for m in self.machines.values():
+            for m in self.machines.values():  # every host of the region goes down: its machines stop
                 if m["region"] == region and m["state"] in RUNNING:
-                    rt = self.runtime(m["id"])
-                    rt.unexpected = True
-                    if rt.proc is not None:
-                        _killpg(rt.proc.pid, signal.SIGKILL)
-                    elif rt.in_delay and rt.launch_task is not None:
-                        rt.launch_task.cancel()
-                        self._set_state(m, "stopped", "exit", request=self._exit_request(137, requested=False),
-                                        exit_code=137, requested_stop=False)
+                    self._kill_unexpected(m)
         log.info("region.outage", region=region, down=down)
         self._notify()
         return self.region_json(r)
@@ -1279,9 +1314,23 @@ class Host:
             await self.wait_change(remaining)
         return {"seq": self.seq, "events": self.db.watch_since(since)}
 
-    def proxy_target(self, machine_id: str) -> tuple[JSON | None, int | None]:
+    def proxy_target(self, machine_id: str) -> tuple[JSON | None, int | Gateway | None]:
+        """The machine and where the proxy reaches its gateway: a loopback port (a process), the simulated
+        gateway itself, or None (not started, or its host is unreachable: see :meth:`proxy_refusal`)."""
         m = self.machines.get(machine_id)
         if m is None or self._expired(m):
             return None, None
-        return m, m.get("port") if m["state"] == "started" else None
+        if m["state"] != "started" or not self.host_reachable(m.get("host"), m["region"]):
+            return m, None
+        rt = self._rt.get(machine_id)
+        if rt is not None and rt.run is not None and rt.run.gateway is not None:
+            return m, rt.run.gateway
+        port = m.get("port")
+        return m, int(port) if port else None
+
+    def proxy_refusal(self, m: JSON) -> str:
+        """Why the proxy cannot reach machine ``m``'s gateway."""
+        if m["state"] == "started" and not self.host_reachable(m.get("host"), m["region"]):
+            return f"machine {m['id']} is unreachable: its host {m.get('host')} does not answer"
+        return f"machine {m['id']} is not started (state {m['state']})"
 

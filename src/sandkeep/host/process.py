@@ -21,8 +21,9 @@ from pathlib import Path
 from sandkeep.clock import Clock
 from sandkeep.host.errors import HostError
 from sandkeep.host.images import Image
-from sandkeep.host.runner import JSON, LaunchError
+from sandkeep.host.runner import JSON, Gateway, LaunchError
 from sandkeep.net import free_port
+
 
 def _listening_inodes(port: int) -> set[str] | None:
     """Socket inodes listening on ``port`` (Linux /proc/net/tcp{,6}); None when /proc cannot tell."""
@@ -150,7 +151,7 @@ def _own_tree(root: Path, owner: tuple[int, int] | None) -> None:
 class ProcessRun:
     """One machine process."""
 
-    gateway = None
+    gateway: Gateway | None = None  # reached through its port
 
     def __init__(self, proc: asyncio.subprocess.Process, port: int, clock: Clock, boot_timeout: float) -> None:
         self.proc = proc

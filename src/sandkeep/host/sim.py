@@ -31,7 +31,7 @@ from sandkeep.gateway import (
     write_key,
 )
 from sandkeep.host.images import Image
-from sandkeep.host.runner import JSON
+from sandkeep.host.runner import JSON, Gateway
 
 _BAD_KEY = "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"
 _SIM_PIDS = itertools.count(100000)  # what /health reports as "pid": a new one per incarnation
@@ -99,7 +99,7 @@ class SimRun:
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.frozen = False
         self._pending: list[int] = []  # signals sent while frozen (delivered when thawed, like SIGSTOP)
-        self.gateway: SimGateway | None = None
+        self.gateway: Gateway | None = None
         if image.name == "sandkeep/gateway":
             self.gateway = SimGateway(env, root, clock)
         elif image.name == "sandkeep/crashy":
@@ -119,7 +119,7 @@ class SimRun:
         return self._exit.done()
 
     async def ready(self, waiter: asyncio.Future[int], booting: Callable[[], bool]) -> bool:
-        return not waiter.done() and booting()
+        return not self._exit.done() and booting()
 
     def signal(self, sig: int) -> None:
         if self._exit.done():
@@ -166,5 +166,5 @@ class SimRunner:
         # like a real machine, one without a volume keeps its data in a home of its own
         root = volume_dir if volume_dir is not None else self.data_dir / "machines" / m["id"] / "home"
         if volume_dir is None:
-            await asyncio.to_thread(self.prepare_dir, root)
+            self.prepare_dir(root)  # no thread hop: a launch completes without real time passing
         return SimRun(image, dict(env), root, self.clock)
