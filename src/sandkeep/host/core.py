@@ -373,29 +373,22 @@ class Host:
 
     def kill_host(self, name: str) -> JSON:
         """The host dies (or is partitioned): its machines freeze in their last state, unreachable."""
-        h = self.host_record(name)
-        if not h["dead"]:
-            h["dead"] = True
-            self.db.put("host", name, h)
-            for m in self.machines.values():
-                rt = self._rt.get(m["id"])
-                if m.get("host") == name and rt is not None and rt.run is not None:
-                    rt.run.freeze(True)
-            log.info("host.died", host=name)
-            self._notify()
-        return self.host_json(h)
+        return self._set_host_dead(name, True)
 
     def revive_host(self, name: str) -> JSON:
         """A dead host comes back: its machines resume in the state they had (a started one runs again)."""
+        return self._set_host_dead(name, False)
+
+    def _set_host_dead(self, name: str, dead: bool) -> JSON:
         h = self.host_record(name)
-        if h["dead"]:
-            h["dead"] = False
+        if h["dead"] != dead:
+            h["dead"] = dead
             self.db.put("host", name, h)
             for m in self.machines.values():
                 rt = self._rt.get(m["id"])
                 if m.get("host") == name and rt is not None and rt.run is not None:
-                    rt.run.freeze(False)
-            log.info("host.back", host=name)
+                    rt.run.freeze(dead)  # a process is stopped (SIGSTOP) and continued (SIGCONT)
+            log.info("host.died" if dead else "host.back", host=name)
             self._notify()
         return self.host_json(h)
 
