@@ -127,3 +127,41 @@ async def test_simulated_images_behave_like_their_processes(tmp_path: Path) -> N
         assert stubborn["events"][0]["request"]["exit_code"] == 137
     finally:
         await host.shutdown()
+
+
+async def test_the_real_client_drives_the_model_in_process(tmp_path: Path) -> None:
+    """The provider adapter: sandkeep's MachinesClient (retries, classification) against the model, no socket."""
+    import httpx
+
+    from sandkeep.host.faults import Faults
+    from sandkeep.host.inprocess import PROXY_URL, in_process_api, in_process_client, proxy_transport
+    from sandkeep.provider.errors import HostUnavailableError
+    from sandkeep.provider.models import MachineConfig, Mount
+
+    host = Host(HostOptions(data_dir=tmp_path, regions=["r1", "r2"], machines="sim", seed=3), FakeClock())
+    host.load()
+    faults = Faults(seed=1)
+    faults.configure({"operation": "volume.create", "status": 503, "count": 1})
+    client = in_process_client(host, api=in_process_api(host, faults=faults), backoff_base=0.0)
+    gateway = httpx.AsyncClient(base_url=PROXY_URL, transport=proxy_transport(host))
+    before = _children()
+    try:
+        await client.ensure_app("inproc", "personal")
+        vol = await client.create_volume("inproc", name="data", region="r1", size_gb=1)  # a 503, retried
+        assert faults.rules[0].injected == 1 and vol.zone and vol.host_status == "ok"
+        m = await client.create_machine("inproc", config=MachineConfig(
+            image="sandkeep/gateway", env={TOKEN_ENV: "tok"}, mounts=[Mount(volume=vol.id)]), region="r1")
+        await _settle(host, m.id, "started")
+        assert (await client.get_machine("inproc", m.id)).state == "started"
+        headers = {"fly-force-instance-id": m.id, **TOKEN}
+        assert (await gateway.put("/data/k", content=b"v", headers=headers)).status_code == 201
+        assert (await gateway.get("/data/k", headers=headers)).content == b"v"
+        host.kill_host(vol.zone or "")
+        with pytest.raises(HostUnavailableError):
+            await client.create_volume("inproc", name="data", region="r2", source_volume_id=vol.id)
+        assert (await client.get_machine("inproc", m.id)).host_status == "unreachable"
+        assert _children() == before, "no OS process was started"
+    finally:
+        await gateway.aclose()
+        await client.aclose()
+        await host.shutdown()
