@@ -5,10 +5,14 @@ Runs against both machine runners (real processes and simulated machines) throug
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 from sandkeep.provider.errors import HostUnavailableError, InvalidRequestError, classify
 from tests.host.conftest import Api
+from tests.support.procs import running_host
 
 
 def _hosts(fapi: Api, region: str | None = None) -> list[dict[str, Any]]:
@@ -143,3 +147,26 @@ def test_a_snapshot_restores_only_into_a_volume_at_least_as_large_as_its_source(
     unsized = api.call("POST", f"/v1/apps/{app}/volumes", 200,
                        json={"name": "data", "region": "lcl-b", "snapshot_id": snap["id"]})
     assert same["size_gb"] == unsized["size_gb"] == 3
+
+
+def test_simulated_data_survives_a_host_crash_and_a_process_host_reads_it(tmp_path: Path) -> None:
+    """The simulated gateway keeps data where the real one does: restart the host with real processes."""
+    data = tmp_path / "host"
+    with running_host(data, extra_args=["--machines", "sim"]) as handle:
+        api = Api(handle)
+        app = api.new_app()
+        vol = api.volume(app, "lcl-b")
+        m = api.machine(app, volume=vol["id"])
+        api.put_key(m["id"], "k", b"written by a simulated machine")
+        api.close()
+        handle.proc.stop(signal.SIGKILL)
+    with running_host(data) as handle:
+        api = Api(handle)
+        assert api.get(app, m["id"])["state"] == "stopped", "a host restart stops its machines"
+        api.call("POST", f"/v1/apps/{app}/machines/{m['id']}/start", 200)
+        api.wait(app, m["id"], "started")
+        assert api.get_key(m["id"], "k").content == b"written by a simulated machine"
+        pid = api.proxy.get("/health", headers={"fly-force-instance-id": m["id"]}).json()["pid"]
+        os.kill(pid, 0)  # now a real process
+        api.cleanup()
+        api.close()
