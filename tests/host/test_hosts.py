@@ -112,6 +112,19 @@ def test_a_host_reboot_stops_its_machines_and_keeps_its_volumes(fapi: Api) -> No
     assert fapi.get_key(m["id"], "k").content == b"kept"
     fapi.local("POST", "/_local/hosts/lcl-a-z99/reboot", 404)
     fapi.local("POST", "/_local/hosts/nowhere/die", 404)
+    fapi.local("POST", f"/_local/hosts/{vol['zone']}/die", 400, json={"host_status": "gone"})
+
+
+def test_a_dead_host_may_report_host_status_unknown(fapi: Api) -> None:
+    app = fapi.new_app()
+    vol = fapi.volume(app, "lcl-c")
+    m = fapi.machine(app, volume=vol["id"], wait=None, skip_launch=True)
+    fapi.local("POST", f"/_local/hosts/{vol['zone']}/die", json={"host_status": "unknown"})
+    assert fapi.get(app, m["id"])["host_status"] == "unknown"
+    assert fapi.call("GET", f"/v1/apps/{app}/volumes/{vol['id']}", 200)["host_status"] == "unknown"
+    _host_unavailable(fapi, "POST", f"/v1/apps/{app}/machines/{m['id']}/start")
+    fapi.local("POST", f"/_local/hosts/{vol['zone']}/return")
+    assert fapi.get(app, m["id"])["host_status"] == "ok"
 
 
 def test_a_region_outage_is_every_host_of_the_region_down(fapi: Api) -> None:

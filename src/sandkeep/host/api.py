@@ -464,7 +464,11 @@ class HostAPI:
         return JSONResponse({"hosts": hosts})
 
     async def host_die(self, request: Request) -> Response:
-        return JSONResponse(self.host.kill_host(request.path_params["name"]))
+        body = await read_json(request, required=False)
+        status = body.get("host_status", "unreachable")
+        if not isinstance(status, str):
+            raise bad("host_status must be 'unreachable' or 'unknown'")
+        return JSONResponse(self.host.kill_host(request.path_params["name"], status))
 
     async def host_reboot(self, request: Request) -> Response:
         return JSONResponse(self.host.reboot_host(request.path_params["name"]))

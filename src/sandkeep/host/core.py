@@ -332,8 +332,14 @@ class Host:
         return not self.regions.get(region, {}).get("down") and not (h is not None and h["dead"])
 
     def host_status(self, rec: JSON) -> str:
-        """Fly's ``host_status`` of a machine or volume record: ``ok`` or ``unreachable``."""
-        return "ok" if self.host_reachable(rec.get("host"), str(rec.get("region", ""))) else "unreachable"
+        """Fly's ``host_status`` of a machine or volume record: ``ok``, ``unreachable`` (region down, host dead) or
+        ``unknown`` (a dead host told to report so: Fly's answer when it cannot tell)."""
+        if self.regions.get(str(rec.get("region", "")), {}).get("down"):
+            return "unreachable"
+        h = self.hosts.get(rec.get("host") or "")
+        if h is not None and h["dead"]:
+            return str(h.get("dead_status") or "unreachable")
+        return "ok"
 
     def _check_host(self, rec: JSON, what: str) -> None:
         """412 (the client's HostUnavailableError) when the host of ``rec`` is dead or its region is down."""
@@ -347,9 +353,8 @@ class Host:
             raise host_unreachable(f"machine {m['id']}", m["region"], h["name"])
 
     def host_json(self, h: JSON) -> JSON:
-        down = bool(self.regions.get(h["region"], {}).get("down"))
         return {"name": h["name"], "region": h["region"], "dead": h["dead"],
-                "host_status": "unreachable" if h["dead"] or down else "ok",
+                "host_status": self.host_status({"host": h["name"], "region": h["region"]}),
                 "machines": sorted(m["id"] for m in self.machines.values()
                                    if m.get("host") == h["name"] and m["state"] != "destroyed"),
                 "volumes": sorted(v["id"] for v in self.volumes.values() if v.get("host") == h["name"])}
@@ -371,8 +376,12 @@ class Host:
             self._set_state(m, "stopped", "exit", request=self._exit_request(137, requested=False),
                             exit_code=137, requested_stop=False)
 
-    def kill_host(self, name: str) -> JSON:
-        """The host dies (or is partitioned): its machines freeze in their last state, unreachable."""
+    def kill_host(self, name: str, status: str = "unreachable") -> JSON:
+        """The host dies (or is partitioned): its machines freeze in their last state, ``host_status`` ``status``
+        (``unreachable``, or ``unknown``)."""
+        if status not in ("unreachable", "unknown"):
+            raise bad(f"host_status must be 'unreachable' or 'unknown', got {status!r}")
+        self.host_record(name)["dead_status"] = status
         return self._set_host_dead(name, True)
 
     def revive_host(self, name: str) -> JSON:
