@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -22,8 +23,12 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandkeep import __version__
 from sandkeep.api.auth import TokenError, actor_from_token, valid_user_id
+from sandkeep.api.docs import install_docs, readable_operation_id
 from sandkeep.api.errors import ApiError, install_error_handlers
+from sandkeep.api.middleware import RequestContext
+from sandkeep.api.readiness import readiness_checks
 from sandkeep.api.schemas import (
     AuditPage,
     CleanupResult,
@@ -106,16 +111,21 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
 
     app = FastAPI(
         title="sandkeep",
-        version="0.1.0",
+        version=__version__,
         summary="Keeps one persistent machine per user alive and recovers it when it stops unexpectedly.",
         lifespan=lifespan,
         responses={401: {"model": ErrorBody}},
+        docs_url=None,  # served from the package's own Swagger UI files below (works offline)
+        redoc_url=None,
+        generate_unique_id_function=readable_operation_id,
     )
     app.state.runtime = runtime
     app.state.jwt_secret = secret
     install_error_handlers(app)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)
+    clock = getattr(runtime, "clock", None)
+    app.add_middleware(RequestContext, monotonic=clock.monotonic if clock is not None else time.monotonic)
 
     def require_admin(actor: Actor) -> None:
         if actor.role != "admin":
@@ -355,6 +365,17 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
         """Liveness: the API process answers."""
         return {"ok": True}
 
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorBody}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when the database and the machine provider answer, 503 (naming which) otherwise."""
+        checks = await readiness_checks(runtime, timeout=float(getattr(settings, "ready_timeout", 5.0)))
+        failed = {name: result for name, result in checks.items() if result != "ok"}
+        if not failed:
+            return JSONResponse({"ok": True, "checks": checks})
+        message = "; ".join(f"{name}: {result}" for name, result in failed.items())
+        return JSONResponse({"error": {"code": "not_ready", "message": message, "status": 503}, "checks": checks},
+                            status_code=503)
+
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus metrics (engine counters and histograms)."""
@@ -362,6 +383,7 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
 
         return Response(generate_latest(_metrics_registry()), media_type=CONTENT_TYPE_LATEST)
 
+    install_docs(app)
     _include_web(app, runtime)
     return app
 
