@@ -58,7 +58,6 @@ class RequestContext:
     def __init__(self, app: ASGIApp, monotonic: Callable[[], float]) -> None:
         self.app = app
         self.monotonic = monotonic
-        self.log = get_logger("sandkeep.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,7 +97,8 @@ class RequestContext:
                 metrics.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
                 metrics.HTTP_DURATION.labels(route=route, method=method).observe(duration)
                 client = scope.get("client")
-                self.log.info("http.request", method=method, route=route,
-                              path=route if secret_path else str(scope.get("path", "")),
-                              status=status, duration_ms=round(duration * 1000, 2),
-                              client=client[0] if client else None)
+                # looked up per request so a logging set-up made after the app was built applies
+                get_logger("sandkeep.access").info("http.request", method=method, route=route,
+                                                   path=route if secret_path else str(scope.get("path", "")),
+                                                   status=status, duration_ms=round(duration * 1000, 2),
+                                                   client=client[0] if client else None)
