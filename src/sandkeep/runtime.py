@@ -261,6 +261,13 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
 
     if settings.provider == "fly" and not settings.fly_api_token:
         raise StartupError("provider 'fly' needs FLY_API_TOKEN (and FLY_ORG, FLY_REGIONS)")
+    if settings.provider == "fly":
+        from sandkeep.flycheck import FlyConfigError, parse_fly_regions
+
+        try:
+            parse_fly_regions(settings.fly_regions)
+        except FlyConfigError as exc:
+            raise StartupError(str(exc)) from exc
     if settings.provider not in ("local", "fly"):
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
@@ -307,6 +314,13 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
                                   fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE)
         stack.push_async_callback(provider.aclose)
+        if settings.provider == "fly":
+            from sandkeep.flycheck import FlyConfigError, check_fly
+
+            try:
+                await check_fly(provider, settings, timeout=settings.provider_check_timeout)
+            except FlyConfigError as exc:
+                raise StartupError(str(exc)) from exc
 
         engine_cls = _import_engine()
         engine: EngineLike = engine_cls(settings, store, provider, clock)

@@ -154,6 +154,8 @@ def instance_detail(inst: dict[str, Any]) -> str:
         ("retained cleanup after", _when(rec.get("retained_volume_cleanup_after"))),
         ("last recovery error", rec.get("last_error")),
         ("last recovery error at", _when(rec.get("last_error_at"))),
+        ("last provider error", inst.get("last_provider_error")),
+        ("last provider error at", _when(inst.get("last_provider_error_at"))),
     ]
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {'-' if v in (None, '') else v}" for k, v in pairs)

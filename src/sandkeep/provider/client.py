@@ -332,6 +332,11 @@ class MachinesClient:
             raise ProviderError(f"unexpected response shape for list of App: {exc.errors()[:3]}",
                                 status=resp.status_code, body=resp.text, operation=op) from exc
 
+    async def platform_regions(self) -> Any:
+        """``GET /v1/platform/regions`` as JSON (Fly's region list; NotFoundError where the API has none)."""
+        op = "platform_regions"
+        return self._json(await self._call("GET", "/v1/platform/regions", operation=op, retry=False), op)
+
     async def get_app(self, app_name: str) -> App:
         op = f"get_app {app_name}"
         return self._model(App, await self._call("GET", self._app_path(app_name), operation=op), op)

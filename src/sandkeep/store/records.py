@@ -70,6 +70,7 @@ class InstanceRecord:
     # transient provider error backoff
     provider_error_count: int = 0
     last_provider_error: str | None = None
+    last_provider_error_at: datetime | None = None
     # concurrency (SPEC §5)
     version: int = 0
     lease_owner: str | None = None

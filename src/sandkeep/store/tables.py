@@ -125,6 +125,7 @@ instances = Table(
     Column("destroyed_at", UTCDateTime(), nullable=True),
     Column("provider_error_count", Integer(), nullable=False),
     Column("last_provider_error", Text(), nullable=True),
+    Column("last_provider_error_at", UTCDateTime(), nullable=True),
     Column("version", BigInteger(), nullable=False),
     Column("lease_owner", String(255), nullable=True),
     Column("lease_expires_at", UTCDateTime(), nullable=True),

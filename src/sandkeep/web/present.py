@@ -195,6 +195,28 @@ def recovery_explanation(record: InstanceRecord) -> Explanation | None:
                        when=record.last_recovery_error_at, advice=advice)
 
 
+def provider_problem(record: InstanceRecord) -> Explanation | None:
+    """Plain words for an owner whose instance the cloud provider keeps failing (no raw error, no internal names).
+
+    Shown while the instance is busy or stopped and the engine has a provider error on record; admins see the
+    error itself on the instance page.
+    """
+    if not record.last_provider_error:
+        return None
+    status = status_value(record.status)
+    if status in (Status.STARTING, Status.RESTARTING, Status.RECOVERING):
+        return Explanation(headline="The cloud provider is not answering",
+                           error="", when=record.last_provider_error_at,
+                           advice="sandkeep keeps retrying on its own. Nothing is lost; if this lasts more than a "
+                                  "few minutes the start is abandoned and your machine is left stopped.")
+    if status == Status.STOPPED:
+        return Explanation(headline="Your machine could not be started", error="", when=record.last_provider_error_at,
+                           advice="The cloud provider kept failing, so sandkeep gave up. Your data is safe. Press "
+                                  "Start to try again later; if it keeps failing, contact an administrator and "
+                                  f"mention instance {record.id}.")
+    return None
+
+
 def recovery_state(record: InstanceRecord) -> str:
     status = status_value(record.status)
     if status == Status.RECOVERING:

@@ -219,6 +219,7 @@ class WebUI:
             "open_url": f"/ui/instances/{quote(rec.id)}/open/health" if healthy else None,
             "buttons": buttons, "reasons": reasons, "reason_index": reason_index,
             "explanation": present.recovery_explanation(rec),
+            "provider_problem": present.provider_problem(rec),
         }
 
     def owner_views(self, actor: Actor) -> list[dict[str, Any]]:

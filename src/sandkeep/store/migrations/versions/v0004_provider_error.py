@@ -1,0 +1,26 @@
+"""when the last provider error happened (instances.last_provider_error_at)
+
+Revision ID: v0004
+Revises: 0001
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "v0004"
+down_revision: str | None = "0001"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("instances") as batch:
+        batch.add_column(sa.Column("last_provider_error_at", sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("instances") as batch:
+        batch.drop_column("last_provider_error_at")

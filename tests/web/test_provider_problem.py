@@ -1,0 +1,34 @@
+"""A provider that keeps failing, as owners and admins see it: plain words for owners, the error for admins."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sandkeep.store.records import Status
+from tests.web.conftest import Login
+from tests.web.fakes import FakeRuntime
+
+RAW = "create_app sk-3f2a9c0d1e2f: unauthorized (HTTP 401)"
+
+
+async def test_owner_sees_plain_words_and_no_raw_error_or_app_name(rt: FakeRuntime, login: Login) -> None:
+    when = rt.clock.now() - timedelta(minutes=3)
+    rt.service.add("ins_s1", "alice", Status.STOPPED, last_provider_error=RAW, last_provider_error_at=when)
+    rt.service.add("ins_b1", "alice", Status.STARTING, last_provider_error=RAW, last_provider_error_at=when)
+    rt.service.add("ins_ok", "alice", Status.RUNNING)
+    client = await login("alice", "user")
+    html = (await client.get("/ui/")).text
+    assert "Your machine could not be started" in html and "3 min ago" in html
+    assert "The cloud provider is not answering" in html
+    assert RAW not in html and "sk-3f2a9c0d1e2f" not in html and "HTTP 401" not in html
+    assert html.count('data-testid="provider-problem"') == 2
+
+
+async def test_admin_instance_page_shows_the_provider_error_and_its_time(rt: FakeRuntime, login: Login) -> None:
+    when = rt.clock.now() - timedelta(minutes=3)
+    rt.service.add("ins_s1", "alice", Status.STOPPED, last_provider_error=RAW, last_provider_error_at=when)
+    client = await login("root", "admin")
+    html = (await client.get("/ui/admin/instances/ins_s1")).text
+    start = html.index('data-field="last_provider_error"')
+    field = html[start:html.index("</dd>", start)]
+    assert RAW in field and "3 min ago" in field
