@@ -117,8 +117,41 @@ def load_or_create_secret(path: Path, from_env: str | None, generate: Any) -> tu
 def resolve_data_dir(settings: Settings, data_dir: Path | None = None) -> Path:
     directory = Path(data_dir) if data_dir is not None else Path(settings.home)
     directory = directory.expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"cannot use data directory {directory} (--data-dir / SANDKEEP_HOME): "
+                           f"{exc.strerror or exc}") from exc
     return directory
+
+
+def safe_database_url(url: str) -> str:
+    """The database URL without its password (for messages and banners)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return str(make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return url.split("@")[-1]
+
+
+def database_startup_error(exc: BaseException, url: str) -> StartupError:
+    """One line for an operator whose database cannot be opened (never the password, never a traceback)."""
+    where = safe_database_url(url)
+    if isinstance(exc, ValueError):
+        text = str(exc)
+        if text.startswith("invalid database URL"):
+            text = ("not a valid database URL (e.g. postgresql+psycopg://user@host:5432/db or "
+                    "sqlite:////var/lib/sandkeep/sandkeep.db)")
+        return StartupError(f"SANDKEEP_DATABASE_URL: {text}")
+    if isinstance(exc, OSError):
+        return StartupError(f"cannot open the database {where}: {exc.strerror or exc}")
+    cause = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return StartupError(f"cannot open the database {where}: {lines[0] if lines else type(cause).__name__}")
 
 
 def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
@@ -254,7 +287,10 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
     log = get_logger("sandkeep.runtime")
     clock = clock or SystemClock()
     directory = resolve_data_dir(settings, data_dir)
-    jwt_secret = resolve_jwt_secret(settings, directory)
+    try:
+        jwt_secret = resolve_jwt_secret(settings, directory)
+    except OSError as exc:
+        raise StartupError(f"cannot read or create {directory / 'jwt-secret'}: {exc.strerror or exc}") from exc
     # the secrets key (SANDKEEP_SECRETS_KEY, else DATA/secrets.key) is resolved by sandkeep.secrets.SecretBox
     settings = settings.replace(home=directory, jwt_secret=jwt_secret)
     public = settings.public_url or http_url(settings.listen)
@@ -272,9 +308,15 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
     async with contextlib.AsyncExitStack() as stack:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from sandkeep.store.base import StoreError
         from sandkeep.store.sql import open_store
 
-        store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
+        try:
+            store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
+        except (ValueError, OSError, SQLAlchemyError, StoreError) as exc:
+            raise database_startup_error(exc, settings.resolved_database_url) from exc
         stack.callback(store.close)
 
         host_child: HostChild | None = None
@@ -323,7 +365,11 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
                 raise StartupError(str(exc)) from exc
 
         engine_cls = _import_engine()
-        engine: EngineLike = engine_cls(settings, store, provider, clock)
+        try:
+            engine: EngineLike = engine_cls(settings, store, provider, clock)
+        except OSError as exc:  # the secrets key file (SANDKEEP_SECRETS_KEY unset) cannot be read or written
+            raise StartupError(f"cannot start the engine: {exc.strerror or exc}"
+                               f"{f' ({exc.filename})' if exc.filename else ''}") from exc
         if host_child is not None:
             # runs after the engine stopped and before the host child is stopped (exit callbacks run LIFO)
             stack.push_async_callback(_note_planned_host_restart, engine.service, log)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from sandkeep.net import free_port
-from tests.e2e.serving import running_serve
+from tests.e2e.serving import running_serve, serve_fails
 from tests.support.procs import HostHandle, running_host
 
 FAKE_TOKEN = "fake-fly-token"
@@ -74,17 +74,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostHandle]:
 
 
 def _serve_fails(tmp_path: Path, **env: str) -> str:
-    """Run `serve --provider fly` to its exit; return its one line of stderr (asserting there is only one)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("SANDKEEP_", "FLY_"))}
-    full.update({"SANDKEEP_HOME": str(tmp_path / "data"), "SANDKEEP_LOG_LEVEL": "info", **env})
-    done = subprocess.run([sys.executable, "-m", "sandkeep", "serve", "--provider", "fly", "--listen",
-                           f"127.0.0.1:{free_port()}", "--no-login-links"],
-                          env=full, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr and lines[0].startswith("sandkeep serve: ")
-    return lines[0]
+    return serve_fails(tmp_path / "data", "--provider", "fly", env=env)
 
 
 def test_a_refused_token_stops_serve_with_one_line(tmp_path: Path, host: HostHandle) -> None:
