@@ -9,10 +9,11 @@ import click
 from sandkeep.api.cli_common import (
     Ctx,
     api_options,
-    emit_json,
     event_rows,
     instance_detail,
+    instance_event_rows,
     instance_rows,
+    instance_rows_wide,
     parse_pairs,
     show_result,
     wait_options,
@@ -64,7 +65,7 @@ def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | 
         params["user_id"] = user_id
     if region:
         params["region"] = region
-    ctx.print_listing("/v1/instances", params, limit, instance_rows, "no instances")
+    ctx.print_listing("/v1/instances", params, limit, instance_rows, "no instances", render_wide=instance_rows_wide)
 
 
 @instances.command("show")
@@ -75,7 +76,7 @@ def show(ctx: Ctx, instance_id: str) -> None:
     with ctx.client() as client:
         inst = client.get(instance_id)
     if ctx.as_json:
-        emit_json(inst)
+        ctx.emit(inst)
     else:
         click.echo(instance_detail(inst))
 
@@ -131,7 +132,7 @@ def update(ctx: Ctx, instance_id: str, size: str | None, env: tuple[str, ...], c
     with ctx.client() as client:
         inst = client.update(instance_id, **body)
     if ctx.as_json:
-        emit_json(inst)
+        ctx.emit(inst)
     else:
         click.echo(f"updated {inst['id']} (applied at the next start or restart)")
 
@@ -146,4 +147,5 @@ def events(ctx: Ctx, instance_id: str, name: str | None, limit: int) -> None:
     params: dict[str, Any] = {"limit": min(limit, 500)}
     if name:
         params["name"] = name
-    ctx.print_listing(f"/v1/instances/{instance_id}/events", params, limit, event_rows, "no events")
+    ctx.print_listing(f"/v1/instances/{instance_id}/events", params, limit, instance_event_rows, "no events",
+                      render_wide=event_rows)
