@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
@@ -49,6 +49,8 @@ from sandkeep.store.records import InstanceRecord, Status
 
 MAX_JSON_BODY = 1024 * 1024
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_IDEMPOTENCY_KEY = 200
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:=+/-]{1,200}$")
 STATUS_VALUES = [s.value for s in Status]
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade"})
@@ -175,17 +177,27 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     v1 = APIRouter(prefix="/v1", responses=ERRORS)
 
     @v1.post("/instances", status_code=201, response_model=Instance, tags=["instances"])
-    async def create_instance(actor: ActorDep, body: CreateInstanceBody | None = None) -> dict[str, Any]:
+    async def create_instance(
+        actor: ActorDep, body: CreateInstanceBody | None = None,
+        idempotency_key: Annotated[str | None, Header(
+            alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+            description="Makes a retried create safe: the same caller, owner and key return the first instance "
+                        "instead of creating another (1-200 characters of letters, digits and ._:=+/-).")] = None,
+    ) -> dict[str, Any]:
         """Create an instance and start it right away. Users create for themselves only."""
         body = body or CreateInstanceBody()
+        if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+            raise ApiError(422, "validation_error", "Idempotency-Key must be 1-200 characters of letters, digits "
+                           "and ._:=+/-")
         user_id = actor.user_id if body.user_id is None else body.user_id
         if not valid_user_id(user_id):
             raise ApiError(422, "validation_error", f"invalid user_id {user_id[:64]!r}: 1-128 letters, digits "
                            "or ._@:+- starting with a letter or digit")
         if user_id != actor.user_id and actor.role not in ("admin", "platform"):
             raise ApiError(403, "forbidden", "a user token can only create instances for its own user")
+        extra = {"idempotency_key": idempotency_key} if idempotency_key is not None else {}
         record = await service.create_instance(actor, user_id=user_id, size=body.size, env=body.env,
-                                               secrets=body.secrets, image=body.image)
+                                               secrets=body.secrets, image=body.image, **extra)
         return render_instance(record)
 
     @v1.get("/instances", response_model=InstancePage, tags=["instances"])

@@ -34,12 +34,14 @@ def instances() -> None:
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Environment variable (repeatable).")
 @click.option("--secret", "secret", multiple=True, metavar="NAME=VALUE",
               help="Secret, encrypted at rest and never shown again (repeatable).")
+@click.option("--idempotency-key", default=None, metavar="KEY",
+              help="Sent as Idempotency-Key: repeating the command with the same key returns the first instance.")
 @wait_options
 @api_options
 def create(ctx: Ctx, user_id: str | None, size: str | None, image: str | None, env: tuple[str, ...],
-           secret: tuple[str, ...], wait: bool, timeout: float) -> None:
+           secret: tuple[str, ...], idempotency_key: str | None, wait: bool, timeout: float) -> None:
     """Create an instance (it starts right away)."""
-    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image}
+    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image, "idempotency_key": idempotency_key}
     if env:
         body["env"] = parse_pairs(env, "--env")
     if secret:

@@ -437,6 +437,14 @@ class SqlStore:
             ) from exc
         return _to_instance(row)
 
+    def find_by_idempotency_key(self, user_id: str, key: str) -> InstanceRecord | None:
+        """The instance of ``user_id`` created with idempotency key ``key``, if any."""
+        c = instances.c
+        with self._read() as conn:
+            query = select(instances).where(c.user_id == user_id, c.idempotency_key == key)
+            row = conn.execute(query).mappings().first()
+        return _to_instance(row) if row is not None else None
+
     def get_instance(self, instance_id: str) -> InstanceRecord | None:
         with self._read() as conn:
             row = conn.execute(select(instances).where(instances.c.id == instance_id)).mappings().first()
