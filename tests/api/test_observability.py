@@ -182,3 +182,17 @@ async def test_docs_load_swagger_ui_from_the_package_and_operation_ids_are_reada
     assert {"create_instance", "list_instances", "get_instance", "readyz", "gateway_get"} <= ids
     assert all("_v1_" not in i for i in ids), sorted(ids)
     assert spec["info"]["version"] == __version__
+
+
+async def test_a_body_without_json_content_type_is_415_naming_the_fix(api: Api) -> None:
+    form = await api.client.post("/v1/instances", content=b'{"size": "shared-cpu-1x"}',
+                                 headers={**api.auth(), "Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415
+    err = form.json()["error"]
+    assert err["code"] == "unsupported_media_type" and "Content-Type: application/json" in err["message"]
+    assert not api.service.instances
+    ok = await api.client.post("/v1/instances", content=b'{"size": "shared-cpu-1x"}',
+                               headers={**api.auth(), "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 201
+    empty = await api.client.post("/v1/instances", headers=api.auth())  # no body: all defaults
+    assert empty.status_code == 201

@@ -27,7 +27,7 @@ from sandkeep import __version__
 from sandkeep.api.auth import TokenError, actor_from_token, valid_user_id
 from sandkeep.api.docs import install_docs, readable_operation_id
 from sandkeep.api.errors import ApiError, install_error_handlers
-from sandkeep.api.middleware import RequestContext
+from sandkeep.api.middleware import JsonBodyRequired, RequestContext
 from sandkeep.api.readiness import readiness_checks
 from sandkeep.api.schemas import (
     AuditPage,
@@ -125,7 +125,8 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     app.state.jwt_secret = secret
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)
+    app.add_middleware(JsonBodyRequired)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)  # outside: a huge body is 413 whatever its type
     clock = getattr(runtime, "clock", None)
     app.add_middleware(RequestContext, monotonic=clock.monotonic if clock is not None else time.monotonic)
 

@@ -102,3 +102,32 @@ class RequestContext:
                                                    path=route if secret_path else str(scope.get("path", "")),
                                                    status=status, duration_ms=round(duration * 1000, 2),
                                                    client=client[0] if client else None)
+
+
+class JsonBodyRequired:
+    """``POST``/``PUT``/``PATCH`` to ``/v1/`` with a body must say ``Content-Type: application/json``: anything else
+    (curl's ``-d`` sends form encoding) answers 415 ``unsupported_media_type`` naming the fix, instead of a
+    confusing validation error. Gateway traffic is exempt (it carries whatever the user's gateway accepts)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if (scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH")
+                or not path.startswith("/v1/") or "/gateway/" in path):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+        media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if has_body and not (media == b"application/json" or media.endswith(b"+json")):
+            from starlette.responses import JSONResponse
+
+            shown = media.decode("latin-1")[:80] or "none"
+            message = (f"send the body as JSON with 'Content-Type: application/json' (got {shown}); "
+                       "with curl: -H 'Content-Type: application/json' -d '{...}'")
+            await JSONResponse({"error": {"code": "unsupported_media_type", "message": message, "status": 415}},
+                               status_code=415)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
