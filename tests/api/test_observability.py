@@ -17,7 +17,7 @@ from sandkeep.clock import FakeClock
 from sandkeep.logs import configure_logging
 from sandkeep.provider.client import MachinesClient
 from sandkeep.store.sql import SqlStore
-from tests.api.conftest import Api, make_runtime
+from tests.api.conftest import Api, make_runtime, refusing_gateway_client
 from tests.api.fakes import FakeService
 
 
@@ -57,21 +57,9 @@ async def test_every_answer_carries_a_request_id_and_a_sane_one_from_the_caller_
 
 async def test_one_access_line_per_request_and_handler_logs_carry_the_request_id(
         tmp_path: Path, log_lines: io.StringIO) -> None:
-    service = FakeService()
-    r = service.add("alice")
-
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    app = create_app(make_runtime(service, tmp_path), proxy_transport=httpx.MockTransport(refuse))
-    from sandkeep.api.auth import issue_token
-    from tests.api.conftest import SECRET
-
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                                 base_url="http://t") as client:
-        resp = await client.get(f"/v1/instances/{r.id}/gateway/data/k",
-                                headers={"Authorization": f"Bearer {issue_token(SECRET, 'alice')}",
-                                         "X-Request-ID": "trace-42"})
+    client, instance_id = refusing_gateway_client(tmp_path)
+    async with client:
+        resp = await client.get(f"/v1/instances/{instance_id}/gateway/data/k", headers={"X-Request-ID": "trace-42"})
         await client.get("/healthz")
     assert resp.status_code == 502
     lines = _lines(log_lines)
@@ -80,7 +68,7 @@ async def test_one_access_line_per_request_and_handler_logs_carry_the_request_id
     first = access[0]
     assert first["request_id"] == "trace-42" and first["status"] == 502 and first["method"] == "GET"
     assert first["route"] == "/v1/instances/{instance_id}/gateway/{path:path}"
-    assert first["path"] == f"/v1/instances/{r.id}/gateway/data/k"
+    assert first["path"] == f"/v1/instances/{instance_id}/gateway/data/k"
     assert isinstance(first["duration_ms"], float)
     handler = [line for line in lines if line["event"] == "api.gateway_unreachable"]
     assert handler and handler[0]["request_id"] == "trace-42"
