@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -46,10 +47,10 @@ class Ctx:
 
     def emit(self, value: Any) -> None:
         """Print ``value`` as JSON or YAML (``-o``)."""
-        if self.output == "yaml":
-            emit_yaml(value)
-        else:
-            emit_json(value)
+        click.echo(self.structured(value))
+
+    def structured(self, value: Any) -> str:
+        return yaml_text(value) if self.output == "yaml" else json.dumps(value, indent=2, sort_keys=False)
 
     def client(self) -> ApiClient:
         return ApiClient(self.url, self.token)
@@ -57,14 +58,17 @@ class Ctx:
     def print_listing(self, path: str, params: dict[str, Any], limit: int, render: Render, empty: str,
                       render_wide: Render | None = None) -> None:
         """Fetch up to ``limit`` items of a paginated listing and print them as JSON, YAML or a table."""
+        click.echo(self.listing_text(path, params, limit, render, empty, render_wide))
+
+    def listing_text(self, path: str, params: dict[str, Any], limit: int, render: Render, empty: str,
+                     render_wide: Render | None = None) -> str:
         with self.client() as client:
             items = list(client.pages(path, params, max_items=limit))
         if self.as_json:
-            self.emit(items)
-        elif items:
-            click.echo((render_wide if self.wide and render_wide else render)(items))
-        else:
-            click.echo(empty)
+            return self.structured(items)
+        if items:
+            return (render_wide if self.wide and render_wide else render)(items)
+        return empty
 
 
 def api_options(fn: F) -> F:
@@ -114,10 +118,33 @@ def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))
 
 
-def emit_yaml(value: Any) -> None:
+def yaml_text(value: Any) -> str:
     import yaml
 
-    click.echo(yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False).rstrip("\n"))
+    return str(yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False)).rstrip("\n")
+
+
+def watch_options(fn: F) -> F:
+    fn = click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+                      help="With --watch: seconds between refreshes.")(fn)
+    fn = click.option("-w", "--watch", is_flag=True,
+                      help="Keep refreshing; print the view again whenever it changes (Ctrl-C ends).")(fn)
+    return fn
+
+
+def watch(frame: Callable[[], str], *, interval: float) -> None:
+    """Print ``frame()`` now and again every time it changes, until Ctrl-C (exit 0)."""
+    last: str | None = None
+    try:
+        while True:
+            text = frame()
+            if text != last:
+                stamp = datetime.now(UTC).strftime("%H:%M:%S")
+                click.echo(("\n" if last is not None else "") + f"--- {stamp} UTC (Ctrl-C to stop)\n{text}")
+                last = text
+            time.sleep(interval)  # the CLI's own polling pace (not a test wait)
+    except KeyboardInterrupt:
+        return
 
 
 def age(iso: str | None, now: datetime | None = None) -> str:

@@ -17,7 +17,9 @@ from sandkeep.api.cli_common import (
     parse_pairs,
     show_result,
     wait_options,
+    watch_options,
 )
+from sandkeep.api.cli_common import watch as watch_frames
 
 ID = click.argument("instance_id", metavar="ID")
 
@@ -57,8 +59,10 @@ def create(ctx: Ctx, user_id: str | None, size: str | None, image: str | None, e
 @click.option("--region", default=None, help="Filter by region.")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Show at most this many (follows pages).")
+@watch_options
 @api_options
-def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | None, limit: int) -> None:
+def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | None, limit: int, watch: bool,
+          interval: float) -> None:
     """List instances (your own; everything for admins)."""
     params: dict[str, Any] = {"limit": min(limit, 200)}
     if status:
@@ -67,20 +71,29 @@ def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | 
         params["user_id"] = user_id
     if region:
         params["region"] = region
-    ctx.print_listing("/v1/instances", params, limit, instance_rows, "no instances", render_wide=instance_rows_wide)
+    args = ("/v1/instances", params, limit, instance_rows, "no instances")
+    if watch:
+        watch_frames(lambda: ctx.listing_text(*args, render_wide=instance_rows_wide), interval=interval)
+    else:
+        ctx.print_listing(*args, render_wide=instance_rows_wide)
 
 
 @instances.command("show")
 @ID
+@watch_options
 @api_options
-def show(ctx: Ctx, instance_id: str) -> None:
+def show(ctx: Ctx, instance_id: str, watch: bool, interval: float) -> None:
     """Show one instance, including its recovery state."""
-    with ctx.client() as client:
-        inst = client.get(instance_id)
-    if ctx.as_json:
-        ctx.emit(inst)
+
+    def frame() -> str:
+        with ctx.client() as client:
+            inst = client.get(instance_id)
+        return ctx.structured(inst) if ctx.as_json else instance_detail(inst)
+
+    if watch:
+        watch_frames(frame, interval=interval)
     else:
-        click.echo(instance_detail(inst))
+        click.echo(frame())
 
 
 def _action(name: str, want: str, help_text: str) -> None:
