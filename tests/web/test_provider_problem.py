@@ -32,3 +32,21 @@ async def test_admin_instance_page_shows_the_provider_error_and_its_time(rt: Fak
     start = html.index('data-field="last_provider_error"')
     field = html[start:html.index("</dd>", start)]
     assert RAW in field and "3 min ago" in field
+
+
+async def test_retry_recovery_is_offered_only_while_recovering_or_after_a_failed_recovery(
+        rt: FakeRuntime, login: Login) -> None:
+    import re
+
+    rt.service.add("ins_run", "alice", Status.RUNNING)
+    rt.service.add("ins_rec", "alice", Status.RECOVERING, recovery_started_at=rt.clock.now())
+    rt.service.add("ins_fail", "alice", Status.STOPPED, last_recovery_error="recovery timed out after 600s")
+    rt.service.add("ins_stop", "alice", Status.STOPPED)
+    client = await login("root", "admin")
+    for instance_id, offered in (("ins_run", False), ("ins_rec", True), ("ins_fail", True), ("ins_stop", False)):
+        html = (await client.get(f"/ui/admin/instances/{instance_id}")).text
+        match = re.search(rf'<button[^>]*id="retry-{instance_id}"[^>]*>', html)
+        assert match, instance_id
+        assert ("disabled" not in match.group(0)) == offered, (instance_id, match.group(0))
+        if not offered:
+            assert "Nothing to retry" in match.group(0)

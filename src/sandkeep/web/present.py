@@ -125,7 +125,8 @@ def owner_buttons(record: InstanceRecord, *, admin: bool = False) -> list[Button
                  else f"Cannot start while {label}.")
     stop = gate("stop", (Status.RUNNING,), "Already stopped." if status == Status.STOPPED
                 else f"Nothing to stop: the instance is {label}.")
-    restart = gate("restart", (Status.RUNNING, Status.STOPPED), f"Cannot restart while {label}.")
+    restart = gate("restart", (Status.RUNNING,), "Stopped: use Start." if status in (Status.STOPPED,
+                   Status.PROVISIONED) else f"Cannot restart while {label}.")
     confirm = (f"Destroy instance {record.id}? Its machine and its volume (your data) are deleted for good.")
     if destroyed:
         destroy = Button("destroy", "Destroy", False, "The instance has been destroyed.", danger=True)
@@ -215,6 +216,18 @@ def provider_problem(record: InstanceRecord) -> Explanation | None:
                                   "Start to try again later; if it keeps failing, contact an administrator and "
                                   f"mention instance {record.id}.")
     return None
+
+
+def retry_recovery_reason(record: InstanceRecord) -> str:
+    """Why "Retry recovery" is disabled ("" when it makes sense: a recovery is running or the last one failed)."""
+    status = status_value(record.status)
+    if status in (Status.DESTROYING, Status.DESTROYED):
+        return "The instance is being destroyed."
+    if status == Status.RECOVERING:
+        return ""  # reconcile the running recovery now
+    if status == Status.STOPPED and record.last_recovery_error:
+        return ""  # the last recovery failed: try again
+    return f"Nothing to retry: no recovery is running and none failed (the instance is {badge_label(status).lower()})."
 
 
 def recovery_state(record: InstanceRecord) -> str:

@@ -359,7 +359,7 @@ class WebUI:
             "view": self.instance_view(rec, admin=True), "rec": rec, "fields": fields,
             "recovery_state": present.recovery_state(rec), "events": events[:100], "event_total": len(events),
             "audit": audit[:100], "cleanup_reason": cleanup_reason,
-            "retry_reason": "The instance is being destroyed." if gone else "",
+            "retry_reason": present.retry_recovery_reason(rec),
             "destroy_machine_reason": ("The instance is being destroyed." if gone else
                                        "There is no machine to destroy." if not rec.machine_id else ""),
         }
