@@ -50,3 +50,20 @@ async def test_retry_recovery_is_offered_only_while_recovering_or_after_a_failed
         assert ("disabled" not in match.group(0)) == offered, (instance_id, match.group(0))
         if not offered:
             assert "Nothing to retry" in match.group(0)
+
+
+async def test_the_card_shows_the_last_recovery_when_how_long_and_where(rt: FakeRuntime, login: Login) -> None:
+    now = rt.clock.now()
+    rt.service.add("ins_a1", "alice", Status.RUNNING, region="lcl-b")
+    rt.service.add("ins_a2", "alice", Status.RUNNING)
+    rt.service.event("instance.unexpected_stop_recovery_succeeded", "ins_a1", at=now - timedelta(hours=2),
+                     duration_ms=9000, region="lcl-c", details={"old_region": "lcl-a"})
+    rt.service.event("instance.unexpected_stop_recovery_succeeded", "ins_a1", at=now - timedelta(minutes=5),
+                     duration_ms=6200, region="lcl-b", details={"old_region": "lcl-c"})
+    rt.service.event("instance.unexpected_stop_recovery_failed", "ins_a2", at=now - timedelta(minutes=1))
+    client = await login("alice", "user")
+    html = (await client.get("/ui/")).text
+    start = html.index('data-field="last_recovery"')
+    field = html[start:html.index("</dd>", start)]
+    assert "5 min ago" in field and "took 6.2 s" in field and "lcl-c → lcl-b" in field
+    assert html.count('data-field="last_recovery"') == 1  # ins_a2 never recovered successfully

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sandkeep.clock import utc_iso
-from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.records import EventRecord, InstanceRecord, Status
 
 BADGE_LABELS: dict[str, str] = {
     Status.PROVISIONED: "Provisioned",
@@ -216,6 +216,29 @@ def provider_problem(record: InstanceRecord) -> Explanation | None:
                                   "Start to try again later; if it keeps failing, contact an administrator and "
                                   f"mention instance {record.id}.")
     return None
+
+
+RECOVERY_SUCCEEDED = "instance.unexpected_stop_recovery_succeeded"
+
+
+@dataclass(frozen=True)
+class LastRecovery:
+    when: datetime
+    took: str
+    from_region: str | None
+    to_region: str | None
+
+
+def last_recovery(events: list[EventRecord]) -> LastRecovery | None:
+    """The newest successful recovery among ``events``: when, how long, from which region to which."""
+    done = [e for e in events if e.event == RECOVERY_SUCCEEDED]
+    if not done:
+        return None
+    newest = max(done, key=lambda e: (e.at, e.id or 0))
+    details = newest.details or {}
+    old_region = details.get("old_region")
+    return LastRecovery(when=newest.at, took=duration_ms_text(newest.duration_ms),
+                        from_region=old_region if isinstance(old_region, str) else None, to_region=newest.region)
 
 
 def retry_recovery_reason(record: InstanceRecord) -> str:

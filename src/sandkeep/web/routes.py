@@ -227,7 +227,13 @@ class WebUI:
                                                                     status=present.LIVE_STATUSES, cursor=c,
                                                                     limit=100), 500)
         records.sort(key=lambda r: (r.created_at, r.id))
-        return [self.instance_view(r, admin=actor.is_admin) for r in records]
+        views = []
+        for r in records:
+            view = self.instance_view(r, admin=actor.is_admin)
+            events = self.rt.service.list_events(instance_id=r.id, name=present.RECOVERY_SUCCEEDED, limit=20).items
+            view["last_recovery"] = present.last_recovery(list(events))
+            views.append(view)
+        return views
 
     def inner(self, template: str, session: Session, **ctx: Any) -> str:
         return self.env.get_template(template).render(
