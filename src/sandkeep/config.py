@@ -113,6 +113,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Delay profile of the local host serve starts: 'none' or 'realistic' (Fly-like create, fork, boot)."),
     Setting("host_rate_limits", "SANDKEEP_HOST_RATE_LIMITS", False,
             "Whether the local host serve starts enforces Fly's Machines API rate limits (429 + Retry-After)."),
+    Setting("ready_timeout", "SANDKEEP_READY_TIMEOUT", 5.0,
+            "How long /readyz waits for the database and for the machine provider, each."),
+    Setting("provider_check_timeout", "SANDKEEP_PROVIDER_CHECK_TIMEOUT", 15.0,
+            "How long serve --provider fly waits for each start-up check of the token, org and regions."),
     Setting("gateway_proxy_timeout", "SANDKEEP_GATEWAY_PROXY_TIMEOUT", 60.0,
             "Timeout of one request proxied by the API to an instance's gateway."),
     Setting("token_ttl", "SANDKEEP_TOKEN_TTL", 2592000.0,
@@ -202,6 +206,8 @@ class Settings:
     host_hosts_per_region: int = 3
     host_profile: str = "none"
     host_rate_limits: bool = False
+    ready_timeout: float = 5.0
+    provider_check_timeout: float = 15.0
     gateway_proxy_timeout: float = 60.0
     token_ttl: float = 2592000.0
     api_url: str = "http://127.0.0.1:8080"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
@@ -23,8 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandkeep import __version__
 from sandkeep.api.auth import TokenError, valid_user_id
+from sandkeep.api.docs import install_docs, readable_operation_id
 from sandkeep.api.errors import ApiError, install_error_handlers
+from sandkeep.api.middleware import JsonBodyRequired, RequestContext
+from sandkeep.api.readiness import readiness_checks
 from sandkeep.api.schemas import (
     AuditPage,
     CleanupResult,
@@ -51,6 +56,8 @@ from sandkeep.store.records import InstanceRecord, Status
 
 MAX_JSON_BODY = 1024 * 1024
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_IDEMPOTENCY_KEY = 200
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:=+/-]{1,200}$")
 STATUS_VALUES = [s.value for s in Status]
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade"})
@@ -120,10 +127,13 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
 
     app = FastAPI(
         title="sandkeep",
-        version="0.1.0",
+        version=__version__,
         summary="Keeps one persistent machine per user alive and recovers it when it stops unexpectedly.",
         lifespan=lifespan,
         responses={401: {"model": ErrorBody}},
+        docs_url=None,  # served from the package's own Swagger UI files below (works offline)
+        redoc_url=None,
+        generate_unique_id_function=readable_operation_id,
     )
     app.state.runtime = runtime
     app.state.jwt_secret = secret
@@ -133,8 +143,11 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     app.state.credentials = credentials
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)
+    app.add_middleware(JsonBodyRequired)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)  # outside: a huge body is 413 whatever its type
     app.add_middleware(RejectMalformed)
+    clock = getattr(runtime, "clock", None)
+    app.add_middleware(RequestContext, monotonic=clock.monotonic if clock is not None else time.monotonic)
 
     def require_admin(actor: Actor) -> None:
         if actor.role != "admin":
@@ -186,17 +199,27 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     v1 = APIRouter(prefix="/v1", responses=ERRORS)
 
     @v1.post("/instances", status_code=201, response_model=Instance, tags=["instances"])
-    async def create_instance(actor: ActorDep, body: CreateInstanceBody | None = None) -> dict[str, Any]:
+    async def create_instance(
+        actor: ActorDep, body: CreateInstanceBody | None = None,
+        idempotency_key: Annotated[str | None, Header(
+            alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+            description="Makes a retried create safe: the same caller, owner and key return the first instance "
+                        "instead of creating another (1-200 characters of letters, digits and ._:=+/-).")] = None,
+    ) -> dict[str, Any]:
         """Create an instance and start it right away. Users create for themselves only."""
         body = body or CreateInstanceBody()
+        if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+            raise ApiError(422, "validation_error", "Idempotency-Key must be 1-200 characters of letters, digits "
+                           "and ._:=+/-")
         user_id = actor.user_id if body.user_id is None else body.user_id
         if not valid_user_id(user_id):
             raise ApiError(422, "validation_error", f"invalid user_id {user_id[:64]!r}: 1-128 letters, digits "
                            "or ._@:+- starting with a letter or digit")
         if user_id != actor.user_id and actor.role not in ("admin", "platform"):
             raise ApiError(403, "forbidden", "a user token can only create instances for its own user")
+        extra = {"idempotency_key": idempotency_key} if idempotency_key is not None else {}
         record = await service.create_instance(actor, user_id=user_id, size=body.size, env=body.env,
-                                               secrets=body.secrets, image=body.image)
+                                               secrets=body.secrets, image=body.image, **extra)
         return render_instance(record)
 
     @v1.get("/instances", response_model=InstancePage, tags=["instances"])
@@ -418,6 +441,17 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
         """Liveness: the API process answers."""
         return {"ok": True}
 
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorBody}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when the database and the machine provider answer, 503 (naming which) otherwise."""
+        checks = await readiness_checks(runtime, timeout=float(getattr(settings, "ready_timeout", 5.0)))
+        failed = {name: result for name, result in checks.items() if result != "ok"}
+        if not failed:
+            return JSONResponse({"ok": True, "checks": checks})
+        message = "; ".join(f"{name}: {result}" for name, result in failed.items())
+        return JSONResponse({"error": {"code": "not_ready", "message": message, "status": 503}, "checks": checks},
+                            status_code=503)
+
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus metrics (engine counters and histograms)."""
@@ -425,6 +459,7 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
 
         return Response(generate_latest(_metrics_registry()), media_type=CONTENT_TYPE_LATEST)
 
+    install_docs(app)
     _include_web(app, runtime)
     return app
 

@@ -137,11 +137,18 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
         return start_failed(record, obs, settings, now, label="timeout",
                             error=f"{verb} timed out after {int(elapsed)} s (hard limit)")
     if obs.transient is not None:
+        if elapsed > settings.start_timeout:  # the provider kept failing past the start timeout: give up
+            latest = str(obs.transient)[:500]
+            return [Persist({"last_provider_error": latest, "last_provider_error_at": now}),
+                    *start_failed(record, obs, settings, now, label="provider_error",
+                                  error=f"{verb} timed out after {int(elapsed)} s: the provider kept failing: "
+                                        f"{latest}")]
         return _backoff(obs)
     machine = obs.machine
     if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
+        cause = f": last provider error: {record.last_provider_error}" if record.last_provider_error else ""
         return start_failed(record, obs, settings, now, label="timeout",
-                            error=f"{verb} timed out after {int(elapsed)} s")
+                            error=f"{verb} timed out after {int(elapsed)} s{cause}")
     # the provider app
     if record.volume_id is None or record.machine_id is None:
         app = obs.outcome("ensure_app")

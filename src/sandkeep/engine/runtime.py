@@ -74,6 +74,7 @@ class Engine:
         if self.started:
             return
         self.started = True
+        metrics.RECOVERY_TIMEOUT.set(self.settings.recovery_timeout)
         self._tasks = [asyncio.create_task(self._worker_loop(), name=f"sandkeep-worker-{self.worker_id}"),
                        asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}")]
         self.log.info("engine.started", concurrency=self.settings.engine_concurrency,
@@ -104,6 +105,7 @@ class Engine:
         self.ctx.traced("acquire", record.id, owner)
         current: InstanceRecord | None = record
         work = Pass(self.ctx, record, owner)
+        metrics.ENGINE_PASSES_IN_FLIGHT.inc()
         try:
             current = await work.run()
         except (FencedError, NotFound) as exc:
@@ -117,6 +119,8 @@ class Engine:
             raise
         except Exception as exc:
             self.log.exception("reconcile.crashed", instance_id=record.id, error=str(exc))
+        finally:
+            metrics.ENGINE_PASSES_IN_FLIGHT.dec()
         self._release(work.record, owner)
         return current
 
@@ -133,6 +137,7 @@ class Engine:
         while True:
             record = self.store.claim(instance_id, owner, self.settings.lease_ttl, self.clock.now())
             if record is not None:
+                metrics.ENGINE_CLAIMS.labels(source="direct").inc()
                 return record
             if self.store.get_instance(instance_id) is None or time.monotonic() >= deadline:
                 return None
@@ -174,10 +179,21 @@ class Engine:
         if free <= 0:
             return 0
         owner = self._owner()
-        claimed = self.store.claim_due(owner, self.settings.lease_ttl, self.clock.now(), free)
+        claimed = self._claim_due(owner, free)
         if claimed:
             await asyncio.gather(*(self._run_claimed(r, owner) for r in claimed))
         return len(claimed)
+
+    def _claim_due(self, owner: str, limit: int) -> list[InstanceRecord]:
+        """Claim due alarms, counting the claims and how late each alarm was."""
+        now = self.clock.now()
+        claimed = self.store.claim_due(owner, self.settings.lease_ttl, now, limit)
+        if claimed:
+            metrics.ENGINE_CLAIMS.labels(source="alarm").inc(len(claimed))
+            for record in claimed:
+                if record.alarm_at is not None:
+                    metrics.ALARM_LAG.observe(max(0.0, (now - record.alarm_at).total_seconds()))
+        return claimed
 
     # ------------------------------------------------------------------ loops
 
@@ -188,7 +204,7 @@ class Engine:
                 free = min(self.settings.engine_concurrency - len(self._passes), MAX_CLAIM_BATCH)
                 if free > 0:
                     owner = self._owner()
-                    claimed = self.store.claim_due(owner, self.settings.lease_ttl, self.clock.now(), free)
+                    claimed = self._claim_due(owner, free)
                     for record in claimed:
                         task: asyncio.Task[object] = asyncio.create_task(self._run_claimed(record, owner))
                         self._passes.add(task)
@@ -219,5 +235,8 @@ class Engine:
         self._gauge_at = now
         try:
             metrics.set_instance_counts(self.store.count_by_status())
+            ops_gauges = getattr(self.store, "ops_gauges", None)  # SqlStore; test fakes may not have it
+            if ops_gauges is not None:
+                metrics.set_engine_gauges(ops_gauges(self.clock.now()))
         except Exception as exc:
             self.log.warning("engine.gauge_failed", error=str(exc))
