@@ -23,11 +23,13 @@ from sandkeep.engine.actions import (
     TERMINAL,
     Action,
     Backoff,
+    Changes,
     CreateMachine,
     CreateVolume,
     DeleteVolumeSafely,
     DestroyMachine,
     Done,
+    Effect,
     Emit,
     EnsureApp,
     ListSnapshots,
@@ -214,13 +216,13 @@ class Pass:
         self.ctx = ctx
         self.record = record
         self.owner = owner
-        self.outcomes: dict[str, Outcome] = {}
+        self.outcomes: dict[Effect, Outcome] = {}
         self.log = ctx.emitter.log.bind(instance_id=record.id)
 
     # -------------------------------------------------------------- store plumbing
 
-    def persist(self, changes: dict[str, Any]) -> InstanceRecord:
-        changes = dict(changes)
+    def persist(self, changes: Changes) -> InstanceRecord:
+        changes = Changes(**changes)
         if "status" in changes:
             new_status = Status(changes["status"])
             changes["status"] = new_status
@@ -229,7 +231,7 @@ class Pass:
                 if "alarm_at" not in changes and new_status != Status.DESTROYED:
                     preview = self.record.copy(**changes)
                     changes["alarm_at"] = self.ctx.alarm_in(interval_for(new_status, self.ctx.settings), preview)
-        self.record = self.ctx.store.update(self.record, self.owner, changes)
+        self.record = self.ctx.store.update(self.record, self.owner, dict(changes))
         return self.record
 
     def renew(self) -> None:
@@ -237,7 +239,7 @@ class Pass:
                                            self.ctx.clock.now())
 
     def requeue(self, seconds: float) -> None:
-        changes: dict[str, Any] = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
+        changes: Changes = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
         if self.record.provider_error_count:
             changes["provider_error_count"] = 0
             changes["last_provider_error"] = None
@@ -322,25 +324,26 @@ class Pass:
             elif isinstance(action, Done):
                 return True
             else:
-                key = action.key
                 try:
                     value = await self.effect(action)
                 except Refused as exc:
-                    self.outcomes[key] = Outcome(False, refused=str(exc))
-                    name = ("reconcile.delete_volume_refused" if isinstance(action, DeleteVolumeSafely)
-                            else "reconcile.destroy_machine_refused")
-                    self.ctx.emitter.emit(self.record, name, level="error",
-                                          error=str(exc), label=getattr(action, "reason", None),
-                                          details={"volume_id": getattr(action, "volume_id", None)})
+                    self.outcomes[action] = Outcome(False, refused=str(exc))
+                    if isinstance(action, DeleteVolumeSafely):
+                        name, label, volume_id = "reconcile.delete_volume_refused", action.reason, action.volume_id
+                    else:
+                        name, label, volume_id = "reconcile.destroy_machine_refused", None, None
+                    self.ctx.emitter.emit(self.record, name, level="error", error=str(exc), label=label,
+                                          details={"volume_id": volume_id})
                     return False
                 except ProviderError as exc:
-                    self.outcomes[key] = Outcome(False, error=exc)
+                    self.outcomes[action] = Outcome(False, error=exc)
                     if is_backoff_error(exc):
                         self.backoff(str(exc), exc)
                         return True
-                    self.log.warning("reconcile.effect_failed", effect=key, error=str(exc))
+                    self.log.warning("reconcile.effect_failed", effect=type(action).__name__,
+                                     action=repr(action)[:300], error=str(exc))
                     return False
-                self.outcomes[key] = Outcome(True, value=value)
+                self.outcomes[action] = Outcome(True, value=value)
             assert not isinstance(action, TERMINAL)
         return False
 
@@ -356,15 +359,16 @@ class Pass:
             volume = await provider.create_volume_with_fallback(
                 app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
                 source_volume_id=action.source_volume_id, snapshot_id=action.snapshot_id, compute=compute)
-            changes: dict[str, Any] = {action.assign: volume.id, **dict(action.extra)}
+            changes: Changes = {**action.extra}
+            changes[action.assign] = volume.id
             if action.assign_region:
-                changes[action.assign_region] = volume.region
+                changes["region"] = volume.region
             self.persist(changes)
             return volume
         if isinstance(action, CreateMachine):
             config = ctx.machine_config(record, action.volume_id)
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
-            self.persist({action.assign: machine.id, **dict(action.extra)})
+            self.persist({**action.extra, "machine_id": machine.id})
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
                              machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
                              details={"machine_id": machine.id, "region": machine.region,
@@ -395,7 +399,7 @@ class Pass:
         if isinstance(action, DestroyMachine):
             await self._destroy_machine(action.machine_id)
             if action.clear:
-                self.persist(dict(action.clear))
+                self.persist(action.clear)
             ctx.emitter.emit(self.record, "reconcile.destroy_machine", details={"machine_id": action.machine_id})
             return None
         if isinstance(action, WaitMachine):
@@ -419,7 +423,7 @@ class Pass:
         if isinstance(action, DeleteVolumeSafely):
             await safe_delete_volume(ctx, record, action.volume_id)
             if action.clear:
-                self.persist(dict(action.clear))
+                self.persist(action.clear)
             ctx.emitter.emit(self.record, "reconcile.delete_volume", label=action.reason,
                              details={"deleted_volume_id": action.volume_id})
             return True

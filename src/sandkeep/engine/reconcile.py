@@ -22,17 +22,17 @@ def housekeeping(record: InstanceRecord, obs: Observed, settings: Settings, now:
     if pending:
         if pending in (record.volume_id, record.retained_volume_id):
             return [Persist({"pending_recovery_volume_id": None})]  # it is in use: just forget the pointer
-        if obs.outcome(f"delete_volume:{pending}") is None:
+        if obs.outcome(DeleteVolumeSafely(pending)) is None:
             return [DeleteVolumeSafely(pending, reason="leftover_pending_recovery_volume",
-                                       clear=(("pending_recovery_volume_id", None),))]
+                                       clear={"pending_recovery_volume_id": None})]
     retained = record.retained_volume_id
     due = record.retained_volume_cleanup_after
     if retained and due is not None and due <= now:
         if retained == record.volume_id:
             return [Persist({"retained_volume_id": None, "retained_volume_cleanup_after": None})]
-        if obs.outcome(f"delete_volume:{retained}") is None:
+        if obs.outcome(DeleteVolumeSafely(retained)) is None:
             return [DeleteVolumeSafely(retained, reason="alarm_retained_recovery_cleanup",
-                                       clear=(("retained_volume_id", None), ("retained_volume_cleanup_after", None))),
+                                       clear={"retained_volume_id": None, "retained_volume_cleanup_after": None}),
                     Emit("instance.retained_volume_deleted", label="alarm_retained_recovery_cleanup",
                          details={"deleted_volume_id": retained})]
     return []
