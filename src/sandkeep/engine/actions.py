@@ -221,6 +221,8 @@ class DestroyMachine:
 
     machine_id: str
     clear: Changes = field(default_factory=_no_changes, compare=False)
+    label: str | None = field(default=None, compare=False)  # the event's label (e.g. "admin")
+    details: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # more event details
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,12 @@ afterwards (:class:`LeaseLost` when someone else took it meanwhile — that work
 
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sandkeep import metrics
-from sandkeep.clock import Clock
-from sandkeep.config import Settings
 from sandkeep.engine.actions import (
     TERMINAL,
     Action,
@@ -44,30 +40,23 @@ from sandkeep.engine.actions import (
     UpdateMachine,
     WaitMachine,
 )
-from sandkeep.engine.events import Emitter
-from sandkeep.engine.health import Prober, probe_until_healthy
+from sandkeep.engine.health import probe_until_healthy
+from sandkeep.engine.lease import EngineContext, Lease
 from sandkeep.engine.naming import (
     METADATA_INSTANCE,
     METADATA_SANDBOX,
-    build_machine_config,
     guest_for,
     volume_name,
 )
-from sandkeep.engine.policy import GONE_STATES, backoff_seconds, deadline_cap, interval_for, is_backoff_error
-from sandkeep.engine.reconcile import decide
-from sandkeep.engine.recovery import STEP_CREATING_MACHINE, STEP_FORKING
-from sandkeep.provider.base import MachineProvider
+from sandkeep.engine.policy import GONE_STATES, backoff_seconds, is_backoff_error
+from sandkeep.engine.reconcile import decide, needs
 from sandkeep.provider.errors import (
     ConflictError,
-    InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
     ProviderError,
     RateLimitedError,
 )
-from sandkeep.provider.models import MachineConfig
-from sandkeep.secrets import SecretBox, SecretsError
-from sandkeep.store.base import Store
 from sandkeep.store.records import InstanceRecord, Status
 
 #: states in which Fly refuses a start because one is already underway ("unable to start machine from current
@@ -77,9 +66,6 @@ STARTING_OR_STARTED = frozenset({"created", "starting", "started", "replacing", 
 MAX_STEPS = 24
 """Decision steps per pass before the pass gives up and requeues (a safety valve against loops)."""
 
-TraceFn = Callable[[str, str, str], None]
-
-
 class LeaseLost(Exception):
     """The lease was released for a wait and someone else claimed the instance meanwhile."""
 
@@ -88,73 +74,31 @@ class Refused(Exception):
     """SPEC §7.5 refused to delete (the attached machine names another sandbox)."""
 
 
-@dataclass
-class EngineContext:
-    settings: Settings
-    store: Store
-    provider: MachineProvider
-    clock: Clock
-    emitter: Emitter
-    secrets: SecretBox
-    prober: Prober
-    rng: random.Random = field(default_factory=random.Random)
-    trace: TraceFn | None = None
-
-    def traced(self, what: str, instance_id: str, owner: str) -> None:
-        if self.trace is not None:
-            self.trace(what, instance_id, owner)
-
-    def alarm_in(self, seconds: float, record: InstanceRecord) -> datetime:
-        now = self.clock.now()
-        jitter = max(0.0, self.settings.jitter_fraction)
-        delay = max(0.0, seconds) * (1.0 + self.rng.uniform(0.0, jitter))
-        when = now + timedelta(seconds=delay)
-        cap = deadline_cap(record, self.settings)
-        # a deadline still ahead pulls the alarm in; one already passed has had its decision (a refused or
-        # failed overdue cleanup, say) and must not pin the alarm to "now" — that would be a tight loop
-        if cap is not None and now < cap < when:
-            when = cap
-        return when
-
-    def machine_config(self, record: InstanceRecord, volume_id: str) -> MachineConfig:
-        try:
-            secrets = self.secrets.decrypt_map(record.secrets_encrypted)
-        except SecretsError as exc:
-            raise InvalidRequestError(str(exc), operation="decrypt secrets") from exc
-        return build_machine_config(record, volume_id=volume_id, secrets=secrets,
-                                    gateway_port=self.settings.gateway_port)
-
-
 # ------------------------------------------------------------------------------------------ observe
 
 
 async def observe(ctx: EngineContext, record: InstanceRecord) -> Observed:
-    """Read what the decisions for this record's status need from the provider."""
+    """Read what the record's status says it needs (:func:`sandkeep.engine.reconcile.needs`)."""
     obs = Observed()
-    provider, app, status = ctx.provider, record.app_name, record.status
-    if status == Status.DESTROYED:
-        return obs
+    need = needs(record)
+    provider, app = ctx.provider, record.app_name
     try:
-        if record.machine_id:
+        if need.machine and record.machine_id:
             try:
                 obs.machine = await provider.get_machine(app, record.machine_id)
             except NotFoundError:
                 obs.machine_missing = True
-        if record.volume_id and status != Status.DESTROYING:
+        if need.volume and record.volume_id:
             try:
                 obs.volume = await provider.get_volume(app, record.volume_id)
             except (NotFoundError, MissingVolumeError):
                 obs.volume_missing = True
-        if record.pending_recovery_volume_id and status == Status.RECOVERING:
+        if need.pending_volume and record.pending_recovery_volume_id:
             try:
                 obs.pending_volume = await provider.get_volume(app, record.pending_recovery_volume_id)
             except (NotFoundError, MissingVolumeError):
                 obs.pending_volume_missing = True
-        need_owned = (status == Status.DESTROYING
-                      or (record.machine_id is None
-                          and status in (Status.RUNNING, Status.STOPPED, Status.STARTING, Status.RESTARTING))
-                      or (status == Status.RECOVERING and record.recovery_step == STEP_CREATING_MACHINE))
-        if need_owned:
+        if need.owned_machines:
             try:
                 machines = await provider.list_machines(app, metadata={METADATA_INSTANCE: record.id})
             except NotFoundError:
@@ -162,10 +106,7 @@ async def observe(ctx: EngineContext, record: InstanceRecord) -> Observed:
             obs.owned_machines = [m for m in machines if m.metadata.get(METADATA_SANDBOX) == record.sandbox_id
                                   and m.metadata.get(METADATA_INSTANCE) == record.id
                                   and m.state not in GONE_STATES]
-        need_named = ((status in (Status.STARTING, Status.RESTARTING) and record.volume_id is None)
-                      or (status == Status.RECOVERING and record.recovery_step == STEP_FORKING
-                          and record.pending_recovery_volume_id is None))
-        if need_named:
+        if need.named_volumes:
             try:
                 volumes = await provider.list_volumes(app)
             except NotFoundError:
@@ -210,33 +151,27 @@ async def safe_delete_volume(ctx: EngineContext, record: InstanceRecord, volume_
 
 
 class Pass:
-    """One reconcile pass over one claimed instance."""
+    """One reconcile pass over one claimed instance (or one intent's actions, ``intent=True``)."""
 
-    def __init__(self, ctx: EngineContext, record: InstanceRecord, owner: str) -> None:
+    def __init__(self, ctx: EngineContext, lease: Lease, *, intent: bool = False) -> None:
         self.ctx = ctx
-        self.record = record
-        self.owner = owner
+        self.lease = lease
+        self.intent = intent
         self.outcomes: dict[Effect, Outcome] = {}
-        self.log = ctx.emitter.log.bind(instance_id=record.id)
+        self.log = ctx.emitter.log.bind(instance_id=lease.record.id)
+
+    @property
+    def record(self) -> InstanceRecord:
+        return self.lease.record
+
+    @property
+    def owner(self) -> str:
+        return self.lease.owner
 
     # -------------------------------------------------------------- store plumbing
 
     def persist(self, changes: Changes) -> InstanceRecord:
-        changes = Changes(**changes)
-        if "status" in changes:
-            new_status = Status(changes["status"])
-            changes["status"] = new_status
-            if new_status != self.record.status:
-                changes.setdefault("status_changed_at", self.ctx.clock.now())
-                if "alarm_at" not in changes and new_status != Status.DESTROYED:
-                    preview = self.record.copy(**changes)
-                    changes["alarm_at"] = self.ctx.alarm_in(interval_for(new_status, self.ctx.settings), preview)
-        self.record = self.ctx.store.update(self.record, self.owner, dict(changes))
-        return self.record
-
-    def renew(self) -> None:
-        self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
-                                           self.ctx.clock.now())
+        return self.lease.persist(changes)
 
     def requeue(self, seconds: float) -> None:
         changes: Changes = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
@@ -261,16 +196,12 @@ class Pass:
         """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards."""
         ttl = self.ctx.settings.lease_ttl
         self.persist({"alarm_at": self.ctx.clock.now() + timedelta(seconds=seconds + ttl)})
-        self.ctx.traced("release", self.record.id, self.owner)
-        self.ctx.store.release(self.record, self.owner)
+        self.lease.release()
         try:
             yield
         finally:
-            claimed = self.ctx.store.claim(self.record.id, self.owner, ttl, self.ctx.clock.now())
-            if claimed is None:
+            if not self.lease.reclaim():
                 raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
-            self.ctx.traced("acquire", claimed.id, self.owner)
-            self.record = claimed
 
     def wait_seconds(self) -> float:
         """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
@@ -290,7 +221,7 @@ class Pass:
         metrics.RECONCILE_PASSES.labels(status=self.record.status.value).inc()
         settings = self.ctx.settings
         for _ in range(MAX_STEPS):
-            self.renew()
+            self.lease.renew()
             obs = await observe(self.ctx, self.record)
             obs.outcomes = self.outcomes
             try:
@@ -328,6 +259,8 @@ class Pass:
                     value = await self.effect(action)
                 except Refused as exc:
                     self.outcomes[action] = Outcome(False, refused=str(exc))
+                    if self.intent:  # the caller (the instance service) answers for it
+                        raise
                     if isinstance(action, DeleteVolumeSafely):
                         name, label, volume_id = "reconcile.delete_volume_refused", action.reason, action.volume_id
                     else:
@@ -337,6 +270,8 @@ class Pass:
                     return False
                 except ProviderError as exc:
                     self.outcomes[action] = Outcome(False, error=exc)
+                    if self.intent:
+                        raise
                     if is_backoff_error(exc):
                         self.backoff(str(exc), exc)
                         return True
@@ -397,10 +332,11 @@ class Pass:
             config = ctx.machine_config(record, action.volume_id)
             return await provider.update_machine(app, action.machine_id, config=config)
         if isinstance(action, DestroyMachine):
-            await self._destroy_machine(action.machine_id)
+            await destroy_own_machine(ctx, record, action.machine_id)
             if action.clear:
                 self.persist(action.clear)
-            ctx.emitter.emit(self.record, "reconcile.destroy_machine", details={"machine_id": action.machine_id})
+            ctx.emitter.emit(self.record, "reconcile.destroy_machine", label=action.label,
+                             details={"machine_id": action.machine_id, **dict(action.details)})
             return None
         if isinstance(action, WaitMachine):
             seconds = self.wait_seconds()
@@ -428,9 +364,6 @@ class Pass:
                              details={"deleted_volume_id": action.volume_id})
             return True
         raise TypeError(f"unknown action {action!r}")  # pragma: no cover
-
-    async def _destroy_machine(self, machine_id: str) -> None:
-        await destroy_own_machine(self.ctx, self.record, machine_id)
 
     async def _machine_state(self, machine_id: str) -> str | None:
         try:

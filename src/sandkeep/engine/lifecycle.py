@@ -13,7 +13,6 @@ from sandkeep.config import Settings
 from sandkeep.engine import recovery
 from sandkeep.engine.actions import (
     Action,
-    Backoff,
     Changes,
     CreateMachine,
     CreateVolume,
@@ -22,6 +21,7 @@ from sandkeep.engine.actions import (
     Done,
     Emit,
     EnsureApp,
+    Needs,
     Observed,
     Persist,
     ProbeHealth,
@@ -34,7 +34,7 @@ from sandkeep.engine.actions import (
 )
 from sandkeep.engine.naming import machine_generation, machine_name, volume_name
 from sandkeep.engine.policy import GONE_STATES, PROGRESS_STATES, creation_regions
-from sandkeep.provider.errors import NotFoundError, RateLimitedError, WaitTimeoutError
+from sandkeep.provider.errors import NotFoundError, WaitTimeoutError
 from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
 
@@ -44,12 +44,6 @@ RESTART_ISSUED = "restart_issued"
 #: set on running instances by a clean ``serve`` shutdown that takes its local host down with it: the
 #: machine's stop that follows is planned, so it is started again in place instead of being relocated
 RESUME_AFTER_HOST_RESTART = "resume_after_host_restart"
-
-
-def _backoff(obs: Observed) -> list[Action]:
-    error = obs.transient
-    retry_after = error.retry_after if isinstance(error, RateLimitedError) else None
-    return [Backoff(str(error), retry_after=retry_after)]
 
 
 def _machine_gone(obs: Observed) -> bool:
@@ -130,17 +124,30 @@ def start_failed(record: InstanceRecord, obs: Observed, settings: Settings, now:
     return actions
 
 
+def _starting_elapsed(record: InstanceRecord, now: datetime) -> float:
+    return (now - (record.status_changed_at or record.updated_at)).total_seconds()
+
+
+def needs_starting(record: InstanceRecord) -> Needs:
+    return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
+                 owned_machines=record.machine_id is None, named_volumes=record.volume_id is None)
+
+
+def deadlines_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """The hard start timeout ends a start whatever the provider says (even when it cannot be read)."""
+    elapsed = _starting_elapsed(record, now)
+    if elapsed > settings.start_hard_timeout:
+        verb = "restart" if record.status == Status.RESTARTING else "start"
+        return start_failed(record, obs, settings, now, label="timeout",
+                            error=f"{verb} timed out after {int(elapsed)} s (hard limit)")
+    return []
+
+
 def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     """``starting`` and ``restarting``: follow the machine, apply the timeouts; 404 means stopped."""
     restarting = record.status == Status.RESTARTING
-    since = record.status_changed_at or record.updated_at
-    elapsed = (now - since).total_seconds()
+    elapsed = _starting_elapsed(record, now)
     verb = "restart" if restarting else "start"
-    if elapsed > settings.start_hard_timeout:
-        return start_failed(record, obs, settings, now, label="timeout",
-                            error=f"{verb} timed out after {int(elapsed)} s (hard limit)")
-    if obs.transient is not None:
-        return _backoff(obs)
     machine = obs.machine
     if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
         return start_failed(record, obs, settings, now, label="timeout",
@@ -287,9 +294,12 @@ def _resume_after_host_restart(record: InstanceRecord, obs: Observed, now: datet
     return [Persist({"pending_action": None})]
 
 
+def needs_running(record: InstanceRecord) -> Needs:
+    return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
+                 owned_machines=record.machine_id is None)
+
+
 def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    if obs.transient is not None:
-        return _backoff(obs)
     if record.pending_action == "stop":
         return _stop_flow(record, obs, settings, now)
     if record.pending_action == RESUME_AFTER_HOST_RESTART:
@@ -348,11 +358,15 @@ def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, no
 # ------------------------------------------------------------------------------------------ stopped / provisioned
 
 
+needs_stopped = needs_running
+
+
+def deadlines_idle(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """``stopped`` / ``provisioned``: a provision that never started is destroyed after a while."""
+    return auto_destroy(record) if _is_stale_provision(record, settings, now) else []
+
+
 def decide_stopped(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    if _is_stale_provision(record, settings, now):
-        return auto_destroy(record)
-    if obs.transient is not None:
-        return _backoff(obs)
     if record.pending_action:
         return [Persist({"pending_action": None})]
     if record.machine_id is None:
@@ -371,9 +385,11 @@ def decide_stopped(record: InstanceRecord, obs: Observed, settings: Settings, no
     return [RequeueAfter(settings.interval_idle)]
 
 
+def needs_provisioned(record: InstanceRecord) -> Needs:
+    return Needs()  # the decision looks at the record only
+
+
 def decide_provisioned(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    if _is_stale_provision(record, settings, now):
-        return auto_destroy(record)
     if record.pending_action == "start":
         return [Persist({"status": Status.STARTING})]
     return [RequeueAfter(settings.interval_idle)]
@@ -382,10 +398,12 @@ def decide_provisioned(record: InstanceRecord, obs: Observed, settings: Settings
 # ------------------------------------------------------------------------------------------ destroying (§8)
 
 
+def needs_destroying(record: InstanceRecord) -> Needs:
+    return Needs(machine=bool(record.machine_id), owned_machines=True)
+
+
 def decide_destroying(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     """Retry the pending deletes only; never create anything."""
-    if obs.transient is not None:
-        return _backoff(obs)
     machines: list[str] = []
     for mid in (record.pending_destroy_machine_id, record.machine_id, *[m.id for m in obs.owned_machines]):
         if mid and mid not in machines:

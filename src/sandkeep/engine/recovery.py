@@ -48,6 +48,7 @@ from sandkeep.engine.actions import (
     DestroyMachine,
     Emit,
     ListSnapshots,
+    Needs,
     Observed,
     Persist,
     ProbeHealth,
@@ -57,7 +58,7 @@ from sandkeep.engine.actions import (
 )
 from sandkeep.engine.naming import machine_name, volume_name
 from sandkeep.engine.policy import TERMINAL_REPLACEMENT_STATES, detection_latency_ms, elapsed_ms, recovery_regions
-from sandkeep.provider.errors import HostUnavailableError, NotFoundError, WaitTimeoutError
+from sandkeep.provider.errors import HostUnavailableError, NotFoundError, ProviderError, WaitTimeoutError
 from sandkeep.store.records import InstanceRecord, Status
 
 STEP_FORK = "fork"
@@ -74,6 +75,13 @@ EVENT_FAILED = "instance.unexpected_stop_recovery_failed"
 
 
 # ---------------------------------------------------------------------------------------------- 7.1
+
+
+def restart_fields(now: datetime) -> Changes:
+    """What (re)starting a recovery writes: ``recovering`` from step one, the clock reset, errors cleared.
+    Shared by :func:`begin` and the admin's retry (:func:`sandkeep.engine.intents.retry_recovery`)."""
+    return {"status": Status.RECOVERING, "recovery_started_at": now, "health_fail_count": 0, "recovery_step": None,
+            "last_recovery_error": None, "last_recovery_error_at": None, "pending_action": None}
 
 
 def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime, *, fail_count: int,
@@ -94,9 +102,7 @@ def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
                             error="a leftover pending recovery volume could not be deleted before a new recovery",
                             details={"volume_id": record.pending_recovery_volume_id}))
     actions += [
-        Persist({"status": Status.RECOVERING, "recovery_started_at": now, "health_fail_count": 0,
-                 "pending_recovery_volume_id": None, "recovery_step": None, "last_recovery_error": None,
-                 "last_recovery_error_at": None, "pending_action": None}),
+        Persist({**restart_fields(now), "pending_recovery_volume_id": None}),
         Emit(EVENT_STARTED, label=label, value=float(fail_count), details=started_details),
     ]
     return actions
@@ -105,19 +111,37 @@ def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
 # ---------------------------------------------------------------------------------------------- 7.2 / 7.4
 
 
-def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    """Reconcile while ``recovering``."""
+def needs(record: InstanceRecord) -> Needs:
+    """What the recovery steps look at: the old (or replacement) machine, the source and the pending volume,
+    our machines while a create may be in flight, our named volumes while a fork may be."""
+    step = record.recovery_step
+    return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
+                 pending_volume=bool(record.pending_recovery_volume_id),
+                 owned_machines=step == STEP_CREATING_MACHINE,
+                 named_volumes=step == STEP_FORKING and record.pending_recovery_volume_id is None)
+
+
+def deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """A failing recovery finishes its cleanup, and the recovery timeout applies, before anything else."""
     step = record.recovery_step or ""
     if step.startswith((FAILING, FAILING_REPLACEMENT)):
         return _finish_fail(record, obs, settings, now)
-    started = record.recovery_started_at or now
-    elapsed = (now - started).total_seconds()
+    elapsed = (now - (record.recovery_started_at or now)).total_seconds()
     if elapsed > settings.recovery_timeout:
         return fail(record, settings, now, label="alarm_timeout",
                     error=f"recovery timed out after {int(elapsed)} s (limit {int(settings.recovery_timeout)} s)")
-    if obs.transient is not None:
-        return [Emit("reconcile.provider_unavailable", level="warning", error=str(obs.transient)),
-                RequeueAfter(_busy(record, settings, now))]
+    return []
+
+
+def on_transient(record: InstanceRecord, error: ProviderError, settings: Settings, now: datetime) -> list[Action]:
+    """A provider hiccup while recovering: look again soon (never later than the timeout), no backoff."""
+    return [Emit("reconcile.provider_unavailable", level="warning", error=str(error)),
+            RequeueAfter(_busy(record, settings, now))]
+
+
+def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """Reconcile while ``recovering`` (after :func:`deadlines`, with the provider read)."""
+    step = record.recovery_step or ""
     if step == "":
         return _prepare(record, obs, settings, now)
     if step in (STEP_FORK, STEP_FORKING):
