@@ -32,25 +32,25 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import httpx
+from structlog.typing import FilteringBoundLogger
 
 from sandkeep.clock import Clock, SystemClock
 from sandkeep.config import Settings
+from sandkeep.credentials import Credentials
+from sandkeep.engine.instances import InstanceService
+from sandkeep.engine.runtime import Engine
 from sandkeep.engine.service import InstanceServiceAPI
 from sandkeep.logs import get_logger
 from sandkeep.net import parse_hostport
-
-
-class EngineLike(Protocol):
-    service: Any
-
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+from sandkeep.provider.base import MachineProvider
+from sandkeep.provider.client import FLY_PROXY_TEMPLATE, MachinesClient
+from sandkeep.store.base import Store
+from sandkeep.store.sql import open_store
 
 
 class StartupError(Exception):
@@ -87,17 +87,16 @@ class Runtime:
     jwt_secret: str
     data_dir: Path
     base_url: str
-    store: Any = None
-    provider: Any = None
-    engine: EngineLike | None = None
+    store: Store | None = None
+    provider: MachineProvider | None = None
+    engine: Engine | None = None
     host_process: HostChild | None = None
     host_url: str | None = None
     host_token: str | None = None
     host_proxy_url: str | None = None
-    credentials: Any = None
-    """:class:`sandkeep.credentials.Credentials`: API token registry, web sessions, sign-in codes (required
-    by the API app)."""
-    extras: dict[str, Any] = field(default_factory=dict)
+    credentials: Credentials = field(kw_only=True)
+    """API token registry, web sessions, sign-in codes."""
+    extras: dict[str, object] = field(default_factory=dict)
     """Scratch space for other parts."""
 
     @property
@@ -108,7 +107,7 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------- secrets
 
 
-def load_or_create_secret(path: Path, from_env: str | None, generate: Any) -> tuple[str, bool]:
+def load_or_create_secret(path: Path, from_env: str | None, generate: Callable[[], str]) -> tuple[str, bool]:
     """(value, generated?) — the env value wins; else the file's content; else a new value saved to the file."""
     if from_env:
         return from_env, False
@@ -225,29 +224,20 @@ PLANNED_RESTART_BUDGET = 10.0
 """Seconds a shutdown spends marking running instances before it stops the local host child."""
 
 
-async def _note_planned_host_restart(service: Any, log: Any) -> None:
+async def _note_planned_host_restart(service: InstanceService, log: FilteringBoundLogger) -> None:
     """serve is about to stop the local host it started, which stops every machine: a planned host restart.
 
     Running instances are marked so that, when serve comes back, their stopped machine is started again in
     place (same machine, same volume) rather than relocated by unexpected-stop recovery. A crash of serve or
     of the host (no clean shutdown) is not marked and recovers as usual.
     """
-    note = getattr(service, "note_planned_host_restart", None)
-    if note is None:
-        return
     try:
-        marked = note(budget_seconds=PLANNED_RESTART_BUDGET)  # the API has stopped: nothing else to serve
+        # the API has stopped: nothing else to serve
+        marked = service.note_planned_host_restart(budget_seconds=PLANNED_RESTART_BUDGET)
     except Exception as exc:  # never block the shutdown: unmarked instances simply recover
         log.warning("runtime.planned_host_restart_failed", error=str(exc))
         return
     log.info("runtime.planned_host_restart", running_instances_marked=marked)
-
-
-def _import_engine() -> Any:
-    import importlib
-
-    engine_runtime = importlib.import_module("sandkeep.engine.runtime")  # ENGINE helper's module
-    return engine_runtime.Engine
 
 
 @contextlib.asynccontextmanager
@@ -268,8 +258,6 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
     async with contextlib.AsyncExitStack() as stack:
-        from sandkeep.store.sql import open_store
-
         store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
         stack.callback(store.close)
 
@@ -305,22 +293,17 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         else:
             raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
-        from sandkeep.provider.client import FLY_PROXY_TEMPLATE, MachinesClient
-
         provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
                                   fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE)
         stack.push_async_callback(provider.aclose)
 
-        engine_cls = _import_engine()
-        engine: EngineLike = engine_cls(settings, store, provider, clock)
+        engine = Engine(settings, store, provider, clock)
         if host_child is not None:
             # runs after the engine stopped and before the host child is stopped (exit callbacks run LIFO)
             stack.push_async_callback(_note_planned_host_restart, engine.service, log)
         if start_engine:
             await engine.start()
             stack.push_async_callback(engine.stop)
-        from sandkeep.credentials import Credentials
-
         runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=jwt_secret,
                           data_dir=directory, base_url=public, store=store, provider=provider, engine=engine,
                           credentials=Credentials(store, jwt_secret, clock),

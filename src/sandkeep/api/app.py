@@ -45,7 +45,10 @@ from sandkeep.api.schemas import (
 from sandkeep.credentials import TOKEN_ID_RE, Credentials, TokenNotFound
 from sandkeep.engine.service import Actor, InstanceNotFound, InstanceServiceAPI
 from sandkeep.logs import get_logger
+from sandkeep.metrics import REGISTRY as METRICS_REGISTRY
 from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.web.auth import WebRuntime
+from sandkeep.web.routes import create_web_router
 
 MAX_JSON_BODY = 1024 * 1024
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -87,7 +90,7 @@ Limit200 = Annotated[int, Query(ge=1, le=200, description="Page size (1-200).")]
 Limit500 = Annotated[int, Query(ge=1, le=500, description="Page size (1-500).")]
 
 
-def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """The API app for ``runtime`` (a :class:`sandkeep.runtime.Runtime` or anything with the same fields).
 
     ``proxy_transport`` replaces the network transport of the gateway proxy (tests).
@@ -96,8 +99,8 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     secret: str = runtime.jwt_secret
     settings = runtime.settings
     log = get_logger("sandkeep.api")
-    retry_after = str(max(1, math.ceil(float(getattr(settings, "interval_busy", 5.0)))))
-    proxy_timeout = float(getattr(settings, "gateway_proxy_timeout", 60.0))
+    retry_after = str(max(1, math.ceil(settings.interval_busy)))
+    proxy_timeout = float(settings.gateway_proxy_timeout)
     state: dict[str, httpx.AsyncClient] = {}
 
     def proxy_client() -> httpx.AsyncClient:
@@ -125,8 +128,6 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     app.state.runtime = runtime
     app.state.jwt_secret = secret
     credentials: Credentials = runtime.credentials
-    if credentials is None:
-        raise ValueError("the runtime has no credential store (runtime.credentials)")
     app.state.credentials = credentials
     install_error_handlers(app)
 
@@ -140,13 +141,10 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
     def audit_denied(actor: Actor, action: str, instance_id: str | None, error: ApiError) -> None:
         """Admin actions refused at the door (non-admin token, unknown instance) go to the audit log too
         (rate-limited per actor by the service, so refusals cannot grow the log without bound)."""
-        record = getattr(service, "audit_denied", None)
-        if record is None:
-            return
         shown = None if instance_id is None else (
             instance_id if INSTANCE_ID_RE.match(instance_id) else instance_id[:64])
         try:
-            record(actor, action, shown, f"{error.status} {error.code}: {error.message}")
+            service.audit_denied(actor, action, shown, f"{error.status} {error.code}: {error.message}")
         except Exception as exc:  # the refusal itself must still be answered
             log.warning("api.audit_failed", action=action, error=str(exc))
 
@@ -414,7 +412,7 @@ def create_app(runtime: Any, *, proxy_transport: httpx.AsyncBaseTransport | None
         """Prometheus metrics (engine counters and histograms)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(_metrics_registry()), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(METRICS_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     _include_web(app, runtime)
     return app
@@ -517,29 +515,5 @@ def _err(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "status": status}}, status_code=status)
 
 
-def _metrics_registry() -> Any:
-    try:
-        from sandkeep import metrics as metrics_module  # ENGINE helper's module
-    except ModuleNotFoundError as exc:
-        if exc.name != "sandkeep.metrics":
-            raise
-        from prometheus_client import REGISTRY
-
-        return REGISTRY
-    for attr in ("REGISTRY", "registry"):
-        registry = getattr(metrics_module, attr, None)
-        if registry is not None:
-            return registry
-    from prometheus_client import REGISTRY
-
-    return REGISTRY
-
-
-def _include_web(app: FastAPI, runtime: Any) -> None:
-    try:
-        from sandkeep.web.routes import create_web_router  # WEB helper's module
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("sandkeep.web.routes", "sandkeep.web"):
-            raise
-        return
+def _include_web(app: FastAPI, runtime: WebRuntime) -> None:
     app.include_router(create_web_router(runtime))
