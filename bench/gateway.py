@@ -17,7 +17,8 @@ import httpx
 from tests.support.procs import free_port, spawn, start_host_process
 
 from bench.common import BenchError, Deadline, Section, mib, payload
-from bench.host_ops import APP, machine_config
+from bench.host_ops import APP, GATEWAY_HEADERS, GATEWAY_TOKEN, machine_config
+from sandkeep.gateway import TOKEN_ENV
 from sandkeep.provider.client import MachinesClient
 
 
@@ -68,7 +69,7 @@ async def _concurrent(proxy: str, machine_id: str, section: Section, cfg: Gatewa
     name = f"GET /data ({cfg.body_bytes} B), {cfg.concurrency} concurrent clients"
 
     async def worker() -> None:
-        async with httpx.AsyncClient(base_url=proxy, headers={"fly-force-instance-id": machine_id},
+        async with httpx.AsyncClient(base_url=proxy, headers={"fly-force-instance-id": machine_id, **GATEWAY_HEADERS},
                                      timeout=30.0) as http:
             while remaining[0] > 0:
                 remaining[0] -= 1
@@ -107,7 +108,7 @@ async def _measure(url: str, token: str, proxy: str, cfg: GatewayConfig, section
         machine = await client.create_machine(APP, config=machine_config(vol.id, "gateway"), name="bench-gw",
                                               region="lcl-a")
         await client.wait_machine(APP, machine.id, state="started", timeout=60)
-        async with httpx.AsyncClient(base_url=proxy, headers={"fly-force-instance-id": machine.id},
+        async with httpx.AsyncClient(base_url=proxy, headers={"fly-force-instance-id": machine.id, **GATEWAY_HEADERS},
                                      timeout=30.0) as http:
             await _sequential(http, "", section, cfg, deadline)
             await _concurrent(proxy, machine.id, section, cfg, deadline)
@@ -118,7 +119,7 @@ async def _measure(url: str, token: str, proxy: str, cfg: GatewayConfig, section
 async def _direct(base: str, section: Section, cfg: GatewayConfig, deadline: Deadline) -> None:
     """Baseline without the proxy: the same gateway program started by hand, hit on its own port."""
     body = payload(cfg.body_bytes, seed=7)
-    async with httpx.AsyncClient(base_url=base, timeout=30.0) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=30.0, headers=GATEWAY_HEADERS) as http:
         ready = False
         for _ in range(200):  # bounded start-up poll (at most ~10 s)
             try:
@@ -145,7 +146,8 @@ def run(cfg: GatewayConfig, section: Section) -> None:
     port = free_port()
     (root / "direct-volume").mkdir()
     direct = spawn(["gateway", "--port", str(port)], log_path=root / "direct-gateway.log",
-                   env={"SANDKEEP_VOLUME_PATH": str(root / "direct-volume"), "PORT": str(port)})
+                   env={"SANDKEEP_VOLUME_PATH": str(root / "direct-volume"), "PORT": str(port),
+                        TOKEN_ENV: GATEWAY_TOKEN})
     try:
         section.fact("path", "client -> host proxy (127.0.0.1, `fly-force-instance-id`) -> machine's gateway; "
                      "baseline: `sandkeep gateway` started directly, no proxy")

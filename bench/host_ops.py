@@ -18,6 +18,7 @@ import httpx
 from tests.support.procs import HostHandle, start_host_process
 
 from bench.common import BenchError, Deadline, Section, fmt_seconds, mib, payload, sha256
+from sandkeep.gateway import TOKEN_ENV, TOKEN_HEADER
 from sandkeep.provider.client import MachinesClient
 from sandkeep.provider.models import Guest, MachineConfig, Mount
 
@@ -34,22 +35,28 @@ class HostOpsConfig:
     budget: float  # seconds for the whole section
 
 
+#: the gateway token of every bench machine (the gateway answers 401 without it)
+GATEWAY_TOKEN = "bench-gateway-token"
+GATEWAY_HEADERS = {TOKEN_HEADER: GATEWAY_TOKEN}
+
+
 def machine_config(volume_id: str, instance: str) -> MachineConfig:
     return MachineConfig(image=IMAGE, guest=Guest(), mounts=[Mount(volume=volume_id, path="/data")],
-                         metadata={"bench": "1", "bench_instance": instance})
+                         metadata={"bench": "1", "bench_instance": instance}, env={TOKEN_ENV: GATEWAY_TOKEN})
 
 
 async def put_data(proxy_url: str, machine_id: str, key: str, body: bytes) -> None:
     async with httpx.AsyncClient(timeout=60.0) as http:
         resp = await http.put(f"{proxy_url}/data/{key}", content=body,
-                              headers={"fly-force-instance-id": machine_id})
+                              headers={"fly-force-instance-id": machine_id, **GATEWAY_HEADERS})
         if resp.status_code not in (200, 201):
             raise BenchError(f"PUT /data/{key} via the proxy answered {resp.status_code}: {resp.text[:200]}")
 
 
 async def get_data(proxy_url: str, machine_id: str, key: str) -> bytes:
     async with httpx.AsyncClient(timeout=60.0) as http:
-        resp = await http.get(f"{proxy_url}/data/{key}", headers={"fly-force-instance-id": machine_id})
+        resp = await http.get(f"{proxy_url}/data/{key}",
+                              headers={"fly-force-instance-id": machine_id, **GATEWAY_HEADERS})
         if resp.status_code != 200:
             raise BenchError(f"GET /data/{key} via the proxy answered {resp.status_code}: {resp.text[:200]}")
         return resp.content

@@ -41,6 +41,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Bearer token of the local machine host; generated into the host data dir when unset."),
     Setting("host_proxy_url", "SANDKEEP_HOST_PROXY_URL", None,
             "Proxy base URL of the local host (default derived from --host-proxy-listen)."),
+    Setting("host_proxy_token", "SANDKEEP_HOST_PROXY_TOKEN", None,
+            "Optional token of the local host's proxy: it then refuses requests without it (header "
+            "sandkeep-proxy-token); sandkeep sends it with gateway traffic."),
+    Setting("host_machine_user", "SANDKEEP_HOST_MACHINE_USER", "nobody",
+            "Unprivileged user (name or UID[:GID]) the local host runs machine processes as when it runs as root."),
     Setting("fly_api_token", "FLY_API_TOKEN", None, "Fly.io API token (provider 'fly')."),
     Setting("fly_org", "FLY_ORG", "personal", "Fly.io organization slug that owns the per-owner apps."),
     Setting("fly_regions", "FLY_REGIONS", "iad,ord,dfw", "Comma-separated Fly regions, preferred first."),
@@ -48,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fly_proxy_url", "FLY_PROXY_URL", None,
             "URL template of the Fly proxy for gateway traffic, {app} = app name (default https://{app}.fly.dev)."),
     Setting("app_prefix", "SANDKEEP_APP_PREFIX", "sk", "Prefix of the per-owner provider app names."),
+    Setting("app_name_secret", "SANDKEEP_APP_NAME_SECRET", None,
+            "HMAC key of the per-owner app names; generated into the data dir (app-name-secret) when unset."),
     Setting("image", "SANDKEEP_IMAGE", "sandkeep/gateway", "Default machine image for new instances."),
     Setting("regions", "SANDKEEP_REGIONS", "lcl-a,lcl-b,lcl-c", "Regions of the local host, preferred first."),
     Setting("default_size", "SANDKEEP_DEFAULT_SIZE", "shared-cpu-1x", "Default machine size of new instances."),
@@ -141,12 +148,15 @@ class Settings:
     host_url: str | None = None
     host_token: str | None = None
     host_proxy_url: str | None = None
+    host_proxy_token: str | None = None
+    host_machine_user: str = "nobody"
     fly_api_token: str | None = None
     fly_org: str = "personal"
     fly_regions: str = "iad,ord,dfw"
     fly_api_url: str = "https://api.machines.dev"
     fly_proxy_url: str | None = None
     app_prefix: str = "sk"
+    app_name_secret: str | None = None
     image: str = "sandkeep/gateway"
     regions: str = "lcl-a,lcl-b,lcl-c"
     default_size: str = "shared-cpu-1x"

@@ -1,10 +1,16 @@
 """The gateway: the small HTTP server that runs inside every machine.
 
-It listens on ``127.0.0.1:$PORT`` and serves:
+It listens on ``127.0.0.1:$PORT``. Every request must carry the instance's gateway token in the
+``sandkeep-gateway-token`` header (``$SANDKEEP_GATEWAY_TOKEN``, set by sandkeep; SPEC §13): without it, or
+when the machine was given no token at all, every path answers 401 and reveals nothing. Then it serves:
 
-* ``GET /health`` -> 200 ``{"status": "ok", "started_at", "volume_path", "machine_id", "app_name", "region"}``
+* ``GET /health`` -> 200 ``{"status": "ok", "started_at", "machine_id", "app_name", "region", "pid"}`` (no
+  filesystem path)
 * ``PUT /data/{key}`` -> stores the request body in the volume (written to a temporary file, fsynced,
-  renamed, directory fsynced) and answers 201 ``{"key", "size"}``
+  renamed, directory fsynced) and answers 201 ``{"key", "size"}``; with ``$SANDKEEP_VOLUME_LIMIT_BYTES`` set
+  (the local host sets it from the volume's ``size_gb``), a write that would take the volume's files over
+  the limit answers 507 and leaves nothing behind (the size is checked before the temporary file is written
+  and again, under a lock, before it is renamed into place)
 * ``GET /data/{key}`` -> the stored bytes (404 when missing)
 * ``GET /ws`` with a WebSocket upgrade -> an echo: every text or binary message comes back unchanged, a ping
   gets its pong, a close is answered with a close (RFC 6455, standard library only)
@@ -17,7 +23,9 @@ boots fast.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -37,15 +45,36 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_MAX_FRAME = 1024 * 1024
 
 
+#: the environment variable that hands a machine its gateway token, and the header requests carry it in
+TOKEN_ENV = "SANDKEEP_GATEWAY_TOKEN"
+TOKEN_HEADER = "sandkeep-gateway-token"
+#: the header the local host's proxy checks when it was given a token (SANDKEEP_HOST_PROXY_TOKEN)
+PROXY_TOKEN_HEADER = "sandkeep-proxy-token"
+#: the environment variable with the volume's size limit in bytes (set by the local host)
+LIMIT_ENV = "SANDKEEP_VOLUME_LIMIT_BYTES"
+_WRITE_LOCK = threading.Lock()
+
+
+class VolumeFull(Exception):
+    """A write would take the volume over its size limit."""
+
+    def __init__(self, needed: int, limit: int) -> None:
+        super().__init__(f"volume full: this write needs {needed} bytes in all, the volume holds {limit}")
+        self.needed = needed
+        self.limit = limit
+
+
 class GatewayConfig:
     def __init__(self, port: int, volume_path: Path | None, machine_id: str, app_name: str, region: str,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", *, token: str = "", limit_bytes: int | None = None) -> None:
         self.port = port
         self.host = host
         self.volume_path = volume_path
         self.machine_id = machine_id
         self.app_name = app_name
         self.region = region
+        self.token = token
+        self.limit_bytes = limit_bytes
         self.started_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
     @classmethod
@@ -57,12 +86,28 @@ class GatewayConfig:
         except ValueError as exc:
             raise SystemExit(f"gateway: PORT must be a number, got {raw_port!r}") from exc
         vol = env.get("SANDKEEP_VOLUME_PATH") or ""
+        raw_limit = env.get(LIMIT_ENV) or ""
+        try:
+            limit = int(raw_limit) if raw_limit else None
+        except ValueError as exc:
+            raise SystemExit(f"gateway: {LIMIT_ENV} must be a number of bytes, got {raw_limit!r}") from exc
         return cls(port=port, volume_path=Path(vol) if vol else None, machine_id=env.get("FLY_MACHINE_ID", ""),
-                   app_name=env.get("FLY_APP_NAME", ""), region=env.get("FLY_REGION", ""))
+                   app_name=env.get("FLY_APP_NAME", ""), region=env.get("FLY_REGION", ""),
+                   token=env.get(TOKEN_ENV, ""), limit_bytes=limit)
+
+    def volume_root(self) -> Path:
+        """The volume's directory; relative (the working directory) unless ``$SANDKEEP_VOLUME_PATH`` names one,
+        so the gateway needs no access to the directories above its volume."""
+        return self.volume_path if self.volume_path is not None else Path(".")
 
     def data_dir(self) -> Path:
-        base = self.volume_path if self.volume_path is not None else Path.cwd()
-        return base / "data"
+        return self.volume_root() / "data"
+
+    def authorized(self, presented: str | None) -> bool:
+        """Whether a request's token is this machine's; with no token configured nothing is authorized."""
+        if not self.token or not presented:
+            return False
+        return hmac.compare_digest(presented.strip().encode(), self.token.encode())
 
 
 def valid_key(key: str) -> bool:
@@ -82,15 +127,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def volume_usage(root: Path) -> int:
+    """Bytes held by the regular files under ``root`` (symlinks are not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if not os.path.islink(os.path.join(dirpath, name)):
+                total += st.st_size
+    return total
+
+
+def _size_of(path: Path) -> int:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_size
+
+
+def _check_limit(cfg: GatewayConfig, target: Path, extra: int) -> None:
+    """Raise VolumeFull when the volume plus ``extra`` bytes, minus what ``target`` holds now, is over the limit."""
+    if cfg.limit_bytes is None:
+        return
+    needed = volume_usage(cfg.volume_root()) + extra - _size_of(target)
+    if needed > cfg.limit_bytes:
+        raise VolumeFull(needed, cfg.limit_bytes)
+
+
 def write_key(cfg: GatewayConfig, key: str, body: bytes) -> None:
+    """Store ``body`` under ``key``: a temporary file, fsynced, renamed into place. Raises VolumeFull (and
+    writes nothing) when the volume's limit would be exceeded."""
     directory = cfg.data_dir()
+    target = directory / key
+    _check_limit(cfg, target, len(body))  # before a byte is written
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{key}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / key)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with _WRITE_LOCK:  # concurrent writers must not both pass the check
+            _check_limit(cfg, target, 0)  # the temporary file is counted now
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(directory)
 
 
@@ -205,16 +291,24 @@ def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(ws_frame(opcode, payload, fin=fin))
                 self.wfile.flush()
 
+        def _refused(self) -> bool:
+            """Answer 401 (and close: an unread body must not become the next request) without the token."""
+            if cfg.authorized(self.headers.get(TOKEN_HEADER)):
+                return False
+            self.close_connection = True
+            self._json(401, {"error": "unauthorized: this gateway answers only requests that carry its token"})
+            return True
+
         def do_GET(self) -> None:
+            if self._refused():
+                return
             path = urlsplit(self.path).path
             if path == "/ws":
                 self._websocket_echo()
                 return
             if path == "/health":
-                self._json(200, {"status": "ok", "started_at": cfg.started_at,
-                                 "volume_path": str(cfg.volume_path) if cfg.volume_path else None,
-                                 "machine_id": cfg.machine_id, "app_name": cfg.app_name, "region": cfg.region,
-                                 "pid": os.getpid()})
+                self._json(200, {"status": "ok", "started_at": cfg.started_at, "machine_id": cfg.machine_id,
+                                 "app_name": cfg.app_name, "region": cfg.region, "pid": os.getpid()})
                 return
             key = self._key()
             if key is None:
@@ -237,6 +331,8 @@ def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_GET
 
         def do_PUT(self) -> None:
+            if self._refused():
+                return
             key = self._key()
             body = self._drain()
             if body is None:
@@ -251,12 +347,20 @@ def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 write_key(cfg, key, body)
+            except VolumeFull as exc:
+                self._json(507, {"error": f"cannot store key {key}: {exc}", "limit_bytes": exc.limit})
+                return
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._json(507, {"error": f"cannot store key {key}: no space left on the volume"})
+                    return
                 self._json(500, {"error": f"cannot store key {key}: {exc.strerror}"})
                 return
             self._json(201, {"key": key, "size": len(body)})
 
         def do_POST(self) -> None:
+            if self._refused():
+                return
             self._drain()
             self._json(405, {"error": "method not allowed"})
 
@@ -277,7 +381,8 @@ def serve(cfg: GatewayConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     sys.stderr.write(json.dumps({"event": "gateway.listening", "port": cfg.port,
-                                 "volume_path": str(cfg.volume_path) if cfg.volume_path else None}) + "\n")
+                                 "token": "set" if cfg.token else "missing (every request is refused)",
+                                 "limit_bytes": cfg.limit_bytes}) + "\n")
     sys.stderr.flush()
     try:
         httpd.serve_forever(poll_interval=0.2)

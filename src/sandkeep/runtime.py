@@ -10,11 +10,16 @@ Secrets, each taken from its environment variable or generated once into the dat
 * ``SANDKEEP_JWT_SECRET`` → ``DATA/jwt-secret`` (signs API tokens; ``sandkeep token`` reads the same);
 * ``SANDKEEP_SECRETS_KEY`` → ``DATA/secrets.key`` (Fernet key that encrypts instance secrets at rest;
   handled by :mod:`sandkeep.secrets`);
-* ``SANDKEEP_HOST_TOKEN`` → ``DATA/host-token`` (the local host's API token).
+* ``SANDKEEP_HOST_TOKEN`` → ``DATA/host-token`` (the local host's API token);
+* ``SANDKEEP_APP_NAME_SECRET`` → ``DATA/app-name-secret`` (HMAC key of the per-owner app names).
+
+Every file and directory of the data dir is private (mode 0600/0700; serve runs with umask 077 and clears
+group/other bits left by older versions at start-up).
 
 Provider ``fly``: the Machines API at ``FLY_API_URL`` with ``FLY_API_TOKEN``; regions ``FLY_REGIONS``
 (preferred first); apps are created in ``FLY_ORG``. sandkeep creates **one Fly app per instance owner**:
-its name is ``{SANDKEEP_APP_PREFIX}-{first 12 hex digits of sha256(user id)}`` (e.g. ``sk-3f2a…``; the
+its name is ``{SANDKEEP_APP_PREFIX}-{first 12 hex digits of HMAC-SHA256(app-name secret, user id)}`` (e.g.
+``sk-3f2a…``; instances created before keep their stored ``sha256(user id)`` app; the
 prefix, default ``sk``, is normalised to a valid Fly app name; see :mod:`sandkeep.engine.naming`), so every
 machine and volume of one user lives in one app, user ids never appear in public hostnames, and apps of
 different users never collide. Gateway traffic goes through
@@ -29,6 +34,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -49,6 +55,7 @@ from sandkeep.logs import get_logger
 from sandkeep.net import parse_hostport
 from sandkeep.provider.base import MachineProvider
 from sandkeep.provider.client import FLY_PROXY_TEMPLATE, MachinesClient
+from sandkeep.secrets import app_name_secret, load_or_create_key
 from sandkeep.store.base import Store
 from sandkeep.store.sql import open_store
 
@@ -123,6 +130,20 @@ def resolve_data_dir(settings: Settings, data_dir: Path | None = None) -> Path:
     return directory
 
 
+def make_private(directory: Path) -> None:
+    """Data-dir files 0600-style and directories 0700-style: clear every group and other permission bit.
+
+    serve runs with umask 077, so what it creates now is private already; this also fixes data dirs written
+    by older versions (world-readable ``sandkeep.db``, logs, machine output, volumes). Symlinks are skipped."""
+    for path in (directory, *directory.rglob("*")):
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
+
+
 def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
     value, _ = load_or_create_secret(data_dir / "jwt-secret", settings.jwt_secret, lambda: secrets.token_urlsafe(48))
     return value
@@ -159,11 +180,17 @@ def spawn_host_child(settings: Settings, data_dir: Path, token: str, *, log_path
         _check_free(listen, what)
     args = [sys.executable, "-m", "sandkeep", "host", "--listen", settings.host_listen,
             "--proxy-listen", settings.host_proxy_listen, "--data-dir", str(host_dir),
-            "--regions", settings.regions, "--log-level", settings.log_level]
+            "--regions", settings.regions, "--log-level", settings.log_level,
+            "--machine-user", settings.host_machine_user]
     env = dict(os.environ)
     env["SANDKEEP_HOST_TOKEN"] = token
+    # the host keeps machine env (secret values, gateway tokens) encrypted with serve's own secrets key
+    env["SANDKEEP_SECRETS_KEY"] = settings.secrets_key or load_or_create_key(data_dir).decode()
+    if settings.host_proxy_token:
+        env["SANDKEEP_HOST_PROXY_TOKEN"] = settings.host_proxy_token
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.touch(mode=0o600, exist_ok=True)
     with open(log_path, "ab") as fh:
         popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
@@ -247,9 +274,11 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
     log = get_logger("sandkeep.runtime")
     clock = clock or SystemClock()
     directory = resolve_data_dir(settings, data_dir)
+    await asyncio.to_thread(make_private, directory)
     jwt_secret = resolve_jwt_secret(settings, directory)
     # the secrets key (SANDKEEP_SECRETS_KEY, else DATA/secrets.key) is resolved by sandkeep.secrets.SecretBox
-    settings = settings.replace(home=directory, jwt_secret=jwt_secret)
+    settings = settings.replace(home=directory, jwt_secret=jwt_secret,
+                                app_name_secret=app_name_secret(settings.replace(home=directory)))
     public = settings.public_url or http_url(settings.listen)
 
     if settings.provider == "fly" and not settings.fly_api_token:
@@ -294,7 +323,8 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
             raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
         provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
-                                  fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE)
+                                  fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE,
+                                  proxy_token=settings.host_proxy_token if proxy_url else None)
         stack.push_async_callback(provider.aclose)
 
         engine = Engine(settings, store, provider, clock)

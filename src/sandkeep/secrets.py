@@ -9,6 +9,7 @@ views and never logged.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,6 +62,18 @@ def load_or_create_key(home: Path) -> bytes:
     """The Fernet key stored in ``home/secrets.key``, generated (0600) on first use."""
     value, _ = read_or_create_private(home / KEY_FILE_NAME, lambda: Fernet.generate_key().decode())
     return value.encode()
+
+
+APP_NAME_SECRET_FILE = "app-name-secret"
+
+
+def app_name_secret(settings: Settings) -> str:
+    """The HMAC key of per-owner app names: ``SANDKEEP_APP_NAME_SECRET``, else ``$SANDKEEP_HOME/app-name-secret``
+    (generated once, 0600), so app names (and Fly hostnames) cannot be derived from user ids."""
+    if settings.app_name_secret:
+        return settings.app_name_secret
+    value, _ = read_or_create_private(settings.home / APP_NAME_SECRET_FILE, lambda: secrets.token_urlsafe(32))
+    return value
 
 
 class SecretBox:

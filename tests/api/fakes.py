@@ -230,6 +230,12 @@ class FakeService:
         self._audit(actor, "destroy_machine", instance_id)
         return self._set(r, r.status, machine_id=None)
 
+    async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        self.calls.append(("rotate_gateway_token", actor.user_id, instance_id))
+        r = self._get(instance_id)
+        self._audit(actor, "rotate_gateway_token", instance_id)
+        return self._set(r, Status.RESTARTING if r.status == Status.RUNNING else r.status)
+
     def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
                    limit: int = 100) -> Page[AuditRecord]:
         items = [a for a in reversed(self.audit) if instance_id is None or a.instance_id == instance_id]

@@ -80,6 +80,8 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
     ("admin_tokens", "GET", "/v1/admin/tokens", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
     ("revoke_token", "POST", "/v1/admin/tokens/{tok}/revoke", None,
      {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
+    ("rotate_gateway_token", "POST", "/v1/instances/{id}/gateway-token/rotate", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
     ("gateway", "GET", "/v1/instances/{id}/gateway/data/x", None,
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
     ("gateway_put", "PUT", "/v1/instances/{id}/gateway/data/x", "hello",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandkeep.clock import Clock, FakeClock, utc_iso
+from sandkeep.gateway import TOKEN_ENV as GATEWAY_TOKEN_ENV
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
@@ -355,10 +356,14 @@ class FakeProber:
         self.unhealthy: set[str] = set()
         self.probes = 0
 
-    async def probe(self, app_name: str, machine_id: str) -> bool:
+    async def probe(self, app_name: str, machine_id: str, gateway_token: str | None = None) -> bool:
         self.probes += 1
         m = self.provider.machines.get(machine_id)
-        return m is not None and m.state == "started" and machine_id not in self.unhealthy
+        if m is None or m.state != "started" or machine_id in self.unhealthy:
+            return False
+        # like the real gateway: a machine that was given a token answers only requests that carry it
+        expected = (m.config.env or {}).get(GATEWAY_TOKEN_ENV)
+        return expected is None or expected == gateway_token
 
     async def aclose(self) -> None:
         return None

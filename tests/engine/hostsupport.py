@@ -13,6 +13,7 @@ import httpx
 from sandkeep.clock import Clock, SystemClock
 from sandkeep.config import Settings
 from sandkeep.engine.runtime import Engine
+from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.provider.client import MachinesClient
 from sandkeep.secrets import SecretBox
 from sandkeep.store.records import InstanceRecord
@@ -85,6 +86,10 @@ class Rig:
                       ) -> httpx.Response:
         assert record.machine_id
         base, headers = self.provider.proxy_target(record.app_name, record.machine_id)
+        current = self.store.get_instance(record.id) or record  # the token as the engine stores it now
+        token = self.engine.ctx.gateway_token(current)
+        if token:
+            headers = {**headers, GATEWAY_TOKEN_HEADER: token}
         return await self.http.request(method, f"{base}{path}", headers=headers, content=content)
 
     async def local(self, method: str, path: str, json: Any = None) -> httpx.Response:

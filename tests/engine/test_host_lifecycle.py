@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from sandkeep.engine.service import Actor
-from sandkeep.store.records import Status
+from sandkeep.store.records import InstanceRecord, Status
 from tests.engine.conftest import new_user
 from tests.engine.hostsupport import rig
 from tests.support.procs import HostHandle
+from tests.support.wait import async_wait_until
 
 
 async def test_stop_start_restart_destroy(tmp_path: Path, host_session: HostHandle) -> None:
@@ -65,3 +66,37 @@ async def test_stop_start_restart_destroy(tmp_path: Path, host_session: HostHand
 async def _start_events(r: Any, app: str, machine_id: str | None) -> int:
     resp = await r.local("GET", f"/v1/apps/{app}/machines/{machine_id}/events")
     return sum(1 for e in resp.json() if e.get("type") == "start")
+
+
+async def test_an_instance_from_before_gateway_tokens_gets_one_at_its_next_start(tmp_path: Path,
+                                                                                 host_session: HostHandle) -> None:
+    """Migration v0002 leaves existing instances without a token, and their machines without one in their env:
+    the next start gives the instance a token and updates the machine with it before it starts."""
+    async with rig(tmp_path, host_session) as r:
+        user = new_user()
+        owner = Actor(user_id=user, role="user")
+        created = await r.service.create_instance(owner, user_id=user)
+        rec = await r.wait_status(created.id, "running")
+        assert rec.gateway_token_encrypted and (await r.gateway(rec, "PUT", "/data/x", b"1")).status_code == 201
+        await r.service.stop(owner, rec.id)
+        stopped = await r.wait_status(rec.id, "stopped")
+        # what an upgraded database holds: no token on the record, none in the machine's env
+        async def claim() -> InstanceRecord | None:  # the worker may still hold the lease of the stop
+            return r.store.claim(rec.id, "test", 30.0, r.clock.now())
+
+        claimed = await async_wait_until(claim, timeout=30, message="the instance's lease")
+        r.store.release(r.store.update(claimed, "test", {"gateway_token_encrypted": None}), "test")
+        app, mid = stopped.app_name, stopped.machine_id
+        machine = next(m for m in await r.machines(app) if m["id"] == mid)
+        legacy = {**machine["config"], "env": {k: v for k, v in machine["config"]["env"].items()
+                                               if k != "SANDKEEP_GATEWAY_TOKEN"}}
+        await r.local("POST", f"/v1/apps/{app}/machines/{mid}", json={"config": legacy, "skip_launch": True})
+
+        await r.service.start(owner, rec.id)
+        started = await r.wait_status(rec.id, "running")
+        assert started.machine_id == mid and started.gateway_token_encrypted
+        assert started.gateway_token_encrypted != rec.gateway_token_encrypted
+        assert "instance.gateway_token_rotated" in r.events(rec.id)
+        machine = next(m for m in await r.machines(app) if m["id"] == mid)
+        assert machine["config"]["env"]["SANDKEEP_GATEWAY_TOKEN"] == r.engine.ctx.gateway_token(started)
+        assert (await r.gateway(started, "GET", "/data/x")).content == b"1"

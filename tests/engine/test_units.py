@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -15,7 +16,14 @@ from sandkeep.engine import recovery
 from sandkeep.engine.actions import Observed, Persist
 from sandkeep.engine.detector import Detector
 from sandkeep.engine.events import Emitter
-from sandkeep.engine.naming import ConfigError, app_name_for, guest_for, validate_env
+from sandkeep.engine.naming import (
+    ConfigError,
+    ForbiddenEnvNameError,
+    app_name_for,
+    forbidden_env_name,
+    guest_for,
+    validate_env,
+)
 from sandkeep.engine.policy import backoff_seconds, recovery_regions
 from sandkeep.engine.reconcile import decide, housekeeping
 from sandkeep.secrets import SecretBox, SecretsError, load_or_create_key
@@ -39,11 +47,16 @@ def test_recovery_regions() -> None:
     assert recovery_regions(["a", "b", "c"], "z") == ("a", "b", "c")
 
 
-def test_app_names_are_stable_valid_and_per_owner() -> None:
-    a1, a2, b = app_name_for("alice", "sk"), app_name_for("alice", "sk"), app_name_for("bob", "sk")
+def test_app_names_are_stable_valid_per_owner_and_keyed() -> None:
+    a1, a2, b = app_name_for("alice", "sk", "k1"), app_name_for("alice", "sk", "k1"), app_name_for("bob", "sk", "k1")
     assert a1 == a2 != b
     assert a1.startswith("sk-") and len(a1) <= 63 and a1.replace("-", "").isalnum() and a1.islower()
-    assert app_name_for("x", "9_Bad Prefix")[0].isalpha()
+    assert app_name_for("x", "9_Bad Prefix", "k1")[0].isalpha()
+    # not derivable from the user id alone (SPEC §13): another secret, another name; never the plain hash
+    assert app_name_for("alice", "sk", "k2") != a1
+    assert a1 != "sk-" + hashlib.sha256(b"alice").hexdigest()[:12]
+    with pytest.raises(ValueError):
+        app_name_for("alice", "sk", "")
 
 
 def test_sizes_and_env_validation() -> None:
@@ -54,6 +67,26 @@ def test_sizes_and_env_validation() -> None:
         with pytest.raises(ConfigError):
             validate_env(bad)
     assert validate_env({"A_1": "x"}) == {"A_1": "x"}
+
+
+@pytest.mark.parametrize("name", ["LD_PRELOAD", "ld_library_path", "LD_AUDIT", "DYLD_INSERT_LIBRARIES", "PYTHONPATH",
+                                  "PYTHONSTARTUP", "PYTHONHOME", "BASH_ENV", "ENV", "NODE_OPTIONS", "PERL5OPT",
+                                  "PERL5LIB", "RUBYOPT", "RUBYLIB", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS",
+                                  "JEMALLOC_PRELOAD", "GCONV_PATH", "IFS", "PATH", "HOME", "PORT", "GLIBC_TUNABLES",
+                                  "BASH_FUNC_x%%", "FLY_REGION", "SANDKEEP_GATEWAY_TOKEN"])
+def test_loader_and_interpreter_hooks_are_forbidden(name: str) -> None:
+    assert forbidden_env_name(name)
+    with pytest.raises(ConfigError):
+        validate_env({name: "/data/evil.so"})
+    if name.isidentifier():
+        with pytest.raises(ForbiddenEnvNameError, match="not allowed"):
+            validate_env({name: "x"}, "secret")
+
+
+@pytest.mark.parametrize("name", ["NODE_ENV", "DATABASE_URL", "API_KEY", "LANG", "TZ", "ENVIRONMENT", "MY_PATH_X"])
+def test_ordinary_names_are_allowed(name: str) -> None:
+    assert not forbidden_env_name(name)
+    assert validate_env({name: "v"}) == {name: "v"}
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -175,3 +208,12 @@ async def test_count_by_status_leaves_destroyed_instances_out(h: Harness) -> Non
                                            status=Status.RECOVERING, created_at=now, updated_at=now, app_name="a"))
     assert h.store.count_by_status()["destroyed"] == 1
     assert h.service.count_by_status() == {"running": 2, "recovering": 1}
+
+
+def test_forbidden_names_stored_before_the_list_never_reach_a_machine() -> None:
+    from sandkeep.engine.naming import build_machine_config
+
+    rec = record(env={"LD_PRELOAD": "/data/evil.so", "COLOR": "red"})
+    cfg = build_machine_config(rec, volume_id="vol_1", secrets={"PYTHONSTARTUP": "x", "API_KEY": "k"},
+                               gateway_port=8080, gateway_token="tok")
+    assert cfg.env == {"COLOR": "red", "API_KEY": "k", "PORT": "8080", "SANDKEEP_GATEWAY_TOKEN": "tok"}

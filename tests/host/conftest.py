@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
+from sandkeep.gateway import TOKEN_ENV, TOKEN_HEADER
 from tests.host.specvalidate import validate
 from tests.support.procs import HostHandle, running_host
 from tests.support.wait import wait_until
 
 _counter = itertools.count(1)
+GATEWAY_TOKEN = "test-gateway-token"
 
 
 class Api:
@@ -24,7 +26,8 @@ class Api:
     def __init__(self, handle: HostHandle) -> None:
         self.handle = handle
         self.http = httpx.Client(base_url=handle.url, headers=handle.headers(), timeout=70.0)
-        self.proxy = httpx.Client(base_url=handle.proxy_url, timeout=30.0)
+        # gateway machines made by ``machine()`` get GATEWAY_TOKEN; the proxy client sends it (SPEC §13)
+        self.proxy = httpx.Client(base_url=handle.proxy_url, timeout=30.0, headers={TOKEN_HEADER: GATEWAY_TOKEN})
         self.apps: list[str] = []
 
     def cleanup(self) -> None:
@@ -69,6 +72,7 @@ class Api:
     def machine(self, app: str, *, volume: str | None = None, region: str | None = None,
                 image: str = "sandkeep/gateway", wait: str | None = "started", **body: Any) -> dict[str, Any]:
         config: dict[str, Any] = {"image": image, **body.pop("config", {})}
+        config["env"] = {TOKEN_ENV: GATEWAY_TOKEN, **(config.get("env") or {})}
         if volume:
             config["mounts"] = [{"volume": volume, "path": "/data"}]
         payload: dict[str, Any] = {"config": config, **body}

@@ -175,7 +175,7 @@ def test_start_or_update_of_an_existing_machine_without_capacity_is_409_insuffic
         assert "insufficient memory" in str(body["error"]), path
         assert isinstance(kind, CapacityError), path
     after = fapi.get(app, m["id"])
-    assert after["state"] == "created" and after["config"].get("env") == {}  # nothing half-applied
+    assert after["state"] == "created" and after["config"].get("env") == m["config"]["env"]  # nothing half-applied
     fapi.local("POST", "/_local/regions/lcl-a/capacity", json={"available": True})
     fapi.call("POST", f"/v1/apps/{app}/machines/{m['id']}/start", 200)
     fapi.wait(app, m["id"], "started")

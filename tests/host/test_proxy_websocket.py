@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tests.host.conftest import Api
+from sandkeep.gateway import TOKEN_HEADER
+from tests.host.conftest import GATEWAY_TOKEN, Api
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -67,7 +68,7 @@ def test_websocket_echo_through_the_proxy(api: Api) -> None:
     one = api.machine(app, region="lcl-a")
     two = api.machine(app, region="lcl-b")
     for m in (one, two):
-        ws = WsClient(api.handle.proxy_url, {"fly-force-instance-id": m["id"]})
+        ws = WsClient(api.handle.proxy_url, {"fly-force-instance-id": m["id"], TOKEN_HEADER: GATEWAY_TOKEN})
         try:
             assert ws.status == 101, ws.headers
             expected = base64.b64encode(hashlib.sha1((ws.key + GUID).encode()).digest()).decode()

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from sandkeep.clock import FakeClock
+from sandkeep.gateway import TOKEN_ENV, TOKEN_HEADER
 from sandkeep.host.core import Host, HostError, HostOptions
 from sandkeep.host.faults import REALISTIC_PROFILE, profile_delays
 from tests.support.procs import free_port, spawn
@@ -63,20 +64,30 @@ def test_gateway_stores_data_rejects_traversal_and_stops_on_sigterm(tmp_path: Pa
     volume = tmp_path / "vol"
     volume.mkdir()
     proc = spawn(["gateway"], log_path=tmp_path / "gw.log",
-                 env={"PORT": str(port), "SANDKEEP_VOLUME_PATH": str(volume), "FLY_MACHINE_ID": "m1"})
+                 env={"PORT": str(port), "SANDKEEP_VOLUME_PATH": str(volume), "FLY_MACHINE_ID": "m1",
+                      TOKEN_ENV: "gw-token"})
     url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, headers={TOKEN_HEADER: "gw-token"})
     try:
-        health = wait_until(lambda: httpx.get(url + "/health").json(), timeout=20, message="gateway up")
-        assert health["status"] == "ok" and health["volume_path"] == str(volume) and health["machine_id"] == "m1"
+        health = wait_until(lambda: http.get("/health").json(), timeout=20, message="gateway up")
+        assert health["status"] == "ok" and health["machine_id"] == "m1"
+        assert str(tmp_path) not in str(health), "the gateway reveals no filesystem path"
         assert health["started_at"].endswith("Z")
-        assert httpx.get(url + "/data/missing").status_code == 404
-        assert httpx.put(url + "/data/k.1", content=b"\x00bytes").status_code == 201
-        assert httpx.get(url + "/data/k.1").content == b"\x00bytes"
+        for path in ("/health", "/data/missing", "/ws"):  # without its token the gateway answers nothing
+            for headers in ({}, {TOKEN_HEADER: "wrong"}):
+                r = httpx.get(url + path, headers=headers)
+                assert r.status_code == 401 and "m1" not in r.text, (path, headers)
+        assert httpx.put(url + "/data/k.0", content=b"x").status_code == 401
+        assert not (volume / "data" / "k.0").exists()
+        assert http.get("/data/missing").status_code == 404
+        assert http.put("/data/k.1", content=b"\x00bytes").status_code == 201
+        assert http.get("/data/k.1").content == b"\x00bytes"
         assert (volume / "data" / "k.1").read_bytes() == b"\x00bytes"
         for bad in ("..", "..%2Fescape", "a%2Fb", "%2E%2E"):
-            assert httpx.put(url + f"/data/{bad}", content=b"x").status_code in (400, 404), bad
+            assert http.put(f"/data/{bad}", content=b"x").status_code in (400, 404), bad
         assert not (tmp_path / "escape").exists()
     finally:
+        http.close()
         code = proc.stop(signal.SIGTERM)
     assert code == 0
 

@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from sandkeep.gateway import TOKEN_HEADER
 from sandkeep.provider.client import MachinesClient
+from tests.host.conftest import GATEWAY_TOKEN
 from tests.host.specvalidate import validate
 from tests.provider.fakeapi import RecordingClock
 from tests.provider.speccheck import check_request
@@ -53,10 +55,12 @@ class Local:
 
     async def put_data(self, app: str, machine_id: str, key: str, value: bytes) -> httpx.Response:
         base, headers = self.client.proxy_target(app, machine_id)
+        headers = {**headers, TOKEN_HEADER: GATEWAY_TOKEN}
         return await self.proxy.put(f"{base}/data/{key}", content=value, headers=headers)
 
     async def get_data(self, app: str, machine_id: str, key: str) -> httpx.Response:
         base, headers = self.client.proxy_target(app, machine_id)
+        headers = {**headers, TOKEN_HEADER: GATEWAY_TOKEN}
         return await self.proxy.get(f"{base}/data/{key}", headers=headers)
 
     async def aclose(self) -> None:

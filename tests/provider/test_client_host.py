@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sandkeep.gateway import TOKEN_ENV
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
@@ -19,6 +20,7 @@ from sandkeep.provider.errors import (
     WaitTimeoutError,
 )
 from sandkeep.provider.models import Machine, MachineConfig, Mount, Volume
+from tests.host.conftest import GATEWAY_TOKEN
 from tests.provider.conftest import Local, make_local
 from tests.support.procs import running_host
 from tests.support.wait import async_wait_until
@@ -28,7 +30,7 @@ IMAGE = "sandkeep/gateway"
 
 def gateway_config(volume_id: str | None = None, **metadata: str) -> MachineConfig:
     mounts = [Mount(volume=volume_id, path="/data")] if volume_id else []
-    return MachineConfig(image=IMAGE, mounts=mounts, metadata=dict(metadata))
+    return MachineConfig(image=IMAGE, mounts=mounts, metadata=dict(metadata), env={TOKEN_ENV: GATEWAY_TOKEN})
 
 
 async def started_machine(local: Local, app: str, *, name: str, region: str = "lcl-a",

@@ -71,13 +71,13 @@ class HostHandle:
 def start_host_process(data_dir: Path, *, token: str = "test-host-token",
                        regions: tuple[str, ...] = ("lcl-a", "lcl-b", "lcl-c"),
                        extra_args: list[str] | None = None, api_port: int | None = None,
-                       proxy_port: int | None = None) -> HostHandle:
+                       proxy_port: int | None = None, env: dict[str, str] | None = None) -> HostHandle:
     api_port = api_port or free_port()
     proxy_port = proxy_port or free_port()
     args = ["host", "--listen", f"127.0.0.1:{api_port}", "--proxy-listen", f"127.0.0.1:{proxy_port}",
             "--data-dir", str(data_dir), "--regions", ",".join(regions), *(extra_args or [])]
     proc = spawn(args, log_path=data_dir.parent / f"{data_dir.name}-host.log",
-                 env={"SANDKEEP_HOST_TOKEN": token})
+                 env={"SANDKEEP_HOST_TOKEN": token, **(env or {})})
     url = f"http://127.0.0.1:{api_port}"
 
     def ready() -> bool:

@@ -44,6 +44,8 @@ from sandkeep.api.schemas import (
 )
 from sandkeep.credentials import TOKEN_ID_RE, Credentials, TokenNotFound
 from sandkeep.engine.service import Actor, InstanceNotFound, InstanceServiceAPI
+from sandkeep.gateway import PROXY_TOKEN_HEADER
+from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.logs import get_logger
 from sandkeep.metrics import REGISTRY as METRICS_REGISTRY
 from sandkeep.store.records import InstanceRecord, Status
@@ -56,7 +58,8 @@ STATUS_VALUES = [s.value for s in Status]
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade"})
 DROP_REQUEST_HEADERS = HOP_BY_HOP | {"host", "authorization", "cookie", "fly-force-instance-id", "x-forwarded-for",
-                                     "x-forwarded-proto", "x-forwarded-host"}
+                                     "x-forwarded-proto", "x-forwarded-host", GATEWAY_TOKEN_HEADER,
+                                     PROXY_TOKEN_HEADER}
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 422, 503)
 }
@@ -347,6 +350,12 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
             raise ApiError(404, "token_not_found", str(exc)) from exc
         log.info("api.token_revoked", token_id=record.jti, token_user=record.user_id, by=actor.user_id)
         return render_token(record, runtime.clock.now())
+    @v1.post("/instances/{instance_id}/gateway-token/rotate", status_code=202, response_model=Instance,
+             tags=["admin"])
+    async def rotate_gateway_token(actor: ActorDep, instance_id: InstanceId) -> dict[str, Any]:
+        """Admin: give the instance a new gateway token (a running instance restarts with it; 409 while busy)."""
+        admin_action(actor, "rotate_gateway_token", instance_id)
+        return render_instance(await service.rotate_gateway_token(actor, instance_id))
 
     # ------------------------------------------------------------------------------------------ traffic
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import signal
 import socket
 import sys
@@ -61,6 +62,7 @@ def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_
         except ValueError as exc:
             raise click.UsageError(f"{option}: {exc}") from exc
     configure_logging(settings.log_level)
+    os.umask(0o077)  # the data dir's files (database, secrets, logs, the host's volumes) are private
     try:
         code = asyncio.run(_serve(settings, login_links=not no_login_links))
     except StartupError as exc:

@@ -33,6 +33,7 @@ class Changes(TypedDict, total=False):
     image: str
     env: dict[str, str]
     secrets_encrypted: dict[str, str]
+    gateway_token_encrypted: str | None
     config_generation: int
     last_started_at: datetime | None
     last_stopped_at: datetime | None
@@ -160,6 +161,14 @@ class EnsureApp:
 
 
 @dataclass(frozen=True)
+class RotateGatewayToken:
+    """Give the instance a new random gateway token (stored encrypted) and bump ``config_generation`` so its
+    machine is updated with it before it serves again (an instance from before gateway tokens, SPEC §13)."""
+
+    reason: str = field(default="missing", compare=False)
+
+
+@dataclass(frozen=True)
 class CreateVolume:
     """Create (or fork / restore) a volume over ``regions`` (capacity fallback); persist its id at once.
 
@@ -258,8 +267,9 @@ class DeleteVolumeSafely:
     clear: Changes = field(default_factory=_no_changes, compare=False)
 
 
-Effect = (EnsureApp | CreateVolume | CreateMachine | StartMachine | StopMachine | RestartMachine | UpdateMachine
-          | DestroyMachine | WaitMachine | ProbeHealth | ListSnapshots | DeleteVolumeSafely)
+Effect = (EnsureApp | RotateGatewayToken | CreateVolume | CreateMachine | StartMachine | StopMachine
+          | RestartMachine | UpdateMachine | DestroyMachine | WaitMachine | ProbeHealth | ListSnapshots
+          | DeleteVolumeSafely)
 Action = Persist | Emit | RequeueAfter | Backoff | Done | Effect
 
 TERMINAL = (RequeueAfter, Backoff, Done)

@@ -35,6 +35,7 @@ from sandkeep.engine.actions import (
     ProbeHealth,
     RequeueAfter,
     RestartMachine,
+    RotateGatewayToken,
     StartMachine,
     StopMachine,
     UpdateMachine,
@@ -52,11 +53,13 @@ from sandkeep.engine.policy import GONE_STATES, backoff_seconds, is_backoff_erro
 from sandkeep.engine.reconcile import decide, needs
 from sandkeep.provider.errors import (
     ConflictError,
+    InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
     ProviderError,
     RateLimitedError,
 )
+from sandkeep.secrets import SecretsError
 from sandkeep.store.records import InstanceRecord, Status
 
 #: states in which Fly refuses a start because one is already underway ("unable to start machine from current
@@ -284,6 +287,12 @@ class Pass:
 
     # -------------------------------------------------------------- effects
 
+    def _probe_token(self) -> str | None:
+        try:
+            return self.ctx.gateway_token(self.record)
+        except SecretsError as exc:
+            raise InvalidRequestError(str(exc), operation="decrypt gateway token") from exc
+
     async def effect(self, action: Action) -> Any:
         ctx, record = self.ctx, self.record
         provider, app = ctx.provider, record.app_name
@@ -300,8 +309,16 @@ class Pass:
                 changes["region"] = volume.region
             self.persist(changes)
             return volume
+        if isinstance(action, RotateGatewayToken):
+            self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
+                          "config_generation": self.record.config_generation + 1})
+            ctx.emitter.emit(self.record, "instance.gateway_token_rotated", label=action.reason)
+            return None
         if isinstance(action, CreateMachine):
-            config = ctx.machine_config(record, action.volume_id)
+            # a new machine gets a new gateway token, persisted before the machine exists (a crash in between
+            # only means one more rotation; a machine created with it is adopted by name/metadata)
+            self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
+            config = ctx.machine_config(self.record, action.volume_id)
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
             self.persist({**action.extra, "machine_id": machine.id})
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
@@ -347,7 +364,8 @@ class Pass:
             async with self.unleashed(action.timeout + ctx.settings.lease_ttl):
                 healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
                                                     timeout=action.timeout,
-                                                    interval=ctx.settings.health_probe_interval)
+                                                    interval=ctx.settings.health_probe_interval,
+                                                    gateway_token=self._probe_token())
             if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
                 ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
                                  label="healthy" if healthy else "timeout", level="info" if healthy else "warning",

@@ -25,6 +25,7 @@ from sandkeep.engine.executor import Pass, Refused
 from sandkeep.engine.lease import EngineContext, Lease, claim
 from sandkeep.engine.naming import (
     ConfigError,
+    ForbiddenEnvNameError,
     app_name_for,
     new_instance_id,
     new_sandbox_id,
@@ -36,6 +37,7 @@ from sandkeep.engine.service import (
     Actor,
     CleanupRefused,
     Forbidden,
+    ForbiddenEnvName,
     InstanceLocked,
     InstanceNotFound,
     InvalidArgument,
@@ -46,7 +48,9 @@ from sandkeep.engine.service import (
     RecoveringRefused,
     ServiceError,
 )
+from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.provider.errors import ProviderError
+from sandkeep.secrets import SecretsError, app_name_secret
 from sandkeep.store.base import AlreadyExists, FencedError, QuotaReached
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
 
@@ -79,6 +83,8 @@ def debug_view(record: InstanceRecord) -> dict[str, Any]:
         value = getattr(record, f.name)
         if f.name == "secrets_encrypted":
             value = {name: "<encrypted>" for name in sorted(value)}
+        elif f.name == "gateway_token_encrypted":
+            value = "<encrypted>" if value else None
         elif isinstance(value, datetime):
             value = utc_iso(value)
         elif isinstance(value, Status):
@@ -101,6 +107,7 @@ class InstanceService:
         # refused admin calls audited per actor: key -> (window start, rows written, refusals not written)
         self._refusals: dict[str, tuple[float, int, int]] = {}
         self._refusals_lock = threading.Lock()
+        self._name_secret: str | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -110,6 +117,11 @@ class InstanceService:
 
     def _now(self) -> datetime:
         return self.ctx.clock.now()
+
+    def _app_name_secret(self) -> str:
+        if self._name_secret is None:
+            self._name_secret = app_name_secret(self.settings)
+        return self._name_secret
 
     def _load(self, instance_id: str) -> InstanceRecord:
         record = self.ctx.store.get_instance(instance_id)
@@ -201,6 +213,8 @@ class InstanceService:
             if image is not None:
                 out["image"] = validate_image(image)
             return out
+        except ForbiddenEnvNameError as exc:
+            raise ForbiddenEnvName(str(exc)) from exc
         except ConfigError as exc:
             raise InvalidConfig(str(exc)) from exc
 
@@ -217,6 +231,8 @@ class InstanceService:
                     continue
                 validate_env({name: value}, "secret")
                 merged[name] = self.ctx.secrets.encrypt(value)
+        except ForbiddenEnvNameError as exc:
+            raise ForbiddenEnvName(str(exc)) from exc
         except ConfigError as exc:
             raise InvalidConfig(str(exc)) from exc
         return merged
@@ -244,7 +260,8 @@ class InstanceService:
         now = self._now()
         record = InstanceRecord(
             id=new_instance_id(), user_id=user_id, sandbox_id=new_sandbox_id(), status=Status.PROVISIONED,
-            created_at=now, updated_at=now, app_name=app_name_for(user_id, self.settings.app_prefix),
+            created_at=now, updated_at=now,
+            app_name=app_name_for(user_id, self.settings.app_prefix, self._app_name_secret()),
             machine_size=config["machine_size"], image=config["image"], env=config["env"],
             secrets_encrypted=secret_map, status_changed_at=now, pending_action="start",
             # not due before this request moves it to starting (no worker races the claim below); if the
@@ -443,6 +460,23 @@ class InstanceService:
         self._audit(actor, "destroy_machine", instance_id, "ok", machine_id=machine_id)
         return self._finish(current)
 
+    async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        """Admin: a new gateway token (SPEC §13). A running instance restarts so its machine gets the token at
+        once (the old one stops working); a stopped one gets it at its next start. Refused while busy."""
+        self._require_admin(actor)
+        self._load(instance_id)
+        try:
+            async with self._claimed(instance_id) as lease:
+                restart = lease.record.status == Status.RUNNING
+                actions = intents.rotate_gateway_token(lease.record, self._now(), actor.user_id,
+                                                       self.ctx.new_gateway_token())
+                current = await self._apply(lease, actions)
+        except ServiceError as exc:
+            self._audit(actor, "rotate_gateway_token", instance_id, "refused", error=exc.message)
+            raise
+        self._audit(actor, "rotate_gateway_token", instance_id, "ok", restarted=restart)
+        return self._finish(current)
+
     # ------------------------------------------------------------------ planned host restart
 
     def note_planned_host_restart(self, *, budget_seconds: float = 10.0) -> int:
@@ -483,7 +517,15 @@ class InstanceService:
     # ------------------------------------------------------------------ traffic
 
     def gateway_target(self, instance_id: str) -> tuple[str, dict[str, str]] | None:
+        """Base URL and headers to reach the gateway, its token included (never shown to users)."""
         record = self._load(instance_id)
         if record.status != Status.RUNNING or not record.machine_id:
             return None
-        return self.ctx.provider.proxy_target(record.app_name, record.machine_id)
+        base, headers = self.ctx.provider.proxy_target(record.app_name, record.machine_id)
+        try:
+            token = self.ctx.gateway_token(record)
+        except SecretsError as exc:
+            raise ProviderUnavailable(f"cannot read the gateway token of {instance_id}: {exc}") from exc
+        if token:
+            headers = {**headers, GATEWAY_TOKEN_HEADER: token}
+        return base, headers

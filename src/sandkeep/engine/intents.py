@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sandkeep.engine import recovery
-from sandkeep.engine.actions import Action, DeleteVolumeSafely, DestroyMachine, Emit, Persist
+from sandkeep.engine.actions import Action, Changes, DeleteVolumeSafely, DestroyMachine, Emit, Persist
 from sandkeep.engine.service import InstanceBusy, InvalidTransition, RecoveringRefused
 from sandkeep.store.records import InstanceRecord, Status
 
@@ -116,3 +116,18 @@ def destroy_machine(record: InstanceRecord, now: datetime, actor_id: str) -> lis
         raise InvalidTransition(f"instance {record.id} has no machine")
     return [DestroyMachine(record.machine_id, clear={"machine_id": None, "alarm_at": now}, label="admin",
                            details=(("actor", actor_id),))]
+
+
+def rotate_gateway_token(record: InstanceRecord, now: datetime, actor_id: str, new_token: str) -> list[Action]:
+    """Admin: a new gateway token (SPEC §13; ``new_token`` already encrypted). A running instance restarts so
+    its machine gets the token at once; a stopped one gets it at its next start. Refused while busy."""
+    gate(record, "gateway token rotation")
+    changes: Changes = {"gateway_token_encrypted": new_token, "config_generation": record.config_generation + 1}
+    restart = record.status == Status.RUNNING
+    if restart:
+        changes.update({"status": Status.RESTARTING, "pending_action": "restart", "alarm_at": now})
+    actions: list[Action] = [Persist(changes), Emit("instance.gateway_token_rotated", label="admin",
+                                                    details={"actor": actor_id, "restart": restart})]
+    if restart:
+        actions.append(Emit("instance.restarting", label="gateway_token_rotation"))
+    return actions

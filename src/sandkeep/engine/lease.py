@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets as _pysecrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,10 +67,21 @@ class EngineContext:
     def machine_config(self, record: InstanceRecord, volume_id: str) -> MachineConfig:
         try:
             secrets = self.secrets.decrypt_map(record.secrets_encrypted)
+            token = self.gateway_token(record)
         except SecretsError as exc:
             raise InvalidRequestError(str(exc), operation="decrypt secrets") from exc
         return build_machine_config(record, volume_id=volume_id, secrets=secrets,
-                                    gateway_port=self.settings.gateway_port)
+                                    gateway_port=self.settings.gateway_port, gateway_token=token)
+
+    def gateway_token(self, record: InstanceRecord) -> str | None:
+        """The instance's gateway token in plaintext (None for an instance that has not started since tokens)."""
+        if not record.gateway_token_encrypted:
+            return None
+        return self.secrets.decrypt(record.gateway_token_encrypted)
+
+    def new_gateway_token(self) -> str:
+        """A fresh random gateway token, encrypted for the record (SPEC §13)."""
+        return self.secrets.encrypt(_pysecrets.token_urlsafe(32))
 
 
 class Lease:

@@ -27,6 +27,7 @@ from sandkeep.engine.actions import (
     ProbeHealth,
     RequeueAfter,
     RestartMachine,
+    RotateGatewayToken,
     StartMachine,
     StopMachine,
     UpdateMachine,
@@ -211,6 +212,10 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
         if outcome is not None and not outcome.ok:
             return start_failed(record, obs, settings, now, label=f"{verb_done}_failed",
                                 error=f"{verb_done} of machine {mid} failed: {outcome.message}")
+    if record.gateway_token_encrypted is None and obs.outcome(RotateGatewayToken()) is None:
+        # an instance from before gateway tokens (SPEC §13): give it one; the generation bump makes the
+        # machine updated with it before it starts
+        return [RotateGatewayToken(reason="missing")]
     state = machine.state
     if restarting and record.pending_action == "restart":
         issued: list[Action] = []

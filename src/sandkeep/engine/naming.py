@@ -1,8 +1,9 @@
 """Names, ids, machine sizes and the machine configuration built from an instance record.
 
 * instance id ``ins_<16 hex>``, sandbox id ``sbx_<16 hex>``;
-* provider app per owner: ``{app_prefix}-{first 12 hex of sha256(user_id)}`` (a valid Fly app name:
-  lowercase letters, digits and dashes, starting with a letter — the prefix is normalised to that);
+* provider app per owner: ``{app_prefix}-{first 12 hex of HMAC-SHA256(server secret, user_id)}`` (a valid
+  Fly app name: lowercase letters, digits and dashes, starting with a letter — the prefix is normalised to
+  that); without the server secret nobody can derive a user's app (and public hostname) from the user id;
 * volume name: the instance id with ``_`` (Fly volume names allow letters, digits and underscores; forks keep
   the name, SPEC §7.2);
 * machine name: the instance id for the first machine, ``<instance id>-r<n>`` for a recovery replacement.
@@ -11,10 +12,12 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets as _pysecrets
 from collections.abc import Mapping
 
+from sandkeep.gateway import TOKEN_ENV as GATEWAY_TOKEN_ENV
 from sandkeep.provider.models import Guest, MachineConfig, Mount
 from sandkeep.store.records import InstanceRecord
 
@@ -37,9 +40,23 @@ METADATA_GENERATION = "config_generation"
 
 VOLUME_MOUNT_PATH = "/data"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-#: variables the machine host sets itself, or that sandkeep owns
-RESERVED_ENV_PREFIXES = ("FLY_", "SANDKEEP_")
-RESERVED_ENV_NAMES = frozenset({"PORT", "PATH", "HOME", "PYTHONPATH"})
+# --- env and secret names a user may not set (SPEC §13): the one list, checked for every provider ----------
+#: Exact names: variables the machine host sets itself, and variables that make a shell, the dynamic loader
+#: or an interpreter run code or load libraries of the caller's choosing when a process starts.
+FORBIDDEN_ENV_NAMES = frozenset({
+    "PORT", "HOME", "PATH", "IFS", "CDPATH", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "GLOBIGNORE", "PS4",
+    "PROMPT_COMMAND", "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "PERL5DB", "RUBYOPT",
+    "RUBYLIB", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH", "GCONV_PATH", "NLSPATH",
+    "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "OPENSSL_CONF", "OPENSSL_ENGINES", "LUA_INIT", "LUA_PATH",
+    "LUA_CPATH", "TCLLIBPATH", "PHPRC", "PHP_INI_SCAN_DIR", "DOTNET_STARTUP_HOOKS", "GIT_EXEC_PATH", "TMPDIR",
+})
+#: Name prefixes: the dynamic loaders (glibc ``LD_*``, macOS ``DYLD_*``, ``GLIBC_TUNABLES``, ``MALLOC_*``),
+#: Python (``PYTHON*``: PYTHONPATH, PYTHONSTARTUP, PYTHONHOME, …), exported bash functions, .NET profilers,
+#: and the names the provider and sandkeep own (``FLY_*``, ``SANDKEEP_*``).
+FORBIDDEN_ENV_PREFIXES = ("LD_", "DYLD_", "GLIBC_", "MALLOC_", "PYTHON", "BASH_FUNC_", "CORECLR_", "COR_",
+                          "FLY_", "SANDKEEP_")
+#: Name suffixes: any ``*_PRELOAD`` (LD_PRELOAD, and the same idea in other runtimes).
+FORBIDDEN_ENV_SUFFIXES = ("_PRELOAD",)
 MAX_ENV_VALUE = 32 * 1024
 MAX_ENV_ENTRIES = 200
 MAX_IMAGE_LEN = 256
@@ -50,6 +67,17 @@ class ConfigError(ValueError):
     """Bad instance configuration (size, image, env or secrets)."""
 
 
+class ForbiddenEnvNameError(ConfigError):
+    """An env or secret name on the forbidden list (loader and interpreter hooks, names the host owns)."""
+
+
+def forbidden_env_name(name: str) -> bool:
+    """True when ``name`` is on the forbidden list (compared case-insensitively)."""
+    upper = name.upper()
+    return (upper in FORBIDDEN_ENV_NAMES or upper.startswith(FORBIDDEN_ENV_PREFIXES)
+            or upper.endswith(FORBIDDEN_ENV_SUFFIXES))
+
+
 def new_instance_id() -> str:
     return f"ins_{_pysecrets.token_hex(8)}"
 
@@ -58,12 +86,17 @@ def new_sandbox_id() -> str:
     return f"sbx_{_pysecrets.token_hex(8)}"
 
 
-def app_name_for(user_id: str, prefix: str) -> str:
-    """The provider app of one owner: ``<prefix>-<12 hex of sha256(user_id)>``."""
+def app_name_for(user_id: str, prefix: str, secret: str) -> str:
+    """The provider app of one owner: ``<prefix>-<12 hex of HMAC-SHA256(secret, user_id)>``.
+
+    Instances created before the HMAC keep the app stored in their record (``sha256(user_id)``); only new
+    instances get HMAC names, so one user may own apps of both kinds."""
     clean = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "sk"
     if not clean[0].isalpha():
         clean = f"sk-{clean}"
-    digest = hashlib.sha256(user_id.encode()).hexdigest()[:12]
+    if not secret:
+        raise ValueError("the app-name secret must not be empty")
+    digest = hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()[:12]
     return f"{clean[:40]}-{digest}"
 
 
@@ -104,8 +137,12 @@ def validate_env_name(name: object, what: str) -> str:
     if not isinstance(name, str) or not _ENV_NAME.match(name):
         raise ConfigError(f"{what} name {str(name)[:60]!r} is invalid: use letters, digits and '_', "
                           f"not starting with a digit (max 128)")
-    if name in RESERVED_ENV_NAMES or name.upper().startswith(RESERVED_ENV_PREFIXES):
-        raise ConfigError(f"{what} name {name!r} is reserved (PORT, PATH, HOME, PYTHONPATH, FLY_*, SANDKEEP_*)")
+    if forbidden_env_name(name):
+        raise ForbiddenEnvNameError(
+            f"{what} name {name!r} is not allowed: it would hook the dynamic loader or an interpreter, or it "
+            f"belongs to the machine host (refused: LD_*, DYLD_*, PYTHON*, *_PRELOAD, BASH_ENV, ENV, "
+            f"NODE_OPTIONS, PERL5OPT, RUBYOPT, JAVA_TOOL_OPTIONS, PATH, IFS, FLY_*, SANDKEEP_* and similar; "
+            f"see the README's security model)")
     return name
 
 
@@ -133,11 +170,15 @@ def machine_metadata(record: InstanceRecord) -> dict[str, str]:
 
 
 def build_machine_config(record: InstanceRecord, *, volume_id: str, secrets: Mapping[str, str],
-                         gateway_port: int) -> MachineConfig:
-    """The configuration a machine of this instance gets now (current image, size, env and secrets)."""
-    env = dict(record.env)
-    env.update(secrets)
+                         gateway_port: int, gateway_token: str | None = None) -> MachineConfig:
+    """The configuration a machine of this instance gets now (current image, size, env, secrets and the
+    instance's gateway token)."""
+    # names on the forbidden list never reach a machine, even when stored before the list existed
+    env = {k: v for k, v in record.env.items() if not forbidden_env_name(k)}
+    env.update({k: v for k, v in secrets.items() if not forbidden_env_name(k)})
     env["PORT"] = str(gateway_port)  # the local host overrides it with the port it picked
+    if gateway_token:
+        env[GATEWAY_TOKEN_ENV] = gateway_token
     return MachineConfig(
         image=record.image,
         env=env,

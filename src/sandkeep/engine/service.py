@@ -103,6 +103,12 @@ class InvalidConfig(ServiceError):
     http_status = 422
 
 
+class ForbiddenEnvName(InvalidConfig):
+    """An env or secret name on the forbidden list (:data:`sandkeep.engine.naming.FORBIDDEN_ENV_NAMES`)."""
+
+    code = "forbidden_env_name"
+
+
 class ProviderUnavailable(ServiceError):
     code = "provider_unavailable"
     http_status = 503
@@ -148,6 +154,10 @@ class InstanceServiceAPI(Protocol):
         ...
 
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
+    async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        """Admin: give the instance a new gateway token (its running machine restarts with it)."""
+        ...
+
     def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
                    limit: int = 100) -> Page[AuditRecord]: ...
     def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sandkeep.gateway import PROXY_TOKEN_HEADER
 from sandkeep.host.core import WAIT_STATES, Host, HostError, bad
 from sandkeep.host.faults import OPERATIONS, FaultInputError, Faults, RateLimiter
 from sandkeep.host.schema import type_errors
@@ -478,11 +479,25 @@ class HostAPI:
         return JSONResponse(await self.host.scheduled_pass())
 
 
-class ProxyApp:
-    """Fly's proxy, locally: ``fly-force-instance-id: <machine id>`` routes a request to that machine's gateway."""
+def proxy_token_ok(token: str | None, presented: str | None) -> bool:
+    """Whether a proxy request may pass: always without a configured token, else only with that token."""
+    if not token:
+        return True
+    return bool(presented) and hmac.compare_digest(str(presented).strip().encode(), token.encode())
 
-    def __init__(self, host: Host, *, timeout: float = 60.0) -> None:
+
+PROXY_UNAUTHORIZED = f"unauthorized: this proxy needs its token in the {PROXY_TOKEN_HEADER} header"
+
+
+class ProxyApp:
+    """Fly's proxy, locally: ``fly-force-instance-id: <machine id>`` routes a request to that machine's gateway.
+
+    With a ``token`` (``SANDKEEP_HOST_PROXY_TOKEN``) every request must carry it in ``sandkeep-proxy-token``
+    (401 otherwise); the header is not passed on to the machine."""
+
+    def __init__(self, host: Host, *, timeout: float = 60.0, token: str | None = None) -> None:
         self.host = host
+        self.token = token
         self.client = httpx.AsyncClient(timeout=timeout)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -502,6 +517,8 @@ class ProxyApp:
         await response(scope, receive, send)
 
     async def forward(self, request: Request) -> Response:
+        if not proxy_token_ok(self.token, request.headers.get(PROXY_TOKEN_HEADER)):
+            return error(401, PROXY_UNAUTHORIZED)
         mid = request.headers.get("fly-force-instance-id", "").strip()
         if not mid:
             return error(400, "missing fly-force-instance-id header: the local proxy routes by machine id")
@@ -510,7 +527,7 @@ class ProxyApp:
             return error(404, f"machine not found: {mid}")
         if port is None:
             return error(503, f"machine {mid} is not started (state {m['state']})")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP | {PROXY_TOKEN_HEADER}}
         headers["fly-forwarded-port"] = str(request.url.port or "")
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         url = f"http://127.0.0.1:{port}{raw_path.decode('latin-1')}"
@@ -527,9 +544,17 @@ class ProxyApp:
 
 def _raw_error(status: int, message: str) -> bytes:
     body = json.dumps({"error": message, "status": "unknown"}).encode()
-    reason = {400: "Bad Request", 404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
+    reason = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 502: "Bad Gateway",
+              503: "Service Unavailable"}.get(status, "Error")
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode() + body
+
+
+def _drop_header(head: bytes, name: str) -> bytes:
+    """``head`` without the lines of header ``name`` (case-insensitive)."""
+    lines = head.split(b"\r\n")
+    prefix = name.lower().encode() + b":"
+    return b"\r\n".join([lines[0], *[x for x in lines[1:] if not x.lower().startswith(prefix)]])
 
 
 def _head_fields(head: bytes) -> dict[str, str]:
@@ -577,8 +602,9 @@ class ProxyFront:
     """
 
     def __init__(self, host: Host, internal: tuple[str, int], *, head_timeout: float = 30.0,
-                 max_head: int = 64 * 1024) -> None:
+                 max_head: int = 64 * 1024, token: str | None = None) -> None:
         self.host = host
+        self.token = token
         self.internal = internal
         self.head_timeout = head_timeout
         self.max_head = max_head
@@ -610,8 +636,12 @@ class ProxyFront:
         upgrade = "websocket" in fields.get("upgrade", "").lower()
         if upgrade:
             mid = fields.get("fly-force-instance-id", "")
-            m, port = self.host.proxy_target(mid) if mid else (None, None)
-            problem = (_raw_error(400, "missing fly-force-instance-id header: the local proxy routes by machine id")
+            allowed = proxy_token_ok(self.token, fields.get(PROXY_TOKEN_HEADER))
+            m, port = self.host.proxy_target(mid) if mid and allowed else (None, None)
+            head = _drop_header(head, PROXY_TOKEN_HEADER)
+            problem = (_raw_error(401, PROXY_UNAUTHORIZED) if not allowed
+                       else _raw_error(400, "missing fly-force-instance-id header: the local proxy routes by "
+                                            "machine id")
                        if not mid else _raw_error(404, f"machine not found: {mid}") if m is None
                        else _raw_error(503, f"machine {mid} is not started (state {m['state']})") if port is None
                        else None)

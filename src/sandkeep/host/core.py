@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import copy
 import hashlib
+import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -27,10 +29,12 @@ from typing import Any
 import structlog
 
 from sandkeep.clock import Clock, utc_iso
+from sandkeep.gateway import LIMIT_ENV
 from sandkeep.host import ids
 from sandkeep.host.db import HostDB
 from sandkeep.host.images import CATALOGUE, resolve
 from sandkeep.net import free_port
+from sandkeep.secrets import SecretBox, SecretsError
 
 log = structlog.get_logger("sandkeep.host")  # lazy: configured by the command
 
@@ -102,6 +106,10 @@ class HostOptions:
     snapshot_retention: float = 5 * 86400.0  # snapshots older than this are pruned (5 days)
     scheduler_tick: float = 60.0  # how often the scheduler looks for due snapshots
     delays: dict[str, float] = field(default_factory=dict)  # see faults.REALISTIC_PROFILE
+    # the unprivileged user machine processes run as when the host runs as root (name or UID[:GID])
+    machine_user: str = "nobody"
+    bytes_per_gb: int = 1024 ** 3  # a volume's limit = size_gb * bytes_per_gb (tests shrink it)
+    secrets_key: str | None = None  # encrypts machine env in host.db; None = a key generated per host object
 
 
 @dataclass
@@ -199,11 +207,65 @@ def _killpg(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+#: the only environment a machine process inherits from the host (plus the instance's env and the host's
+#: own FLY_*/PORT/SANDKEEP_* variables): nothing of the host's environment leaks into a machine
+MACHINE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def launcher_env() -> dict[str, str]:
+    """The environment a machine process is started with (nothing of the host's or the config's env)."""
+    return {"PATH": MACHINE_PATH, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def resolve_machine_user(name: str) -> tuple[int, int] | None:
+    """``(uid, gid)`` machine processes run as: None when the host is not root (it cannot switch users, and
+    machines run as the host's own user). ``name`` is a user name or ``UID[:GID]``; an unknown user, an empty
+    name or root is a HostError at start-up: a root host never runs machines as root."""
+    if os.geteuid() != 0:
+        return None
+    if not name.strip():
+        raise HostError(500, "the host runs as root: --machine-user (SANDKEEP_HOST_MACHINE_USER) must name an "
+                             "unprivileged user for machine processes")
+    name = name.strip()
+    uid_s, _, gid_s = name.partition(":")
+    if uid_s.isdigit():
+        uid = int(uid_s)
+        gid = int(gid_s) if gid_s.isdigit() else uid
+    else:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError as exc:
+            raise HostError(500, f"machine user {name!r} does not exist: create it (e.g. `useradd --system "
+                                 f"--no-create-home {name}`) or pick another with --machine-user") from exc
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if uid == 0:
+        raise HostError(500, "machine processes must not run as root: pick an unprivileged --machine-user")
+    return uid, gid
+
+
+def _own_tree(root: Path, owner: tuple[int, int] | None) -> None:
+    """Give ``root`` (a volume or a machine's home) to the machine's user, mode 0700; symlinks not followed."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    if owner is None:
+        return
+    uid, gid = owner
+    for dirpath, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_uid, st.st_gid) != owner:
+                    os.lchown(path, uid, gid)
+    os.chown(root, uid, gid)
+
+
 def _dir_size_and_digest(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     for p in sorted(path.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():  # a machine may plant symlinks: never follow them as root
             data = p.read_bytes()
             size += len(data)
             digest.update(str(p.relative_to(path)).encode() + b"\0")
@@ -247,6 +309,8 @@ class Host:
         self.opt = options
         self.clock = clock
         self.data_dir = options.data_dir
+        self.machine_owner = resolve_machine_user(options.machine_user)
+        self.box = SecretBox(options.secrets_key or SecretBox.generate_key())
         self.db = HostDB(self.data_dir / "host.db")
         self.apps: dict[str, JSON] = {}
         self.machines: dict[str, JSON] = {}
@@ -277,7 +341,10 @@ class Host:
                 self.db.put("region", name, self.regions[name])
         self.seq = int(self.db.get_meta("seq") or "0")
         recovered: list[str] = []
+        plaintext = False
         for m in self.db.load("machine"):
+            plaintext = plaintext or "env_encrypted" not in (m.get("config") or {})
+            m["config"] = self._opened_config(m)
             self.machines[m["id"]] = m
             pid, start = m.get("pid"), m.get("pid_start")
             if pid and start and _proc_start_time(int(pid)) == start:
@@ -293,6 +360,8 @@ class Host:
                 self._mark_destroyed(m)
             else:
                 self._save_machine(m)
+        if plaintext:  # records written before env was encrypted: now re-saved encrypted; drop the old pages
+            self.db.compact()
         return recovered
 
     def start_background(self) -> None:
@@ -471,7 +540,24 @@ class Host:
 
     # ------------------------------------------------------------------ machine records
     def _save_machine(self, m: JSON) -> None:
-        self.db.put("machine", m["id"], m)
+        """Persist a machine; its env (secret values, the gateway token) is stored encrypted, never in plaintext."""
+        cfg = dict(m["config"])
+        env = cfg.pop("env", None) or {}
+        cfg["env_encrypted"] = self.box.encrypt(json.dumps(env)) if env else ""
+        self.db.put("machine", m["id"], {**m, "config": cfg})
+
+    def _opened_config(self, m: JSON) -> JSON:
+        cfg = dict(m.get("config") or {})
+        if "env_encrypted" not in cfg:  # written before env was encrypted: re-saved encrypted by load()
+            return cfg
+        blob = cfg.pop("env_encrypted")
+        try:
+            cfg["env"] = json.loads(self.box.decrypt(blob)) if blob else {}
+        except (SecretsError, ValueError):
+            log.error("machine.env_unreadable", machine_id=m.get("id"),
+                      error="cannot decrypt the machine's env: was the host given another secrets key?")
+            cfg["env"] = {}
+        return cfg
 
     def _exit_request(self, exit_code: int | None, *, requested: bool, error: str = "") -> JSON:
         exit_event = {"exit_code": exit_code, "requested_stop": requested, "restarting": False,
@@ -698,23 +784,22 @@ class Host:
         self._set_state(m, "starting", "start", source="user")
         rt.launch_task = asyncio.ensure_future(self._launch(m, rt, first=first))
 
-    def _machine_env(self, m: JSON, port: int) -> dict[str, str]:
-        keep = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "VIRTUAL_ENV", "SYSTEMROOT", "TZ")
-        env = {k: v for k, v in os.environ.items() if k in keep}
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(m["config"].get("env") or {})
+    def _mounted_volume(self, m: JSON) -> JSON | None:
         mounts = m["config"].get("mounts") or []
-        vol_path = ""
-        if mounts:
-            v = self.volumes.get(mounts[0]["volume"])
-            if v is not None:
-                vol_path = str(self.volume_dir(v))
-        env.update({"PORT": str(port), "SANDKEEP_VOLUME_PATH": vol_path, "FLY_MACHINE_ID": m["id"],
-                    "FLY_APP_NAME": m["app"], "FLY_REGION": m["region"], "FLY_ALLOC_ID": m["id"],
-                    "FLY_IMAGE_REF": m["config"]["image"], "FLY_PRIVATE_IP": m["private_ip"],
-                    "FLY_MACHINE_VERSION": m["instance_id"]})
+        return self.volumes.get(mounts[0]["volume"]) if mounts else None
+
+    def _machine_env(self, m: JSON, port: int, volume: JSON | None) -> dict[str, str]:
+        """A minimal environment: the machine's config env, then the host's own variables on top (a config
+        cannot override them). Nothing of the host's environment is inherited, and no host path is given:
+        the machine starts in its volume's directory (``SANDKEEP_VOLUME_PATH`` is ``.``)."""
+        env = dict(m["config"].get("env") or {})
+        env.update({**launcher_env(), "PORT": str(port), "SANDKEEP_VOLUME_PATH": "." if volume is not None else "",
+                    "FLY_MACHINE_ID": m["id"], "FLY_APP_NAME": m["app"], "FLY_REGION": m["region"],
+                    "FLY_ALLOC_ID": m["id"], "FLY_IMAGE_REF": m["config"]["image"],
+                    "FLY_PRIVATE_IP": m["private_ip"], "FLY_MACHINE_VERSION": m["instance_id"]})
+        env.pop(LIMIT_ENV, None)
+        if volume is not None:
+            env[LIMIT_ENV] = str(int(volume["size_gb"]) * self.opt.bytes_per_gb)
         return env
 
     async def _launch(self, m: JSON, rt: MachineRuntime, *, first: bool) -> None:
@@ -737,19 +822,41 @@ class Host:
         port = free_port()
         work = self.data_dir / "machines" / m["id"]
         work.mkdir(parents=True, exist_ok=True)
-        env = self._machine_env(m, port)
-        cwd = env["SANDKEEP_VOLUME_PATH"] or str(work)
-        out = os.open(work / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.chmod(work, 0o700)
+        volume = self._mounted_volume(m)
+        env = self._machine_env(m, port, volume)
+        # the process starts in its volume (or a home of its own) as the machine user; it never needs to
+        # reach the host's directories above it, which stay private to the host (mode 0700)
+        cwd = self.volume_dir(volume) if volume is not None else work / "home"
+        owner = self.machine_owner
+        spec = json.dumps({"args": list(image.argv[1:]), "env": env, "cwd": str(cwd),
+                           "uid": owner[0] if owner else None, "gid": owner[1] if owner else None}).encode()
         try:
+            await asyncio.to_thread(_own_tree, cwd, owner)
+            out = os.open(work / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            self._set_state(m, "failed", "start", request={"error": f"cannot prepare the machine: {exc.strerror}"})
+            return
+        try:
+            # the launcher starts with the host's minimal environment (never the config's env), drops to the
+            # machine user and runs the image in-process (see sandkeep.host.launch)
             proc = await asyncio.create_subprocess_exec(
-                *image.argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+                image.argv[0], "-m", "sandkeep.host.launch", env=launcher_env(), cwd=str(work),
+                stdin=asyncio.subprocess.PIPE, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
         except OSError as exc:
             os.close(out)
-            self._set_state(m, "failed", "start", request={"error": f"cannot start process: {exc}"})
+            self._set_state(m, "failed", "start", request={"error": f"cannot start process: {exc.strerror}"})
             return
         os.close(out)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(spec)
+            await proc.stdin.drain()
+        except (ConnectionError, OSError):
+            pass  # the process died at once: its exit is handled below like any other
+        finally:
+            proc.stdin.close()
         rt.proc = proc
         m["pid"], m["pid_start"], m["port"] = proc.pid, _proc_start_time(proc.pid), port
         m["booted_once"] = True
@@ -1109,6 +1216,7 @@ class Host:
             await asyncio.to_thread(_copy_dir, source_dir, target)
         else:
             target.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_own_tree, target, self.machine_owner)
         self.volumes[vid] = v
         self.db.put("volume", vid, v)
         log.info("volume.created", volume_id=vid, app=app, region=region, source_volume_id=source_id,
@@ -1116,7 +1224,8 @@ class Host:
         return v
 
     async def extend_volume(self, app: str, volume_id: str, body: JSON) -> tuple[JSON, bool]:
-        """Fly's extend: grow ``size_gb`` (never shrink). A directory volume needs no restart."""
+        """Fly's extend: grow ``size_gb`` (never shrink). A machine that holds the volume keeps enforcing the size
+        it was started with until it restarts (``needs_restart``)."""
         v = self.volume(app, volume_id)
         size = body.get("size_gb")
         if isinstance(size, bool) or not isinstance(size, int):
@@ -1131,7 +1240,8 @@ class Host:
         v["size_gb"] = size
         self.db.put("volume", v["id"], v)
         log.info("volume.extended", volume_id=v["id"], app=app, size_gb=size)
-        return v, False
+        holder = self._holder(v)
+        return v, holder is not None and self.machines[holder]["state"] in RUNNING
 
     def list_volumes(self, app: str) -> list[JSON]:
         self.app(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 class HostDB:
     def __init__(self, path: Path, *, watch_keep: int = 10000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        os.chmod(path, 0o600)  # SQLite gives the -wal and -shm files the database file's mode
         self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -37,6 +40,12 @@ class HostDB:
     def load(self, kind: str) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT data FROM records WHERE kind = ? ORDER BY id", (kind,)).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    def compact(self) -> None:
+        """Rewrite the file so that no deleted or overwritten record survives in free pages or the WAL."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.execute("VACUUM")
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import sys
@@ -16,7 +17,7 @@ import uvicorn
 
 from sandkeep.clock import Clock, SystemClock
 from sandkeep.host.api import HostAPI, ProxyApp, ProxyFront
-from sandkeep.host.core import Host, HostOptions
+from sandkeep.host.core import Host, HostError, HostOptions
 from sandkeep.host.faults import Faults
 from sandkeep.net import bind_tcp
 from sandkeep.secrets import read_or_create_private
@@ -33,6 +34,7 @@ class ServeConfig:
     fault_seed: int | None = None
     log_level: str = "info"
     rate_limits: bool = False
+    proxy_token: str | None = None  # SANDKEEP_HOST_PROXY_TOKEN: the proxy then refuses requests without it
 
 
 def load_or_create_token(data_dir: Path, env_token: str | None) -> tuple[str, Path | None]:
@@ -55,23 +57,27 @@ class _Server(uvicorn.Server):
 async def serve(cfg: ServeConfig, clock: Clock | None = None) -> None:
     clock = clock or SystemClock()
     cfg.options.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.options.data_dir, 0o700)
+    try:
+        host = Host(cfg.options, clock)
+    except HostError as exc:
+        raise SystemExit(f"sandkeep host: {exc.message}") from exc
     try:
         api_sock, proxy_sock = bind_tcp(cfg.listen), bind_tcp(cfg.proxy_listen)
         internal_sock = bind_tcp(("127.0.0.1", 0))  # the HTTP side of the proxy, behind ProxyFront
     except OSError as exc:
         raise SystemExit(f"sandkeep host: cannot listen: {exc}") from exc
-    host = Host(cfg.options, clock)
     recovered = host.load()
     if recovered:
         log.info("host.recovered_machines_stopped", machines=recovered)
     api = HostAPI(host, cfg.token, Faults(seed=cfg.fault_seed), rate_limits=cfg.rate_limits)
-    proxy = ProxyApp(host)
+    proxy = ProxyApp(host, token=cfg.proxy_token)
     common = {"log_config": None, "access_log": False, "lifespan": "on", "timeout_graceful_shutdown": 5,
               "log_level": "debug" if cfg.log_level == "debug" else "warning"}
     api_server = _Server(uvicorn.Config(api.app(), **common))  # type: ignore[arg-type]
     proxy_server = _Server(uvicorn.Config(proxy, **common))  # type: ignore[arg-type]
     servers = (api_server, proxy_server)
-    front = ProxyFront(host, internal_sock.getsockname()[:2])
+    front = ProxyFront(host, internal_sock.getsockname()[:2], token=cfg.proxy_token)
     front_server = await asyncio.start_server(front.handle, sock=proxy_sock, limit=front.max_head)
 
     def on_signal() -> None:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import RetryCallState
 
 from sandkeep.clock import Clock, SystemClock
+from sandkeep.gateway import PROXY_TOKEN_HEADER
 from sandkeep.logs import get_logger
 from sandkeep.provider.errors import (
     CapacityError,
@@ -106,7 +107,8 @@ class MachinesClient:
                  fly_proxy_template: str = FLY_PROXY_TEMPLATE, clock: Clock | None = None,
                  timeout: float = 30.0, max_attempts: int = 5, backoff_base: float = 0.2,
                  backoff_max: float = 5.0, transport: httpx.AsyncBaseTransport | None = None,
-                 max_retry_after: float = 60.0, rng: random.Random | None = None) -> None:
+                 max_retry_after: float = 60.0, rng: random.Random | None = None,
+                 proxy_token: str | None = None) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         root = base_url.strip().rstrip("/")
@@ -116,6 +118,7 @@ class MachinesClient:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = root
         self.proxy_url = proxy_url.rstrip("/") if proxy_url else None
+        self.proxy_token = proxy_token  # the local host's SANDKEEP_HOST_PROXY_TOKEN, sent with gateway traffic
         if "{app}" not in fly_proxy_template:
             raise ValueError(f"fly_proxy_template must contain '{{app}}', got {fly_proxy_template!r}")
         self.fly_proxy_template = fly_proxy_template.rstrip("/")
@@ -606,6 +609,8 @@ class MachinesClient:
     def proxy_target(self, app_name: str, machine_id: str) -> tuple[str, dict[str, str]]:
         headers = {"fly-force-instance-id": machine_id}
         if self.proxy_url is not None:
+            if self.proxy_token:
+                headers[PROXY_TOKEN_HEADER] = self.proxy_token
             return self.proxy_url, headers
         return self.fly_proxy_template.replace("{app}", app_name), headers
 

@@ -47,6 +47,8 @@ class InstanceRecord:
     env: dict[str, str] = field(default_factory=dict)
     secrets_encrypted: dict[str, str] = field(default_factory=dict)  # name -> Fernet token
     config_generation: int = 0  # bumped by every PATCH; the machine carries the generation it got
+    # the instance's gateway token (SPEC §13), a Fernet token like the secrets; None until the next start
+    gateway_token_encrypted: str | None = None
     last_started_at: datetime | None = None
     last_stopped_at: datetime | None = None
     status_changed_at: datetime | None = None

@@ -105,6 +105,7 @@ instances = Table(
     Column("image", String(1024), nullable=False),
     Column("env", JSONText(), nullable=False),
     Column("secrets_encrypted", JSONText(), nullable=False),
+    Column("gateway_token_encrypted", Text(), nullable=True),
     Column("config_generation", Integer(), nullable=False),
     Column("last_started_at", UTCDateTime(), nullable=True),
     Column("last_stopped_at", UTCDateTime(), nullable=True),

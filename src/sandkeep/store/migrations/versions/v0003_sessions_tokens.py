@@ -1,7 +1,7 @@
 """server-side web sessions, one-time sign-in codes, API token registry
 
 Revision ID: v0003
-Revises: 0001
+Revises: v0002
 Create Date: 2026-11-30
 
 Tokens issued before this revision carry no ``jti`` and have no row in ``api_tokens``: they are refused
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "v0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "v0002"
 branch_labels: str | None = None
 depends_on: str | None = None
 
