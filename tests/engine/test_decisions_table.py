@@ -33,6 +33,7 @@ from sandkeep.engine.actions import (
     Persist,
     ProbeHealth,
     RequeueAfter,
+    RotateGatewayToken,
     StartMachine,
     UpdateMachine,
     WaitMachine,
@@ -60,7 +61,8 @@ def make_record(status: Status, deadline: str, **changes: object) -> InstanceRec
     then = NOW - age
     rec = InstanceRecord(id="ins_1", user_id="u", sandbox_id="sbx_1", status=status, created_at=then,
                          updated_at=then, app_name="sk-x", machine_id="m1", volume_id="v1", region="lcl-a",
-                         status_changed_at=then, last_started_at=None if status == Status.PROVISIONED else then)
+                         status_changed_at=then, last_started_at=None if status == Status.PROVISIONED else then,
+                         gateway_token_encrypted="encrypted-token")
     if status == Status.RECOVERING:
         rec = rec.copy(recovery_started_at=then, recovery_step=recovery.STEP_WAIT, pending_recovery_volume_id="v2")
     if status == Status.PROVISIONED:
@@ -160,6 +162,7 @@ TABLE: list[tuple[Status, str, str, str]] = [
     (Status.STARTING, "failed", "fresh", "stopped"),
     (Status.STARTING, "missing", "fresh", "stopped_clear_machine"),
     (Status.STARTING, "started", "overdue", "stopped"),
+    (Status.STARTING, "stopped", "fresh", "rotate_token"),
     (Status.STARTING, "starting", "overdue", "stopped"),
     (Status.RESTARTING, "started", "overdue", "stopped"),
     (Status.RECOVERING, "started", "fresh", "probe"),
@@ -206,6 +209,8 @@ def expect(kind: str, actions: list[Action], rec: InstanceRecord) -> None:
         assert actions == [DestroyMachine("m1")]
         action = actions[0]
         assert isinstance(action, DestroyMachine) and action.clear == {"machine_id": None}
+    elif kind == "rotate_token":
+        assert actions == [RotateGatewayToken()]
     elif kind == "starting":
         assert changes == {"status": Status.STARTING}
     elif kind == "destroying":
@@ -221,6 +226,8 @@ def test_expected_first_moves(status: Status, state: str, deadline: str, kind: s
     rec = make_record(status, deadline)
     if kind == "destroying":  # a provision that never started
         rec = rec.copy(last_started_at=None)
+    if kind == "rotate_token":  # an instance from before gateway tokens
+        rec = rec.copy(gateway_token_encrypted=None)
     actions = decide(rec, observe(rec, state), SETTINGS, NOW)
     check_shape(actions)
     expect(kind, actions, rec)

@@ -144,15 +144,10 @@ def deadlines_starting(record: InstanceRecord, obs: Observed, settings: Settings
     return []
 
 
-def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    """``starting`` and ``restarting``: follow the machine, apply the timeouts; 404 means stopped."""
-    restarting = record.status == Status.RESTARTING
-    elapsed = _starting_elapsed(record, now)
-    verb = "restart" if restarting else "start"
-    machine = obs.machine
-    if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
-        return start_failed(record, obs, settings, now, label="timeout",
-                            error=f"{verb} timed out after {int(elapsed)} s")
+def _provision_app_and_volume(record: InstanceRecord, obs: Observed, settings: Settings,
+                              now: datetime) -> list[Action] | None:
+    """The first steps of a start: the provider app, then the volume (adopted before created). None when both
+    are there already."""
     # the provider app
     if record.volume_id is None or record.machine_id is None:
         app = obs.outcome(EnsureApp())
@@ -181,6 +176,22 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
                              assign_region=True, size_gb=settings.volume_size_gb,
                              compute_size=record.machine_size),
                 Emit("reconcile.create_volume")]
+    return None
+
+
+def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """``starting`` and ``restarting``: follow the machine, apply the timeouts; 404 means stopped."""
+    restarting = record.status == Status.RESTARTING
+    elapsed = _starting_elapsed(record, now)
+    verb = "restart" if restarting else "start"
+    machine = obs.machine
+    if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
+        return start_failed(record, obs, settings, now, label="timeout",
+                            error=f"{verb} timed out after {int(elapsed)} s")
+    provisioned = _provision_app_and_volume(record, obs, settings, now)
+    if provisioned is not None:
+        return provisioned
+    assert record.volume_id is not None  # _provision_app_and_volume answers for a record without one
     if obs.volume_missing:
         if (machine is not None and record.volume_id in machine.volume_ids and machine.state != "started"
                 and obs.outcome(DestroyMachine(machine.id)) is None):
