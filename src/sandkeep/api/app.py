@@ -16,15 +16,15 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkeep.api.auth import TokenError, valid_user_id
 from sandkeep.api.errors import ApiError, install_error_handlers
+from sandkeep.api.proxy import HOP_BY_HOP, GatewayUnreachable, stream_gateway
 from sandkeep.api.schemas import (
     AuditPage,
     CleanupResult,
@@ -55,8 +55,6 @@ from sandkeep.web.routes import create_web_router
 MAX_JSON_BODY = 1024 * 1024
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 STATUS_VALUES = [s.value for s in Status]
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "trailers", "transfer-encoding", "upgrade"})
 DROP_REQUEST_HEADERS = HOP_BY_HOP | {"host", "authorization", "cookie", "fly-force-instance-id", "x-forwarded-for",
                                      "x-forwarded-proto", "x-forwarded-host", GATEWAY_TOKEN_HEADER,
                                      PROXY_TOKEN_HEADER}
@@ -378,30 +376,24 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
         headers.append(("x-forwarded-for", client_host))
         headers.append(("x-forwarded-proto", request.url.scheme))
         has_body = "content-length" in request.headers or "chunked" in request.headers.get("transfer-encoding", "")
-        upstream_req = proxy_client().build_request(
-            request.method, url, params=list(request.query_params.multi_items()), headers=headers,
-            content=request.stream() if has_body else None)
+
+        query: list[tuple[str, str | int | float | bool | None]] = list(request.query_params.multi_items())
+
+        def broken(error: str) -> None:
+            log.warning("api.gateway_stream_broken", instance_id=instance_id, error=error)
+
         try:
-            upstream = await proxy_client().send(upstream_req, stream=True)
-        except httpx.TimeoutException as exc:
-            log.warning("api.gateway_timeout", instance_id=instance_id, error=str(exc))
-            raise ApiError(504, "gateway_timeout", f"the gateway of {instance_id} did not answer in time") from exc
-        except httpx.HTTPError as exc:
-            log.warning("api.gateway_unreachable", instance_id=instance_id, error=f"{type(exc).__name__}: {exc}")
+            return await stream_gateway(proxy_client(), request.method, url, headers=headers,
+                                        params=httpx.QueryParams(query),
+                                        content=request.stream() if has_body else None, on_broken=broken)
+        except GatewayUnreachable as exc:
+            if exc.timed_out:
+                log.warning("api.gateway_timeout", instance_id=instance_id, error=str(exc.error))
+                raise ApiError(504, "gateway_timeout",
+                               f"the gateway of {instance_id} did not answer in time") from exc
+            log.warning("api.gateway_unreachable", instance_id=instance_id, error=str(exc))
             raise ApiError(502, "gateway_unreachable", f"cannot reach the gateway of {instance_id}: "
-                           f"{type(exc).__name__}", headers={"Retry-After": retry_after}) from exc
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as exc:  # the status line is out already: end the stream, log why
-                log.warning("api.gateway_stream_broken", instance_id=instance_id,
-                            error=f"{type(exc).__name__}: {exc}")
-
-        return StreamingResponse(body(), status_code=upstream.status_code, headers=out_headers,
-                                 background=BackgroundTask(upstream.aclose))
+                           f"{type(exc.error).__name__}", headers={"Retry-After": retry_after}) from exc
 
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
         v1.add_api_route("/instances/{instance_id}/gateway/{path:path}", gateway, methods=[method],
