@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandkeep.api.auth import TokenError, valid_user_id
+from sandkeep.api.auth import TokenError
 from sandkeep.api.errors import ApiError, install_error_handlers
 from sandkeep.api.proxy import HOP_BY_HOP, GatewayUnreachable, stream_gateway
 from sandkeep.api.schemas import (
@@ -43,7 +43,7 @@ from sandkeep.api.schemas import (
     render_token,
 )
 from sandkeep.credentials import TOKEN_ID_RE, Credentials, TokenNotFound
-from sandkeep.engine.service import Actor, InstanceNotFound, InstanceServiceAPI
+from sandkeep.engine.service import Actor, InstanceNotFound, InstanceServiceAPI, valid_user_id
 from sandkeep.gateway import PROXY_TOKEN_HEADER
 from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.logs import get_logger
@@ -186,6 +186,8 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
         """Create an instance and start it right away. Users create for themselves only."""
         body = body or CreateInstanceBody()
         user_id = actor.user_id if body.user_id is None else body.user_id
+        # refused here before the service is reached (the service holds the same rules for every caller; the
+        # API's fake-service tests pin these answers)
         if not valid_user_id(user_id):
             raise ApiError(422, "validation_error", f"invalid user_id {user_id[:64]!r}: 1-128 letters, digits "
                            "or ._@:+- starting with a letter or digit")

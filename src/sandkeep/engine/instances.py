@@ -43,10 +43,12 @@ from sandkeep.engine.service import (
     InvalidArgument,
     InvalidConfig,
     InvalidTransition,
+    InvalidUserId,
     ProviderUnavailable,
     QuotaExceeded,
     RecoveringRefused,
     ServiceError,
+    valid_user_id,
 )
 from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.provider.errors import ProviderError
@@ -246,10 +248,11 @@ class InstanceService:
     async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
                               env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
                               image: str | None = None) -> InstanceRecord:
-        if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 200:
-            raise InvalidConfig("user_id must be a non-empty string (max 200 characters)")
+        if not valid_user_id(user_id):
+            raise InvalidUserId(f"invalid user_id {str(user_id)[:64]!r}: 1-128 letters, digits or ._@:+- starting "
+                                f"with a letter or digit")
         if actor.role == "user" and user_id != actor.user_id:
-            raise Forbidden("users may create instances only for themselves")
+            raise Forbidden("a user token can only create instances for its own user")
         config = self._config(size=size or self.settings.default_size, env=env or {},
                               image=image or self.settings.image)
         policy.check_image(config["image"], self.settings)
