@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 # Regenerate the pinned constraints from the current environment (maintainers only).
 constraints: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^sandkeep' > constraints.txt
+	$(BIN)/python -m pip freeze --all --exclude-editable | grep -v -E '^(sandkeep|pip)([=@ ]|$$)' > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -104,6 +104,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Proxy address of the local host that serve starts (HOST:PORT)."),
     Setting("host_start_timeout", "SANDKEEP_HOST_START_TIMEOUT", 30.0,
             "How long serve waits for its local host child to answer /healthz."),
+    Setting("ready_timeout", "SANDKEEP_READY_TIMEOUT", 5.0,
+            "How long /readyz waits for the database and for the machine provider, each."),
+    Setting("provider_check_timeout", "SANDKEEP_PROVIDER_CHECK_TIMEOUT", 15.0,
+            "How long serve --provider fly waits for each start-up check of the token, org and regions."),
     Setting("gateway_proxy_timeout", "SANDKEEP_GATEWAY_PROXY_TIMEOUT", 60.0,
             "Timeout of one request proxied by the API to an instance's gateway."),
     Setting("token_ttl", "SANDKEEP_TOKEN_TTL", 2592000.0,
@@ -189,6 +193,8 @@ class Settings:
     host_listen: str = "127.0.0.1:4280"
     host_proxy_listen: str = "127.0.0.1:4281"
     host_start_timeout: float = 30.0
+    ready_timeout: float = 5.0
+    provider_check_timeout: float = 15.0
     gateway_proxy_timeout: float = 60.0
     token_ttl: float = 2592000.0
     api_url: str = "http://127.0.0.1:8080"

@@ -126,7 +126,14 @@ def load_or_create_secret(path: Path, from_env: str | None, generate: Callable[[
 def resolve_data_dir(settings: Settings, data_dir: Path | None = None) -> Path:
     directory = Path(data_dir) if data_dir is not None else Path(settings.home)
     directory = directory.expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"cannot use data directory {directory} (--data-dir / SANDKEEP_HOME): "
+                           f"{exc.strerror or exc}") from exc
     return directory
 
 
@@ -142,6 +149,31 @@ def make_private(directory: Path) -> None:
                 os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
+
+def safe_database_url(url: str) -> str:
+    """The database URL without its password (for messages and banners)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return str(make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return url.split("@")[-1]
+
+
+def database_startup_error(exc: BaseException, url: str) -> StartupError:
+    """One line for an operator whose database cannot be opened (never the password, never a traceback)."""
+    where = safe_database_url(url)
+    if isinstance(exc, ValueError):
+        text = str(exc)
+        if text.startswith("invalid database URL"):
+            text = ("not a valid database URL (e.g. postgresql+psycopg://user@host:5432/db or "
+                    "sqlite:////var/lib/sandkeep/sandkeep.db)")
+        return StartupError(f"SANDKEEP_DATABASE_URL: {text}")
+    if isinstance(exc, OSError):
+        return StartupError(f"cannot open the database {where}: {exc.strerror or exc}")
+    cause = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return StartupError(f"cannot open the database {where}: {lines[0] if lines else type(cause).__name__}")
 
 
 def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
@@ -275,19 +307,39 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
     clock = clock or SystemClock()
     directory = resolve_data_dir(settings, data_dir)
     await asyncio.to_thread(make_private, directory)
-    jwt_secret = resolve_jwt_secret(settings, directory)
+    try:
+        jwt_secret = resolve_jwt_secret(settings, directory)
+    except OSError as exc:
+        raise StartupError(f"cannot read or create {directory / 'jwt-secret'}: {exc.strerror or exc}") from exc
     # the secrets key (SANDKEEP_SECRETS_KEY, else DATA/secrets.key) is resolved by sandkeep.secrets.SecretBox
-    settings = settings.replace(home=directory, jwt_secret=jwt_secret,
-                                app_name_secret=app_name_secret(settings.replace(home=directory)))
+    try:
+        name_secret = app_name_secret(settings.replace(home=directory))
+    except OSError as exc:
+        raise StartupError(f"cannot read or create {directory / 'app-name-secret'}: {exc.strerror or exc}") from exc
+    settings = settings.replace(home=directory, jwt_secret=jwt_secret, app_name_secret=name_secret)
     public = settings.public_url or http_url(settings.listen)
 
     if settings.provider == "fly" and not settings.fly_api_token:
         raise StartupError("provider 'fly' needs FLY_API_TOKEN (and FLY_ORG, FLY_REGIONS)")
+    if settings.provider == "fly":
+        from sandkeep.flycheck import FlyConfigError, parse_fly_regions
+
+        try:
+            parse_fly_regions(settings.fly_regions)
+        except FlyConfigError as exc:
+            raise StartupError(str(exc)) from exc
     if settings.provider not in ("local", "fly"):
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
     async with contextlib.AsyncExitStack() as stack:
-        store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from sandkeep.store.base import StoreError
+
+        try:
+            store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
+        except (ValueError, OSError, SQLAlchemyError, StoreError) as exc:
+            raise database_startup_error(exc, settings.resolved_database_url) from exc
         stack.callback(store.close)
 
         host_child: HostChild | None = None
@@ -326,8 +378,19 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
                                   fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE,
                                   proxy_token=settings.host_proxy_token if proxy_url else None)
         stack.push_async_callback(provider.aclose)
+        if settings.provider == "fly":
+            from sandkeep.flycheck import FlyConfigError, check_fly
 
-        engine = Engine(settings, store, provider, clock)
+            try:
+                await check_fly(provider, settings, timeout=settings.provider_check_timeout)
+            except FlyConfigError as exc:
+                raise StartupError(str(exc)) from exc
+
+        try:
+            engine = Engine(settings, store, provider, clock)
+        except OSError as exc:  # the secrets key file (SANDKEEP_SECRETS_KEY unset) cannot be read or written
+            raise StartupError(f"cannot start the engine: {exc.strerror or exc}"
+                               f"{f' ({exc.filename})' if exc.filename else ''}") from exc
         if host_child is not None:
             # runs after the engine stopped and before the host child is stopped (exit callbacks run LIFO)
             stack.push_async_callback(_note_planned_host_restart, engine.service, log)

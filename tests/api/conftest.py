@@ -50,6 +50,22 @@ def gateway_echo(seen: list[httpx.Request]) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
+def refusing_gateway_client(tmp_path: Path) -> tuple[httpx.AsyncClient, str]:
+    """A client of an app whose gateway proxy cannot connect, and the id of alice's running instance."""
+    service = FakeService()
+    record = service.add("alice")
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    runtime = make_runtime(service, tmp_path)
+    app = create_app(runtime, proxy_transport=httpx.MockTransport(refuse))
+    token = runtime.credentials.issue_token("alice").token
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                               base_url="http://t", headers={"Authorization": f"Bearer {token}"})
+    return client, record.id
+
+
 def make_runtime(service: FakeService, tmp_path: Path) -> Runtime:
     return Runtime(settings=Settings(home=tmp_path), clock=service.clock, service=service, jwt_secret=SECRET,
                    data_dir=tmp_path, base_url="http://testserver",

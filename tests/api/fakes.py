@@ -116,7 +116,7 @@ class FakeService:
     # InstanceServiceAPI ---------------------------------------------------------------------------
     async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
                               env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
-                              image: str | None = None) -> InstanceRecord:
+                              image: str | None = None, idempotency_key: str | None = None) -> InstanceRecord:
         self.calls.append(("create", actor.user_id, None))
         r = self.add(user_id, Status.STARTING, machine_size=size or "shared-cpu-1x", env=dict(env or {}),
                      secrets_encrypted={k: "enc:" + v[::-1] for k, v in (secrets or {}).items()},

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
-
-from sandkeep.api.app import create_app
 from sandkeep.store.records import Status
-from tests.api.conftest import Api, make_runtime
-from tests.api.fakes import FakeService, retained
+from tests.api.conftest import Api, refusing_gateway_client
+from tests.api.fakes import retained
 
 INSTANCE_KEYS = {"id", "user_id", "sandbox_id", "status", "busy", "region", "machine_id", "volume_id", "app_name",
                  "created_at", "last_started_at", "last_stopped_at", "recovery"}
@@ -150,19 +147,9 @@ async def test_gateway_answers_503_with_retry_after_while_not_running(api: Api) 
 
 
 async def test_gateway_unreachable_is_502_not_500(tmp_path: Path) -> None:
-    service = FakeService()
-    r = service.add("alice")
-
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    runtime = make_runtime(service, tmp_path)
-    app = create_app(runtime, proxy_transport=httpx.MockTransport(refuse))
-    token = runtime.credentials.issue_token("alice").token
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                                 base_url="http://t") as client:
-        resp = await client.get(f"/v1/instances/{r.id}/gateway/health",
-                                headers={"Authorization": f"Bearer {token}"})
+    client, instance_id = refusing_gateway_client(tmp_path)
+    async with client:
+        resp = await client.get(f"/v1/instances/{instance_id}/gateway/health")
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "gateway_unreachable"
 
 

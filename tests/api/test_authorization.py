@@ -98,7 +98,7 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
 ]
 # routes that need no token at all (tested in test_healthz_and_metrics_need_no_token)
-PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/metrics")}
+PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 
 ACTORS = [OWNER, OTHER, ADMIN, PLATFORM, *UNAUTHENTICATED]
 

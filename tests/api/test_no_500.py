@@ -62,7 +62,8 @@ async def test_bad_create_bodies_are_4xx(api: Api, method: str, body: bytes | st
         return
     err = assert_error_shape(resp)
     assert resp.status_code in (400, 415, 422)
-    assert err["code"] in ("invalid_json", "validation_error")
+    assert err["code"] in ("invalid_json", "validation_error", "unsupported_media_type")
+    assert (resp.status_code == 415) == (err["code"] == "unsupported_media_type") == (ctype != "application/json")
     assert not api.service.instances
 
 

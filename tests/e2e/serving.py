@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ import httpx
 
 from sandkeep.clock import SystemClock
 from sandkeep.credentials import Credentials, open_credentials
-from tests.support.procs import Proc, free_port, spawn
+from tests.support.procs import SANDKEEP, Proc, free_port, spawn
 from tests.support.wait import wait_until
 
 FAST_ENV = {
@@ -105,3 +107,17 @@ def running_serve(base: Path, *, extra_env: dict[str, str] | None = None) -> Ite
         if serve is not None:
             serve.close()
         proc.stop()
+
+
+def serve_fails(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``sandkeep serve ARGS`` until it exits; assert exit code 1 and exactly one line on stderr, no
+    traceback; return that line. The environment has no SANDKEEP_* or FLY_* variables but ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SANDKEEP_", "FLY_"))}
+    full.update({"SANDKEEP_HOME": str(data_dir), "SANDKEEP_LOG_LEVEL": "info", **(env or {})})
+    done = subprocess.run([*SANDKEEP, "serve", "--listen", f"127.0.0.1:{free_port()}", "--no-login-links", *args],
+                          env=full, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr and lines[0].startswith("sandkeep serve: "), done.stderr
+    return lines[0]

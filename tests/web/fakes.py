@@ -99,7 +99,7 @@ class FakeService:
 
     async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
                               env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
-                              image: str | None = None) -> InstanceRecord:
+                              image: str | None = None, idempotency_key: str | None = None) -> InstanceRecord:
         return self.add(f"ins_{len(self.instances) + 1}", user_id, Status.STARTING)
 
     async def update_config(self, actor: Actor, instance_id: str, *, size: str | None = None,

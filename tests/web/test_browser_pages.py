@@ -118,10 +118,10 @@ def test_busy_refusal_is_shown(site: tuple[str, FakeRuntime], page: tuple[Any, C
     sign_in_with_token(pg, base, token(rt, "alice"))
     # the engine moved on between drawing the page and the click: the service refuses
     rt.service.fail_next = InstanceBusy("instance ins_a1 is busy (starting)", status="starting")
-    pg.click("#restart-ins_a1")
+    pg.click("#start-ins_a1")
     pg.wait_for_selector("#flash .flash-error")
-    assert "Could not restart ins_a1: instance ins_a1 is busy (starting)" in pg.inner_text("#flash")
-    assert rt.service.calls == [("restart", "alice", "ins_a1")]
+    assert "Could not start ins_a1: instance ins_a1 is busy (starting)" in pg.inner_text("#flash")
+    assert rt.service.calls == [("start", "alice", "ins_a1")]
     log.assert_clean()
 
 
@@ -331,8 +331,8 @@ def test_failed_requests_are_reported_in_the_page(site: tuple[str, FakeRuntime],
     pg.wait_for_selector("#flash .flash-error")
     assert "HTTP 502" in pg.inner_text("#flash")
     # the network is gone
-    pg.route("**/ui/instances/ins_a1/restart", lambda route: route.abort())
-    pg.click("#restart-ins_a1")
+    pg.route("**/ui/instances/ins_a1/start", lambda route: route.abort())  # the newest route wins
+    pg.click("#start-ins_a1")
     pg.wait_for_function("() => document.querySelector('#flash').innerText.includes('could not reach sandkeep')")
     # a request without this session's CSRF token is refused, and the page says why
     pg.evaluate("""document.body.setAttribute('hx-headers', '{"X-CSRF-Token": "forged"}');

@@ -15,16 +15,20 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandkeep import __version__
 from sandkeep.api.auth import TokenError
+from sandkeep.api.docs import install_docs, readable_operation_id
 from sandkeep.api.errors import ApiError, install_error_handlers
+from sandkeep.api.middleware import JsonBodyRequired, RequestContext
 from sandkeep.api.proxy import HOP_BY_HOP, GatewayUnreachable, stream_gateway
+from sandkeep.api.readiness import readiness_checks
 from sandkeep.api.schemas import (
     AuditPage,
     CleanupResult,
@@ -54,6 +58,8 @@ from sandkeep.web.routes import create_web_router
 
 MAX_JSON_BODY = 1024 * 1024
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_IDEMPOTENCY_KEY = 200
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:=+/-]{1,200}$")
 STATUS_VALUES = [s.value for s in Status]
 DROP_REQUEST_HEADERS = HOP_BY_HOP | {"host", "authorization", "cookie", "fly-force-instance-id", "x-forwarded-for",
                                      "x-forwarded-proto", "x-forwarded-host", GATEWAY_TOKEN_HEADER,
@@ -121,10 +127,13 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
 
     app = FastAPI(
         title="sandkeep",
-        version="0.1.0",
+        version=__version__,
         summary="Keeps one persistent machine per user alive and recovers it when it stops unexpectedly.",
         lifespan=lifespan,
         responses={401: {"model": ErrorBody}},
+        docs_url=None,  # served from the package's own Swagger UI files below (works offline)
+        redoc_url=None,
+        generate_unique_id_function=readable_operation_id,
     )
     app.state.runtime = runtime
     app.state.jwt_secret = secret
@@ -132,8 +141,10 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
     app.state.credentials = credentials
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)
+    app.add_middleware(JsonBodyRequired)
+    app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)  # outside: a huge body is 413 whatever its type
     app.add_middleware(RejectMalformed)
+    app.add_middleware(RequestContext, monotonic=runtime.clock.monotonic)
 
     def require_admin(actor: Actor) -> None:
         if actor.role != "admin":
@@ -182,9 +193,18 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
     v1 = APIRouter(prefix="/v1", responses=ERRORS)
 
     @v1.post("/instances", status_code=201, response_model=Instance, tags=["instances"])
-    async def create_instance(actor: ActorDep, body: CreateInstanceBody | None = None) -> dict[str, Any]:
+    async def create_instance(
+        actor: ActorDep, body: CreateInstanceBody | None = None,
+        idempotency_key: Annotated[str | None, Header(
+            alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY,
+            description="Makes a retried create safe: the same caller, owner and key return the first instance "
+                        "instead of creating another (1-200 characters of letters, digits and ._:=+/-).")] = None,
+    ) -> dict[str, Any]:
         """Create an instance and start it right away. Users create for themselves only."""
         body = body or CreateInstanceBody()
+        if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+            raise ApiError(422, "validation_error", "Idempotency-Key must be 1-200 characters of letters, digits "
+                           "and ._:=+/-")
         user_id = actor.user_id if body.user_id is None else body.user_id
         # refused here before the service is reached (the service holds the same rules for every caller; the
         # API's fake-service tests pin these answers)
@@ -193,8 +213,9 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
                            "or ._@:+- starting with a letter or digit")
         if user_id != actor.user_id and actor.role not in ("admin", "platform"):
             raise ApiError(403, "forbidden", "a user token can only create instances for its own user")
+        extra = {"idempotency_key": idempotency_key} if idempotency_key is not None else {}
         record = await service.create_instance(actor, user_id=user_id, size=body.size, env=body.env,
-                                               secrets=body.secrets, image=body.image)
+                                               secrets=body.secrets, image=body.image, **extra)
         return render_instance(record)
 
     @v1.get("/instances", response_model=InstancePage, tags=["instances"])
@@ -410,6 +431,17 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
         """Liveness: the API process answers."""
         return {"ok": True}
 
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorBody}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when the database and the machine provider answer, 503 (naming which) otherwise."""
+        checks = await readiness_checks(runtime, timeout=float(settings.ready_timeout))
+        failed = {name: result for name, result in checks.items() if result != "ok"}
+        if not failed:
+            return JSONResponse({"ok": True, "checks": checks})
+        message = "; ".join(f"{name}: {result}" for name, result in failed.items())
+        return JSONResponse({"error": {"code": "not_ready", "message": message, "status": 503}, "checks": checks},
+                            status_code=503)
+
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus metrics (engine counters and histograms)."""
@@ -417,6 +449,7 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
 
         return Response(generate_latest(METRICS_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    install_docs(app)
     _include_web(app, runtime)
     return app
 

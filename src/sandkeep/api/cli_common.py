@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -25,26 +26,49 @@ EXIT_WAIT = 4
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+OUTPUTS = ("table", "wide", "json", "yaml")
+Render = Callable[[Sequence[dict[str, Any]]], str]
+
+
 class Ctx:
-    def __init__(self, url: str, token: str | None, as_json: bool) -> None:
+    def __init__(self, url: str, token: str | None, output: str = "table") -> None:
         self.url = url
         self.token = token
-        self.as_json = as_json
+        self.output = output
+
+    @property
+    def as_json(self) -> bool:
+        """Structured output (JSON or YAML) instead of tables."""
+        return self.output in ("json", "yaml")
+
+    @property
+    def wide(self) -> bool:
+        return self.output == "wide"
+
+    def emit(self, value: Any) -> None:
+        """Print ``value`` as JSON or YAML (``-o``)."""
+        click.echo(self.structured(value))
+
+    def structured(self, value: Any) -> str:
+        return yaml_text(value) if self.output == "yaml" else json.dumps(value, indent=2, sort_keys=False)
 
     def client(self) -> ApiClient:
         return ApiClient(self.url, self.token)
 
-    def print_listing(self, path: str, params: dict[str, Any], limit: int,
-                      render: Callable[[Sequence[dict[str, Any]]], str], empty: str) -> None:
-        """Fetch up to ``limit`` items of a paginated listing and print them as JSON or a table."""
+    def print_listing(self, path: str, params: dict[str, Any], limit: int, render: Render, empty: str,
+                      render_wide: Render | None = None) -> None:
+        """Fetch up to ``limit`` items of a paginated listing and print them as JSON, YAML or a table."""
+        click.echo(self.listing_text(path, params, limit, render, empty, render_wide))
+
+    def listing_text(self, path: str, params: dict[str, Any], limit: int, render: Render, empty: str,
+                     render_wide: Render | None = None) -> str:
         with self.client() as client:
             items = list(client.pages(path, params, max_items=limit))
         if self.as_json:
-            emit_json(items)
-        elif items:
-            click.echo(render(items))
-        else:
-            click.echo(empty)
+            return self.structured(items)
+        if items:
+            return (render_wide if self.wide and render_wide else render)(items)
+        return empty
 
 
 def api_options(fn: F) -> F:
@@ -54,15 +78,20 @@ def api_options(fn: F) -> F:
                   help="sandkeep API base URL [env SANDKEEP_URL].")
     @click.option("--token", envvar="SANDKEEP_TOKEN", default=None,
                   help="API token (see `sandkeep token`) [env SANDKEEP_TOKEN].")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts).")
+    @click.option("-o", "--output", type=click.Choice(OUTPUTS), default=None,
+                  help="table (default), wide (more columns), json or yaml.")
+    @click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
     @functools.wraps(fn)
-    def wrapper(*args: Any, url: str, token: str | None, as_json: bool, **kwargs: Any) -> Any:
-        ctx = Ctx(url, token, as_json)
+    def wrapper(*args: Any, url: str, token: str | None, output: str | None, as_json: bool, **kwargs: Any) -> Any:
+        if as_json and output not in (None, "json"):
+            raise click.UsageError(f"--json and -o {output} disagree: give one")
+        ctx = Ctx(url, token, "json" if as_json else (output or "table"))
+        as_json = ctx.as_json
         try:
             return fn(*args, ctx=ctx, **kwargs)
         except ApiCallError as exc:
             if as_json and exc.body is not None:
-                click.echo(json.dumps(exc.body, indent=2))
+                ctx.emit(exc.body)
             click.echo(f"error: {exc.code} ({exc.status}): {exc.message}", err=True)
             if exc.status == 401 and not token:
                 click.echo("hint: pass --token or set SANDKEEP_TOKEN (`sandkeep token --user ID`)", err=True)
@@ -87,6 +116,35 @@ def wait_options(fn: F) -> F:
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def yaml_text(value: Any) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False)).rstrip("\n")
+
+
+def watch_options(fn: F) -> F:
+    fn = click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+                      help="With --watch: seconds between refreshes.")(fn)
+    fn = click.option("-w", "--watch", is_flag=True,
+                      help="Keep refreshing; print the view again whenever it changes (Ctrl-C ends).")(fn)
+    return fn
+
+
+def watch(frame: Callable[[], str], *, interval: float) -> None:
+    """Print ``frame()`` now and again every time it changes, until Ctrl-C (exit 0)."""
+    last: str | None = None
+    try:
+        while True:
+            text = frame()
+            if text != last:
+                stamp = datetime.now(UTC).strftime("%H:%M:%S")
+                click.echo(("\n" if last is not None else "") + f"--- {stamp} UTC (Ctrl-C to stop)\n{text}")
+                last = text
+            time.sleep(interval)  # the CLI's own polling pace (not a test wait)
+    except KeyboardInterrupt:
+        return
 
 
 def age(iso: str | None, now: datetime | None = None) -> str:
@@ -137,6 +195,23 @@ def instance_rows(items: Sequence[dict[str, Any]]) -> str:
                    age(i.get("last_started_at"))] for i in items])
 
 
+def instance_rows_wide(items: Sequence[dict[str, Any]]) -> str:
+    """``-o wide``: also the provider app (where to find the machine), size, creation time, last error."""
+    return table(["ID", "USER", "STATUS", "REGION", "APP", "MACHINE", "VOLUME", "SIZE", "CREATED", "STARTED",
+                  "LAST ERROR"],
+                 [[i["id"], i["user_id"], status_label(i), i.get("region"), i.get("app_name"), i.get("machine_id"),
+                   i.get("volume_id"), i.get("size"), age(i.get("created_at")), age(i.get("last_started_at")),
+                   _short((i.get("recovery") or {}).get("last_error") or i.get("last_provider_error"))]
+                  for i in items])
+
+
+def _short(text: str | None, limit: int = 60) -> str | None:
+    if not text:
+        return None
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def instance_detail(inst: dict[str, Any]) -> str:
     rec = inst.get("recovery") or {}
     pairs: list[tuple[str, Any]] = [
@@ -154,6 +229,8 @@ def instance_detail(inst: dict[str, Any]) -> str:
         ("retained cleanup after", _when(rec.get("retained_volume_cleanup_after"))),
         ("last recovery error", rec.get("last_error")),
         ("last recovery error at", _when(rec.get("last_error_at"))),
+        ("last provider error", inst.get("last_provider_error")),
+        ("last provider error at", _when(inst.get("last_provider_error_at"))),
     ]
     width = max(len(k) for k, _ in pairs)
     return "\n".join(f"{k.ljust(width)}  {'-' if v in (None, '') else v}" for k, v in pairs)
@@ -161,6 +238,13 @@ def instance_detail(inst: dict[str, Any]) -> str:
 
 def _when(iso: str | None) -> str | None:
     return None if not iso else f"{iso} ({age(iso)})"
+
+
+def instance_event_rows(items: Sequence[dict[str, Any]]) -> str:
+    """One instance's events, narrow enough for a terminal: no instance column, short time, clipped error."""
+    return table(["WHEN", "EVENT", "STATUS", "LABEL", "REGION", "MS", "ERROR"],
+                 [[age(e.get("at")), e["event"].removeprefix("instance."), e.get("status"), e.get("label"),
+                   e.get("region"), e.get("duration_ms"), _short(e.get("error"), 50)] for e in items])
 
 
 def event_rows(items: Sequence[dict[str, Any]]) -> str:
@@ -190,7 +274,7 @@ def show_result(ctx: Ctx, inst: dict[str, Any], *, wait: bool, timeout: float, w
     """Print an action's answer; with --wait follow it until it settles and check it reached ``want``."""
     if not wait:
         if ctx.as_json:
-            emit_json(inst)
+            ctx.emit(inst)
         else:
             click.echo(f"{verb} {inst['id']}: {status_label(inst)}")
         return
@@ -210,7 +294,7 @@ def show_result(ctx: Ctx, inst: dict[str, Any], *, wait: bool, timeout: float, w
         final = client.wait_settled(inst["id"], timeout=timeout, on_change=progress)
     status = "destroyed" if final is None else str(final["status"])
     if ctx.as_json:
-        emit_json(final if final is not None else {"id": inst["id"], "status": "destroyed"})
+        ctx.emit(final if final is not None else {"id": inst["id"], "status": "destroyed"})
     else:
         click.echo(f"{inst['id']} settled: {status}")
         err = (final or {}).get("recovery", {}).get("last_error") if final else None

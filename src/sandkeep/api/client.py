@@ -63,9 +63,10 @@ class ApiClient:
     # ------------------------------------------------------------------------------------------ plumbing
 
     def request(self, method: str, path: str, *, json: Any = None, params: Any = None,
-                content: bytes | None = None, expect_json: bool = True) -> Any:
+                content: bytes | None = None, expect_json: bool = True,
+                headers: dict[str, str] | None = None) -> Any:
         try:
-            resp = self._http.request(method, path, json=json, params=params, content=content)
+            resp = self._http.request(method, path, json=json, params=params, content=content, headers=headers)
         except httpx.TransportError as exc:
             raise ApiUnreachable(f"cannot reach the sandkeep API at {self.url}: {type(exc).__name__}: {exc}") from exc
         if resp.status_code >= 400:
@@ -97,8 +98,10 @@ class ApiClient:
 
     # ------------------------------------------------------------------------------------------ API
 
-    def create(self, **body: Any) -> dict[str, Any]:
-        return dict(self.request("POST", "/v1/instances", json={k: v for k, v in body.items() if v is not None}))
+    def create(self, *, idempotency_key: str | None = None, **body: Any) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return dict(self.request("POST", "/v1/instances", json={k: v for k, v in body.items() if v is not None},
+                                 headers=headers))
 
     def get(self, instance_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/v1/instances/{instance_id}"))

@@ -128,6 +128,10 @@ class Instance(BaseModel):
     config_generation: int
     pending_action: str | None
     updated_at: str | None
+    last_provider_error: str | None = Field(
+        default=None, description="The last error the machine provider answered for this instance (cleared once "
+        "it runs again; kept on an instance that stopped because of it).")
+    last_provider_error_at: str | None = None
 
 
 class InstancePage(BaseModel):
@@ -235,6 +239,8 @@ def render_instance(r: InstanceRecord) -> dict[str, Any]:
         "config_generation": r.config_generation,
         "pending_action": r.pending_action,
         "updated_at": utc_iso(r.updated_at),
+        "last_provider_error": r.last_provider_error,
+        "last_provider_error_at": utc_iso(r.last_provider_error_at),
     }
 
 

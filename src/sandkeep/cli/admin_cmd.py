@@ -10,7 +10,6 @@ from sandkeep.api.cli_common import (
     Ctx,
     api_options,
     audit_rows,
-    emit_json,
     event_rows,
     instance_detail,
     status_label,
@@ -33,7 +32,7 @@ def debug(ctx: Ctx, instance_id: str) -> None:
     with ctx.client() as client:
         data = client.request("GET", f"/v1/instances/{instance_id}/debug")
     if ctx.as_json:
-        emit_json(data)
+        ctx.emit(data)
     else:
         click.echo(table(["FIELD", "VALUE"], [[k, v] for k, v in sorted(data.items())]))
 
@@ -46,7 +45,7 @@ def retry_recovery(ctx: Ctx, instance_id: str) -> None:
     with ctx.client() as client:
         inst = client.request("POST", f"/v1/instances/{instance_id}/recovery/retry")
     if ctx.as_json:
-        emit_json(inst)
+        ctx.emit(inst)
     else:
         click.echo(f"reconcile scheduled for {inst['id']} ({status_label(inst)})")
 
@@ -59,7 +58,7 @@ def cleanup_retained_volume(ctx: Ctx, instance_id: str) -> None:
     with ctx.client() as client:
         result = client.request("POST", f"/v1/instances/{instance_id}/retained-volume/cleanup")
     if ctx.as_json:
-        emit_json(result)
+        ctx.emit(result)
     elif result.get("deleted_volume_id"):
         click.echo(f"deleted retained volume {result['deleted_volume_id']} of {instance_id}")
     else:
@@ -74,7 +73,7 @@ def destroy_machine(ctx: Ctx, instance_id: str) -> None:
     with ctx.client() as client:
         inst = client.request("POST", f"/v1/instances/{instance_id}/machine/destroy")
     if ctx.as_json:
-        emit_json(inst)
+        ctx.emit(inst)
     else:
         click.echo(instance_detail(inst))
 

@@ -9,14 +9,17 @@ import click
 from sandkeep.api.cli_common import (
     Ctx,
     api_options,
-    emit_json,
     event_rows,
     instance_detail,
+    instance_event_rows,
     instance_rows,
+    instance_rows_wide,
     parse_pairs,
     show_result,
     wait_options,
+    watch_options,
 )
+from sandkeep.api.cli_common import watch as watch_frames
 
 ID = click.argument("instance_id", metavar="ID")
 
@@ -33,12 +36,14 @@ def instances() -> None:
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Environment variable (repeatable).")
 @click.option("--secret", "secret", multiple=True, metavar="NAME=VALUE",
               help="Secret, encrypted at rest and never shown again (repeatable).")
+@click.option("--idempotency-key", default=None, metavar="KEY",
+              help="Sent as Idempotency-Key: repeating the command with the same key returns the first instance.")
 @wait_options
 @api_options
 def create(ctx: Ctx, user_id: str | None, size: str | None, image: str | None, env: tuple[str, ...],
-           secret: tuple[str, ...], wait: bool, timeout: float) -> None:
+           secret: tuple[str, ...], idempotency_key: str | None, wait: bool, timeout: float) -> None:
     """Create an instance (it starts right away)."""
-    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image}
+    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image, "idempotency_key": idempotency_key}
     if env:
         body["env"] = parse_pairs(env, "--env")
     if secret:
@@ -54,8 +59,10 @@ def create(ctx: Ctx, user_id: str | None, size: str | None, image: str | None, e
 @click.option("--region", default=None, help="Filter by region.")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Show at most this many (follows pages).")
+@watch_options
 @api_options
-def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | None, limit: int) -> None:
+def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | None, limit: int, watch: bool,
+          interval: float) -> None:
     """List instances (your own; everything for admins)."""
     params: dict[str, Any] = {"limit": min(limit, 200)}
     if status:
@@ -64,20 +71,29 @@ def list_(ctx: Ctx, status: tuple[str, ...], user_id: str | None, region: str | 
         params["user_id"] = user_id
     if region:
         params["region"] = region
-    ctx.print_listing("/v1/instances", params, limit, instance_rows, "no instances")
+    args = ("/v1/instances", params, limit, instance_rows, "no instances")
+    if watch:
+        watch_frames(lambda: ctx.listing_text(*args, render_wide=instance_rows_wide), interval=interval)
+    else:
+        ctx.print_listing(*args, render_wide=instance_rows_wide)
 
 
 @instances.command("show")
 @ID
+@watch_options
 @api_options
-def show(ctx: Ctx, instance_id: str) -> None:
+def show(ctx: Ctx, instance_id: str, watch: bool, interval: float) -> None:
     """Show one instance, including its recovery state."""
-    with ctx.client() as client:
-        inst = client.get(instance_id)
-    if ctx.as_json:
-        emit_json(inst)
+
+    def frame() -> str:
+        with ctx.client() as client:
+            inst = client.get(instance_id)
+        return ctx.structured(inst) if ctx.as_json else instance_detail(inst)
+
+    if watch:
+        watch_frames(frame, interval=interval)
     else:
-        click.echo(instance_detail(inst))
+        click.echo(frame())
 
 
 def _action(name: str, want: str, help_text: str) -> None:
@@ -131,7 +147,7 @@ def update(ctx: Ctx, instance_id: str, size: str | None, env: tuple[str, ...], c
     with ctx.client() as client:
         inst = client.update(instance_id, **body)
     if ctx.as_json:
-        emit_json(inst)
+        ctx.emit(inst)
     else:
         click.echo(f"updated {inst['id']} (applied at the next start or restart)")
 
@@ -146,4 +162,5 @@ def events(ctx: Ctx, instance_id: str, name: str | None, limit: int) -> None:
     params: dict[str, Any] = {"limit": min(limit, 500)}
     if name:
         params["name"] = name
-    ctx.print_listing(f"/v1/instances/{instance_id}/events", params, limit, event_rows, "no events")
+    ctx.print_listing(f"/v1/instances/{instance_id}/events", params, limit, instance_event_rows, "no events",
+                      render_wide=event_rows)

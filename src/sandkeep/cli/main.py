@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from sandkeep import __version__
+
 # name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "host": ("sandkeep.cli.host_cmd", "host", "Run the local machine host (Fly Machines API + proxy)."),
@@ -45,7 +47,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sandkeep")
+@click.version_option(version=__version__, prog_name="sandkeep")
 def cli() -> None:
     """sandkeep keeps one persistent machine per user alive and recovers it when it stops unexpectedly."""
 

@@ -180,9 +180,6 @@ def _from_env(name: str) -> bool:
 
 def _safe_url(url: str) -> str:
     """The database URL without its password."""
-    try:
-        from sqlalchemy.engine import make_url
+    from sandkeep.runtime import safe_database_url
 
-        return str(make_url(url).render_as_string(hide_password=True))
-    except Exception:
-        return url.split("@")[-1]
+    return safe_database_url(url)

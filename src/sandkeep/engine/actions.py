@@ -54,6 +54,7 @@ class Changes(TypedDict, total=False):
     destroyed_at: datetime | None
     provider_error_count: int
     last_provider_error: str | None
+    last_provider_error_at: datetime | None
 
 
 #: record fields that receive a created volume's id (``CreateVolume.assign``)

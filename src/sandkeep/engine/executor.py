@@ -180,7 +180,9 @@ class Pass:
         changes: Changes = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
         if self.record.provider_error_count:
             changes["provider_error_count"] = 0
-            changes["last_provider_error"] = None
+            if self.record.status != Status.STOPPED:  # a stopped instance keeps the error that stopped it
+                changes["last_provider_error"] = None
+                changes["last_provider_error_at"] = None
         self.persist(changes)
 
     def backoff(self, message: str, error: BaseException | None = None, *, retry_after: float | None = None) -> None:
@@ -192,6 +194,7 @@ class Pass:
         self.log.warning("reconcile.provider_error", status=self.record.status.value, error=message[:500],
                          error_count=count, retry_in_seconds=round(delay, 3))
         self.persist({"provider_error_count": count, "last_provider_error": message[:500],
+                      "last_provider_error_at": self.ctx.clock.now(),
                       "alarm_at": self.ctx.alarm_in(delay, self.record)})
 
     @asynccontextmanager

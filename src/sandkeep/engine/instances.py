@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sandkeep.clock import utc_iso
 from sandkeep.engine import intents, policy
@@ -247,12 +247,20 @@ class InstanceService:
 
     async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
                               env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
-                              image: str | None = None) -> InstanceRecord:
+                              image: str | None = None, idempotency_key: str | None = None) -> InstanceRecord:
+        """Create and start an instance. With ``idempotency_key``, a repeat of the same caller's create for the same
+        owner with the same key returns the first instance instead of making another."""
         if not valid_user_id(user_id):
             raise InvalidUserId(f"invalid user_id {str(user_id)[:64]!r}: 1-128 letters, digits or ._@:+- starting "
                                 f"with a letter or digit")
         if actor.role == "user" and user_id != actor.user_id:
             raise Forbidden("a user token can only create instances for its own user")
+        scoped_key = f"{actor.user_id}/{idempotency_key}" if idempotency_key else None
+        find = getattr(self.ctx.store, "find_by_idempotency_key", None)
+        if scoped_key is not None and find is not None:
+            first = find(user_id, scoped_key)
+            if first is not None:
+                return cast(InstanceRecord, first)
         config = self._config(size=size or self.settings.default_size, env=env or {},
                               image=image or self.settings.image)
         policy.check_image(config["image"], self.settings)
@@ -266,7 +274,7 @@ class InstanceService:
             created_at=now, updated_at=now,
             app_name=app_name_for(user_id, self.settings.app_prefix, self._app_name_secret()),
             machine_size=config["machine_size"], image=config["image"], env=config["env"],
-            secrets_encrypted=secret_map, status_changed_at=now, pending_action="start",
+            secrets_encrypted=secret_map, status_changed_at=now, pending_action="start", idempotency_key=scoped_key,
             # not due before this request moves it to starting (no worker races the claim below); if the
             # process dies in between, the alarm still starts it (provisioned + pending start)
             alarm_at=now + timedelta(seconds=max(1.0, 2 * self.settings.claim_wait)),
@@ -276,7 +284,12 @@ class InstanceService:
         except QuotaReached as exc:
             raise QuotaExceeded(f"user {user_id} already has {exc.count} instances; the limit is {quota} "
                                 f"(SANDKEEP_MAX_INSTANCES_PER_USER). Destroy one first.", limit=quota) from exc
-        except AlreadyExists as exc:  # a 64-bit id collision: practically impossible, never half-written
+        except AlreadyExists as exc:
+            if scoped_key is not None and find is not None:  # a concurrent create with the same key won
+                first = find(user_id, scoped_key)
+                if first is not None:
+                    return cast(InstanceRecord, first)
+            # a 64-bit id collision: practically impossible, never half-written
             raise ServiceError("could not allocate an instance id; retry") from exc
         self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})
         try:

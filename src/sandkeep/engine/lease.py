@@ -101,6 +101,9 @@ class Lease:
             changes["status"] = new_status
             if new_status != self.record.status:
                 changes.setdefault("status_changed_at", self.ctx.clock.now())
+                if new_status == Status.RUNNING and self.record.last_provider_error is not None:
+                    changes.setdefault("last_provider_error", None)  # running again: the error is history
+                    changes.setdefault("last_provider_error_at", None)
                 if "alarm_at" not in changes and new_status != Status.DESTROYED:
                     preview = self.record.copy(**changes)
                     changes["alarm_at"] = self.ctx.alarm_in(interval_for(new_status, self.ctx.settings), preview)

@@ -144,6 +144,20 @@ def deadlines_starting(record: InstanceRecord, obs: Observed, settings: Settings
     return []
 
 
+def on_transient_starting(record: InstanceRecord, obs: Observed, settings: Settings,
+                          now: datetime) -> list[Action] | None:
+    """A provider that keeps failing past the start timeout fails the start (naming the error); before that
+    the usual backoff (None)."""
+    elapsed = _starting_elapsed(record, now)
+    if elapsed <= settings.start_timeout:
+        return None
+    verb = "restart" if record.status == Status.RESTARTING else "start"
+    latest = str(obs.transient)[:500]
+    return [Persist({"last_provider_error": latest, "last_provider_error_at": now}),
+            *start_failed(record, obs, settings, now, label="provider_error",
+                          error=f"{verb} timed out after {int(elapsed)} s: the provider kept failing: {latest}")]
+
+
 def _provision_app_and_volume(record: InstanceRecord, obs: Observed, settings: Settings,
                               now: datetime) -> list[Action] | None:
     """The first steps of a start: the provider app, then the volume (adopted before created). None when both
@@ -186,8 +200,9 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
     verb = "restart" if restarting else "start"
     machine = obs.machine
     if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
+        cause = f": last provider error: {record.last_provider_error}" if record.last_provider_error else ""
         return start_failed(record, obs, settings, now, label="timeout",
-                            error=f"{verb} timed out after {int(elapsed)} s")
+                            error=f"{verb} timed out after {int(elapsed)} s{cause}")
     provisioned = _provision_app_and_volume(record, obs, settings, now)
     if provisioned is not None:
         return provisioned

@@ -45,10 +45,14 @@ def no_deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now:
     return []
 
 
-def backoff(record: InstanceRecord, error: ProviderError, settings: Settings, now: datetime) -> list[Action]:
+def backoff(error: ProviderError) -> list[Action]:
     """The one answer to a provider hiccup (a read failed): back off exponentially, status unchanged."""
     retry_after = error.retry_after if isinstance(error, RateLimitedError) else None
     return [Backoff(str(error), retry_after=retry_after)]
+
+
+def no_special_hiccup(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action] | None:
+    return None
 
 
 Decision = Callable[[InstanceRecord, Observed, Settings, datetime], list[Action]]
@@ -57,18 +61,20 @@ Decision = Callable[[InstanceRecord, Observed, Settings, datetime], list[Action]
 @dataclass(frozen=True)
 class Rules:
     """One status's rules: what it needs observed, its deadlines (checked even when the provider could not be
-    read), its answer to a provider hiccup, and its decision proper."""
+    read), its own answer to a provider hiccup (None: the common :func:`backoff`), and its decision proper."""
 
     needs: Callable[[InstanceRecord], Needs]
     decide: Decision
     deadlines: Decision = no_deadlines
-    on_transient: Callable[[InstanceRecord, ProviderError, Settings, datetime], list[Action]] = backoff
+    on_transient: Callable[[InstanceRecord, Observed, Settings, datetime], list[Action] | None] = no_special_hiccup
 
 
 RULES: dict[Status, Rules] = {
     Status.PROVISIONED: Rules(lifecycle.needs_provisioned, lifecycle.decide_provisioned, lifecycle.deadlines_idle),
-    Status.STARTING: Rules(lifecycle.needs_starting, lifecycle.decide_starting, lifecycle.deadlines_starting),
-    Status.RESTARTING: Rules(lifecycle.needs_starting, lifecycle.decide_starting, lifecycle.deadlines_starting),
+    Status.STARTING: Rules(lifecycle.needs_starting, lifecycle.decide_starting, lifecycle.deadlines_starting,
+                           lifecycle.on_transient_starting),
+    Status.RESTARTING: Rules(lifecycle.needs_starting, lifecycle.decide_starting, lifecycle.deadlines_starting,
+                             lifecycle.on_transient_starting),
     Status.RUNNING: Rules(lifecycle.needs_running, lifecycle.decide_running),
     Status.STOPPED: Rules(lifecycle.needs_stopped, lifecycle.decide_stopped, lifecycle.deadlines_idle),
     Status.RECOVERING: Rules(recovery.needs, recovery.decide, recovery.deadlines, recovery.on_transient),
@@ -96,5 +102,5 @@ def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
     if ended:
         return ended
     if obs.transient is not None:
-        return rules.on_transient(record, obs.transient, settings, now)
+        return rules.on_transient(record, obs, settings, now) or backoff(obs.transient)
     return rules.decide(record, obs, settings, now)

@@ -58,7 +58,7 @@ from sandkeep.engine.actions import (
 )
 from sandkeep.engine.naming import machine_name, volume_name
 from sandkeep.engine.policy import TERMINAL_REPLACEMENT_STATES, detection_latency_ms, elapsed_ms, recovery_regions
-from sandkeep.provider.errors import HostUnavailableError, NotFoundError, ProviderError, WaitTimeoutError
+from sandkeep.provider.errors import HostUnavailableError, NotFoundError, WaitTimeoutError
 from sandkeep.store.records import InstanceRecord, Status
 
 STEP_FORK = "fork"
@@ -133,9 +133,9 @@ def deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: da
     return []
 
 
-def on_transient(record: InstanceRecord, error: ProviderError, settings: Settings, now: datetime) -> list[Action]:
+def on_transient(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     """A provider hiccup while recovering: look again soon (never later than the timeout), no backoff."""
-    return [Emit("reconcile.provider_unavailable", level="warning", error=str(error)),
+    return [Emit("reconcile.provider_unavailable", level="warning", error=str(obs.transient)),
             RequeueAfter(_busy(record, settings, now))]
 
 

@@ -74,6 +74,7 @@ class Engine:
         if self.started:
             return
         self.started = True
+        metrics.RECOVERY_TIMEOUT.set(self.settings.recovery_timeout)
         self._tasks = [asyncio.create_task(self._worker_loop(), name=f"sandkeep-worker-{self.worker_id}"),
                        asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}")]
         self.log.info("engine.started", concurrency=self.settings.engine_concurrency,
@@ -104,6 +105,7 @@ class Engine:
         self.ctx.traced("acquire", record.id, owner)
         current: InstanceRecord | None = record
         work = Pass(self.ctx, Lease(self.ctx, record, owner))
+        metrics.ENGINE_PASSES_IN_FLIGHT.inc()
         try:
             current = await work.run()
         except (FencedError, NotFound) as exc:
@@ -117,6 +119,8 @@ class Engine:
             raise
         except Exception as exc:
             self.log.exception("reconcile.crashed", instance_id=record.id, error=str(exc))
+        finally:
+            metrics.ENGINE_PASSES_IN_FLIGHT.dec()
         self._release(work.record, owner)
         return current
 
@@ -130,7 +134,10 @@ class Engine:
     async def claim(self, instance_id: str, owner: str, *, wait: float | None = None) -> InstanceRecord | None:
         """Claim one instance, retrying while another worker holds it (up to ``wait`` s, real time)."""
         lease = await claim(self.ctx, instance_id, owner, wait=wait)
-        return lease.record if lease is not None else None
+        if lease is None:
+            return None
+        metrics.ENGINE_CLAIMS.labels(source="direct").inc()
+        return lease.record
 
     async def reconcile_now(self, instance_id: str, *, wait: float | None = None) -> InstanceRecord | None:
         """Reconcile one instance now (claim with brief retry). None when it is held elsewhere or unknown."""
@@ -168,10 +175,21 @@ class Engine:
         if free <= 0:
             return 0
         owner = self._owner()
-        claimed = self.store.claim_due(owner, self.settings.lease_ttl, self.clock.now(), free)
+        claimed = self._claim_due(owner, free)
         if claimed:
             await asyncio.gather(*(self._run_claimed(r, owner) for r in claimed))
         return len(claimed)
+
+    def _claim_due(self, owner: str, limit: int) -> list[InstanceRecord]:
+        """Claim due alarms, counting the claims and how late each alarm was."""
+        now = self.clock.now()
+        claimed = self.store.claim_due(owner, self.settings.lease_ttl, now, limit)
+        if claimed:
+            metrics.ENGINE_CLAIMS.labels(source="alarm").inc(len(claimed))
+            for record in claimed:
+                if record.alarm_at is not None:
+                    metrics.ALARM_LAG.observe(max(0.0, (now - record.alarm_at).total_seconds()))
+        return claimed
 
     # ------------------------------------------------------------------ loops
 
@@ -182,7 +200,7 @@ class Engine:
                 free = min(self.settings.engine_concurrency - len(self._passes), MAX_CLAIM_BATCH)
                 if free > 0:
                     owner = self._owner()
-                    claimed = self.store.claim_due(owner, self.settings.lease_ttl, self.clock.now(), free)
+                    claimed = self._claim_due(owner, free)
                     for record in claimed:
                         task: asyncio.Task[object] = asyncio.create_task(self._run_claimed(record, owner))
                         self._passes.add(task)
@@ -213,5 +231,8 @@ class Engine:
         self._gauge_at = now
         try:
             metrics.set_instance_counts(self.store.count_by_status())
+            ops_gauges = getattr(self.store, "ops_gauges", None)  # SqlStore; test fakes may not have it
+            if ops_gauges is not None:
+                metrics.set_engine_gauges(ops_gauges(self.clock.now()))
         except Exception as exc:
             self.log.warning("engine.gauge_failed", error=str(exc))

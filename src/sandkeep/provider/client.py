@@ -28,6 +28,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import RetryCallState
 
+from sandkeep import metrics
 from sandkeep.clock import Clock, SystemClock
 from sandkeep.gateway import PROXY_TOKEN_HEADER
 from sandkeep.logs import get_logger
@@ -163,6 +164,18 @@ class MachinesClient:
                     params: list[tuple[str, str]] | None = None, body: Any = None,
                     timeout: float | None = None, volume_404_is_not_found: bool = False) -> httpx.Response:
         """One HTTP exchange; a non-2xx answer or a network failure raises a classified ProviderError."""
+        started = self.clock.monotonic()
+        try:
+            resp = await self._exchange(method, path, operation=operation, params=params, body=body,
+                                        timeout=timeout, volume_404_is_not_found=volume_404_is_not_found)
+        except ProviderError as exc:
+            metrics.observe_provider_call(operation, exc, self.clock.monotonic() - started)
+            raise
+        metrics.observe_provider_call(operation, None, self.clock.monotonic() - started)
+        return resp
+
+    async def _exchange(self, method: str, path: str, *, operation: str, params: list[tuple[str, str]] | None,
+                        body: Any, timeout: float | None, volume_404_is_not_found: bool) -> httpx.Response:
         try:
             resp = await self._http.request(
                 method, path, params=tuple(params or ()), json=body,
@@ -186,6 +199,7 @@ class MachinesClient:
     async def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         sleep = state.next_action.sleep if state.next_action else None
+        metrics.PROVIDER_RETRIES.labels(operation=metrics.operation_label(getattr(exc, "operation", ""))).inc()
         _log().warning("provider.retry", operation=getattr(exc, "operation", ""), attempt=state.attempt_number,
                        max_attempts=self.policy.max_attempts, sleep_seconds=sleep,
                        error=type(exc).__name__ if exc else None, status=getattr(exc, "status", None),
@@ -312,6 +326,24 @@ class MachinesClient:
                 return None
 
         return await self._create_resolving(create, lookup, operation=op)
+
+    async def list_apps(self, org_slug: str, *, retry: bool = True) -> list[App]:
+        """The organisation's apps (``GET /v1/apps?org_slug=``): also the cheapest check of token and org."""
+        op = "list_apps"
+        resp = await self._call("GET", "/v1/apps", operation=op, params=[("org_slug", org_slug)], retry=retry)
+        data = self._json(resp, op)
+        if isinstance(data, dict):  # Fly answers {"total_apps": n, "apps": [...]}
+            data = data.get("apps") or []
+        try:
+            return TypeAdapter(list[App]).validate_python(data)
+        except ValidationError as exc:
+            raise ProviderError(f"unexpected response shape for list of App: {exc.errors()[:3]}",
+                                status=resp.status_code, body=resp.text, operation=op) from exc
+
+    async def platform_regions(self) -> Any:
+        """``GET /v1/platform/regions`` as JSON (Fly's region list; NotFoundError where the API has none)."""
+        op = "platform_regions"
+        return self._json(await self._call("GET", "/v1/platform/regions", operation=op, retry=False), op)
 
     async def get_app(self, app_name: str) -> App:
         op = f"get_app {app_name}"

@@ -72,6 +72,9 @@ class InstanceRecord:
     # transient provider error backoff
     provider_error_count: int = 0
     last_provider_error: str | None = None
+    last_provider_error_at: datetime | None = None
+    # "<caller user id>/<Idempotency-Key>" of the create request that made this instance (unique per owner)
+    idempotency_key: str | None = None
     # concurrency (SPEC §5)
     version: int = 0
     lease_owner: str | None = None

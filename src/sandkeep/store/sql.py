@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields as dc_fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -453,6 +453,14 @@ class SqlStore:
             ) from exc
         return _to_instance(row)
 
+    def find_by_idempotency_key(self, user_id: str, key: str) -> InstanceRecord | None:
+        """The instance of ``user_id`` created with idempotency key ``key``, if any."""
+        c = instances.c
+        with self._read() as conn:
+            query = select(instances).where(c.user_id == user_id, c.idempotency_key == key)
+            row = conn.execute(query).mappings().first()
+        return _to_instance(row) if row is not None else None
+
     def get_instance(self, instance_id: str) -> InstanceRecord | None:
         with self._read() as conn:
             row = conn.execute(select(instances).where(instances.c.id == instance_id)).mappings().first()
@@ -499,6 +507,34 @@ class SqlStore:
             last = items[-1]
             next_cursor = _encode_cursor("instances", {"t": last.created_at.isoformat(), "i": last.id})
         return Page(items=items, next_cursor=next_cursor)
+
+    def ping(self) -> None:
+        """One round trip to the database (raises when it does not answer)."""
+        with self._read() as conn:
+            conn.execute(select(1)).scalar()
+
+    def ops_gauges(self, now: datetime, *, overdue_grace: float = 3600.0) -> dict[str, float]:
+        """Store-derived gauges for ``/metrics``: due alarms not claimed, age of the oldest recovery in
+        progress, retained volumes and those whose cleanup is overdue by more than ``overdue_grace`` s."""
+        _aware(now)
+        c = instances.c
+        overdue_before = now - timedelta(seconds=overdue_grace)
+        with self._read() as conn:
+            due = conn.execute(select(func.count()).where(c.alarm_at.is_not(None), c.alarm_at <= now,
+                                                          _lease_free(now))).scalar() or 0
+            oldest = conn.execute(select(func.min(c.recovery_started_at))
+                                  .where(c.status == "recovering")).scalar()
+            retained = conn.execute(select(func.count()).where(c.retained_volume_id.is_not(None))).scalar() or 0
+            overdue = conn.execute(select(func.count()).where(
+                c.retained_volume_id.is_not(None), c.retained_volume_cleanup_after.is_not(None),
+                c.retained_volume_cleanup_after < overdue_before)).scalar() or 0
+        age = 0.0
+        if oldest is not None:
+            if oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=UTC)
+            age = max(0.0, (now - oldest).total_seconds())
+        return {"alarms_due": float(due), "recovery_oldest_age_seconds": age,
+                "retained_volumes": float(retained), "retained_volumes_overdue": float(overdue)}
 
     def count_by_status(self) -> dict[str, int]:
         """Number of instances per status (statuses with none are absent)."""

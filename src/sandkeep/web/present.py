@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sandkeep.clock import utc_iso
-from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.records import EventRecord, InstanceRecord, Status
 
 BADGE_LABELS: dict[str, str] = {
     Status.PROVISIONED: "Provisioned",
@@ -125,7 +125,8 @@ def owner_buttons(record: InstanceRecord, *, admin: bool = False) -> list[Button
                  else f"Cannot start while {label}.")
     stop = gate("stop", (Status.RUNNING,), "Already stopped." if status == Status.STOPPED
                 else f"Nothing to stop: the instance is {label}.")
-    restart = gate("restart", (Status.RUNNING, Status.STOPPED), f"Cannot restart while {label}.")
+    restart = gate("restart", (Status.RUNNING,), "Stopped: use Start." if status in (Status.STOPPED,
+                   Status.PROVISIONED) else f"Cannot restart while {label}.")
     confirm = (f"Destroy instance {record.id}? Its machine and its volume (your data) are deleted for good.")
     if destroyed:
         destroy = Button("destroy", "Destroy", False, "The instance has been destroyed.", danger=True)
@@ -193,6 +194,63 @@ def recovery_explanation(record: InstanceRecord) -> Explanation | None:
                   f"mention instance {record.id}.")
     return Explanation(headline="The last automatic recovery failed", error=error,
                        when=record.last_recovery_error_at, advice=advice)
+
+
+def provider_problem(record: InstanceRecord) -> Explanation | None:
+    """Plain words for an owner whose instance the cloud provider keeps failing (no raw error, no internal names).
+
+    Shown while the instance is busy or stopped and the engine has a provider error on record; admins see the
+    error itself on the instance page.
+    """
+    if not record.last_provider_error:
+        return None
+    status = status_value(record.status)
+    if status in (Status.STARTING, Status.RESTARTING, Status.RECOVERING):
+        return Explanation(headline="The cloud provider is not answering",
+                           error="", when=record.last_provider_error_at,
+                           advice="sandkeep keeps retrying on its own. Nothing is lost; if this lasts more than a "
+                                  "few minutes the start is abandoned and your machine is left stopped.")
+    if status == Status.STOPPED:
+        return Explanation(headline="Your machine could not be started", error="", when=record.last_provider_error_at,
+                           advice="The cloud provider kept failing, so sandkeep gave up. Your data is safe. Press "
+                                  "Start to try again later; if it keeps failing, contact an administrator and "
+                                  f"mention instance {record.id}.")
+    return None
+
+
+RECOVERY_SUCCEEDED = "instance.unexpected_stop_recovery_succeeded"
+
+
+@dataclass(frozen=True)
+class LastRecovery:
+    when: datetime
+    took: str
+    from_region: str | None
+    to_region: str | None
+
+
+def last_recovery(events: list[EventRecord]) -> LastRecovery | None:
+    """The newest successful recovery among ``events``: when, how long, from which region to which."""
+    done = [e for e in events if e.event == RECOVERY_SUCCEEDED]
+    if not done:
+        return None
+    newest = max(done, key=lambda e: (e.at, e.id or 0))
+    details = newest.details or {}
+    old_region = details.get("old_region")
+    return LastRecovery(when=newest.at, took=duration_ms_text(newest.duration_ms),
+                        from_region=old_region if isinstance(old_region, str) else None, to_region=newest.region)
+
+
+def retry_recovery_reason(record: InstanceRecord) -> str:
+    """Why "Retry recovery" is disabled ("" when it makes sense: a recovery is running or the last one failed)."""
+    status = status_value(record.status)
+    if status in (Status.DESTROYING, Status.DESTROYED):
+        return "The instance is being destroyed."
+    if status == Status.RECOVERING:
+        return ""  # reconcile the running recovery now
+    if status == Status.STOPPED and record.last_recovery_error:
+        return ""  # the last recovery failed: try again
+    return f"Nothing to retry: no recovery is running and none failed (the instance is {badge_label(status).lower()})."
 
 
 def recovery_state(record: InstanceRecord) -> str:

@@ -226,6 +226,7 @@ class WebUI:
             "open_url": f"/ui/instances/{quote(rec.id)}/open/health" if healthy else None,
             "buttons": buttons, "reasons": reasons, "reason_index": reason_index,
             "explanation": present.recovery_explanation(rec),
+            "provider_problem": present.provider_problem(rec),
         }
 
     def owner_views(self, actor: Actor) -> list[dict[str, Any]]:
@@ -233,7 +234,13 @@ class WebUI:
                                                                     status=present.LIVE_STATUSES, cursor=c,
                                                                     limit=100), 500)
         records.sort(key=lambda r: (r.created_at, r.id))
-        return [self.instance_view(r, admin=actor.is_admin) for r in records]
+        views = []
+        for r in records:
+            view = self.instance_view(r, admin=actor.is_admin)
+            events = self.rt.service.list_events(instance_id=r.id, name=present.RECOVERY_SUCCEEDED, limit=20).items
+            view["last_recovery"] = present.last_recovery(list(events))
+            views.append(view)
+        return views
 
     def inner(self, template: str, session: Session, **ctx: Any) -> str:
         return self.env.get_template(template).render(
@@ -365,7 +372,7 @@ class WebUI:
             "view": self.instance_view(rec, admin=True), "rec": rec, "fields": fields,
             "recovery_state": present.recovery_state(rec), "events": events[:100], "event_total": len(events),
             "audit": audit[:100], "cleanup_reason": cleanup_reason,
-            "retry_reason": "The instance is being destroyed." if gone else "",
+            "retry_reason": present.retry_recovery_reason(rec),
             "destroy_machine_reason": ("The instance is being destroyed." if gone else
                                        "There is no machine to destroy." if not rec.machine_id else ""),
         }
