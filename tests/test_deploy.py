@@ -105,10 +105,13 @@ def port_of(listen: str) -> int:
 def app_paths() -> set[str]:
     from sandkeep.api.app import create_app
     from sandkeep.clock import SystemClock
+    from sandkeep.credentials import memory_credentials
     from sandkeep.runtime import Runtime
 
-    runtime = Runtime(settings=Settings(), clock=SystemClock(), service=None,  # type: ignore[arg-type]
-                      jwt_secret="x" * 40, data_dir=Path("."), base_url="http://t")
+    clock, secret = SystemClock(), "x" * 40
+    runtime = Runtime(settings=Settings(), clock=clock, service=None,  # type: ignore[arg-type]
+                      jwt_secret=secret, data_dir=Path("."), base_url="http://t",
+                      credentials=memory_credentials(secret, clock))
     return {getattr(r, "path", "") for r in create_app(runtime).routes}
 
 

@@ -15,7 +15,7 @@ import httpx
 
 from sandkeep.clock import SystemClock
 from sandkeep.credentials import Credentials, open_credentials
-from tests.support.procs import SANDKEEP, Proc, free_port, spawn
+from tests.support.procs import PORT_ATTEMPTS, SANDKEEP, Proc, free_port, port_taken, spawn
 from tests.support.wait import wait_until
 
 FAST_ENV = {
@@ -80,25 +80,33 @@ class Serve:
 @contextmanager
 def running_serve(base: Path, *, extra_env: dict[str, str] | None = None) -> Iterator[Serve]:
     data = base / "data"
-    api, host, proxy = free_port(), free_port(), free_port()
     secret, host_token = secrets.token_urlsafe(48), secrets.token_urlsafe(24)
     env = {**FAST_ENV, "SANDKEEP_JWT_SECRET": secret, "SANDKEEP_HOST_TOKEN": host_token,
            "SANDKEEP_DATABASE_URL": "", "SANDKEEP_HOST_URL": "", "SANDKEEP_PROVIDER": "local",
            **(extra_env or {})}
-    proc = spawn(["serve", "--listen", f"127.0.0.1:{api}", "--data-dir", str(data), "--host-listen",
-                  f"127.0.0.1:{host}", "--host-proxy-listen", f"127.0.0.1:{proxy}"],
-                 log_path=base / "serve.log", env=env)
-    url = f"http://127.0.0.1:{api}"
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        api, host, proxy = free_port(), free_port(), free_port()
+        proc = spawn(["serve", "--listen", f"127.0.0.1:{api}", "--data-dir", str(data), "--host-listen",
+                      f"127.0.0.1:{host}", "--host-proxy-listen", f"127.0.0.1:{proxy}"],
+                     log_path=base / "serve.log", env=env)
+        url = f"http://127.0.0.1:{api}"
 
-    def ready() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"serve exited with {proc.popen.returncode}:\n{proc.log()}")
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+        def ready(proc: Proc = proc, url: str = url) -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"serve exited with {proc.popen.returncode}:\n{proc.log()}")
+            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
 
+        try:
+            wait_until(ready, timeout=60, message="sandkeep serve /healthz")
+        except Exception:
+            proc.stop()
+            if attempt < PORT_ATTEMPTS and port_taken(proc):
+                continue  # a port picked free was taken before serve (or its host child) bound it
+            raise
+        break
     database_url = env.get("SANDKEEP_DATABASE_URL") or f"sqlite:///{(data / 'sandkeep.db').resolve()}"
     serve: Serve | None = None
     try:
-        wait_until(ready, timeout=60, message="sandkeep serve /healthz")
         serve = Serve(url=url, data_dir=data, secret=secret, host_url=f"http://127.0.0.1:{host}",
                       host_proxy_url=f"http://127.0.0.1:{proxy}", host_token=host_token, proc=proc,
                       database_url=database_url)

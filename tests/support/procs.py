@@ -68,30 +68,43 @@ class HostHandle:
         return {"Authorization": f"Bearer {self.token}"}
 
 
+def port_taken(proc: Proc) -> bool:
+    """Whether ``proc`` exited because a port picked free was taken by another process before it bound it."""
+    return proc.popen.poll() is not None and "address already in use" in proc.log().lower()
+
+
+#: attempts at starting a process on freshly picked ports when one was taken in between (picked free, bound later)
+PORT_ATTEMPTS = 3
+
+
 def start_host_process(data_dir: Path, *, token: str = "test-host-token",
                        regions: tuple[str, ...] = ("lcl-a", "lcl-b", "lcl-c"),
                        extra_args: list[str] | None = None, api_port: int | None = None,
                        proxy_port: int | None = None, env: dict[str, str] | None = None) -> HostHandle:
-    api_port = api_port or free_port()
-    proxy_port = proxy_port or free_port()
-    args = ["host", "--listen", f"127.0.0.1:{api_port}", "--proxy-listen", f"127.0.0.1:{proxy_port}",
-            "--data-dir", str(data_dir), "--regions", ",".join(regions), *(extra_args or [])]
-    proc = spawn(args, log_path=data_dir.parent / f"{data_dir.name}-host.log",
-                 env={"SANDKEEP_HOST_TOKEN": token, **(env or {})})
-    url = f"http://127.0.0.1:{api_port}"
+    fixed = api_port is not None and proxy_port is not None
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        api, proxy = api_port or free_port(), proxy_port or free_port()
+        args = ["host", "--listen", f"127.0.0.1:{api}", "--proxy-listen", f"127.0.0.1:{proxy}",
+                "--data-dir", str(data_dir), "--regions", ",".join(regions), *(extra_args or [])]
+        proc = spawn(args, log_path=data_dir.parent / f"{data_dir.name}-host.log",
+                     env={"SANDKEEP_HOST_TOKEN": token, **(env or {})})
+        url = f"http://127.0.0.1:{api}"
 
-    def ready() -> bool:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"host exited with {proc.popen.returncode}:\n{proc.log()}")
-        return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+        def ready(proc: Proc = proc, url: str = url) -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"host exited with {proc.popen.returncode}:\n{proc.log()}")
+            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
 
-    try:
-        wait_until(ready, timeout=30, message="local host /healthz")
-    except Exception:
-        proc.stop(signal.SIGKILL)
-        raise
-    return HostHandle(url=url, proxy_url=f"http://127.0.0.1:{proxy_port}", token=token, data_dir=data_dir,
-                      regions=list(regions), proc=proc)
+        try:
+            wait_until(ready, timeout=30, message="local host /healthz")
+        except Exception:
+            proc.stop(signal.SIGKILL)
+            if not fixed and attempt < PORT_ATTEMPTS and port_taken(proc):
+                continue
+            raise
+        return HostHandle(url=url, proxy_url=f"http://127.0.0.1:{proxy}", token=token, data_dir=data_dir,
+                          regions=list(regions), proc=proc)
+    raise AssertionError("unreachable")
 
 
 @contextmanager
