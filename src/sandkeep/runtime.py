@@ -38,26 +38,26 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import httpx
+from structlog.typing import FilteringBoundLogger
 
 from sandkeep.clock import Clock, SystemClock
 from sandkeep.config import Settings
+from sandkeep.credentials import Credentials
+from sandkeep.engine.instances import InstanceService
+from sandkeep.engine.runtime import Engine
 from sandkeep.engine.service import InstanceServiceAPI
 from sandkeep.logs import get_logger
 from sandkeep.net import parse_hostport
+from sandkeep.provider.base import MachineProvider
+from sandkeep.provider.client import FLY_PROXY_TEMPLATE, MachinesClient
 from sandkeep.secrets import app_name_secret, load_or_create_key
-
-
-class EngineLike(Protocol):
-    service: Any
-
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+from sandkeep.store.base import Store
+from sandkeep.store.sql import open_store
 
 
 class StartupError(Exception):
@@ -94,17 +94,16 @@ class Runtime:
     jwt_secret: str
     data_dir: Path
     base_url: str
-    store: Any = None
-    provider: Any = None
-    engine: EngineLike | None = None
+    store: Store | None = None
+    provider: MachineProvider | None = None
+    engine: Engine | None = None
     host_process: HostChild | None = None
     host_url: str | None = None
     host_token: str | None = None
     host_proxy_url: str | None = None
-    credentials: Any = None
-    """:class:`sandkeep.credentials.Credentials`: API token registry, web sessions, sign-in codes (required
-    by the API app)."""
-    extras: dict[str, Any] = field(default_factory=dict)
+    credentials: Credentials = field(kw_only=True)
+    """API token registry, web sessions, sign-in codes."""
+    extras: dict[str, object] = field(default_factory=dict)
     """Scratch space for other parts."""
 
     @property
@@ -115,7 +114,7 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------- secrets
 
 
-def load_or_create_secret(path: Path, from_env: str | None, generate: Any) -> tuple[str, bool]:
+def load_or_create_secret(path: Path, from_env: str | None, generate: Callable[[], str]) -> tuple[str, bool]:
     """(value, generated?) — the env value wins; else the file's content; else a new value saved to the file."""
     if from_env:
         return from_env, False
@@ -300,29 +299,20 @@ PLANNED_RESTART_BUDGET = 10.0
 """Seconds a shutdown spends marking running instances before it stops the local host child."""
 
 
-async def _note_planned_host_restart(service: Any, log: Any) -> None:
+async def _note_planned_host_restart(service: InstanceService, log: FilteringBoundLogger) -> None:
     """serve is about to stop the local host it started, which stops every machine: a planned host restart.
 
     Running instances are marked so that, when serve comes back, their stopped machine is started again in
     place (same machine, same volume) rather than relocated by unexpected-stop recovery. A crash of serve or
     of the host (no clean shutdown) is not marked and recovers as usual.
     """
-    note = getattr(service, "note_planned_host_restart", None)
-    if note is None:
-        return
     try:
-        marked = note(budget_seconds=PLANNED_RESTART_BUDGET)  # the API has stopped: nothing else to serve
+        # the API has stopped: nothing else to serve
+        marked = service.note_planned_host_restart(budget_seconds=PLANNED_RESTART_BUDGET)
     except Exception as exc:  # never block the shutdown: unmarked instances simply recover
         log.warning("runtime.planned_host_restart_failed", error=str(exc))
         return
     log.info("runtime.planned_host_restart", running_instances_marked=marked)
-
-
-def _import_engine() -> Any:
-    import importlib
-
-    engine_runtime = importlib.import_module("sandkeep.engine.runtime")  # ENGINE helper's module
-    return engine_runtime.Engine
 
 
 @contextlib.asynccontextmanager
@@ -361,7 +351,6 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         from sqlalchemy.exc import SQLAlchemyError
 
         from sandkeep.store.base import StoreError
-        from sandkeep.store.sql import open_store
 
         try:
             store = await asyncio.to_thread(open_store, settings.resolved_database_url, clock)
@@ -401,8 +390,6 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         else:
             raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
 
-        from sandkeep.provider.client import FLY_PROXY_TEMPLATE, MachinesClient
-
         provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
                                   fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE,
                                   proxy_token=settings.host_proxy_token if proxy_url else None)
@@ -415,9 +402,8 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
             except FlyConfigError as exc:
                 raise StartupError(str(exc)) from exc
 
-        engine_cls = _import_engine()
         try:
-            engine: EngineLike = engine_cls(settings, store, provider, clock)
+            engine = Engine(settings, store, provider, clock)
         except OSError as exc:  # the secrets key file (SANDKEEP_SECRETS_KEY unset) cannot be read or written
             raise StartupError(f"cannot start the engine: {exc.strerror or exc}"
                                f"{f' ({exc.filename})' if exc.filename else ''}") from exc
@@ -427,8 +413,6 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
         if start_engine:
             await engine.start()
             stack.push_async_callback(engine.stop)
-        from sandkeep.credentials import Credentials
-
         runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=jwt_secret,
                           data_dir=directory, base_url=public, store=store, provider=provider, engine=engine,
                           credentials=Credentials(store, jwt_secret, clock),

@@ -102,6 +102,24 @@ def test_admin_commands(serve: Serve, user: str) -> None:
     assert machine.exit_code == 0, machine.output
 
 
+def test_admin_rotates_a_gateway_token_and_the_instance_serves_again(serve: Serve, user: str) -> None:
+    inst = create(serve, user)
+    with serve.client(user) as client:
+        assert client.put(f"/v1/instances/{inst['id']}/gateway/data/note", content=b"kept").status_code < 300
+        refused = run(serve, "admin", "rotate-gateway-token", inst["id"], user=user)
+        assert refused.exit_code != 0, refused.output
+        rotated = run(serve, "admin", "rotate-gateway-token", inst["id"], "--json", user="root", role="admin")
+        assert rotated.exit_code == 0, rotated.output
+        assert json.loads(rotated.stdout)["id"] == inst["id"]
+        events = run(serve, "admin", "events", "--instance", inst["id"], "--json", user="root", role="admin")
+        assert "instance.gateway_token_rotated" in {e["event"] for e in json.loads(events.stdout)}, events.output
+        serve.wait_status(client, inst["id"], "running")
+        got = client.get(f"/v1/instances/{inst['id']}/gateway/data/note")
+        assert got.status_code == 200 and got.content == b"kept", got.text
+    audit = run(serve, "admin", "audit", "--instance", inst["id"], "--json", user="root", role="admin")
+    assert "rotate_gateway_token" in {a["action"] for a in json.loads(audit.stdout)}, audit.output
+
+
 def test_api_errors_become_messages_and_exit_codes(serve: Serve, user: str) -> None:
     inst = create(serve, user)
     forbidden = run(serve, "admin", "debug", inst["id"], user=user)

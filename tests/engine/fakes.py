@@ -65,6 +65,7 @@ class FakeProvider:
         self.calls: list[tuple[str, Any]] = []
         self._ids = itertools.count(1)
         self.is_local = False
+        self.supports_watch = False
 
     # ------------------------------------------------------------------ test helpers
 

@@ -205,6 +205,7 @@ class _Gateway(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Set-Cookie", "sk_session=from-the-gateway; Path=/")
         self.end_headers()
         self.wfile.write(body.encode())
 
@@ -230,6 +231,10 @@ async def test_open_proxies_to_the_gateway_with_the_session(rt: FakeRuntime, log
     r = await client.get("/ui/instances/ins_a1/open/health?x=1")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "path": "/health?x=1", "hdr": "m_ins_a1"}
+    # the gateway never sets cookies on sandkeep's origin, and its pages are sandboxed
+    assert "set-cookie" not in r.headers and client.cookies.get("sk_session") != "from-the-gateway"
+    assert r.headers["content-security-policy"] == "sandbox; default-src 'none'"
+    assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff"
     stopped = await client.get("/ui/instances/ins_a2/open/health")
     assert stopped.status_code == 503 and "stopped" in stopped.text and stopped.headers["Retry-After"] == "5"
     client.cookies.clear()

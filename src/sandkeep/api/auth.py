@@ -17,18 +17,15 @@ listed and revoked. :func:`verify_token` here only checks the signature and the 
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 import jwt
 
-from sandkeep.engine.service import Actor
+from sandkeep.engine.service import Actor, valid_user_id
 
 ALGORITHM = "HS256"
 ROLES: tuple[str, ...] = ("user", "admin", "platform")
-USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
-"""User ids: 1-128 characters, letters, digits and ``._@:+-``, starting with a letter or digit."""
 
 
 class TokenError(Exception):
@@ -40,10 +37,6 @@ class TokenError(Exception):
     def __init__(self, message: str, *, code: str = "unauthorized") -> None:
         super().__init__(message)
         self.code = code
-
-
-def valid_user_id(user_id: str) -> bool:
-    return bool(USER_ID_RE.match(user_id))
 
 
 def issue_token(secret: str, user_id: str, role: str = "user", ttl_seconds: float | None = None, *,

@@ -21,7 +21,8 @@ ID = click.argument("instance_id", metavar="ID")
 
 @click.group("admin")
 def admin() -> None:
-    """Debug an instance, retry its recovery, delete its retained volume, destroy its machine; events, audit."""
+    """Debug an instance, retry its recovery, delete its retained volume, destroy its machine, rotate its gateway
+    token; events, audit."""
 
 
 @admin.command("debug")
@@ -76,6 +77,19 @@ def destroy_machine(ctx: Ctx, instance_id: str) -> None:
         ctx.emit(inst)
     else:
         click.echo(instance_detail(inst))
+
+
+@admin.command("rotate-gateway-token")
+@ID
+@api_options
+def rotate_gateway_token(ctx: Ctx, instance_id: str) -> None:
+    """Give the instance a new gateway token; a running instance restarts with it (refused while busy)."""
+    with ctx.client() as client:
+        inst = client.request("POST", f"/v1/instances/{instance_id}/gateway-token/rotate")
+    if ctx.as_json:
+        ctx.emit(inst)
+    else:
+        click.echo(f"gateway token of {inst['id']} rotated ({status_label(inst)})")
 
 
 @admin.command("events")

@@ -1,18 +1,64 @@
 """The engine's vocabulary: what reconcile observed, and the typed actions its decisions return.
 
-Decisions (``lifecycle``, ``recovery``, dispatched by ``reconcile``) are pure functions of
+Decisions (``lifecycle``, ``recovery``, ``intents``, dispatched by ``reconcile``) are pure functions of
 ``(record, Observed, settings, now) -> list[Action]``; :mod:`sandkeep.engine.executor` performs the actions
-against the provider and the store. Effects that can fail record an :class:`Outcome` under their ``key``
-in ``Observed.outcomes`` so the next decision of the same pass sees what happened.
+against the provider and the store. Every provider effect is a frozen, hashable dataclass whose *identity*
+(the fields that take part in ``==``/``hash``) says which outcome it is: the executor records an
+:class:`Outcome` under the action itself in ``Observed.outcomes``, and the next decision of the same pass
+asks ``obs.outcome(DestroyMachine(machine_id))``. Fields marked ``compare=False`` are parameters, not identity.
+
+What a decision may write is :class:`Changes`: a ``TypedDict`` of the instance row's mutable fields, so a
+misspelt field is a type error, not a run-time surprise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal, TypedDict
 
 from sandkeep.provider.errors import ProviderError
 from sandkeep.provider.models import Machine, Volume, VolumeSnapshot
+from sandkeep.store.records import Status
+
+
+class Changes(TypedDict, total=False):
+    """The instance fields a decision (or an intent) may persist; every key optional."""
+
+    status: Status
+    machine_id: str | None
+    volume_id: str | None
+    region: str | None
+    machine_size: str
+    image: str
+    env: dict[str, str]
+    secrets_encrypted: dict[str, str]
+    gateway_token_encrypted: str | None
+    config_generation: int
+    last_started_at: datetime | None
+    last_stopped_at: datetime | None
+    status_changed_at: datetime | None
+    health_fail_count: int
+    alarm_at: datetime | None
+    pending_action: str | None
+    recovery_started_at: datetime | None
+    recovery_step: str | None
+    pending_recovery_volume_id: str | None
+    retained_volume_id: str | None
+    retained_volume_cleanup_after: datetime | None
+    last_recovery_error: str | None
+    last_recovery_error_at: datetime | None
+    pending_destroy_machine_id: str | None
+    pending_destroy_volume_id: str | None
+    destroy_volume_attempts: int
+    destroyed_at: datetime | None
+    provider_error_count: int
+    last_provider_error: str | None
+    last_provider_error_at: datetime | None
+
+
+#: record fields that receive a created volume's id (``CreateVolume.assign``)
+VolumeField = Literal["volume_id", "pending_recovery_volume_id"]
 
 
 @dataclass
@@ -44,10 +90,21 @@ class Observed:
     # volumes named like this instance's volumes (idempotent volume creation)
     named_volumes: list[Volume] = field(default_factory=list)
     transient: ProviderError | None = None  # a read failed; nothing can be decided about the provider
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    outcomes: dict[Effect, Outcome] = field(default_factory=dict)
 
-    def outcome(self, key: str) -> Outcome | None:
-        return self.outcomes.get(key)
+    def outcome(self, action: Effect) -> Outcome | None:
+        return self.outcomes.get(action)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a status module needs observed for a record (``needs(record)`` beside each ``decide``)."""
+
+    machine: bool = False  # the record's machine_id
+    volume: bool = False  # the record's volume_id
+    pending_volume: bool = False  # the record's pending_recovery_volume_id
+    owned_machines: bool = False  # live machines whose metadata names the instance
+    named_volumes: bool = False  # volumes named like the instance's volume
 
 
 # ------------------------------------------------------------------ bookkeeping actions
@@ -55,9 +112,9 @@ class Observed:
 
 @dataclass(frozen=True)
 class Persist:
-    """Fenced write of ``changes`` (a status change also stamps status_changed_at)."""
+    """Fenced write of ``changes`` (a status change also stamps status_changed_at and reschedules the alarm)."""
 
-    changes: dict[str, Any]
+    changes: Changes
 
 
 @dataclass(frozen=True)
@@ -92,13 +149,16 @@ class Done:
 
 
 # ------------------------------------------------------------------ provider effects
+# Identity = the fields compared; ``compare=False`` fields are parameters of the call.
+
+
+def _no_changes() -> Changes:
+    return Changes()
 
 
 @dataclass(frozen=True)
 class EnsureApp:
-    @property
-    def key(self) -> str:
-        return "ensure_app"
+    pass
 
 
 @dataclass(frozen=True)
@@ -106,78 +166,55 @@ class RotateGatewayToken:
     """Give the instance a new random gateway token (stored encrypted) and bump ``config_generation`` so its
     machine is updated with it before it serves again (an instance from before gateway tokens, SPEC §13)."""
 
-    reason: str = "missing"
-
-    @property
-    def key(self) -> str:
-        return "rotate_gateway_token"
+    reason: str = field(default="missing", compare=False)
 
 
 @dataclass(frozen=True)
 class CreateVolume:
     """Create (or fork / restore) a volume over ``regions`` (capacity fallback); persist its id at once.
 
-    ``assign`` names the record field that receives the id; ``assign_region`` the one that receives its
-    region; ``extra`` goes into the same write.
+    ``assign`` names the record field that receives the id; with ``assign_region`` the volume's region goes
+    into ``region``; ``extra`` goes into the same write. Identity: the purpose.
     """
 
-    purpose: str  # "primary" | "recovery" | "replacement"
-    name: str
-    regions: tuple[str, ...]
-    assign: str
-    size_gb: int | None = None
-    source_volume_id: str | None = None
-    snapshot_id: str | None = None
-    compute_size: str | None = None
-    assign_region: str | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"create_volume:{self.purpose}"
+    purpose: str  # "primary" | "recovery" | "restore" | "replacement"
+    name: str = field(default="", compare=False)
+    regions: tuple[str, ...] = field(default=(), compare=False)
+    assign: VolumeField = field(default="volume_id", compare=False)
+    size_gb: int | None = field(default=None, compare=False)
+    source_volume_id: str | None = field(default=None, compare=False)
+    snapshot_id: str | None = field(default=None, compare=False)
+    compute_size: str | None = field(default=None, compare=False)
+    assign_region: bool = field(default=False, compare=False)
+    extra: Changes = field(default_factory=_no_changes, compare=False)
 
 
 @dataclass(frozen=True)
 class CreateMachine:
-    """Create a machine with the instance's current configuration; persist its id before anything else."""
+    """Create a machine with the instance's current configuration; persist its id before anything else.
+
+    Identity: the purpose."""
 
     purpose: str  # "primary" | "recovery"
-    name: str
-    volume_id: str
-    region: str | None
-    assign: str = "machine_id"
-    extra: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"create_machine:{self.purpose}"
+    name: str = field(default="", compare=False)
+    volume_id: str = field(default="", compare=False)
+    region: str | None = field(default=None, compare=False)
+    extra: Changes = field(default_factory=_no_changes, compare=False)
 
 
 @dataclass(frozen=True)
 class StartMachine:
     machine_id: str
 
-    @property
-    def key(self) -> str:
-        return f"start:{self.machine_id}"
-
 
 @dataclass(frozen=True)
 class StopMachine:
     machine_id: str
 
-    @property
-    def key(self) -> str:
-        return f"stop:{self.machine_id}"
-
 
 @dataclass(frozen=True)
 class RestartMachine:
     machine_id: str
-
-    @property
-    def key(self) -> str:
-        return f"restart:{self.machine_id}"
 
 
 @dataclass(frozen=True)
@@ -185,11 +222,7 @@ class UpdateMachine:
     """Apply the current configuration (and volume) to an existing machine."""
 
     machine_id: str
-    volume_id: str
-
-    @property
-    def key(self) -> str:
-        return f"update:{self.machine_id}"
+    volume_id: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -197,11 +230,9 @@ class DestroyMachine:
     """Force-destroy; 404 counts as done; ``clear`` is persisted after the provider confirms."""
 
     machine_id: str
-    clear: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"destroy_machine:{self.machine_id}"
+    clear: Changes = field(default_factory=_no_changes, compare=False)
+    label: str | None = field(default=None, compare=False)  # the event's label (e.g. "admin")
+    details: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # more event details
 
 
 @dataclass(frozen=True)
@@ -211,30 +242,18 @@ class WaitMachine:
     machine_id: str
     state: str = "started"
 
-    @property
-    def key(self) -> str:
-        return f"wait:{self.machine_id}:{self.state}"
-
 
 @dataclass(frozen=True)
 class ProbeHealth:
     """Probe the gateway (GET /health through the provider's proxy) until healthy or the timeout."""
 
     machine_id: str
-    timeout: float
-
-    @property
-    def key(self) -> str:
-        return f"probe:{self.machine_id}"
+    timeout: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
 class ListSnapshots:
     volume_id: str
-
-    @property
-    def key(self) -> str:
-        return f"snapshots:{self.volume_id}"
 
 
 @dataclass(frozen=True)
@@ -245,12 +264,8 @@ class DeleteVolumeSafely:
     """
 
     volume_id: str
-    reason: str
-    clear: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"delete_volume:{self.volume_id}"
+    reason: str = field(default="", compare=False)
+    clear: Changes = field(default_factory=_no_changes, compare=False)
 
 
 Effect = (EnsureApp | RotateGatewayToken | CreateVolume | CreateMachine | StartMachine | StopMachine

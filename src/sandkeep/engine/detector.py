@@ -15,7 +15,6 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
 
 from sandkeep.config import Settings
 from sandkeep.logs import get_logger
@@ -55,7 +54,7 @@ class Detector:
 
     @property
     def uses_watch(self) -> bool:
-        return bool(getattr(self.provider, "is_local", False)) and hasattr(self.provider, "watch_events")
+        return self.provider.supports_watch
 
     async def run(self) -> None:
         if self.uses_watch:
@@ -75,7 +74,7 @@ class Detector:
         return found
 
     async def _watch_loop(self) -> None:
-        watch: Any = self.provider.watch_events  # type: ignore[attr-defined]
+        watch = self.provider.watch_events
         seq: int | None = None
         unsupported = 0
         while True:

@@ -9,26 +9,23 @@ afterwards (:class:`LeaseLost` when someone else took it meanwhile — that work
 
 from __future__ import annotations
 
-import random
-import secrets as _pysecrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sandkeep import metrics
-from sandkeep.clock import Clock
-from sandkeep.config import Settings
 from sandkeep.engine.actions import (
     TERMINAL,
     Action,
     Backoff,
+    Changes,
     CreateMachine,
     CreateVolume,
     DeleteVolumeSafely,
     DestroyMachine,
     Done,
+    Effect,
     Emit,
     EnsureApp,
     ListSnapshots,
@@ -44,19 +41,16 @@ from sandkeep.engine.actions import (
     UpdateMachine,
     WaitMachine,
 )
-from sandkeep.engine.events import Emitter
-from sandkeep.engine.health import Prober, probe_until_healthy
+from sandkeep.engine.health import probe_until_healthy
+from sandkeep.engine.lease import EngineContext, Lease
 from sandkeep.engine.naming import (
     METADATA_INSTANCE,
     METADATA_SANDBOX,
-    build_machine_config,
     guest_for,
     volume_name,
 )
-from sandkeep.engine.policy import GONE_STATES, backoff_seconds, deadline_cap, interval_for, is_backoff_error
-from sandkeep.engine.reconcile import decide
-from sandkeep.engine.recovery import STEP_CREATING_MACHINE, STEP_FORKING
-from sandkeep.provider.base import MachineProvider
+from sandkeep.engine.policy import GONE_STATES, backoff_seconds, is_backoff_error
+from sandkeep.engine.reconcile import decide, needs
 from sandkeep.provider.errors import (
     ConflictError,
     InvalidRequestError,
@@ -65,9 +59,7 @@ from sandkeep.provider.errors import (
     ProviderError,
     RateLimitedError,
 )
-from sandkeep.provider.models import MachineConfig
-from sandkeep.secrets import SecretBox, SecretsError
-from sandkeep.store.base import Store
+from sandkeep.secrets import SecretsError
 from sandkeep.store.records import InstanceRecord, Status
 
 #: states in which Fly refuses a start because one is already underway ("unable to start machine from current
@@ -77,9 +69,6 @@ STARTING_OR_STARTED = frozenset({"created", "starting", "started", "replacing", 
 MAX_STEPS = 24
 """Decision steps per pass before the pass gives up and requeues (a safety valve against loops)."""
 
-TraceFn = Callable[[str, str, str], None]
-
-
 class LeaseLost(Exception):
     """The lease was released for a wait and someone else claimed the instance meanwhile."""
 
@@ -88,84 +77,31 @@ class Refused(Exception):
     """SPEC §7.5 refused to delete (the attached machine names another sandbox)."""
 
 
-@dataclass
-class EngineContext:
-    settings: Settings
-    store: Store
-    provider: MachineProvider
-    clock: Clock
-    emitter: Emitter
-    secrets: SecretBox
-    prober: Prober
-    rng: random.Random = field(default_factory=random.Random)
-    trace: TraceFn | None = None
-
-    def traced(self, what: str, instance_id: str, owner: str) -> None:
-        if self.trace is not None:
-            self.trace(what, instance_id, owner)
-
-    def alarm_in(self, seconds: float, record: InstanceRecord) -> datetime:
-        now = self.clock.now()
-        jitter = max(0.0, self.settings.jitter_fraction)
-        delay = max(0.0, seconds) * (1.0 + self.rng.uniform(0.0, jitter))
-        when = now + timedelta(seconds=delay)
-        cap = deadline_cap(record, self.settings)
-        # a deadline still ahead pulls the alarm in; one already passed has had its decision (a refused or
-        # failed overdue cleanup, say) and must not pin the alarm to "now" — that would be a tight loop
-        if cap is not None and now < cap < when:
-            when = cap
-        return when
-
-    def machine_config(self, record: InstanceRecord, volume_id: str) -> MachineConfig:
-        try:
-            secrets = self.secrets.decrypt_map(record.secrets_encrypted)
-            token = self.gateway_token(record)
-        except SecretsError as exc:
-            raise InvalidRequestError(str(exc), operation="decrypt secrets") from exc
-        return build_machine_config(record, volume_id=volume_id, secrets=secrets,
-                                    gateway_port=self.settings.gateway_port, gateway_token=token)
-
-    def gateway_token(self, record: InstanceRecord) -> str | None:
-        """The instance's gateway token in plaintext (None for an instance that has not started since tokens)."""
-        if not record.gateway_token_encrypted:
-            return None
-        return self.secrets.decrypt(record.gateway_token_encrypted)
-
-    def new_gateway_token(self) -> str:
-        """A fresh random gateway token, encrypted for the record (SPEC §13)."""
-        return self.secrets.encrypt(_pysecrets.token_urlsafe(32))
-
-
 # ------------------------------------------------------------------------------------------ observe
 
 
 async def observe(ctx: EngineContext, record: InstanceRecord) -> Observed:
-    """Read what the decisions for this record's status need from the provider."""
+    """Read what the record's status says it needs (:func:`sandkeep.engine.reconcile.needs`)."""
     obs = Observed()
-    provider, app, status = ctx.provider, record.app_name, record.status
-    if status == Status.DESTROYED:
-        return obs
+    need = needs(record)
+    provider, app = ctx.provider, record.app_name
     try:
-        if record.machine_id:
+        if need.machine and record.machine_id:
             try:
                 obs.machine = await provider.get_machine(app, record.machine_id)
             except NotFoundError:
                 obs.machine_missing = True
-        if record.volume_id and status != Status.DESTROYING:
+        if need.volume and record.volume_id:
             try:
                 obs.volume = await provider.get_volume(app, record.volume_id)
             except (NotFoundError, MissingVolumeError):
                 obs.volume_missing = True
-        if record.pending_recovery_volume_id and status == Status.RECOVERING:
+        if need.pending_volume and record.pending_recovery_volume_id:
             try:
                 obs.pending_volume = await provider.get_volume(app, record.pending_recovery_volume_id)
             except (NotFoundError, MissingVolumeError):
                 obs.pending_volume_missing = True
-        need_owned = (status == Status.DESTROYING
-                      or (record.machine_id is None
-                          and status in (Status.RUNNING, Status.STOPPED, Status.STARTING, Status.RESTARTING))
-                      or (status == Status.RECOVERING and record.recovery_step == STEP_CREATING_MACHINE))
-        if need_owned:
+        if need.owned_machines:
             try:
                 machines = await provider.list_machines(app, metadata={METADATA_INSTANCE: record.id})
             except NotFoundError:
@@ -173,10 +109,7 @@ async def observe(ctx: EngineContext, record: InstanceRecord) -> Observed:
             obs.owned_machines = [m for m in machines if m.metadata.get(METADATA_SANDBOX) == record.sandbox_id
                                   and m.metadata.get(METADATA_INSTANCE) == record.id
                                   and m.state not in GONE_STATES]
-        need_named = ((status in (Status.STARTING, Status.RESTARTING) and record.volume_id is None)
-                      or (status == Status.RECOVERING and record.recovery_step == STEP_FORKING
-                          and record.pending_recovery_volume_id is None))
-        if need_named:
+        if need.named_volumes:
             try:
                 volumes = await provider.list_volumes(app)
             except NotFoundError:
@@ -221,39 +154,30 @@ async def safe_delete_volume(ctx: EngineContext, record: InstanceRecord, volume_
 
 
 class Pass:
-    """One reconcile pass over one claimed instance."""
+    """One reconcile pass over one claimed instance (or one intent's actions, ``intent=True``)."""
 
-    def __init__(self, ctx: EngineContext, record: InstanceRecord, owner: str) -> None:
+    def __init__(self, ctx: EngineContext, lease: Lease, *, intent: bool = False) -> None:
         self.ctx = ctx
-        self.record = record
-        self.owner = owner
-        self.outcomes: dict[str, Outcome] = {}
-        self.log = ctx.emitter.log.bind(instance_id=record.id)
+        self.lease = lease
+        self.intent = intent
+        self.outcomes: dict[Effect, Outcome] = {}
+        self.log = ctx.emitter.log.bind(instance_id=lease.record.id)
+
+    @property
+    def record(self) -> InstanceRecord:
+        return self.lease.record
+
+    @property
+    def owner(self) -> str:
+        return self.lease.owner
 
     # -------------------------------------------------------------- store plumbing
 
-    def persist(self, changes: dict[str, Any]) -> InstanceRecord:
-        changes = dict(changes)
-        if "status" in changes:
-            new_status = Status(changes["status"])
-            changes["status"] = new_status
-            if new_status != self.record.status:
-                changes.setdefault("status_changed_at", self.ctx.clock.now())
-                if new_status == Status.RUNNING and self.record.last_provider_error is not None:
-                    changes.setdefault("last_provider_error", None)  # running again: the error is history
-                    changes.setdefault("last_provider_error_at", None)
-                if "alarm_at" not in changes and new_status != Status.DESTROYED:
-                    preview = self.record.copy(**changes)
-                    changes["alarm_at"] = self.ctx.alarm_in(interval_for(new_status, self.ctx.settings), preview)
-        self.record = self.ctx.store.update(self.record, self.owner, changes)
-        return self.record
-
-    def renew(self) -> None:
-        self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
-                                           self.ctx.clock.now())
+    def persist(self, changes: Changes) -> InstanceRecord:
+        return self.lease.persist(changes)
 
     def requeue(self, seconds: float) -> None:
-        changes: dict[str, Any] = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
+        changes: Changes = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
         if self.record.provider_error_count:
             changes["provider_error_count"] = 0
             if self.record.status != Status.STOPPED:  # a stopped instance keeps the error that stopped it
@@ -278,16 +202,12 @@ class Pass:
         """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards."""
         ttl = self.ctx.settings.lease_ttl
         self.persist({"alarm_at": self.ctx.clock.now() + timedelta(seconds=seconds + ttl)})
-        self.ctx.traced("release", self.record.id, self.owner)
-        self.ctx.store.release(self.record, self.owner)
+        self.lease.release()
         try:
             yield
         finally:
-            claimed = self.ctx.store.claim(self.record.id, self.owner, ttl, self.ctx.clock.now())
-            if claimed is None:
+            if not self.lease.reclaim():
                 raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
-            self.ctx.traced("acquire", claimed.id, self.owner)
-            self.record = claimed
 
     def wait_seconds(self) -> float:
         """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
@@ -307,7 +227,7 @@ class Pass:
         metrics.RECONCILE_PASSES.labels(status=self.record.status.value).inc()
         settings = self.ctx.settings
         for _ in range(MAX_STEPS):
-            self.renew()
+            self.lease.renew()
             obs = await observe(self.ctx, self.record)
             obs.outcomes = self.outcomes
             try:
@@ -341,25 +261,30 @@ class Pass:
             elif isinstance(action, Done):
                 return True
             else:
-                key = action.key
                 try:
                     value = await self.effect(action)
                 except Refused as exc:
-                    self.outcomes[key] = Outcome(False, refused=str(exc))
-                    name = ("reconcile.delete_volume_refused" if isinstance(action, DeleteVolumeSafely)
-                            else "reconcile.destroy_machine_refused")
-                    self.ctx.emitter.emit(self.record, name, level="error",
-                                          error=str(exc), label=getattr(action, "reason", None),
-                                          details={"volume_id": getattr(action, "volume_id", None)})
+                    self.outcomes[action] = Outcome(False, refused=str(exc))
+                    if self.intent:  # the caller (the instance service) answers for it
+                        raise
+                    if isinstance(action, DeleteVolumeSafely):
+                        name, label, volume_id = "reconcile.delete_volume_refused", action.reason, action.volume_id
+                    else:
+                        name, label, volume_id = "reconcile.destroy_machine_refused", None, None
+                    self.ctx.emitter.emit(self.record, name, level="error", error=str(exc), label=label,
+                                          details={"volume_id": volume_id})
                     return False
                 except ProviderError as exc:
-                    self.outcomes[key] = Outcome(False, error=exc)
+                    self.outcomes[action] = Outcome(False, error=exc)
+                    if self.intent:
+                        raise
                     if is_backoff_error(exc):
                         self.backoff(str(exc), exc)
                         return True
-                    self.log.warning("reconcile.effect_failed", effect=key, error=str(exc))
+                    self.log.warning("reconcile.effect_failed", effect=type(action).__name__,
+                                     action=repr(action)[:300], error=str(exc))
                     return False
-                self.outcomes[key] = Outcome(True, value=value)
+                self.outcomes[action] = Outcome(True, value=value)
             assert not isinstance(action, TERMINAL)
         return False
 
@@ -381,9 +306,10 @@ class Pass:
             volume = await provider.create_volume_with_fallback(
                 app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
                 source_volume_id=action.source_volume_id, snapshot_id=action.snapshot_id, compute=compute)
-            changes: dict[str, Any] = {action.assign: volume.id, **dict(action.extra)}
+            changes: Changes = {**action.extra}
+            changes[action.assign] = volume.id
             if action.assign_region:
-                changes[action.assign_region] = volume.region
+                changes["region"] = volume.region
             self.persist(changes)
             return volume
         if isinstance(action, RotateGatewayToken):
@@ -397,7 +323,7 @@ class Pass:
             self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
             config = ctx.machine_config(self.record, action.volume_id)
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
-            self.persist({action.assign: machine.id, **dict(action.extra)})
+            self.persist({**action.extra, "machine_id": machine.id})
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
                              machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
                              details={"machine_id": machine.id, "region": machine.region,
@@ -426,10 +352,11 @@ class Pass:
             config = ctx.machine_config(record, action.volume_id)
             return await provider.update_machine(app, action.machine_id, config=config)
         if isinstance(action, DestroyMachine):
-            await self._destroy_machine(action.machine_id)
+            await destroy_own_machine(ctx, record, action.machine_id)
             if action.clear:
-                self.persist(dict(action.clear))
-            ctx.emitter.emit(self.record, "reconcile.destroy_machine", details={"machine_id": action.machine_id})
+                self.persist(action.clear)
+            ctx.emitter.emit(self.record, "reconcile.destroy_machine", label=action.label,
+                             details={"machine_id": action.machine_id, **dict(action.details)})
             return None
         if isinstance(action, WaitMachine):
             seconds = self.wait_seconds()
@@ -453,14 +380,11 @@ class Pass:
         if isinstance(action, DeleteVolumeSafely):
             await safe_delete_volume(ctx, record, action.volume_id)
             if action.clear:
-                self.persist(dict(action.clear))
+                self.persist(action.clear)
             ctx.emitter.emit(self.record, "reconcile.delete_volume", label=action.reason,
                              details={"deleted_volume_id": action.volume_id})
             return True
         raise TypeError(f"unknown action {action!r}")  # pragma: no cover
-
-    async def _destroy_machine(self, machine_id: str) -> None:
-        await destroy_own_machine(self.ctx, self.record, machine_id)
 
     async def _machine_state(self, machine_id: str) -> str | None:
         try:

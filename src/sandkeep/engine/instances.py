@@ -9,7 +9,6 @@ short provider call by nature (retained-volume cleanup, destroy machine).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -20,8 +19,10 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sandkeep.clock import utc_iso
-from sandkeep.engine import policy
-from sandkeep.engine.executor import EngineContext, Refused, destroy_own_machine, safe_delete_volume
+from sandkeep.engine import intents, policy
+from sandkeep.engine.actions import Action, Changes
+from sandkeep.engine.executor import Pass, Refused
+from sandkeep.engine.lease import EngineContext, Lease, claim
 from sandkeep.engine.naming import (
     ConfigError,
     ForbiddenEnvNameError,
@@ -32,30 +33,28 @@ from sandkeep.engine.naming import (
     validate_image,
     validate_size,
 )
-from sandkeep.engine.recovery import EVENT_STARTED
 from sandkeep.engine.service import (
     Actor,
     CleanupRefused,
     Forbidden,
     ForbiddenEnvName,
-    InstanceBusy,
     InstanceLocked,
     InstanceNotFound,
     InvalidArgument,
     InvalidConfig,
     InvalidTransition,
+    InvalidUserId,
     ProviderUnavailable,
     QuotaExceeded,
     RecoveringRefused,
     ServiceError,
+    valid_user_id,
 )
 from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.provider.errors import ProviderError
 from sandkeep.secrets import SecretsError, app_name_secret
 from sandkeep.store.base import AlreadyExists, FencedError, QuotaReached
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
-
-CLAIM_RETRY_PAUSE = 0.05
 
 
 def public_view(record: InstanceRecord) -> dict[str, Any]:
@@ -97,23 +96,6 @@ def debug_view(record: InstanceRecord) -> dict[str, Any]:
         out[f.name] = value
     out["busy"] = record.busy
     return out
-
-
-class _Lease:
-    def __init__(self, service: InstanceService, record: InstanceRecord, owner: str) -> None:
-        self.service = service
-        self.record = record
-        self.owner = owner
-
-    def update(self, changes: dict[str, Any]) -> InstanceRecord:
-        changes = dict(changes)
-        ctx = self.service.ctx
-        if "status" in changes:
-            changes["status"] = Status(changes["status"])
-            if changes["status"] != self.record.status:
-                changes.setdefault("status_changed_at", ctx.clock.now())
-        self.record = ctx.store.update(self.record, self.owner, changes)
-        return self.record
 
 
 class InstanceService:
@@ -160,29 +142,26 @@ class InstanceService:
             raise Forbidden("this action needs the admin role")
 
     @asynccontextmanager
-    async def _claimed(self, instance_id: str) -> AsyncIterator[_Lease]:
+    async def _claimed(self, instance_id: str) -> AsyncIterator[Lease]:
         owner = f"{self.owner_prefix}/api#{next(self._seq)}"
-        store, settings = self.ctx.store, self.ctx.settings
-        deadline = time.monotonic() + settings.claim_wait
-        while True:
-            record = store.claim(instance_id, owner, settings.lease_ttl, self._now())
-            if record is not None:
-                break
-            if store.get_instance(instance_id) is None:
+        lease = await claim(self.ctx, instance_id, owner)
+        if lease is None:
+            if self.ctx.store.get_instance(instance_id) is None:
                 raise InstanceNotFound(f"instance {instance_id} not found")
-            if time.monotonic() >= deadline:
-                raise InstanceLocked(f"instance {instance_id} is being worked on by another worker; retry shortly",
-                                     retry_after=1)
-            await asyncio.sleep(CLAIM_RETRY_PAUSE)
+            raise InstanceLocked(f"instance {instance_id} is being worked on by another worker; retry shortly",
+                                 retry_after=1)
         self.ctx.traced("acquire", instance_id, owner)
-        lease = _Lease(self, record, owner)
         try:
             yield lease
         except FencedError as exc:
             raise InstanceLocked(f"instance {instance_id} changed hands during the request; retry") from exc
         finally:
-            self.ctx.traced("release", instance_id, owner)
-            store.release(lease.record, owner)
+            lease.release()
+
+    async def _apply(self, lease: Lease, actions: list[Action]) -> InstanceRecord:
+        """Run an intent's actions with the executor, under the claim (provider errors are raised)."""
+        await Pass(self.ctx, lease, intent=True).execute(actions)
+        return lease.record
 
     def _emit(self, record: InstanceRecord, event: str, **kw: Any) -> None:
         self.ctx.emitter.emit(record, event, **kw)
@@ -226,9 +205,9 @@ class InstanceService:
 
     # ------------------------------------------------------------------ configuration
 
-    def _config(self, *, size: str | None, env: dict[str, str] | None, image: str | None) -> dict[str, Any]:
+    def _config(self, *, size: str | None, env: dict[str, str] | None, image: str | None) -> Changes:
         try:
-            out: dict[str, Any] = {}
+            out: Changes = {}
             if size is not None:
                 out["machine_size"] = validate_size(size)
             if env is not None:
@@ -271,10 +250,11 @@ class InstanceService:
                               image: str | None = None, idempotency_key: str | None = None) -> InstanceRecord:
         """Create and start an instance. With ``idempotency_key``, a repeat of the same caller's create for the same
         owner with the same key returns the first instance instead of making another."""
-        if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 200:
-            raise InvalidConfig("user_id must be a non-empty string (max 200 characters)")
+        if not valid_user_id(user_id):
+            raise InvalidUserId(f"invalid user_id {str(user_id)[:64]!r}: 1-128 letters, digits or ._@:+- starting "
+                                f"with a letter or digit")
         if actor.role == "user" and user_id != actor.user_id:
-            raise Forbidden("users may create instances only for themselves")
+            raise Forbidden("a user token can only create instances for its own user")
         scoped_key = f"{actor.user_id}/{idempotency_key}" if idempotency_key else None
         find = getattr(self.ctx.store, "find_by_idempotency_key", None)
         if scoped_key is not None and find is not None:
@@ -314,9 +294,7 @@ class InstanceService:
         self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})
         try:
             async with self._claimed(record.id) as lease:
-                if lease.record.status == Status.PROVISIONED:
-                    lease.update({"status": Status.STARTING, "alarm_at": self._now()})
-                    self._emit(lease.record, "instance.start_requested", label="provision")
+                await self._apply(lease, intents.provision_start(lease.record, self._now()))
         except InstanceLocked:  # a worker already took it: it starts it (provisioned + pending start)
             return self._load(record.id)
         return self._finish(lease.record)
@@ -337,13 +315,13 @@ class InstanceService:
                 raise InvalidTransition(f"instance {instance_id} is {current.status.value}")
             secret_map = self._secrets(current.secrets_encrypted, secrets)
             self._check_overlap(config.get("env", current.env), list(secret_map))
-            changes: dict[str, Any] = dict(config)
+            changes: Changes = {**config}
             if secrets:
                 changes["secrets_encrypted"] = secret_map
             if not changes:
                 return current
             changes["config_generation"] = current.config_generation + 1
-            lease.update(changes)
+            lease.persist(changes)
             self._emit(lease.record, "instance.config_updated",
                        details={"changed": sorted(k if k != "secrets_encrypted" else "secrets" for k in changes
                                                   if k != "config_generation"),
@@ -386,56 +364,25 @@ class InstanceService:
 
     # ------------------------------------------------------------------ user actions
 
-    @staticmethod
-    def _gate(record: InstanceRecord, action: str) -> None:
-        if record.status == Status.DESTROYED:
-            raise InvalidTransition(f"instance {record.id} is destroyed")
-        if record.busy:
-            raise InstanceBusy(f"instance {record.id} is {record.status.value}; {action} is refused while busy",
-                               status=record.status.value)
+    async def _intent(self, actor: Actor, instance_id: str,
+                      decide: Callable[[InstanceRecord, datetime], list[Action]], what: str) -> InstanceRecord:
+        """A user intent: check access and the gate on the unclaimed record (cheap refusals), then decide
+        again on the claimed one and run the actions."""
+        record = self._load(instance_id)
+        self._check_access(actor, record)
+        intents.gate(record, what)
+        async with self._claimed(instance_id) as lease:
+            current = await self._apply(lease, decide(lease.record, self._now()))
+        return self._finish(current)
 
     async def start(self, actor: Actor, instance_id: str) -> InstanceRecord:
-        record = self._load(instance_id)
-        self._check_access(actor, record)
-        self._gate(record, "start")
-        async with self._claimed(instance_id) as lease:
-            current = lease.record
-            self._gate(current, "start")
-            if current.status not in (Status.STOPPED, Status.PROVISIONED):
-                raise InvalidTransition(f"instance {instance_id} is already {current.status.value}",
-                                        status=current.status.value)
-            lease.update({"status": Status.STARTING, "pending_action": "start", "alarm_at": self._now()})
-            self._emit(lease.record, "instance.start_requested", label="user_request")
-        return self._finish(lease.record)
+        return await self._intent(actor, instance_id, intents.start, "start")
 
     async def stop(self, actor: Actor, instance_id: str) -> InstanceRecord:
-        record = self._load(instance_id)
-        self._check_access(actor, record)
-        self._gate(record, "stop")
-        async with self._claimed(instance_id) as lease:
-            current = lease.record
-            self._gate(current, "stop")
-            if current.status != Status.RUNNING:
-                raise InvalidTransition(f"instance {instance_id} is {current.status.value}, not running",
-                                        status=current.status.value)
-            if current.pending_action != "stop":
-                lease.update({"pending_action": "stop", "alarm_at": self._now()})
-                self._emit(lease.record, "instance.stop_requested", label="user_request")
-        return self._finish(lease.record)
+        return await self._intent(actor, instance_id, intents.stop, "stop")
 
     async def restart(self, actor: Actor, instance_id: str) -> InstanceRecord:
-        record = self._load(instance_id)
-        self._check_access(actor, record)
-        self._gate(record, "restart")
-        async with self._claimed(instance_id) as lease:
-            current = lease.record
-            self._gate(current, "restart")
-            if current.status not in (Status.RUNNING, Status.STOPPED):
-                raise InvalidTransition(f"instance {instance_id} is {current.status.value}; restart needs running "
-                                        f"or stopped", status=current.status.value)
-            lease.update({"status": Status.RESTARTING, "pending_action": "restart", "alarm_at": self._now()})
-            self._emit(lease.record, "instance.restarting", label="user_request")
-        return self._finish(lease.record)
+        return await self._intent(actor, instance_id, intents.restart, "restart")
 
     async def destroy(self, actor: Actor, instance_id: str, *, force: bool = False) -> InstanceRecord:
         """Two-phase destroy (SPEC §8). An admin's ``force`` is an admin action: audited, whatever the outcome."""
@@ -454,29 +401,16 @@ class InstanceService:
     async def _destroy(self, actor: Actor, instance_id: str, *, force: bool) -> tuple[InstanceRecord, str]:
         record = self._load(instance_id)
         self._check_access(actor, record)
-
-        def check(current: InstanceRecord) -> None:
-            if current.status == Status.DESTROYED:
-                raise InvalidTransition(f"instance {instance_id} is already destroyed")
-            if current.status == Status.RECOVERING and not (force and actor.is_admin):
-                raise RecoveringRefused(f"instance {instance_id} is recovering; destroy is refused until the "
-                                        f"recovery ends (admins may force it)", status=current.status.value)
-
-        check(record)
+        intents.check_destroy(record, force=force)
         if record.status == Status.DESTROYING:
             return record, record.status.value
         async with self._claimed(instance_id) as lease:
-            current = lease.record
-            check(current)
-            before = current.status.value
-            if current.status == Status.DESTROYING:
-                return current, before
-            forced = current.status == Status.RECOVERING
-            lease.update({"status": Status.DESTROYING, "pending_destroy_machine_id": current.machine_id,
-                          "pending_destroy_volume_id": current.volume_id, "pending_action": None,
-                          "destroy_volume_attempts": 0, "alarm_at": self._now()})
-            self._emit(lease.record, "instance.destroy_started", label="admin_force" if forced else "user_request")
-        return self._finish(lease.record), before
+            before = lease.record.status.value
+            actions = intents.destroy(lease.record, self._now(), force=force)
+            current = await self._apply(lease, actions)
+        if not actions:  # already destroying
+            return current, before
+        return self._finish(current), before
 
     # ------------------------------------------------------------------ admin
 
@@ -488,24 +422,13 @@ class InstanceService:
         record = self._load(instance_id)
         try:
             async with self._claimed(instance_id) as lease:
-                current = lease.record
-                if current.status in (Status.DESTROYING, Status.DESTROYED):
-                    raise InvalidTransition(f"instance {instance_id} is {current.status.value}")
-                now = self._now()
-                if current.status == Status.STOPPED and current.last_recovery_error and current.volume_id:
-                    lease.update({"status": Status.RECOVERING, "recovery_started_at": now, "recovery_step": None,
-                                  "health_fail_count": 0, "pending_action": None, "last_recovery_error": None,
-                                  "last_recovery_error_at": None, "alarm_at": now})
-                    self._emit(lease.record, EVENT_STARTED, label="admin_retry", value=0.0)
-                    mode = "restarted"
-                else:
-                    lease.update({"alarm_at": now})
-                    mode = "alarm_now"
+                mode, actions = intents.retry_recovery(lease.record, self._now())
+                current = await self._apply(lease, actions)
         except ServiceError as exc:
             self._audit(actor, "retry_recovery", instance_id, "refused", error=exc.message)
             raise
         self._audit(actor, "retry_recovery", record.id, "ok", mode=mode)
-        return self._finish(lease.record)
+        return self._finish(current)
 
     async def cleanup_retained_volume(self, actor: Actor, instance_id: str) -> str | None:
         self._require_admin(actor)
@@ -515,58 +438,43 @@ class InstanceService:
             raise RecoveringRefused(f"instance {instance_id} is recovering; retained volume cleanup is refused")
         try:
             async with self._claimed(instance_id) as lease:
-                current = lease.record
-                if current.status == Status.RECOVERING:
-                    raise RecoveringRefused(f"instance {instance_id} is recovering; retained volume cleanup is "
-                                            f"refused")
-                volume_id = current.retained_volume_id
-                if not volume_id:
-                    self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=None)
-                    return None
+                volume_id = lease.record.retained_volume_id
+                actions = intents.cleanup_retained_volume(lease.record, actor.user_id)
                 try:
-                    await safe_delete_volume(self.ctx, current, volume_id)
+                    await self._apply(lease, actions)
                 except Refused as exc:
                     raise CleanupRefused(str(exc), volume_id=volume_id) from exc
                 except ProviderError as exc:
                     raise ProviderUnavailable(f"cannot delete volume {volume_id}: {exc}") from exc
-                lease.update({"retained_volume_id": None, "retained_volume_cleanup_after": None})
-                self._emit(lease.record, "instance.retained_volume_deleted", label="admin_retained_volume_cleanup",
-                           details={"deleted_volume_id": volume_id, "actor": actor.user_id})
         except (RecoveringRefused, CleanupRefused) as exc:
             self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error=exc.message)
             raise
         except ServiceError as exc:
             self._audit(actor, "retained_volume_cleanup", instance_id, "error", error=exc.message)
             raise
-        self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=volume_id)
-        return volume_id
+        deleted = volume_id if actions else None
+        self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=deleted)
+        return deleted
 
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord:
         self._require_admin(actor)
         self._load(instance_id)
         try:
             async with self._claimed(instance_id) as lease:
-                current = lease.record
-                if current.status in (Status.DESTROYING, Status.DESTROYED):
-                    raise InvalidTransition(f"instance {instance_id} is {current.status.value}")
-                machine_id = current.machine_id
-                if not machine_id:
-                    raise InvalidTransition(f"instance {instance_id} has no machine")
+                machine_id = lease.record.machine_id
+                actions = intents.destroy_machine(lease.record, self._now(), actor.user_id)
                 try:
-                    await destroy_own_machine(self.ctx, current, machine_id)
+                    current = await self._apply(lease, actions)
                 except Refused as exc:
                     raise CleanupRefused(str(exc)) from exc
                 except ProviderError as exc:
                     raise ProviderUnavailable(f"cannot destroy machine {machine_id}: {exc}") from exc
-                lease.update({"machine_id": None, "alarm_at": self._now()})
-                self._emit(lease.record, "reconcile.destroy_machine", label="admin",
-                           details={"machine_id": machine_id, "actor": actor.user_id})
         except ServiceError as exc:
             outcome = "error" if isinstance(exc, ProviderUnavailable) else "refused"
             self._audit(actor, "destroy_machine", instance_id, outcome, error=exc.message)
             raise
         self._audit(actor, "destroy_machine", instance_id, "ok", machine_id=machine_id)
-        return self._finish(lease.record)
+        return self._finish(current)
 
     async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
         """Admin: a new gateway token (SPEC §13). A running instance restarts so its machine gets the token at
@@ -575,26 +483,15 @@ class InstanceService:
         self._load(instance_id)
         try:
             async with self._claimed(instance_id) as lease:
-                current = lease.record
-                self._gate(current, "gateway token rotation")
-                if current.status == Status.DESTROYED:
-                    raise InvalidTransition(f"instance {instance_id} is destroyed")
-                changes: dict[str, Any] = {"gateway_token_encrypted": self.ctx.new_gateway_token(),
-                                           "config_generation": current.config_generation + 1}
-                restart = current.status == Status.RUNNING
-                if restart:
-                    changes.update({"status": Status.RESTARTING, "pending_action": "restart",
-                                    "alarm_at": self._now()})
-                lease.update(changes)
-                self._emit(lease.record, "instance.gateway_token_rotated", label="admin",
-                           details={"actor": actor.user_id, "restart": restart})
-                if restart:
-                    self._emit(lease.record, "instance.restarting", label="gateway_token_rotation")
+                restart = lease.record.status == Status.RUNNING
+                actions = intents.rotate_gateway_token(lease.record, self._now(), actor.user_id,
+                                                       self.ctx.new_gateway_token())
+                current = await self._apply(lease, actions)
         except ServiceError as exc:
             self._audit(actor, "rotate_gateway_token", instance_id, "refused", error=exc.message)
             raise
         self._audit(actor, "rotate_gateway_token", instance_id, "ok", restarted=restart)
-        return self._finish(lease.record)
+        return self._finish(current)
 
     # ------------------------------------------------------------------ planned host restart
 

@@ -7,12 +7,13 @@ Pure functions ``(record, Observed, settings, now) -> list[Action]``; recovery l
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sandkeep.config import Settings
 from sandkeep.engine import recovery
 from sandkeep.engine.actions import (
     Action,
-    Backoff,
+    Changes,
     CreateMachine,
     CreateVolume,
     DeleteVolumeSafely,
@@ -20,6 +21,7 @@ from sandkeep.engine.actions import (
     Done,
     Emit,
     EnsureApp,
+    Needs,
     Observed,
     Persist,
     ProbeHealth,
@@ -33,20 +35,16 @@ from sandkeep.engine.actions import (
 )
 from sandkeep.engine.naming import machine_generation, machine_name, volume_name
 from sandkeep.engine.policy import GONE_STATES, PROGRESS_STATES, creation_regions
-from sandkeep.provider.errors import NotFoundError, RateLimitedError, WaitTimeoutError
+from sandkeep.provider.errors import NotFoundError, WaitTimeoutError
 from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
+
+VolumeHolder = Literal["pending_destroy_volume_id", "volume_id", "pending_recovery_volume_id", "retained_volume_id"]
 
 RESTART_ISSUED = "restart_issued"
 #: set on running instances by a clean ``serve`` shutdown that takes its local host down with it: the
 #: machine's stop that follows is planned, so it is started again in place instead of being relocated
 RESUME_AFTER_HOST_RESTART = "resume_after_host_restart"
-
-
-def _backoff(obs: Observed) -> list[Action]:
-    error = obs.transient
-    retry_after = error.retry_after if isinstance(error, RateLimitedError) else None
-    return [Backoff(str(error), retry_after=retry_after)]
 
 
 def _machine_gone(obs: Observed) -> bool:
@@ -93,14 +91,14 @@ def auto_destroy(record: InstanceRecord) -> list[Action]:
 def replace_lost_volume(record: InstanceRecord, obs: Observed, settings: Settings) -> list[Action]:
     """The volume is gone (404): say so loudly, then create an empty replacement (SPEC §5)."""
     lost = record.volume_id
-    created = obs.outcome("create_volume:replacement")
+    created = obs.outcome(CreateVolume("replacement"))
     if created is not None and not created.ok:
         return [Emit("reconcile.replace_lost_volume_failed", level="error", error=created.message),
                 RequeueAfter(settings.interval_busy)]
     preferred = obs.machine.region if obs.machine is not None and obs.machine.region else record.region
     return [CreateVolume(purpose="replacement", name=volume_name(record),
                          regions=creation_regions(settings.region_list, preferred), assign="volume_id",
-                         assign_region="region", size_gb=settings.volume_size_gb, compute_size=record.machine_size),
+                         assign_region=True, size_gb=settings.volume_size_gb, compute_size=record.machine_size),
             Emit("instance.data_loss", label="volume_missing", level="error",
                  error=f"volume {lost} is gone; the instance continues on an empty replacement volume",
                  details={"lost_volume_id": lost}),
@@ -115,9 +113,9 @@ def start_failed(record: InstanceRecord, obs: Observed, settings: Settings, now:
     actions: list[Action] = []
     machine = obs.machine
     if (machine is not None and not clear_machine and machine.state in ("started", "starting")
-            and obs.outcome(f"stop:{machine.id}") is None):
+            and obs.outcome(StopMachine(machine.id)) is None):
         actions.append(StopMachine(machine.id))  # never leave a half-started machine behind a stopped record
-    changes: dict[str, object] = {"status": Status.STOPPED, "last_stopped_at": now, "pending_action": None}
+    changes: Changes = {"status": Status.STOPPED, "last_stopped_at": now, "pending_action": None}
     if clear_machine:
         changes["machine_id"] = None
     what = "restart" if record.status == Status.RESTARTING else "start"
@@ -127,31 +125,46 @@ def start_failed(record: InstanceRecord, obs: Observed, settings: Settings, now:
     return actions
 
 
-def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    """``starting`` and ``restarting``: follow the machine, apply the timeouts; 404 means stopped."""
-    restarting = record.status == Status.RESTARTING
-    since = record.status_changed_at or record.updated_at
-    elapsed = (now - since).total_seconds()
-    verb = "restart" if restarting else "start"
+def _starting_elapsed(record: InstanceRecord, now: datetime) -> float:
+    return (now - (record.status_changed_at or record.updated_at)).total_seconds()
+
+
+def needs_starting(record: InstanceRecord) -> Needs:
+    return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
+                 owned_machines=record.machine_id is None, named_volumes=record.volume_id is None)
+
+
+def deadlines_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """The hard start timeout ends a start whatever the provider says (even when it cannot be read)."""
+    elapsed = _starting_elapsed(record, now)
     if elapsed > settings.start_hard_timeout:
+        verb = "restart" if record.status == Status.RESTARTING else "start"
         return start_failed(record, obs, settings, now, label="timeout",
                             error=f"{verb} timed out after {int(elapsed)} s (hard limit)")
-    if obs.transient is not None:
-        if elapsed > settings.start_timeout:  # the provider kept failing past the start timeout: give up
-            latest = str(obs.transient)[:500]
-            return [Persist({"last_provider_error": latest, "last_provider_error_at": now}),
-                    *start_failed(record, obs, settings, now, label="provider_error",
-                                  error=f"{verb} timed out after {int(elapsed)} s: the provider kept failing: "
-                                        f"{latest}")]
-        return _backoff(obs)
-    machine = obs.machine
-    if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
-        cause = f": last provider error: {record.last_provider_error}" if record.last_provider_error else ""
-        return start_failed(record, obs, settings, now, label="timeout",
-                            error=f"{verb} timed out after {int(elapsed)} s{cause}")
+    return []
+
+
+def on_transient_starting(record: InstanceRecord, obs: Observed, settings: Settings,
+                          now: datetime) -> list[Action] | None:
+    """A provider that keeps failing past the start timeout fails the start (naming the error); before that
+    the usual backoff (None)."""
+    elapsed = _starting_elapsed(record, now)
+    if elapsed <= settings.start_timeout:
+        return None
+    verb = "restart" if record.status == Status.RESTARTING else "start"
+    latest = str(obs.transient)[:500]
+    return [Persist({"last_provider_error": latest, "last_provider_error_at": now}),
+            *start_failed(record, obs, settings, now, label="provider_error",
+                          error=f"{verb} timed out after {int(elapsed)} s: the provider kept failing: {latest}")]
+
+
+def _provision_app_and_volume(record: InstanceRecord, obs: Observed, settings: Settings,
+                              now: datetime) -> list[Action] | None:
+    """The first steps of a start: the provider app, then the volume (adopted before created). None when both
+    are there already."""
     # the provider app
     if record.volume_id is None or record.machine_id is None:
-        app = obs.outcome("ensure_app")
+        app = obs.outcome(EnsureApp())
         if app is None:
             return [EnsureApp()]
         if not app.ok:
@@ -168,20 +181,37 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
             volume = free[0]
             return [Persist({"volume_id": volume.id, "region": volume.region}),
                     Emit("reconcile.adopt_volume", details={"volume_id": volume.id})]
-        created = obs.outcome("create_volume:primary")
+        created = obs.outcome(CreateVolume("primary"))
         if created is not None and not created.ok:
             return start_failed(record, obs, settings, now, label="volume_create_failed",
                                 error=f"cannot create the volume: {created.message}")
         return [CreateVolume(purpose="primary", name=volume_name(record),
                              regions=creation_regions(settings.region_list, record.region), assign="volume_id",
-                             assign_region="region", size_gb=settings.volume_size_gb,
+                             assign_region=True, size_gb=settings.volume_size_gb,
                              compute_size=record.machine_size),
                 Emit("reconcile.create_volume")]
+    return None
+
+
+def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """``starting`` and ``restarting``: follow the machine, apply the timeouts; 404 means stopped."""
+    restarting = record.status == Status.RESTARTING
+    elapsed = _starting_elapsed(record, now)
+    verb = "restart" if restarting else "start"
+    machine = obs.machine
+    if elapsed > settings.start_timeout and not (machine is not None and machine.state in PROGRESS_STATES):
+        cause = f": last provider error: {record.last_provider_error}" if record.last_provider_error else ""
+        return start_failed(record, obs, settings, now, label="timeout",
+                            error=f"{verb} timed out after {int(elapsed)} s{cause}")
+    provisioned = _provision_app_and_volume(record, obs, settings, now)
+    if provisioned is not None:
+        return provisioned
+    assert record.volume_id is not None  # _provision_app_and_volume answers for a record without one
     if obs.volume_missing:
         if (machine is not None and record.volume_id in machine.volume_ids and machine.state != "started"
-                and obs.outcome(f"destroy_machine:{machine.id}") is None):
+                and obs.outcome(DestroyMachine(machine.id)) is None):
             # the machine mounts a volume that is gone: replace both
-            return [DestroyMachine(machine.id, clear=(("machine_id", None),)), *replace_lost_volume(record, obs,
+            return [DestroyMachine(machine.id, clear={"machine_id": None}), *replace_lost_volume(record, obs,
                                                                                                     settings)]
         return replace_lost_volume(record, obs, settings)
     # the machine
@@ -189,7 +219,7 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
         adopt = _adopt_orphan(record, obs)
         if adopt is not None:
             return adopt
-        created = obs.outcome("create_machine:primary")
+        created = obs.outcome(CreateMachine("primary"))
         if created is not None and not created.ok:
             # (a MissingVolumeError ends here too: the next reconcile sees the volume missing and replaces it)
             return start_failed(record, obs, settings, now, label="machine_create_failed",
@@ -201,12 +231,14 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
         return start_failed(record, obs, settings, now, label="machine_gone",
                             error=f"machine {record.machine_id} is gone", clear_machine=True)
     mid = machine.id
-    for key in (f"update:{mid}", f"restart:{mid}", f"start:{mid}"):
-        outcome = obs.outcome(key)
+    issued_effects: tuple[tuple[str, UpdateMachine | RestartMachine | StartMachine], ...] = (
+        ("update", UpdateMachine(mid)), ("restart", RestartMachine(mid)), ("start", StartMachine(mid)))
+    for verb_done, effect in issued_effects:
+        outcome = obs.outcome(effect)
         if outcome is not None and not outcome.ok:
-            return start_failed(record, obs, settings, now, label=f"{key.split(':')[0]}_failed",
-                                error=f"{key.split(':')[0]} of machine {mid} failed: {outcome.message}")
-    if record.gateway_token_encrypted is None and obs.outcome("rotate_gateway_token") is None:
+            return start_failed(record, obs, settings, now, label=f"{verb_done}_failed",
+                                error=f"{verb_done} of machine {mid} failed: {outcome.message}")
+    if record.gateway_token_encrypted is None and obs.outcome(RotateGatewayToken()) is None:
         # an instance from before gateway tokens (SPEC §13): give it one; the generation bump makes the
         # machine updated with it before it starts
         return [RotateGatewayToken(reason="missing")]
@@ -223,9 +255,9 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
             issued.append(StartMachine(mid))
         return [*issued, Persist({"pending_action": RESTART_ISSUED})]
     if state == "started":
-        if _needs_update(record, machine) and obs.outcome(f"update:{mid}") is None and not restarting:
+        if _needs_update(record, machine) and obs.outcome(UpdateMachine(mid)) is None and not restarting:
             return [UpdateMachine(mid, record.volume_id)]
-        probe = obs.outcome(f"probe:{mid}")
+        probe = obs.outcome(ProbeHealth(mid))
         if probe is None:
             return [ProbeHealth(mid, timeout=settings.health_probe_timeout)]
         if probe.value:
@@ -238,11 +270,11 @@ def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, n
     if state == "failed":
         return start_failed(record, obs, settings, now, label="machine_failed",
                             error=f"machine {mid} failed to start")
-    if state in ("stopped", "suspended") and obs.outcome(f"start:{mid}") is None:
-        if _needs_update(record, machine) and obs.outcome(f"update:{mid}") is None:
+    if state in ("stopped", "suspended") and obs.outcome(StartMachine(mid)) is None:
+        if _needs_update(record, machine) and obs.outcome(UpdateMachine(mid)) is None:
             return [UpdateMachine(mid, record.volume_id)]  # launches it (Fly: unless skip_launch)
         return [StartMachine(mid)]
-    waited = obs.outcome(f"wait:{mid}:started")
+    waited = obs.outcome(WaitMachine(mid, "started"))
     if waited is None:
         return [WaitMachine(mid)]
     if waited.ok or isinstance(waited.error, WaitTimeoutError):
@@ -261,13 +293,13 @@ def _stop_flow(record: InstanceRecord, obs: Observed, settings: Settings, now: d
     machine = obs.machine
     if machine is not None and machine.state in ("started", "starting", "created", "stopping"):
         mid = machine.id
-        stop = obs.outcome(f"stop:{mid}")
+        stop = obs.outcome(StopMachine(mid))
         if machine.state != "stopping" and stop is None:
             return [StopMachine(mid)]
         if stop is not None and not stop.ok:
             return [Emit("instance.stop_failed", level="error", error=stop.message),
                     RequeueAfter(settings.interval_busy)]
-        waited = obs.outcome(f"wait:{mid}:stopped")
+        waited = obs.outcome(WaitMachine(mid, "stopped"))
         if waited is None:
             return [WaitMachine(mid, state="stopped")]
         if not waited.ok:
@@ -293,9 +325,12 @@ def _resume_after_host_restart(record: InstanceRecord, obs: Observed, now: datet
     return [Persist({"pending_action": None})]
 
 
+def needs_running(record: InstanceRecord) -> Needs:
+    return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
+                 owned_machines=record.machine_id is None)
+
+
 def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    if obs.transient is not None:
-        return _backoff(obs)
     if record.pending_action == "stop":
         return _stop_flow(record, obs, settings, now)
     if record.pending_action == RESUME_AFTER_HOST_RESTART:
@@ -318,14 +353,14 @@ def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, no
         return replace_lost_volume(record, obs, settings)
     if state == "started":
         if record.volume_id and record.volume_id not in machine.volume_ids:
-            update = obs.outcome(f"update:{machine.id}")
+            update = obs.outcome(UpdateMachine(machine.id))
             if update is None:
                 return [UpdateMachine(machine.id, record.volume_id),
                         Emit("reconcile.remount_volume", details={"volume_id": record.volume_id})]
             if not update.ok:  # e.g. the replacement volume is in another region: a new machine
-                destroyed = obs.outcome(f"destroy_machine:{machine.id}")
+                destroyed = obs.outcome(DestroyMachine(machine.id))
                 if destroyed is None:
-                    return [DestroyMachine(machine.id, clear=(("machine_id", None),)),
+                    return [DestroyMachine(machine.id, clear={"machine_id": None}),
                             Persist({"status": Status.STARTING, "pending_action": "start"})]
                 return [Emit("reconcile.remount_failed", level="error", error=destroyed.message),
                         RequeueAfter(settings.interval_busy)]
@@ -354,11 +389,15 @@ def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, no
 # ------------------------------------------------------------------------------------------ stopped / provisioned
 
 
+needs_stopped = needs_running
+
+
+def deadlines_idle(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """``stopped`` / ``provisioned``: a provision that never started is destroyed after a while."""
+    return auto_destroy(record) if _is_stale_provision(record, settings, now) else []
+
+
 def decide_stopped(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    if _is_stale_provision(record, settings, now):
-        return auto_destroy(record)
-    if obs.transient is not None:
-        return _backoff(obs)
     if record.pending_action:
         return [Persist({"pending_action": None})]
     if record.machine_id is None:
@@ -377,9 +416,11 @@ def decide_stopped(record: InstanceRecord, obs: Observed, settings: Settings, no
     return [RequeueAfter(settings.interval_idle)]
 
 
+def needs_provisioned(record: InstanceRecord) -> Needs:
+    return Needs()  # the decision looks at the record only
+
+
 def decide_provisioned(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    if _is_stale_provision(record, settings, now):
-        return auto_destroy(record)
     if record.pending_action == "start":
         return [Persist({"status": Status.STARTING})]
     return [RequeueAfter(settings.interval_idle)]
@@ -388,39 +429,49 @@ def decide_provisioned(record: InstanceRecord, obs: Observed, settings: Settings
 # ------------------------------------------------------------------------------------------ destroying (§8)
 
 
+def needs_destroying(record: InstanceRecord) -> Needs:
+    return Needs(machine=bool(record.machine_id), owned_machines=True)
+
+
 def decide_destroying(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     """Retry the pending deletes only; never create anything."""
-    if obs.transient is not None:
-        return _backoff(obs)
     machines: list[str] = []
     for mid in (record.pending_destroy_machine_id, record.machine_id, *[m.id for m in obs.owned_machines]):
         if mid and mid not in machines:
             machines.append(mid)
     for mid in machines:
-        outcome = obs.outcome(f"destroy_machine:{mid}")
+        outcome = obs.outcome(DestroyMachine(mid))
         if outcome is None:
-            clear = tuple((f, None) for f in ("pending_destroy_machine_id", "machine_id")
-                          if getattr(record, f) == mid)
+            clear: Changes = {}
+            if record.pending_destroy_machine_id == mid:
+                clear["pending_destroy_machine_id"] = None
+            if record.machine_id == mid:
+                clear["machine_id"] = None
             return [DestroyMachine(mid, clear=clear)]
         if not outcome.ok:
             return [Emit("reconcile.destroy_machine_failed", level="warning", error=outcome.message,
                          details={"machine_id": mid}),
                     RequeueAfter(settings.interval_busy)]
-    fields = ("pending_destroy_volume_id", "volume_id", "pending_recovery_volume_id", "retained_volume_id")
+    holders: tuple[tuple[VolumeHolder, str | None], ...] = (
+        ("pending_destroy_volume_id", record.pending_destroy_volume_id), ("volume_id", record.volume_id),
+        ("pending_recovery_volume_id", record.pending_recovery_volume_id),
+        ("retained_volume_id", record.retained_volume_id))
     volumes: list[str] = []
-    for f in fields:
-        vid = getattr(record, f)
+    for _, vid in holders:
         if vid and vid not in volumes:
             volumes.append(vid)
     gave_up = record.destroy_volume_attempts >= settings.destroy_volume_attempts
     if not gave_up:
         for vid in volumes:
-            outcome = obs.outcome(f"delete_volume:{vid}")
+            outcome = obs.outcome(DeleteVolumeSafely(vid))
             if outcome is None:
-                clear = tuple((f, None) for f in fields if getattr(record, f) == vid)
+                cleared: Changes = {}
+                for holder, held in holders:
+                    if held == vid:
+                        cleared[holder] = None
                 if vid == record.retained_volume_id:
-                    clear = (*clear, ("retained_volume_cleanup_after", None))
-                return [DeleteVolumeSafely(vid, reason="destroy", clear=clear)]
+                    cleared["retained_volume_cleanup_after"] = None
+                return [DeleteVolumeSafely(vid, reason="destroy", clear=cleared)]
             attempts = record.destroy_volume_attempts + 1
             if attempts >= settings.destroy_volume_attempts:
                 return [Persist({"destroy_volume_attempts": attempts}),

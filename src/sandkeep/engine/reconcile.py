@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from sandkeep.config import Settings
 from sandkeep.engine import lifecycle, recovery
-from sandkeep.engine.actions import Action, DeleteVolumeSafely, Done, Emit, Observed, Persist
+from sandkeep.engine.actions import Action, Backoff, DeleteVolumeSafely, Done, Emit, Needs, Observed, Persist
+from sandkeep.provider.errors import ProviderError, RateLimitedError
 from sandkeep.store.records import InstanceRecord, Status
 
 
@@ -22,37 +25,82 @@ def housekeeping(record: InstanceRecord, obs: Observed, settings: Settings, now:
     if pending:
         if pending in (record.volume_id, record.retained_volume_id):
             return [Persist({"pending_recovery_volume_id": None})]  # it is in use: just forget the pointer
-        if obs.outcome(f"delete_volume:{pending}") is None:
+        if obs.outcome(DeleteVolumeSafely(pending)) is None:
             return [DeleteVolumeSafely(pending, reason="leftover_pending_recovery_volume",
-                                       clear=(("pending_recovery_volume_id", None),))]
+                                       clear={"pending_recovery_volume_id": None})]
     retained = record.retained_volume_id
     due = record.retained_volume_cleanup_after
     if retained and due is not None and due <= now:
         if retained == record.volume_id:
             return [Persist({"retained_volume_id": None, "retained_volume_cleanup_after": None})]
-        if obs.outcome(f"delete_volume:{retained}") is None:
+        if obs.outcome(DeleteVolumeSafely(retained)) is None:
             return [DeleteVolumeSafely(retained, reason="alarm_retained_recovery_cleanup",
-                                       clear=(("retained_volume_id", None), ("retained_volume_cleanup_after", None))),
+                                       clear={"retained_volume_id": None, "retained_volume_cleanup_after": None}),
                     Emit("instance.retained_volume_deleted", label="alarm_retained_recovery_cleanup",
                          details={"deleted_volume_id": retained})]
     return []
 
 
+def no_deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    return []
+
+
+def backoff(error: ProviderError) -> list[Action]:
+    """The one answer to a provider hiccup (a read failed): back off exponentially, status unchanged."""
+    retry_after = error.retry_after if isinstance(error, RateLimitedError) else None
+    return [Backoff(str(error), retry_after=retry_after)]
+
+
+def no_special_hiccup(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action] | None:
+    return None
+
+
+Decision = Callable[[InstanceRecord, Observed, Settings, datetime], list[Action]]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One status's rules: what it needs observed, its deadlines (checked even when the provider could not be
+    read), its own answer to a provider hiccup (None: the common :func:`backoff`), and its decision proper."""
+
+    needs: Callable[[InstanceRecord], Needs]
+    decide: Decision
+    deadlines: Decision = no_deadlines
+    on_transient: Callable[[InstanceRecord, Observed, Settings, datetime], list[Action] | None] = no_special_hiccup
+
+
+RULES: dict[Status, Rules] = {
+    Status.PROVISIONED: Rules(lifecycle.needs_provisioned, lifecycle.decide_provisioned, lifecycle.deadlines_idle),
+    Status.STARTING: Rules(lifecycle.needs_starting, lifecycle.decide_starting, lifecycle.deadlines_starting,
+                           lifecycle.on_transient_starting),
+    Status.RESTARTING: Rules(lifecycle.needs_starting, lifecycle.decide_starting, lifecycle.deadlines_starting,
+                             lifecycle.on_transient_starting),
+    Status.RUNNING: Rules(lifecycle.needs_running, lifecycle.decide_running),
+    Status.STOPPED: Rules(lifecycle.needs_stopped, lifecycle.decide_stopped, lifecycle.deadlines_idle),
+    Status.RECOVERING: Rules(recovery.needs, recovery.decide, recovery.deadlines, recovery.on_transient),
+    Status.DESTROYING: Rules(lifecycle.needs_destroying, lifecycle.decide_destroying),
+}
+
+
+def needs(record: InstanceRecord) -> Needs:
+    """What to read from the provider before deciding for ``record`` (nothing once destroyed)."""
+    rules = RULES.get(record.status)
+    return rules.needs(record) if rules is not None else Needs()
+
+
 def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """Housekeeping, then the status's deadlines, then (once, for every status) a provider hiccup, then the
+    status's decision."""
     status = record.status
     if status == Status.DESTROYED:
         return [Persist({"alarm_at": None}), Done()] if record.alarm_at is not None else [Done()]
-    if status == Status.DESTROYING:
-        return lifecycle.decide_destroying(record, obs, settings, now)
-    chores = housekeeping(record, obs, settings, now)
+    rules = RULES[status]
+    chores = housekeeping(record, obs, settings, now)  # nothing while recovering or destroying
     if chores:
         return chores
-    if status == Status.RECOVERING:
-        return recovery.decide(record, obs, settings, now)
-    if status in (Status.STARTING, Status.RESTARTING):
-        return lifecycle.decide_starting(record, obs, settings, now)
-    if status == Status.RUNNING:
-        return lifecycle.decide_running(record, obs, settings, now)
-    if status == Status.STOPPED:
-        return lifecycle.decide_stopped(record, obs, settings, now)
-    return lifecycle.decide_provisioned(record, obs, settings, now)
+    ended = rules.deadlines(record, obs, settings, now)
+    if ended:
+        return ended
+    if obs.transient is not None:
+        return rules.on_transient(record, obs, settings, now) or backoff(obs.transient)
+    return rules.decide(record, obs, settings, now)

@@ -41,12 +41,14 @@ from datetime import datetime, timedelta
 from sandkeep.config import Settings
 from sandkeep.engine.actions import (
     Action,
+    Changes,
     CreateMachine,
     CreateVolume,
     DeleteVolumeSafely,
     DestroyMachine,
     Emit,
     ListSnapshots,
+    Needs,
     Observed,
     Persist,
     ProbeHealth,
@@ -75,6 +77,13 @@ EVENT_FAILED = "instance.unexpected_stop_recovery_failed"
 # ---------------------------------------------------------------------------------------------- 7.1
 
 
+def restart_fields(now: datetime) -> Changes:
+    """What (re)starting a recovery writes: ``recovering`` from step one, the clock reset, errors cleared.
+    Shared by :func:`begin` and the admin's retry (:func:`sandkeep.engine.intents.retry_recovery`)."""
+    return {"status": Status.RECOVERING, "recovery_started_at": now, "health_fail_count": 0, "recovery_step": None,
+            "last_recovery_error": None, "last_recovery_error_at": None, "pending_action": None}
+
+
 def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime, *, fail_count: int,
           label: str = "alarm_stopped") -> list[Action]:
     machine = obs.machine
@@ -93,9 +102,7 @@ def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
                             error="a leftover pending recovery volume could not be deleted before a new recovery",
                             details={"volume_id": record.pending_recovery_volume_id}))
     actions += [
-        Persist({"status": Status.RECOVERING, "recovery_started_at": now, "health_fail_count": 0,
-                 "pending_recovery_volume_id": None, "recovery_step": None, "last_recovery_error": None,
-                 "last_recovery_error_at": None, "pending_action": None}),
+        Persist({**restart_fields(now), "pending_recovery_volume_id": None}),
         Emit(EVENT_STARTED, label=label, value=float(fail_count), details=started_details),
     ]
     return actions
@@ -104,19 +111,37 @@ def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
 # ---------------------------------------------------------------------------------------------- 7.2 / 7.4
 
 
-def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
-    """Reconcile while ``recovering``."""
+def needs(record: InstanceRecord) -> Needs:
+    """What the recovery steps look at: the old (or replacement) machine, the source and the pending volume,
+    our machines while a create may be in flight, our named volumes while a fork may be."""
+    step = record.recovery_step
+    return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
+                 pending_volume=bool(record.pending_recovery_volume_id),
+                 owned_machines=step == STEP_CREATING_MACHINE,
+                 named_volumes=step == STEP_FORKING and record.pending_recovery_volume_id is None)
+
+
+def deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """A failing recovery finishes its cleanup, and the recovery timeout applies, before anything else."""
     step = record.recovery_step or ""
     if step.startswith((FAILING, FAILING_REPLACEMENT)):
         return _finish_fail(record, obs, settings, now)
-    started = record.recovery_started_at or now
-    elapsed = (now - started).total_seconds()
+    elapsed = (now - (record.recovery_started_at or now)).total_seconds()
     if elapsed > settings.recovery_timeout:
         return fail(record, settings, now, label="alarm_timeout",
                     error=f"recovery timed out after {int(elapsed)} s (limit {int(settings.recovery_timeout)} s)")
-    if obs.transient is not None:
-        return [Emit("reconcile.provider_unavailable", level="warning", error=str(obs.transient)),
-                RequeueAfter(_busy(record, settings, now))]
+    return []
+
+
+def on_transient(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """A provider hiccup while recovering: look again soon (never later than the timeout), no backoff."""
+    return [Emit("reconcile.provider_unavailable", level="warning", error=str(obs.transient)),
+            RequeueAfter(_busy(record, settings, now))]
+
+
+def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """Reconcile while ``recovering`` (after :func:`deadlines`, with the provider read)."""
+    step = record.recovery_step or ""
     if step == "":
         return _prepare(record, obs, settings, now)
     if step in (STEP_FORK, STEP_FORKING):
@@ -141,11 +166,11 @@ def _prepare(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
         return fail(record, settings, now, label="alarm_source_volume_missing", error="source volume missing")
     # 7.2.2: force-destroy the stopped machine (404 is fine), clear machine_id
     if record.machine_id:
-        outcome = obs.outcome(f"destroy_machine:{record.machine_id}")
+        outcome = obs.outcome(DestroyMachine(record.machine_id))
         if outcome is not None and not outcome.ok:
             return fail(record, settings, now, label="alarm_destroy_failed",
                         error=f"cannot destroy the stopped machine {record.machine_id}: {outcome.message}")
-        return [DestroyMachine(record.machine_id, clear=(("machine_id", None), ("recovery_step", STEP_FORK)))]
+        return [DestroyMachine(record.machine_id, clear={"machine_id": None, "recovery_step": STEP_FORK})]
     return [Persist({"recovery_step": STEP_FORK})]
 
 
@@ -170,7 +195,7 @@ def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
                     Emit("reconcile.adopt_recovery_volume", details={"volume_id": adopted.id,
                                                                       "region": adopted.region})]
     unreachable = (source.host_status or "ok") == "unreachable"
-    fork_outcome = obs.outcome("create_volume:recovery")
+    fork_outcome = obs.outcome(CreateVolume("recovery"))
     if fork_outcome is not None and not fork_outcome.ok:
         # the fork is impossible (the source's host is unreachable): restore the newest snapshot instead
         if not unreachable and not isinstance(fork_outcome.error, HostUnavailableError):
@@ -183,7 +208,7 @@ def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
     fork = CreateVolume(purpose="recovery", name=volume_name(record), regions=regions,
                         assign="pending_recovery_volume_id", size_gb=source.size_gb,
                         source_volume_id=source.id, compute_size=record.machine_size,
-                        extra=(("recovery_step", STEP_MACHINE),))
+                        extra={"recovery_step": STEP_MACHINE})
     return [Persist({"recovery_step": STEP_FORKING}), fork,
             Emit("reconcile.fork_volume", details={"source_volume_id": source.id, "regions": list(regions)})]
 
@@ -192,7 +217,7 @@ def _restore_from_snapshot(record: InstanceRecord, obs: Observed, settings: Sett
                            regions: tuple[str, ...]) -> list[Action]:
     """Beyond the origin: the source volume's host is unreachable, so restore its newest snapshot."""
     assert record.volume_id is not None
-    listing = obs.outcome(f"snapshots:{record.volume_id}")
+    listing = obs.outcome(ListSnapshots(record.volume_id))
     if listing is None:
         return [ListSnapshots(record.volume_id)]
     if not listing.ok:
@@ -203,14 +228,14 @@ def _restore_from_snapshot(record: InstanceRecord, obs: Observed, settings: Sett
     if snapshot is None:
         return fail(record, settings, now, label="alarm_source_unreachable",
                     error="the source volume's host is unreachable and it has no snapshot")
-    restore_outcome = obs.outcome("create_volume:restore")
+    restore_outcome = obs.outcome(CreateVolume("restore"))
     if restore_outcome is not None and not restore_outcome.ok:
         return fail(record, settings, now, label="alarm_restore_failed",
                     error=f"restore of snapshot {snapshot.id} failed: {restore_outcome.message}")
     restore = CreateVolume(purpose="restore", name=volume_name(record), regions=regions,
                            assign="pending_recovery_volume_id", snapshot_id=snapshot.id,
                            size_gb=obs.volume.size_gb if obs.volume else None, compute_size=record.machine_size,
-                           extra=(("recovery_step", STEP_MACHINE),))
+                           extra={"recovery_step": STEP_MACHINE})
     return [Persist({"recovery_step": STEP_FORKING}), restore,
             Emit("instance.restored_from_snapshot", label="restored_from_snapshot", level="warning",
                  error=f"data written after {snapshot.created_at} is lost",
@@ -235,13 +260,13 @@ def _machine(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
             machine = adopted[-1]
             return [Persist({"machine_id": machine.id, "recovery_step": STEP_WAIT}),
                     Emit("reconcile.adopt_replacement_machine", details={"machine_id": machine.id})]
-    created = obs.outcome("create_machine:recovery")
+    created = obs.outcome(CreateMachine("recovery"))
     if created is not None and not created.ok:
         return fail(record, settings, now, label="alarm_create_machine_failed",
                     error=f"cannot create the replacement machine: {created.message}")
     return [Persist({"recovery_step": STEP_CREATING_MACHINE}),
             CreateMachine(purpose="recovery", name=machine_name(record, recovery=True), volume_id=volume.id,
-                          region=volume.region, extra=(("recovery_step", STEP_WAIT),))]
+                          region=volume.region, extra={"recovery_step": STEP_WAIT})]
 
 
 def _wait(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
@@ -258,7 +283,7 @@ def _wait(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
         label_state = "destroyed" if state == "destroying" else state
         return fail(record, settings, now, label=f"alarm_{label_state}",
                     error=f"replacement machine {machine_id} is {state}", replacement=True)
-    waited = obs.outcome(f"wait:{machine_id}:started")
+    waited = obs.outcome(WaitMachine(machine_id, "started"))
     if waited is None:
         return [WaitMachine(machine_id)]
     if waited.ok:
@@ -285,7 +310,7 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
     if new_volume is None:
         return fail(record, settings, now, label="alarm_recovery_volume_missing",
                     error="recovery volume missing at cutover", replacement=True)
-    probe = obs.outcome(f"probe:{record.machine_id}")
+    probe = obs.outcome(ProbeHealth(record.machine_id))
     if probe is None:
         # bounded, never blocking, and never carrying the recovery past its timeout (SPEC §12.5): a probe
         # that ran over would turn a started, cut-over-ready replacement into an alarm_timeout failure
@@ -298,11 +323,11 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
     cleanup_after = record.retained_volume_cleanup_after
     old_handling = "missing"
     warnings: list[Action] = []
-    deleted_now = obs.outcome(f"delete_volume:{old_id}") if old_id else None
+    deleted_now = obs.outcome(DeleteVolumeSafely(old_id)) if old_id else None
     if deleted_now is not None and deleted_now.ok:
         old_handling = "deleted"
     elif old_id and obs.volume is not None:
-        listing = obs.outcome(f"snapshots:{old_id}")
+        listing = obs.outcome(ListSnapshots(old_id))
         if listing is None:
             return [ListSnapshots(old_id)]
         new_retained: str | None = None
@@ -310,7 +335,7 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
             new_retained, due = old_id, now + timedelta(seconds=settings.retained_volume_retention)
             old_handling = "retained"
         elif listing.ok:
-            deleted = obs.outcome(f"delete_volume:{old_id}")
+            deleted = obs.outcome(DeleteVolumeSafely(old_id))
             if deleted is None:
                 return [DeleteVolumeSafely(old_id, reason="unexpected_stop_recovery_immediate_cleanup")]
             if deleted.ok:
@@ -324,7 +349,7 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
         if new_retained is not None:
             if retained_id and retained_id != new_retained:
                 # a volume retained by an earlier recovery: dispose of it rather than lose track of it
-                superseded = obs.outcome(f"delete_volume:{retained_id}")
+                superseded = obs.outcome(DeleteVolumeSafely(retained_id))
                 if superseded is None:
                     return [DeleteVolumeSafely(retained_id, reason="superseded_retained_volume")]
                 if not superseded.ok:
@@ -332,7 +357,7 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
                                          error=superseded.message, details={"volume_id": retained_id}))
             retained_id, cleanup_after = new_retained, due
     duration = elapsed_ms(record.recovery_started_at, now)
-    changes = {
+    changes: Changes = {
         "status": Status.RUNNING, "volume_id": new_volume.id, "region": new_volume.region or record.region,
         "recovery_started_at": None, "pending_recovery_volume_id": None, "recovery_step": None,
         "retained_volume_id": retained_id, "retained_volume_cleanup_after": cleanup_after,
@@ -373,23 +398,23 @@ def _finish_fail(record: InstanceRecord, obs: Observed, settings: Settings, now:
     error = record.last_recovery_error or "recovery failed"
     warnings: list[Action] = []
     if replacement and record.machine_id:
-        destroyed = obs.outcome(f"destroy_machine:{record.machine_id}")
+        destroyed = obs.outcome(DestroyMachine(record.machine_id))
         if destroyed is None:
-            return [DestroyMachine(record.machine_id, clear=(("machine_id", None),))]
+            return [DestroyMachine(record.machine_id, clear={"machine_id": None})]
         if not destroyed.ok:
             warnings.append(Emit("reconcile.destroy_machine_failed", level="warning", error=destroyed.message,
                                  details={"machine_id": record.machine_id}))
     pending = record.pending_recovery_volume_id
     if pending and pending != record.volume_id:
-        deleted = obs.outcome(f"delete_volume:{pending}")
+        deleted = obs.outcome(DeleteVolumeSafely(pending))
         if deleted is None:
             return [DeleteVolumeSafely(pending, reason="unexpected_stop_recovery_failed",
-                                       clear=(("pending_recovery_volume_id", None),))]
+                                       clear={"pending_recovery_volume_id": None})]
         if not deleted.ok:  # only a warning: the leftover rule deletes it at a later alarm
             warnings.append(Emit("reconcile.delete_volume_failed", level="warning", error=deleted.message,
                                  details={"volume_id": pending}))
     duration = elapsed_ms(record.recovery_started_at, now)
-    changes: dict[str, object] = {
+    changes: Changes = {
         "status": Status.STOPPED, "last_stopped_at": now, "recovery_started_at": None, "recovery_step": None,
         "pending_action": None, "health_fail_count": 0, "last_recovery_error": error,
         "last_recovery_error_at": record.last_recovery_error_at or now,

@@ -28,16 +28,16 @@ from sandkeep.clock import Clock
 from sandkeep.config import Settings
 from sandkeep.engine.detector import Detector
 from sandkeep.engine.events import Emitter
-from sandkeep.engine.executor import EngineContext, LeaseLost, Pass, TraceFn
+from sandkeep.engine.executor import LeaseLost, Pass
 from sandkeep.engine.health import GatewayProber, Prober
 from sandkeep.engine.instances import InstanceService
+from sandkeep.engine.lease import EngineContext, Lease, TraceFn, claim
 from sandkeep.logs import get_logger
 from sandkeep.provider.base import MachineProvider
 from sandkeep.secrets import SecretBox
 from sandkeep.store.base import FencedError, NotFound, Store
 from sandkeep.store.records import InstanceRecord
 
-CLAIM_RETRY_PAUSE = 0.05
 GAUGE_REFRESH_SECONDS = 5.0
 MAX_CLAIM_BATCH = 500
 
@@ -104,7 +104,7 @@ class Engine:
     async def _run_claimed(self, record: InstanceRecord, owner: str) -> InstanceRecord | None:
         self.ctx.traced("acquire", record.id, owner)
         current: InstanceRecord | None = record
-        work = Pass(self.ctx, record, owner)
+        work = Pass(self.ctx, Lease(self.ctx, record, owner))
         metrics.ENGINE_PASSES_IN_FLIGHT.inc()
         try:
             current = await work.run()
@@ -133,15 +133,11 @@ class Engine:
 
     async def claim(self, instance_id: str, owner: str, *, wait: float | None = None) -> InstanceRecord | None:
         """Claim one instance, retrying while another worker holds it (up to ``wait`` s, real time)."""
-        deadline = time.monotonic() + (self.settings.claim_wait if wait is None else wait)
-        while True:
-            record = self.store.claim(instance_id, owner, self.settings.lease_ttl, self.clock.now())
-            if record is not None:
-                metrics.ENGINE_CLAIMS.labels(source="direct").inc()
-                return record
-            if self.store.get_instance(instance_id) is None or time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(CLAIM_RETRY_PAUSE)
+        lease = await claim(self.ctx, instance_id, owner, wait=wait)
+        if lease is None:
+            return None
+        metrics.ENGINE_CLAIMS.labels(source="direct").inc()
+        return lease.record
 
     async def reconcile_now(self, instance_id: str, *, wait: float | None = None) -> InstanceRecord | None:
         """Reconcile one instance now (claim with brief retry). None when it is held elsewhere or unknown."""

@@ -7,10 +7,18 @@ them to HTTP errors with a machine-readable ``code``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page
+
+USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
+"""User ids: 1-128 characters, letters, digits and ``._@:+-``, starting with a letter or digit."""
+
+
+def valid_user_id(user_id: object) -> bool:
+    return isinstance(user_id, str) and bool(USER_ID_RE.match(user_id))
 
 
 class ServiceError(Exception):
@@ -96,6 +104,13 @@ class InstanceLocked(ServiceError):
 
     code = "instance_locked"
     http_status = 503
+
+
+class InvalidUserId(ServiceError):
+    """A user id outside :data:`USER_ID_RE` (the one rule for tokens, the API, the CLI and the web UI)."""
+
+    code = "validation_error"
+    http_status = 422
 
 
 class InvalidConfig(ServiceError):

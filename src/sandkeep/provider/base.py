@@ -55,6 +55,16 @@ class MachineProvider(Protocol):
     async def list_snapshots(self, app_name: str, volume_id: str) -> list[VolumeSnapshot]: ...
     async def create_snapshot(self, app_name: str, volume_id: str) -> VolumeSnapshot | None: ...
 
+    # change stream (a capability: only the local host offers one; Fly is polled)
+    @property
+    def supports_watch(self) -> bool:
+        """True when :meth:`watch_events` works (the detector then follows it instead of polling)."""
+        ...
+
+    async def watch_events(self, since: int, timeout: float) -> tuple[int, list[dict[str, Any]]]:
+        """Long-poll machine state changes after sequence ``since``: ``(latest seq, events)``."""
+        ...
+
     # traffic
     def proxy_target(self, app_name: str, machine_id: str) -> tuple[str, dict[str, str]]:
         """Base URL and headers that route an HTTP request to the machine's gateway."""

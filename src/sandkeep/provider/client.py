@@ -143,6 +143,11 @@ class MachinesClient:
         """True when talking to the local host (a proxy URL was given)."""
         return self.proxy_url is not None
 
+    @property
+    def supports_watch(self) -> bool:
+        """The local host offers the ``/_local/watch`` change stream; real Fly has none."""
+        return self.is_local
+
     def __repr__(self) -> str:  # never show the token
         return f"MachinesClient(base_url={self.base_url!r}, local={self.is_local})"
 

@@ -34,6 +34,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
+from sandkeep.api.proxy import HOP_BY_HOP, GatewayUnreachable, stream_gateway
 from sandkeep.engine.service import Actor, ServiceError
 from sandkeep.logs import get_logger
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
@@ -75,8 +76,11 @@ PAGE_SIZE = 25
 MAX_RECOVERING = 2000  # instances listed under "recovering now"
 MAX_EVENTS = 5000  # events scanned for the charts
 TRAIL_MAX = 50
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-              "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie"}
+#: what the Open link never passes on from a gateway: hop-by-hop headers, and cookies (the gateway must not set
+#: any on sandkeep's origin)
+GATEWAY_DROP_HEADERS = HOP_BY_HOP | {"set-cookie"}
+GATEWAY_SAFETY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                          "Content-Security-Policy": "sandbox; default-src 'none'"}
 
 
 @dataclass
@@ -693,20 +697,17 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
         url = base.rstrip("/") + "/" + path.lstrip("/")
         if request.url.query:
             url += "?" + request.url.query
+        client = httpx.AsyncClient(timeout=runtime.settings.web_gateway_timeout, follow_redirects=False)
         try:
-            async with httpx.AsyncClient(timeout=runtime.settings.web_gateway_timeout) as client:
-                upstream = await client.request(request.method, url, headers=extra)
-        except httpx.HTTPError as exc:
+            return await stream_gateway(client, request.method, url, headers=extra.items(),
+                                        drop_headers=GATEWAY_DROP_HEADERS, add_headers=GATEWAY_SAFETY_HEADERS,
+                                        close_client=True)
+        except GatewayUnreachable as exc:
             return ui.render("error.html", request=request, session=session, status=502,
                              title="Gateway did not answer",
-                             message=f"The gateway of {instance_id} did not answer ({type(exc).__name__}). "
+                             message=f"The gateway of {instance_id} did not answer ({type(exc.error).__name__}). "
                                      "If the instance just recovered, try again in a few seconds.",
                              link=("/ui/", "Back to your instances"))
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["Cache-Control"] = "no-store"
-        headers["X-Content-Type-Options"] = "nosniff"
-        headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
-        return Response(upstream.content, status_code=upstream.status_code, headers=headers)
 
     # --- admin ---------------------------------------------------------------------------------------
 
