@@ -15,7 +15,7 @@ import httpx
 
 from sandkeep.clock import SystemClock
 from sandkeep.credentials import Credentials, open_credentials
-from tests.support.procs import PORT_ATTEMPTS, SANDKEEP, Proc, free_port, port_taken, spawn
+from tests.support.procs import SANDKEEP, Proc, free_port, spawn, spawn_healthy
 from tests.support.wait import wait_until
 
 FAST_ENV = {
@@ -84,26 +84,14 @@ def running_serve(base: Path, *, extra_env: dict[str, str] | None = None) -> Ite
     env = {**FAST_ENV, "SANDKEEP_JWT_SECRET": secret, "SANDKEEP_HOST_TOKEN": host_token,
            "SANDKEEP_DATABASE_URL": "", "SANDKEEP_HOST_URL": "", "SANDKEEP_PROVIDER": "local",
            **(extra_env or {})}
-    for attempt in range(1, PORT_ATTEMPTS + 1):
+    def start() -> tuple[Proc, str, tuple[int, int]]:
         api, host, proxy = free_port(), free_port(), free_port()
         proc = spawn(["serve", "--listen", f"127.0.0.1:{api}", "--data-dir", str(data), "--host-listen",
                       f"127.0.0.1:{host}", "--host-proxy-listen", f"127.0.0.1:{proxy}"],
                      log_path=base / "serve.log", env=env)
-        url = f"http://127.0.0.1:{api}"
+        return proc, f"http://127.0.0.1:{api}", (host, proxy)
 
-        def ready(proc: Proc = proc, url: str = url) -> bool:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"serve exited with {proc.popen.returncode}:\n{proc.log()}")
-            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-
-        try:
-            wait_until(ready, timeout=60, message="sandkeep serve /healthz")
-        except Exception:
-            proc.stop()
-            if attempt < PORT_ATTEMPTS and port_taken(proc):
-                continue  # a port picked free was taken before serve (or its host child) bound it
-            raise
-        break
+    proc, url, (host, proxy) = spawn_healthy(start, what="sandkeep serve", timeout=60)
     database_url = env.get("SANDKEEP_DATABASE_URL") or f"sqlite:///{(data / 'sandkeep.db').resolve()}"
     serve: Serve | None = None
     try:

@@ -6,10 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -17,6 +18,7 @@ from sandkeep.net import free_port as free_port  # re-exported for the tests
 from tests.support.wait import wait_until
 
 SANDKEEP = [sys.executable, "-m", "sandkeep"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,34 +79,46 @@ def port_taken(proc: Proc) -> bool:
 PORT_ATTEMPTS = 3
 
 
+def spawn_healthy(start: Callable[[], tuple[Proc, str, T]], *, what: str, timeout: float, retry: bool = True,
+                  stop_signal: int = signal.SIGTERM) -> tuple[Proc, str, T]:
+    """``start()`` picks ports, spawns a sandkeep process and returns (proc, base URL, anything); wait until its
+    ``/healthz`` answers 200. When a port picked free was taken before the process bound it, start again on new
+    ports (``retry``, at most PORT_ATTEMPTS times); any other failure stops the process and raises."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        proc, url, extra = start()
+
+        def ready(proc: Proc = proc, url: str = url) -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.popen.returncode}:\n{proc.log()}")
+            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
+
+        try:
+            wait_until(ready, timeout=timeout, message=f"{what} /healthz")
+        except Exception:
+            proc.stop(stop_signal)
+            if retry and attempt < PORT_ATTEMPTS and port_taken(proc):
+                continue
+            raise
+        return proc, url, extra
+    raise AssertionError("unreachable")
+
+
 def start_host_process(data_dir: Path, *, token: str = "test-host-token",
                        regions: tuple[str, ...] = ("lcl-a", "lcl-b", "lcl-c"),
                        extra_args: list[str] | None = None, api_port: int | None = None,
                        proxy_port: int | None = None, env: dict[str, str] | None = None) -> HostHandle:
-    fixed = api_port is not None and proxy_port is not None
-    for attempt in range(1, PORT_ATTEMPTS + 1):
+    def start() -> tuple[Proc, str, int]:
         api, proxy = api_port or free_port(), proxy_port or free_port()
         args = ["host", "--listen", f"127.0.0.1:{api}", "--proxy-listen", f"127.0.0.1:{proxy}",
                 "--data-dir", str(data_dir), "--regions", ",".join(regions), *(extra_args or [])]
         proc = spawn(args, log_path=data_dir.parent / f"{data_dir.name}-host.log",
                      env={"SANDKEEP_HOST_TOKEN": token, **(env or {})})
-        url = f"http://127.0.0.1:{api}"
+        return proc, f"http://127.0.0.1:{api}", proxy
 
-        def ready(proc: Proc = proc, url: str = url) -> bool:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"host exited with {proc.popen.returncode}:\n{proc.log()}")
-            return httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200
-
-        try:
-            wait_until(ready, timeout=30, message="local host /healthz")
-        except Exception:
-            proc.stop(signal.SIGKILL)
-            if not fixed and attempt < PORT_ATTEMPTS and port_taken(proc):
-                continue
-            raise
-        return HostHandle(url=url, proxy_url=f"http://127.0.0.1:{proxy}", token=token, data_dir=data_dir,
-                          regions=list(regions), proc=proc)
-    raise AssertionError("unreachable")
+    proc, url, proxy = spawn_healthy(start, what="local host", timeout=30, stop_signal=signal.SIGKILL,
+                                     retry=api_port is None or proxy_port is None)
+    return HostHandle(url=url, proxy_url=f"http://127.0.0.1:{proxy}", token=token, data_dir=data_dir,
+                      regions=list(regions), proc=proc)
 
 
 @contextmanager
