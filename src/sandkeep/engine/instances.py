@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sandkeep.clock import utc_iso
 from sandkeep.engine import intents, policy
@@ -256,11 +256,10 @@ class InstanceService:
         if actor.role == "user" and user_id != actor.user_id:
             raise Forbidden("a user token can only create instances for its own user")
         scoped_key = f"{actor.user_id}/{idempotency_key}" if idempotency_key else None
-        find = getattr(self.ctx.store, "find_by_idempotency_key", None)
-        if scoped_key is not None and find is not None:
-            first = find(user_id, scoped_key)
+        if scoped_key is not None:
+            first = self.ctx.store.find_by_idempotency_key(user_id, scoped_key)
             if first is not None:
-                return cast(InstanceRecord, first)
+                return first
         config = self._config(size=size or self.settings.default_size, env=env or {},
                               image=image or self.settings.image)
         policy.check_image(config["image"], self.settings)
@@ -285,10 +284,10 @@ class InstanceService:
             raise QuotaExceeded(f"user {user_id} already has {exc.count} instances; the limit is {quota} "
                                 f"(SANDKEEP_MAX_INSTANCES_PER_USER). Destroy one first.", limit=quota) from exc
         except AlreadyExists as exc:
-            if scoped_key is not None and find is not None:  # a concurrent create with the same key won
-                first = find(user_id, scoped_key)
+            if scoped_key is not None:  # a concurrent create with the same key won
+                first = self.ctx.store.find_by_idempotency_key(user_id, scoped_key)
                 if first is not None:
-                    return cast(InstanceRecord, first)
+                    return first
             # a 64-bit id collision: practically impossible, never half-written
             raise ServiceError("could not allocate an instance id; retry") from exc
         self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})

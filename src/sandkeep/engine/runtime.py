@@ -231,8 +231,6 @@ class Engine:
         self._gauge_at = now
         try:
             metrics.set_instance_counts(self.store.count_by_status())
-            ops_gauges = getattr(self.store, "ops_gauges", None)  # SqlStore; test fakes may not have it
-            if ops_gauges is not None:
-                metrics.set_engine_gauges(ops_gauges(self.clock.now()))
+            metrics.set_engine_gauges(self.store.ops_gauges(self.clock.now()))
         except Exception as exc:
             self.log.warning("engine.gauge_failed", error=str(exc))

@@ -49,6 +49,15 @@ class Store(Protocol):
                        cursor: str | None = None, limit: int = 50) -> Page[InstanceRecord]: ...
     def count_by_status(self) -> dict[str, int]: ...
 
+    def find_by_idempotency_key(self, user_id: str, key: str) -> InstanceRecord | None:
+        """The instance created for ``user_id`` with this (caller-scoped) idempotency key, if any."""
+
+    def ops_gauges(self, now: datetime, *, overdue_grace: float = 3600.0) -> dict[str, float]:
+        """Store-derived gauges for ``/metrics`` (due alarms, oldest recovery, retained volumes)."""
+
+    def ping(self) -> None:
+        """One round trip to the database (raises when it does not answer)."""
+
     # leases and fenced writes
     def claim(self, instance_id: str, owner: str, ttl_seconds: float, now: datetime) -> InstanceRecord | None:
         """Take the lease if free or expired; the returned record carries the new version."""
