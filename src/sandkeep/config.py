@@ -78,6 +78,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_probe_interval", "SANDKEEP_HEALTH_PROBE_INTERVAL", 1.0, "Gateway health probe interval."),
     Setting("health_probe_timeout", "SANDKEEP_HEALTH_PROBE_TIMEOUT", 60.0,
             "Give up probing the gateway after this long (does not block cutover)."),
+    Setting("health_fail_threshold", "SANDKEEP_HEALTH_FAIL_THRESHOLD", 3,
+            "Failed gateway health probes in a row, while the machine says started, that make a running "
+            "instance suspect of a dead host (0: no probe while running)."),
+    Setting("dead_host_grace", "SANDKEEP_DEAD_HOST_GRACE", 300.0,
+            "How long a suspect instance (host unreachable, gateway silent) waits for its host before it is "
+            "relocated (0: at once)."),
+    Setting("snapshot_restore_policy", "SANDKEEP_SNAPSHOT_RESTORE_POLICY", "auto",
+            "When a dead host makes a fork impossible: 'auto' restores the newest snapshot, 'approve' waits "
+            "(visibly) for an admin to approve the data-losing restore."),
     Setting("retained_volume_retention", "SANDKEEP_RETAINED_VOLUME_RETENTION", 604800.0,
             "How long an old volume with snapshots is kept after recovery (7 days)."),
     Setting("stale_provision_after", "SANDKEEP_STALE_PROVISION_AFTER", 28800.0,
@@ -187,6 +196,9 @@ class Settings:
     start_hard_timeout: float = 900.0
     health_probe_interval: float = 1.0
     health_probe_timeout: float = 60.0
+    health_fail_threshold: int = 3
+    dead_host_grace: float = 300.0
+    snapshot_restore_policy: str = "auto"
     retained_volume_retention: float = 604800.0
     stale_provision_after: float = 28800.0
     destroy_volume_attempts: int = 50

@@ -147,7 +147,7 @@ def first(actions: list[Action]) -> Action:
 
 # status, machine state, deadline, what the decision must do (a predicate over the actions)
 TABLE: list[tuple[Status, str, str, str]] = [
-    (Status.RUNNING, "started", "fresh", "requeue_running"),
+    (Status.RUNNING, "started", "fresh", "probe"),  # one gateway probe per pass (dead-host suspicion)
     (Status.RUNNING, "created", "fresh", "requeue_running"),
     (Status.RUNNING, "stopped", "fresh", "begin_recovery"),
     (Status.RUNNING, "failed", "fresh", "stopped"),

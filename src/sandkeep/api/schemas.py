@@ -107,6 +107,20 @@ class Recovery(BaseModel):
     last_error_at: str | None
 
 
+class DeadHost(BaseModel):
+    """SPEC §15: a dead host's suspicion, the restore approval, the fenced old machine, flagged volumes."""
+
+    suspect_since: str | None = None
+    suspect_reason: str | None = None
+    restore_approval: str | None = Field(default=None, description="'awaiting' (an admin must approve the "
+                                         "data-losing snapshot restore) or 'approved'.")
+    needs_approval: bool = False
+    fenced_machine_id: str | None = None
+    flagged_volume_ids: list[str] = Field(default_factory=list, description="Old volumes left by snapshot "
+                                          "restores: they may hold newer data and are never deleted automatically.")
+    incident_note: str | None = Field(default=None, description="What happened and what was lost, in plain words.")
+
+
 class Instance(BaseModel):
     id: str
     user_id: str
@@ -132,6 +146,7 @@ class Instance(BaseModel):
         default=None, description="The last error the machine provider answered for this instance (cleared once "
         "it runs again; kept on an instance that stopped because of it).")
     last_provider_error_at: str | None = None
+    dead_host: DeadHost = Field(default_factory=DeadHost)
 
 
 class InstancePage(BaseModel):
@@ -241,6 +256,10 @@ def render_instance(r: InstanceRecord) -> dict[str, Any]:
         "updated_at": utc_iso(r.updated_at),
         "last_provider_error": r.last_provider_error,
         "last_provider_error_at": utc_iso(r.last_provider_error_at),
+        "dead_host": {"suspect_since": utc_iso(r.suspect_since), "suspect_reason": r.suspect_reason,
+                      "restore_approval": r.restore_approval, "needs_approval": r.restore_approval == "awaiting",
+                      "fenced_machine_id": r.fenced_machine_id, "flagged_volume_ids": list(r.flagged_volume_ids),
+                      "incident_note": r.incident_note},
     }
 
 

@@ -55,6 +55,13 @@ class Changes(TypedDict, total=False):
     provider_error_count: int
     last_provider_error: str | None
     last_provider_error_at: datetime | None
+    suspect_since: datetime | None
+    suspect_reason: str | None
+    restore_approval: str | None
+    fenced_machine_id: str | None
+    flagged_volume_ids: list[str]
+    recovery_point: str | None
+    incident_note: str | None
 
 
 #: record fields that receive a created volume's id (``CreateVolume.assign``)
@@ -89,6 +96,8 @@ class Observed:
     owned_machines: list[Machine] = field(default_factory=list)
     # volumes named like this instance's volumes (idempotent volume creation)
     named_volumes: list[Volume] = field(default_factory=list)
+    fenced_machine: Machine | None = None  # the old machine on a dead host (record.fenced_machine_id)
+    fenced_machine_missing: bool = False
     transient: ProviderError | None = None  # a read failed; nothing can be decided about the provider
     outcomes: dict[Effect, Outcome] = field(default_factory=dict)
 
@@ -105,6 +114,7 @@ class Needs:
     pending_volume: bool = False  # the record's pending_recovery_volume_id
     owned_machines: bool = False  # live machines whose metadata names the instance
     named_volumes: bool = False  # volumes named like the instance's volume
+    fenced_machine: bool = False  # the old machine of a dead host, waiting to be destroyed
 
 
 # ------------------------------------------------------------------ bookkeeping actions

@@ -101,6 +101,11 @@ async def observe(ctx: EngineContext, record: InstanceRecord) -> Observed:
                 obs.pending_volume = await provider.get_volume(app, record.pending_recovery_volume_id)
             except (NotFoundError, MissingVolumeError):
                 obs.pending_volume_missing = True
+        if need.fenced_machine and record.fenced_machine_id:
+            try:
+                obs.fenced_machine = await provider.get_machine(app, record.fenced_machine_id)
+            except NotFoundError:
+                obs.fenced_machine_missing = True
         if need.owned_machines:
             try:
                 machines = await provider.list_machines(app, metadata={METADATA_INSTANCE: record.id})
@@ -364,6 +369,8 @@ class Pass:
                 await provider.wait_machine(app, action.machine_id, state=action.state, timeout=seconds)
             return None
         if isinstance(action, ProbeHealth):
+            if action.timeout <= 0:  # one probe while running (dead-host suspicion): no wait, lease kept
+                return await ctx.prober.probe(app, action.machine_id, self._probe_token())
             async with self.unleashed(action.timeout + ctx.settings.lease_ttl):
                 healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
                                                     timeout=action.timeout,

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sandkeep.clock import utc_iso
-from sandkeep.engine import intents, policy
+from sandkeep.engine import deadhost, intents, policy
 from sandkeep.engine.actions import Action, Changes
 from sandkeep.engine.executor import Pass, Refused
 from sandkeep.engine.lease import EngineContext, Lease, claim
@@ -75,7 +75,17 @@ def public_view(record: InstanceRecord) -> dict[str, Any]:
             "last_error": record.last_recovery_error,
             "last_error_at": utc_iso(record.last_recovery_error_at),
         },
+        "dead_host": dead_host_view(record),
     }
+
+
+def dead_host_view(record: InstanceRecord) -> dict[str, Any]:
+    """SPEC §15 as the owner and the API see it: suspicion, approval, fencing, flagged volumes, the note."""
+    return {"suspect_since": utc_iso(record.suspect_since), "suspect_reason": record.suspect_reason,
+            "restore_approval": record.restore_approval,
+            "needs_approval": record.restore_approval == "awaiting",
+            "fenced_machine_id": record.fenced_machine_id,
+            "flagged_volume_ids": list(record.flagged_volume_ids), "incident_note": record.incident_note}
 
 
 def debug_view(record: InstanceRecord) -> dict[str, Any]:
@@ -454,6 +464,46 @@ class InstanceService:
         deleted = volume_id if actions else None
         self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=deleted)
         return deleted
+
+    async def approve_restore(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        """Admin: approve the data-losing snapshot restore of an instance whose host is dead (SPEC §15)."""
+        self._require_admin(actor)
+        self._load(instance_id)
+        try:
+            async with self._claimed(instance_id) as lease:
+                rec = lease.record
+                if rec.restore_approval != deadhost.AWAITING or rec.status != Status.RUNNING:
+                    raise InvalidTransition(f"instance {instance_id} has no snapshot restore awaiting approval")
+                current = await self._apply(lease, deadhost.approve(rec, self._now(), actor.user_id))
+        except ServiceError as exc:
+            self._audit(actor, "approve_restore", instance_id, "refused", error=exc.message)
+            raise
+        self._audit(actor, "approve_restore", instance_id, "ok")
+        return self._finish(current)
+
+    async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
+        """Admin: delete an old volume flagged after a snapshot restore (the admin's decision, invariant 9)."""
+        self._require_admin(actor)
+        self._load(instance_id)
+        try:
+            async with self._claimed(instance_id) as lease:
+                rec = lease.record
+                if volume_id not in rec.flagged_volume_ids:
+                    raise InvalidArgument(f"volume {volume_id[:64]!r} is not a flagged volume of {instance_id}")
+                if volume_id in (rec.volume_id, rec.pending_recovery_volume_id):
+                    raise InvalidTransition(f"volume {volume_id} is in use by {instance_id}")
+                try:
+                    await self._apply(lease, deadhost.delete_flagged(rec, volume_id, actor.user_id))
+                except Refused as exc:
+                    raise CleanupRefused(str(exc), volume_id=volume_id) from exc
+                except ProviderError as exc:
+                    raise ProviderUnavailable(f"cannot delete volume {volume_id}: {exc}") from exc
+        except ServiceError as exc:
+            self._audit(actor, "flagged_volume_delete", instance_id, "refused", error=exc.message,
+                        volume_id=volume_id[:64])
+            raise
+        self._audit(actor, "flagged_volume_delete", instance_id, "ok", deleted_volume_id=volume_id)
+        return volume_id
 
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord:
         self._require_admin(actor)

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from sandkeep.config import Settings
-from sandkeep.engine import recovery
+from sandkeep.engine import deadhost, recovery
 from sandkeep.engine.actions import (
     Action,
     Changes,
@@ -352,6 +352,11 @@ def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, no
     if obs.volume_missing and state not in ("stopped", "failed"):  # a stop first: recovery reports the loss
         return replace_lost_volume(record, obs, settings)
     if state == "started":
+        suspect = deadhost.running_started(record, obs, settings, now)  # dead host? (SPEC §15)
+        if suspect is not None:
+            return suspect
+        if record.suspect_since is not None:  # the grace is over (and any approval given): relocate
+            return recovery.begin(record, obs, settings, now, fail_count=0, label=deadhost.begin_label(record))
         if record.volume_id and record.volume_id not in machine.volume_ids:
             update = obs.outcome(UpdateMachine(machine.id))
             if update is None:

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sandkeep.config import Settings
-from sandkeep.engine import lifecycle, recovery
+from sandkeep.engine import deadhost, lifecycle, recovery
 from sandkeep.engine.actions import Action, Backoff, DeleteVolumeSafely, Done, Emit, Needs, Observed, Persist
 from sandkeep.provider.errors import ProviderError, RateLimitedError
 from sandkeep.store.records import InstanceRecord, Status
@@ -85,7 +86,10 @@ RULES: dict[Status, Rules] = {
 def needs(record: InstanceRecord) -> Needs:
     """What to read from the provider before deciding for ``record`` (nothing once destroyed)."""
     rules = RULES.get(record.status)
-    return rules.needs(record) if rules is not None else Needs()
+    need = rules.needs(record) if rules is not None else Needs()
+    if record.fenced_machine_id and record.status != Status.DESTROYED:
+        need = dataclasses.replace(need, fenced_machine=True)
+    return need
 
 
 def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
@@ -95,6 +99,9 @@ def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
     if status == Status.DESTROYED:
         return [Persist({"alarm_at": None}), Done()] if record.alarm_at is not None else [Done()]
     rules = RULES[status]
+    fenced = deadhost.fence(record, obs, settings, now)  # the old machine of a dead host goes first (SPEC §15)
+    if fenced:
+        return fenced
     chores = housekeeping(record, obs, settings, now)  # nothing while recovering or destroying
     if chores:
         return chores

@@ -39,6 +39,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sandkeep.config import Settings
+from sandkeep.engine import deadhost
 from sandkeep.engine.actions import (
     Action,
     Changes,
@@ -81,7 +82,8 @@ def restart_fields(now: datetime) -> Changes:
     """What (re)starting a recovery writes: ``recovering`` from step one, the clock reset, errors cleared.
     Shared by :func:`begin` and the admin's retry (:func:`sandkeep.engine.intents.retry_recovery`)."""
     return {"status": Status.RECOVERING, "recovery_started_at": now, "health_fail_count": 0, "recovery_step": None,
-            "last_recovery_error": None, "last_recovery_error_at": None, "pending_action": None}
+            "last_recovery_error": None, "last_recovery_error_at": None, "pending_action": None,
+            "recovery_point": None}
 
 
 def begin(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime, *, fail_count: int,
@@ -166,7 +168,13 @@ def _prepare(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
         return fail(record, settings, now, label="alarm_source_volume_missing", error="source volume missing")
     # 7.2.2: force-destroy the stopped machine (404 is fine), clear machine_id
     if record.machine_id:
+        if obs.machine is not None and deadhost.host_down(obs.machine):
+            # its host does not answer: it cannot be destroyed now; fenced as soon as it does (SPEC §15)
+            return deadhost.fence_instead_of_destroy(record, obs.machine, STEP_FORK)
         outcome = obs.outcome(DestroyMachine(record.machine_id))
+        if (outcome is not None and not outcome.ok and obs.machine is not None
+                and isinstance(outcome.error, HostUnavailableError)):
+            return deadhost.fence_instead_of_destroy(record, obs.machine, STEP_FORK)
         if outcome is not None and not outcome.ok:
             return fail(record, settings, now, label="alarm_destroy_failed",
                         error=f"cannot destroy the stopped machine {record.machine_id}: {outcome.message}")
@@ -235,12 +243,13 @@ def _restore_from_snapshot(record: InstanceRecord, obs: Observed, settings: Sett
     restore = CreateVolume(purpose="restore", name=volume_name(record), regions=regions,
                            assign="pending_recovery_volume_id", snapshot_id=snapshot.id,
                            size_gb=obs.volume.size_gb if obs.volume else None, compute_size=record.machine_size,
-                           extra={"recovery_step": STEP_MACHINE})
+                           extra={"recovery_step": STEP_MACHINE, "recovery_point": snapshot.created_at})
     return [Persist({"recovery_step": STEP_FORKING}), restore,
             Emit("instance.restored_from_snapshot", label="restored_from_snapshot", level="warning",
                  error=f"data written after {snapshot.created_at} is lost",
                  details={"source_volume_id": record.volume_id, "snapshot_id": snapshot.id,
-                          "snapshot_created_at": snapshot.created_at, "data_loss": True})]
+                          "snapshot_created_at": snapshot.created_at, "recovery_point": snapshot.created_at,
+                          "snapshot_volume_size": snapshot.volume_size, "data_loss": True})]
 
 
 def _machine(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
@@ -323,8 +332,14 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
     cleanup_after = record.retained_volume_cleanup_after
     old_handling = "missing"
     warnings: list[Action] = []
+    flag_changes: Changes = {}
     deleted_now = obs.outcome(DeleteVolumeSafely(old_id)) if old_id else None
-    if deleted_now is not None and deleted_now.ok:
+    if old_id and record.recovery_point is not None and deleted_now is None:
+        # restored from a snapshot: the old volume may hold newer writes; flagged for an admin, never deleted
+        flag_changes, flag_notes = deadhost.flag_old_volume(record, old_id, now)
+        warnings += flag_notes
+        old_handling = "flagged"
+    elif deleted_now is not None and deleted_now.ok:
         old_handling = "deleted"
     elif old_id and obs.volume is not None:
         listing = obs.outcome(ListSnapshots(old_id))
@@ -362,7 +377,7 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
         "recovery_started_at": None, "pending_recovery_volume_id": None, "recovery_step": None,
         "retained_volume_id": retained_id, "retained_volume_cleanup_after": cleanup_after,
         "last_started_at": now, "last_recovery_error": None, "last_recovery_error_at": None,
-        "health_fail_count": 0, "pending_action": None,
+        "health_fail_count": 0, "pending_action": None, **deadhost.CLEAR_SUSPECT, **flag_changes,
     }
     notes: list[Action] = []
     if old_handling.endswith("retained") or old_handling == "retained":
@@ -373,7 +388,9 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
             Persist(changes),
             Emit(EVENT_SUCCEEDED, label="alarm_relocated", duration_ms=duration,
                  details={"old_volume_id": old_id, "old_region": record.region, "old_volume": old_handling,
-                          "gateway_healthy": healthy, "retained_volume_id": retained_id}),
+                          "gateway_healthy": healthy, "retained_volume_id": retained_id,
+                          "recovery_point": record.recovery_point,
+                          "fenced_machine_id": record.fenced_machine_id}),
             RequeueAfter(settings.interval_running)]
 
 
@@ -417,8 +434,13 @@ def _finish_fail(record: InstanceRecord, obs: Observed, settings: Settings, now:
     changes: Changes = {
         "status": Status.STOPPED, "last_stopped_at": now, "recovery_started_at": None, "recovery_step": None,
         "pending_action": None, "health_fail_count": 0, "last_recovery_error": error,
-        "last_recovery_error_at": record.last_recovery_error_at or now,
+        "last_recovery_error_at": record.last_recovery_error_at or now, "recovery_point": None,
+        **deadhost.CLEAR_SUSPECT,
     }
+    if record.suspect_since is not None:
+        changes["incident_note"] = (
+            f"The host of this instance stopped answering and it could not be moved ({error}). It stays stopped "
+            f"with its data on the old host; it resumes if that host comes back.")
     return [*warnings,
             Persist(changes),
             Emit(EVENT_FAILED, label=label, error=error, duration_ms=duration, level="error"),

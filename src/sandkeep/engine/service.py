@@ -168,6 +168,14 @@ class InstanceServiceAPI(Protocol):
         """Returns the deleted volume id."""
         ...
 
+    async def approve_restore(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        """Admin: approve the snapshot restore an instance on a dead host waits for (policy ``approve``)."""
+        ...
+
+    async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
+        """Admin: delete an old volume flagged after a snapshot restore; returns its id."""
+        ...
+
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
     async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
         """Admin: give the instance a new gateway token (its running machine restarts with it)."""

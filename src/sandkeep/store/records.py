@@ -73,6 +73,15 @@ class InstanceRecord:
     provider_error_count: int = 0
     last_provider_error: str | None = None
     last_provider_error_at: datetime | None = None
+    # dead hosts (SPEC §15)
+    suspect_since: datetime | None = None  # when the running instance was first seen on an unreachable host
+    suspect_reason: str | None = None  # "host_unreachable" | "health_failed"
+    restore_approval: str | None = None  # None | "awaiting" | "approved" (SANDKEEP_SNAPSHOT_RESTORE_POLICY=approve)
+    fenced_machine_id: str | None = None  # the old machine on a dead host: destroyed as soon as it answers
+    # old volumes left behind by a snapshot restore: may hold newer data; never deleted without an admin
+    flagged_volume_ids: list[str] = field(default_factory=list)
+    recovery_point: str | None = None  # created_at of the snapshot the current recovery restores
+    incident_note: str | None = None  # plain words for the owner: what happened to the instance, what was lost
     # "<caller user id>/<Idempotency-Key>" of the create request that made this instance (unique per owner)
     idempotency_key: str | None = None
     # concurrency (SPEC §5)

@@ -157,6 +157,10 @@ def _check_value(table_name: str, name: str, col_type: TypeEngine[Any], nullable
         return None
     if isinstance(col_type, UTCDateTime):
         return _aware(value, where)
+    if isinstance(col_type, JSONText) and name == "flagged_volume_ids":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where} must be a list of volume ids")
+        return list(value)
     if isinstance(col_type, JSONText):
         if not isinstance(value, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
@@ -207,6 +211,7 @@ def _to_instance(row: RowMapping) -> InstanceRecord:
     data["status"] = Status(data["status"])
     data["env"] = dict(data["env"] or {})
     data["secrets_encrypted"] = dict(data["secrets_encrypted"] or {})
+    data["flagged_volume_ids"] = list(data["flagged_volume_ids"] or [])
     return InstanceRecord(**data)
 
 
