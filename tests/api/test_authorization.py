@@ -75,6 +75,10 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, True),
     ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy", None,
      {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    ("approve_restore", "POST", "/v1/instances/{id}/recovery/approve-restore", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    ("flagged_volume_delete", "POST", "/v1/instances/{id}/flagged-volumes/vol_old/delete", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, True),
     # token registry: everyone lists their own tokens; listing all and revoking are admin routes
     ("my_tokens", "GET", "/v1/tokens", None, ok_for(200, OWNER, OTHER, ADMIN, PLATFORM), False),
     ("admin_tokens", "GET", "/v1/admin/tokens", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
@@ -177,6 +181,7 @@ async def test_healthz_and_metrics_need_no_token(api: Api) -> None:
 def _template(path: str) -> str:
     """A matrix path as the OpenAPI spells it."""
     path = path.split("?", 1)[0].replace("{id}", "{instance_id}").replace("{tok}", "{token_id}")
+    path = path.replace("/flagged-volumes/vol_old/", "/flagged-volumes/{volume_id}/")
     if "/gateway/" in path:
         path = path.split("/gateway/", 1)[0] + "/gateway/{path}"
     return path
@@ -216,6 +221,8 @@ def _api_routes(routes: list[Any]) -> list[Any]:
     ("retry_recovery", "POST", "/v1/instances/{id}/recovery/retry"),
     ("retained_volume_cleanup", "POST", "/v1/instances/{id}/retained-volume/cleanup"),
     ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy"),
+    ("approve_restore", "POST", "/v1/instances/{id}/recovery/approve-restore"),
+    ("flagged_volume_delete", "POST", "/v1/instances/{id}/flagged-volumes/vol_old/delete"),
     ("force_destroy", "DELETE", "/v1/instances/{id}?force=true"),
 ])
 async def test_refused_admin_actions_are_audited(api: Api, who: str, action: str, method: str, path: str) -> None:

@@ -189,6 +189,19 @@ class FakeService:
         self._audit(actor, "retained_volume_cleanup", instance_id, deleted_volume_id=deleted)
         return deleted
 
+    async def approve_restore(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        rec = self._get(instance_id)
+        self.calls.append(("approve_restore", actor.user_id, instance_id))
+        self._audit(actor, "approve_restore", instance_id)
+        return self._set(rec, restore_approval="approved")
+
+    async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
+        rec = self._get(instance_id)
+        self.calls.append(("delete_flagged_volume", actor.user_id, instance_id))
+        self._audit(actor, "flagged_volume_delete", instance_id)
+        self._set(rec, flagged_volume_ids=[v for v in rec.flagged_volume_ids if v != volume_id])
+        return volume_id
+
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord:
         rec = self._get(instance_id)
         self.calls.append(("destroy_machine", actor.user_id, instance_id))

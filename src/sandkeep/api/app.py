@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkeep import __version__
+from sandkeep.api import routes_deadhost
 from sandkeep.api.auth import TokenError
 from sandkeep.api.docs import install_docs, readable_operation_id
 from sandkeep.api.errors import ApiError, install_error_handlers
@@ -422,6 +423,7 @@ def create_app(runtime: WebRuntime, *, proxy_transport: httpx.AsyncBaseTransport
         v1.add_api_route("/instances/{instance_id}/gateway/{path:path}", gateway, methods=[method],
                          operation_id=f"gateway_{method.lower()}", tags=["traffic"],
                          responses={502: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    routes_deadhost.register(v1, service, current_actor=current_actor, admin_action=admin_action)
     app.include_router(v1)
 
     # ------------------------------------------------------------------------------------------ ops
