@@ -92,6 +92,11 @@ def test_admin_commands(serve: Serve, user: str) -> None:
     assert retry.exit_code == 0, retry.output
     cleanup = run(serve, "admin", "cleanup-retained-volume", inst["id"], "--json", user="root", role="admin")
     assert cleanup.exit_code == 0 and json.loads(cleanup.stdout)["ok"] is True, cleanup.output
+    # dead-host commands reach their routes; nothing awaits approval and nothing is flagged here: refused (4xx)
+    approve = run(serve, "admin", "approve-restore", inst["id"], user="root", role="admin")
+    assert approve.exit_code != 0 and "no snapshot restore awaiting approval" in approve.output, approve.output
+    flagged = run(serve, "admin", "delete-flagged-volume", inst["id"], "vol_nope", user="root", role="admin")
+    assert flagged.exit_code != 0 and "not a flagged volume" in flagged.output, flagged.output
     audit = run(serve, "admin", "audit", "--instance", inst["id"], "--json", user="root", role="admin")
     entries = json.loads(audit.stdout)
     assert {"retry_recovery", "retained_volume_cleanup"} <= {a["action"] for a in entries}, audit.output

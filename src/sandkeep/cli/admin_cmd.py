@@ -21,8 +21,8 @@ ID = click.argument("instance_id", metavar="ID")
 
 @click.group("admin")
 def admin() -> None:
-    """Debug an instance, retry its recovery, delete its retained volume, destroy its machine, rotate its gateway
-    token; events, audit."""
+    """Debug an instance, retry its recovery, approve a snapshot restore, delete a flagged or retained volume,
+    destroy its machine, rotate its gateway token; events, audit."""
 
 
 @admin.command("debug")
@@ -77,6 +77,34 @@ def destroy_machine(ctx: Ctx, instance_id: str) -> None:
         ctx.emit(inst)
     else:
         click.echo(instance_detail(inst))
+
+
+@admin.command("approve-restore")
+@ID
+@api_options
+def approve_restore(ctx: Ctx, instance_id: str) -> None:
+    """Approve the snapshot restore an instance on a dead host waits for (data written after the snapshot is
+    lost; SANDKEEP_SNAPSHOT_RESTORE_POLICY=approve)."""
+    with ctx.client() as client:
+        inst = client.request("POST", f"/v1/instances/{instance_id}/recovery/approve-restore")
+    if ctx.as_json:
+        ctx.emit(inst)
+    else:
+        click.echo(f"snapshot restore of {inst['id']} approved ({status_label(inst)})")
+
+
+@admin.command("delete-flagged-volume")
+@ID
+@click.argument("volume_id")
+@api_options
+def delete_flagged_volume(ctx: Ctx, instance_id: str, volume_id: str) -> None:
+    """Delete an old volume flagged after a snapshot restore (it may hold writes newer than the snapshot)."""
+    with ctx.client() as client:
+        result = client.request("POST", f"/v1/instances/{instance_id}/flagged-volumes/{volume_id}/delete")
+    if ctx.as_json:
+        ctx.emit(result)
+    else:
+        click.echo(f"deleted flagged volume {result['deleted_volume_id']} of {instance_id}")
 
 
 @admin.command("rotate-gateway-token")
