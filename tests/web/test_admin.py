@@ -288,3 +288,25 @@ async def test_cleanup_disabled_while_the_engines_automatic_cleanup_runs(rt: Fak
     page = (await admin.get("/ui/admin/instances/ins_a1")).text
     button = re.search(r'<button[^>]*id="cleanup-ins_a1"[^>]*>', page)
     assert button and "disabled" not in button.group(0)
+
+
+async def test_dead_host_card_and_approve_button(rt: FakeRuntime, login: Login) -> None:
+    rt.service.add("ins_a1", "alice", suspect_since=rt.clock.now(), suspect_reason="host_unreachable",
+                   restore_approval="awaiting", fenced_machine_id="m_old", flagged_volume_ids=["vol_flag"],
+                   incident_note="The host of this instance stopped answering.")
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/instances/ins_a1")).text
+    assert "needs approval" in html and "vol_flag" in html and "m_old" in html
+    csrf = csrf_of(html)
+    confirm = await admin.post("/ui/admin/instances/ins_a1/approve-restore", data={"csrf_token": csrf})
+    assert "Please confirm" in confirm.text and rt.service.calls == []
+    r = await admin.post("/ui/admin/instances/ins_a1/approve-restore", data={"csrf_token": csrf, "confirm": "yes"},
+                         headers=HX)
+    assert "Snapshot restore of ins_a1 approved" in r.text
+    assert [c[0] for c in rt.service.calls] == ["approve_restore"]
+    after = (await admin.get("/ui/admin/instances/ins_a1")).text
+    assert 'id="approve-restore-ins_a1"' not in after
+    # the owner reads what happened in plain words
+    owner = await login("alice", "user")
+    page = (await owner.get("/ui/")).text
+    assert "The host of this instance stopped answering." in page

@@ -71,7 +71,7 @@ STATIC_FILES: dict[str, str] = {
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
 OWNER_ACTIONS = ("start", "stop", "restart", "destroy")
-ADMIN_ACTIONS = ("cleanup-retained-volume", "retry-recovery", "destroy-machine")
+ADMIN_ACTIONS = ("cleanup-retained-volume", "retry-recovery", "destroy-machine", "approve-restore")
 PAGE_SIZE = 25
 MAX_RECOVERING = 2000  # instances listed under "recovering now"
 MAX_EVENTS = 5000  # events scanned for the charts
@@ -434,6 +434,9 @@ class WebUI:
             if action == "retry-recovery":
                 await svc.retry_recovery(actor, rec.id)
                 return Flash("ok", f"Recovery of {rec.id} scheduled to run now.")
+            if action == "approve-restore":
+                await svc.approve_restore(actor, rec.id)
+                return Flash("ok", f"Snapshot restore of {rec.id} approved: it is being moved to another host.")
             await svc.destroy_machine(actor, rec.id)
             return Flash("ok", f"Destroyed the machine of {rec.id}; the engine will notice and react.")
         except ServiceError as exc:
@@ -778,7 +781,7 @@ def create_web_router(runtime: WebRuntime) -> APIRouter:
         if not ok:
             return ui.csrf_failed(request, got)
         rec = lookup(instance_id, got.actor)
-        needs_confirm = action in ("cleanup-retained-volume", "destroy-machine")
+        needs_confirm = action in ("cleanup-retained-volume", "destroy-machine", "approve-restore")
         if action not in ADMIN_ACTIONS:
             flash = Flash("error", f"Unknown action {action!r}.", status=404)
         elif rec is None:
