@@ -103,6 +103,16 @@ RETAINED_VOLUMES_OVERDUE = Gauge("sandkeep_retained_volumes_overdue",
                                  "Retained volumes whose cleanup time passed more than an hour ago.",
                                  registry=REGISTRY)
 
+DEAD_HOST_SUSPECTS = Gauge("sandkeep_dead_host_suspects", "Running instances suspect of a dead host (host "
+                           "unreachable or gateway silent), within their grace or awaiting approval.",
+                           registry=REGISTRY)
+RESTORES_AWAITING_APPROVAL = Gauge("sandkeep_restores_awaiting_approval", "Instances on a dead host waiting for an "
+                                   "admin to approve a snapshot restore.", registry=REGISTRY)
+OLD_MACHINES_TO_FENCE = Gauge("sandkeep_old_machines_to_fence", "Old machines on dead hosts to destroy as soon as "
+                              "their host answers.", registry=REGISTRY)
+FLAGGED_VOLUME_INSTANCES = Gauge("sandkeep_instances_with_flagged_volumes", "Instances with an old volume flagged "
+                                 "after a snapshot restore (kept until an admin decides).", registry=REGISTRY)
+
 
 def provider_outcome(exc: BaseException | None) -> str:
     """The ``outcome`` label of a provider exchange: ok, or the class of its error."""
@@ -138,6 +148,10 @@ def set_engine_gauges(gauges: Mapping[str, float]) -> None:
     RECOVERY_OLDEST_AGE.set(float(gauges.get("recovery_oldest_age_seconds", 0)))
     RETAINED_VOLUMES.set(float(gauges.get("retained_volumes", 0)))
     RETAINED_VOLUMES_OVERDUE.set(float(gauges.get("retained_volumes_overdue", 0)))
+    DEAD_HOST_SUSPECTS.set(float(gauges.get("dead_host_suspects", 0)))
+    RESTORES_AWAITING_APPROVAL.set(float(gauges.get("restores_awaiting_approval", 0)))
+    OLD_MACHINES_TO_FENCE.set(float(gauges.get("old_machines_to_fence", 0)))
+    FLAGGED_VOLUME_INSTANCES.set(float(gauges.get("instances_with_flagged_volumes", 0)))
 
 
 def set_instance_counts(counts: Mapping[str, int]) -> None:

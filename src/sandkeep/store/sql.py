@@ -533,13 +533,20 @@ class SqlStore:
             overdue = conn.execute(select(func.count()).where(
                 c.retained_volume_id.is_not(None), c.retained_volume_cleanup_after.is_not(None),
                 c.retained_volume_cleanup_after < overdue_before)).scalar() or 0
+            suspects = conn.execute(select(func.count()).where(c.suspect_since.is_not(None))).scalar() or 0
+            awaiting = conn.execute(select(func.count()).where(c.restore_approval == "awaiting")).scalar() or 0
+            fencing = conn.execute(select(func.count()).where(c.fenced_machine_id.is_not(None))).scalar() or 0
+            flagged = conn.execute(select(func.count()).where(
+                c.flagged_volume_ids.is_not(None), func.length(c.flagged_volume_ids) > 2)).scalar() or 0
         age = 0.0
         if oldest is not None:
             if oldest.tzinfo is None:
                 oldest = oldest.replace(tzinfo=UTC)
             age = max(0.0, (now - oldest).total_seconds())
         return {"alarms_due": float(due), "recovery_oldest_age_seconds": age,
-                "retained_volumes": float(retained), "retained_volumes_overdue": float(overdue)}
+                "retained_volumes": float(retained), "retained_volumes_overdue": float(overdue),
+                "dead_host_suspects": float(suspects), "restores_awaiting_approval": float(awaiting),
+                "old_machines_to_fence": float(fencing), "instances_with_flagged_volumes": float(flagged)}
 
     def count_by_status(self) -> dict[str, int]:
         """Number of instances per status (statuses with none are absent)."""
