@@ -248,7 +248,9 @@ async def test_snapshot_restore_when_source_host_unreachable(h: Harness) -> None
     assert h.fake.volumes[final.volume_id].data == {"f": "old"}
     restored = h.event(rec.id, "instance.restored_from_snapshot")
     assert restored.details["snapshot_created_at"] and restored.details["data_loss"] is True
-    assert final.retained_volume_id == rec.volume_id  # it has snapshots: retained, not deleted
+    # it may hold writes newer than the snapshot: flagged for an admin (invariant 9), not retained for a cleanup
+    assert final.flagged_volume_ids == [rec.volume_id] and final.retained_volume_id is None
+    assert restored.details["recovery_point"] == restored.details["snapshot_created_at"]
 
 
 async def test_unreachable_source_without_snapshot_fails(h: Harness) -> None:

@@ -267,6 +267,12 @@ class ListSnapshots:
 
 
 @dataclass(frozen=True)
+class FindVolumes:
+    """List the app's volumes named like this instance's (a lost volume id: adopt one of our own before ever
+    creating an empty one, SPEC §15)."""
+
+
+@dataclass(frozen=True)
 class DeleteVolumeSafely:
     """SPEC §7.5: refuse when the attached machine names another sandbox; else destroy it, delete the volume.
 
@@ -280,10 +286,20 @@ class DeleteVolumeSafely:
 
 Effect = (EnsureApp | RotateGatewayToken | CreateVolume | CreateMachine | StartMachine | StopMachine
           | RestartMachine | UpdateMachine | DestroyMachine | WaitMachine | ProbeHealth | ListSnapshots
-          | DeleteVolumeSafely)
+          | FindVolumes | DeleteVolumeSafely)
 Action = Persist | Emit | RequeueAfter | Backoff | Done | Effect
 
 TERMINAL = (RequeueAfter, Backoff, Done)
+
+
+def usable_own_volumes(volumes: list[Volume], *, exclude: tuple[str | None, ...],
+                       own_machines: frozenset[str] = frozenset()) -> list[Volume]:
+    """Volumes of this instance's name that could carry it, newest first: not being destroyed, not attached to
+    a machine that is not ours, not one of ``exclude`` (the lost id, retained and flagged old volumes)."""
+    out = [v for v in volumes if v.id not in exclude
+           and (v.state or "created") not in ("destroyed", "destroying", "pending_destroy")
+           and (not v.attached_machine_id or v.attached_machine_id in own_machines)]
+    return sorted(out, key=lambda v: (v.created_at or "", v.id), reverse=True)
 
 
 def newest_snapshot(snapshots: list[VolumeSnapshot]) -> VolumeSnapshot | None:

@@ -28,6 +28,7 @@ from sandkeep.engine.actions import (
     Effect,
     Emit,
     EnsureApp,
+    FindVolumes,
     ListSnapshots,
     Observed,
     Outcome,
@@ -384,6 +385,9 @@ class Pass:
             return healthy
         if isinstance(action, ListSnapshots):
             return await provider.list_snapshots(app, action.volume_id)
+        if isinstance(action, FindVolumes):
+            name = volume_name(record)
+            return [v for v in await provider.list_volumes(app) if v.name == name]
         if isinstance(action, DeleteVolumeSafely):
             await safe_delete_volume(ctx, record, action.volume_id)
             if action.clear:

@@ -21,6 +21,7 @@ from sandkeep.engine.actions import (
     Done,
     Emit,
     EnsureApp,
+    FindVolumes,
     Needs,
     Observed,
     Persist,
@@ -32,6 +33,7 @@ from sandkeep.engine.actions import (
     StopMachine,
     UpdateMachine,
     WaitMachine,
+    usable_own_volumes,
 )
 from sandkeep.engine.naming import machine_generation, machine_name, volume_name
 from sandkeep.engine.policy import GONE_STATES, PROGRESS_STATES, creation_regions
@@ -88,9 +90,37 @@ def auto_destroy(record: InstanceRecord) -> list[Action]:
             Emit("instance.destroy_started", label="stale_provision")]
 
 
+def _not_candidates(record: InstanceRecord) -> tuple[str | None, ...]:
+    return (record.volume_id, record.retained_volume_id, record.pending_recovery_volume_id,
+            *record.flagged_volume_ids)
+
+
 def replace_lost_volume(record: InstanceRecord, obs: Observed, settings: Settings) -> list[Action]:
-    """The volume is gone (404): say so loudly, then create an empty replacement (SPEC §5)."""
+    """The volume is gone (404). Never start on an empty volume over existing data (SPEC §15, invariant 10):
+    adopt the newest usable volume of the instance's own name first; if that lookup fails for an instance that
+    has started before, fail closed (no volume is created); only a truly missing volume is replaced by an empty
+    one, loudly (``instance.data_loss``)."""
     lost = record.volume_id
+    if obs.outcome(CreateVolume("replacement")) is None:
+        found = obs.outcome(FindVolumes())
+        if found is None:
+            return [FindVolumes()]
+        if found.ok:
+            own = frozenset({obs.machine.id} if obs.machine is not None else set())
+            candidates = usable_own_volumes(list(found.value or []), exclude=_not_candidates(record),
+                                            own_machines=own)
+            if candidates:
+                volume = candidates[0]
+                return [Persist({"volume_id": volume.id, "region": volume.region or record.region}),
+                        Emit("reconcile.adopt_volume", label="lost_volume_id", level="warning",
+                             details={"lost_volume_id": lost, "volume_id": volume.id,
+                                      "created_at": volume.created_at})]
+        elif record.last_started_at is not None:
+            return [Emit("reconcile.volume_lookup_failed", level="error",
+                         error=f"volume {lost} is gone and the volumes of this instance cannot be listed "
+                               f"({found.message}); no empty volume is created over data that may exist",
+                         details={"lost_volume_id": lost}),
+                    RequeueAfter(settings.interval_busy)]
     created = obs.outcome(CreateVolume("replacement"))
     if created is not None and not created.ok:
         return [Emit("reconcile.replace_lost_volume_failed", level="error", error=created.message),
@@ -172,25 +202,31 @@ def _provision_app_and_volume(record: InstanceRecord, obs: Observed, settings: S
                                 error=f"cannot create the provider app {record.app_name}: {app.message}")
     # the volume: persist-then-create is implicit (the name is derived from the id); adopt before creating
     if record.volume_id is None:
-        ours = {m.id for m in obs.owned_machines}
-        free = [v for v in obs.named_volumes
-                if (not v.attached_machine_id or v.attached_machine_id in ours)
-                and (v.state or "created") not in ("destroyed", "destroying", "pending_destroy")]
-        free.sort(key=lambda v: (v.attached_machine_id is None, v.created_at or "", v.id))
+        ours = frozenset(m.id for m in obs.owned_machines)
+        free = usable_own_volumes(obs.named_volumes, exclude=_not_candidates(record), own_machines=ours)
+        free.sort(key=lambda v: v.attached_machine_id is None)  # (stable) one our machine mounts, else the newest
         if free:
             volume = free[0]
             return [Persist({"volume_id": volume.id, "region": volume.region}),
                     Emit("reconcile.adopt_volume", details={"volume_id": volume.id})]
+        if record.last_started_at is not None and obs.outcome(CreateVolume("primary")) is None:
+            # it ran before and no volume of its own is left: an empty volume now is data loss, said loudly
+            return [Emit("instance.data_loss", label="volume_missing", level="error",
+                         error="no volume of this instance is left; it continues on an empty volume"),
+                    *_create_primary(record, settings)]
         created = obs.outcome(CreateVolume("primary"))
         if created is not None and not created.ok:
             return start_failed(record, obs, settings, now, label="volume_create_failed",
                                 error=f"cannot create the volume: {created.message}")
-        return [CreateVolume(purpose="primary", name=volume_name(record),
-                             regions=creation_regions(settings.region_list, record.region), assign="volume_id",
-                             assign_region=True, size_gb=settings.volume_size_gb,
-                             compute_size=record.machine_size),
-                Emit("reconcile.create_volume")]
+        return _create_primary(record, settings)
     return None
+
+
+def _create_primary(record: InstanceRecord, settings: Settings) -> list[Action]:
+    return [CreateVolume(purpose="primary", name=volume_name(record),
+                         regions=creation_regions(settings.region_list, record.region), assign="volume_id",
+                         assign_region=True, size_gb=settings.volume_size_gb, compute_size=record.machine_size),
+            Emit("reconcile.create_volume")]
 
 
 def decide_starting(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
