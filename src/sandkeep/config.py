@@ -87,6 +87,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("snapshot_restore_policy", "SANDKEEP_SNAPSHOT_RESTORE_POLICY", "auto",
             "When a dead host makes a fork impossible: 'auto' restores the newest snapshot, 'approve' waits "
             "(visibly) for an admin to approve the data-losing restore."),
+    Setting("snapshot_interval", "SANDKEEP_SNAPSHOT_INTERVAL", 3600.0,
+            "How often sandkeep takes its own snapshot of every running instance's volume, spread over the fleet "
+            "(bounds what a dead host can cost; 0: only the provider's daily snapshots)."),
     Setting("retained_volume_retention", "SANDKEEP_RETAINED_VOLUME_RETENTION", 604800.0,
             "How long an old volume with snapshots is kept after recovery (7 days)."),
     Setting("stale_provision_after", "SANDKEEP_STALE_PROVISION_AFTER", 28800.0,
@@ -199,6 +202,7 @@ class Settings:
     health_fail_threshold: int = 3
     dead_host_grace: float = 300.0
     snapshot_restore_policy: str = "auto"
+    snapshot_interval: float = 3600.0
     retained_volume_retention: float = 604800.0
     stale_provision_after: float = 28800.0
     destroy_volume_attempts: int = 50

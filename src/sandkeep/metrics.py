@@ -113,6 +113,10 @@ OLD_MACHINES_TO_FENCE = Gauge("sandkeep_old_machines_to_fence", "Old machines on
 FLAGGED_VOLUME_INSTANCES = Gauge("sandkeep_instances_with_flagged_volumes", "Instances with an old volume flagged "
                                  "after a snapshot restore (kept until an admin decides).", registry=REGISTRY)
 
+SNAPSHOT_NEWEST_AGE_MAX = Gauge("sandkeep_snapshot_newest_age_max_seconds", "Across running instances, the largest "
+                                "age of sandkeep's newest snapshot of an instance's volume (what a dead host could "
+                                "cost at most now; 0 when none was taken yet).", registry=REGISTRY)
+
 
 def provider_outcome(exc: BaseException | None) -> str:
     """The ``outcome`` label of a provider exchange: ok, or the class of its error."""
@@ -152,6 +156,7 @@ def set_engine_gauges(gauges: Mapping[str, float]) -> None:
     RESTORES_AWAITING_APPROVAL.set(float(gauges.get("restores_awaiting_approval", 0)))
     OLD_MACHINES_TO_FENCE.set(float(gauges.get("old_machines_to_fence", 0)))
     FLAGGED_VOLUME_INSTANCES.set(float(gauges.get("instances_with_flagged_volumes", 0)))
+    SNAPSHOT_NEWEST_AGE_MAX.set(float(gauges.get("snapshot_newest_age_max_seconds", 0)))
 
 
 def set_instance_counts(counts: Mapping[str, int]) -> None:

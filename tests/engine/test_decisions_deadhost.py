@@ -24,6 +24,7 @@ from sandkeep.engine.actions import (
     Persist,
     ProbeHealth,
     RequeueAfter,
+    TakeSnapshot,
 )
 from sandkeep.engine.naming import build_machine_config
 from sandkeep.engine.reconcile import decide, needs
@@ -245,3 +246,24 @@ def test_flagged_volumes_are_never_touched_by_housekeeping_even_years_later() ->
     later = NOW + timedelta(days=3650)
     actions = decide(rec, obs, SETTINGS, later)
     assert not any(isinstance(a, DeleteVolumeSafely) for a in actions)
+
+
+# ------------------------------------------------------------------------------------------ own snapshots
+
+
+def test_own_snapshots_are_spread_and_then_periodic() -> None:
+    settings = SETTINGS.replace(snapshot_interval=3600.0)
+    offsets = {deadhost._spread(f"ins_{n}") for n in range(50)}
+    assert len(offsets) == 50 and min(offsets) < 0.2 and max(offsets) > 0.8  # spread over the interval
+    rec = running(last_started_at=NOW - timedelta(hours=2))
+    assert deadhost.snapshot_due(rec, settings, NOW)  # past any offset
+    assert not deadhost.snapshot_due(rec, settings.replace(snapshot_interval=0.0), NOW)
+    taken = rec.copy(last_snapshot_at=NOW - timedelta(minutes=59))
+    assert not deadhost.snapshot_due(taken, settings, NOW)
+    assert deadhost.snapshot_due(taken, settings, NOW + timedelta(minutes=1))
+    obs = obs_for(rec)
+    obs.outcomes[ProbeHealth("m1")] = Outcome(True, value=True)
+    actions = decide(rec, obs, settings, NOW)
+    assert actions == [TakeSnapshot("v1"), Persist({"last_snapshot_at": NOW})]
+    obs.outcomes[TakeSnapshot("v1")] = Outcome(False, error=HostUnavailableError("x", status=412))
+    assert decide(rec, obs, settings, NOW) == [RequeueAfter(settings.interval_running)]  # next pass retries

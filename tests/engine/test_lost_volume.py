@@ -62,3 +62,19 @@ async def test_a_truly_missing_volume_is_replaced_loudly(h: Harness) -> None:
     final = await h.reconcile(iid)
     assert final.volume_id and final.volume_id != vid
     assert h.event(iid, "instance.data_loss").details["lost_volume_id"] == vid
+
+
+async def test_sandkeep_takes_its_own_snapshots_every_interval(h: Harness) -> None:
+    rec = await h.running()
+    assert rec.volume_id
+    h.clock.advance(h.engine.settings.snapshot_interval + 1)  # past the instance's offset into the interval
+    first = await h.reconcile(rec.id)
+    assert first.last_snapshot_at == h.clock.now()
+    assert len(h.fake.snapshots.get(rec.volume_id, [])) == 1
+    assert "instance.snapshot_taken" in h.events(rec.id)
+    h.clock.advance(60)
+    await h.reconcile(rec.id)
+    assert len(h.fake.snapshots.get(rec.volume_id, [])) == 1  # not again before the interval
+    h.clock.advance(h.engine.settings.snapshot_interval)
+    assert (await h.reconcile(rec.id)).last_snapshot_at == h.clock.now()
+    assert len(h.fake.snapshots.get(rec.volume_id, [])) == 2

@@ -119,6 +119,8 @@ class DeadHost(BaseModel):
     flagged_volume_ids: list[str] = Field(default_factory=list, description="Old volumes left by snapshot "
                                           "restores: they may hold newer data and are never deleted automatically.")
     incident_note: str | None = Field(default=None, description="What happened and what was lost, in plain words.")
+    last_snapshot_at: str | None = Field(default=None, description="sandkeep's own newest snapshot of the current "
+                                         "volume (SANDKEEP_SNAPSHOT_INTERVAL): what a dead host can cost at most.")
 
 
 class Instance(BaseModel):
@@ -259,7 +261,7 @@ def render_instance(r: InstanceRecord) -> dict[str, Any]:
         "dead_host": {"suspect_since": utc_iso(r.suspect_since), "suspect_reason": r.suspect_reason,
                       "restore_approval": r.restore_approval, "needs_approval": r.restore_approval == "awaiting",
                       "fenced_machine_id": r.fenced_machine_id, "flagged_volume_ids": list(r.flagged_volume_ids),
-                      "incident_note": r.incident_note},
+                      "incident_note": r.incident_note, "last_snapshot_at": utc_iso(r.last_snapshot_at)},
     }
 
 

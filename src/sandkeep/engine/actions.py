@@ -62,6 +62,7 @@ class Changes(TypedDict, total=False):
     flagged_volume_ids: list[str]
     recovery_point: str | None
     incident_note: str | None
+    last_snapshot_at: datetime | None
 
 
 #: record fields that receive a created volume's id (``CreateVolume.assign``)
@@ -267,6 +268,13 @@ class ListSnapshots:
 
 
 @dataclass(frozen=True)
+class TakeSnapshot:
+    """sandkeep's own on-demand snapshot of the instance's volume (SANDKEEP_SNAPSHOT_INTERVAL)."""
+
+    volume_id: str
+
+
+@dataclass(frozen=True)
 class FindVolumes:
     """List the app's volumes named like this instance's (a lost volume id: adopt one of our own before ever
     creating an empty one, SPEC §15)."""
@@ -286,7 +294,7 @@ class DeleteVolumeSafely:
 
 Effect = (EnsureApp | RotateGatewayToken | CreateVolume | CreateMachine | StartMachine | StopMachine
           | RestartMachine | UpdateMachine | DestroyMachine | WaitMachine | ProbeHealth | ListSnapshots
-          | FindVolumes | DeleteVolumeSafely)
+          | FindVolumes | TakeSnapshot | DeleteVolumeSafely)
 Action = Persist | Emit | RequeueAfter | Backoff | Done | Effect
 
 TERMINAL = (RequeueAfter, Backoff, Done)

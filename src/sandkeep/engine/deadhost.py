@@ -23,6 +23,7 @@ Pure decisions, like :mod:`sandkeep.engine.lifecycle` and :mod:`sandkeep.engine.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 from sandkeep.config import Settings
@@ -36,6 +37,7 @@ from sandkeep.engine.actions import (
     Persist,
     ProbeHealth,
     RequeueAfter,
+    TakeSnapshot,
 )
 from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
@@ -148,6 +150,36 @@ def approve(record: InstanceRecord, now: datetime, actor_id: str) -> list[Action
             Emit(EVENT_APPROVED, label="admin", details={"actor": actor_id,
                                                          "suspect_since": record.suspect_since.isoformat()
                                                          if record.suspect_since else None})]
+
+
+# ---------------------------------------------------------------------------------------------- snapshots
+
+
+def _spread(instance_id: str) -> float:
+    """A stable fraction in [0, 1) per instance: spreads the fleet's snapshots over the interval."""
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32
+
+
+def snapshot_due(record: InstanceRecord, settings: Settings, now: datetime) -> bool:
+    """sandkeep's own snapshot of a running instance's volume is due (SANDKEEP_SNAPSHOT_INTERVAL, 0 = never):
+    an interval after the last one; the first at a stable offset into the interval after the start."""
+    interval = settings.snapshot_interval
+    if interval <= 0 or not record.volume_id:
+        return False
+    if record.last_snapshot_at is not None:
+        return (now - record.last_snapshot_at).total_seconds() >= interval
+    since = record.last_started_at or record.created_at
+    return (now - since).total_seconds() >= _spread(record.id) * interval
+
+
+def take_snapshot(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action] | None:
+    """Running and healthy: take the periodic snapshot when due (once per pass; a failure waits for the next)."""
+    if not snapshot_due(record, settings, now) or record.volume_id is None:
+        return None
+    if obs.outcome(TakeSnapshot(record.volume_id)) is not None:
+        return None
+    return [TakeSnapshot(record.volume_id), Persist({"last_snapshot_at": now})]
 
 
 # ---------------------------------------------------------------------------------------------- 3

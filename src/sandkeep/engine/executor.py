@@ -39,6 +39,7 @@ from sandkeep.engine.actions import (
     RotateGatewayToken,
     StartMachine,
     StopMachine,
+    TakeSnapshot,
     UpdateMachine,
     WaitMachine,
 )
@@ -385,6 +386,11 @@ class Pass:
             return healthy
         if isinstance(action, ListSnapshots):
             return await provider.list_snapshots(app, action.volume_id)
+        if isinstance(action, TakeSnapshot):
+            snap = await provider.create_snapshot(app, action.volume_id)
+            ctx.emitter.emit(self.record, "instance.snapshot_taken", label="interval", volume_id=action.volume_id,
+                             details={"volume_id": action.volume_id, "snapshot_id": snap.id if snap else None})
+            return snap
         if isinstance(action, FindVolumes):
             name = volume_name(record)
             return [v for v in await provider.list_volumes(app) if v.name == name]

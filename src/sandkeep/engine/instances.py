@@ -85,7 +85,8 @@ def dead_host_view(record: InstanceRecord) -> dict[str, Any]:
             "restore_approval": record.restore_approval,
             "needs_approval": record.restore_approval == "awaiting",
             "fenced_machine_id": record.fenced_machine_id,
-            "flagged_volume_ids": list(record.flagged_volume_ids), "incident_note": record.incident_note}
+            "flagged_volume_ids": list(record.flagged_volume_ids), "incident_note": record.incident_note,
+            "last_snapshot_at": utc_iso(record.last_snapshot_at)}
 
 
 def debug_view(record: InstanceRecord) -> dict[str, Any]:

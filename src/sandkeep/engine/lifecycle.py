@@ -405,6 +405,9 @@ def decide_running(record: InstanceRecord, obs: Observed, settings: Settings, no
                             Persist({"status": Status.STARTING, "pending_action": "start"})]
                 return [Emit("reconcile.remount_failed", level="error", error=destroyed.message),
                         RequeueAfter(settings.interval_busy)]
+        snapshot = deadhost.take_snapshot(record, obs, settings, now)  # sandkeep's own, every snapshot_interval
+        if snapshot is not None:
+            return snapshot
         if record.health_fail_count:
             return [Persist({"health_fail_count": 0}), RequeueAfter(settings.interval_running)]
         return [RequeueAfter(settings.interval_running)]

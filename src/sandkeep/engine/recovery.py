@@ -377,7 +377,8 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
         "recovery_started_at": None, "pending_recovery_volume_id": None, "recovery_step": None,
         "retained_volume_id": retained_id, "retained_volume_cleanup_after": cleanup_after,
         "last_started_at": now, "last_recovery_error": None, "last_recovery_error_at": None,
-        "health_fail_count": 0, "pending_action": None, **deadhost.CLEAR_SUSPECT, **flag_changes,
+        "health_fail_count": 0, "pending_action": None, "last_snapshot_at": None, **deadhost.CLEAR_SUSPECT,
+        **flag_changes,
     }
     notes: list[Action] = []
     if old_handling.endswith("retained") or old_handling == "retained":

@@ -82,6 +82,7 @@ class InstanceRecord:
     flagged_volume_ids: list[str] = field(default_factory=list)
     recovery_point: str | None = None  # created_at of the snapshot the current recovery restores
     incident_note: str | None = None  # plain words for the owner: what happened to the instance, what was lost
+    last_snapshot_at: datetime | None = None  # sandkeep's own newest snapshot of the current volume
     # "<caller user id>/<Idempotency-Key>" of the create request that made this instance (unique per owner)
     idempotency_key: str | None = None
     # concurrency (SPEC §5)

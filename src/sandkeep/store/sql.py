@@ -192,6 +192,15 @@ def _check_value(table_name: str, name: str, col_type: TypeEngine[Any], nullable
     return value  # pragma: no cover - every column type is handled above
 
 
+def _age(now: datetime, then: datetime | None) -> float:
+    """Seconds from ``then`` to ``now`` (0 when None); naive values from SQLite are UTC."""
+    if then is None:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return max(0.0, (now - then).total_seconds())
+
+
 def _instance_value(name: str, value: Any) -> Any:
     if name == "status":
         try:
@@ -536,6 +545,7 @@ class SqlStore:
             suspects = conn.execute(select(func.count()).where(c.suspect_since.is_not(None))).scalar() or 0
             awaiting = conn.execute(select(func.count()).where(c.restore_approval == "awaiting")).scalar() or 0
             fencing = conn.execute(select(func.count()).where(c.fenced_machine_id.is_not(None))).scalar() or 0
+            oldest_snap = conn.execute(select(func.min(c.last_snapshot_at)).where(c.status == "running")).scalar()
             flagged = conn.execute(select(func.count()).where(
                 c.flagged_volume_ids.is_not(None), func.length(c.flagged_volume_ids) > 2)).scalar() or 0
         age = 0.0
@@ -546,7 +556,8 @@ class SqlStore:
         return {"alarms_due": float(due), "recovery_oldest_age_seconds": age,
                 "retained_volumes": float(retained), "retained_volumes_overdue": float(overdue),
                 "dead_host_suspects": float(suspects), "restores_awaiting_approval": float(awaiting),
-                "old_machines_to_fence": float(fencing), "instances_with_flagged_volumes": float(flagged)}
+                "old_machines_to_fence": float(fencing), "instances_with_flagged_volumes": float(flagged),
+                "snapshot_newest_age_max_seconds": _age(now, oldest_snap)}
 
     def count_by_status(self) -> dict[str, int]:
         """Number of instances per status (statuses with none are absent)."""

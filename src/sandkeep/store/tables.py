@@ -135,6 +135,7 @@ instances = Table(
     Column("flagged_volume_ids", JSONText(), nullable=False, server_default="[]"),
     Column("recovery_point", String(64), nullable=True),
     Column("incident_note", Text(), nullable=True),
+    Column("last_snapshot_at", UTCDateTime(), nullable=True),
     Column("version", BigInteger(), nullable=False),
     Column("lease_owner", String(255), nullable=True),
     Column("lease_expires_at", UTCDateTime(), nullable=True),

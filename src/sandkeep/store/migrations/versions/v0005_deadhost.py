@@ -25,10 +25,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("flagged_volume_ids", sa.Text(), nullable=False, server_default="[]"))
         batch.add_column(sa.Column("recovery_point", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("incident_note", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("last_snapshot_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("instances") as batch:
-        for name in ("incident_note", "recovery_point", "flagged_volume_ids", "fenced_machine_id",
+        for name in ("last_snapshot_at", "incident_note", "recovery_point", "flagged_volume_ids", "fenced_machine_id",
                      "restore_approval", "suspect_reason", "suspect_since"):
             batch.drop_column(name)
