@@ -90,6 +90,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("snapshot_interval", "SANDKEEP_SNAPSHOT_INTERVAL", 3600.0,
             "How often sandkeep takes its own snapshot of every running instance's volume, spread over the fleet "
             "(bounds what a dead host can cost; 0: only the provider's daily snapshots)."),
+    Setting("orphan_grace", "SANDKEEP_ORPHAN_GRACE", 86400.0,
+            "How long a machine or volume of sandkeep's that no record references is reported before it is "
+            "deleted (with the ownership check; foreign resources are never touched)."),
+    Setting("inventory_interval", "SANDKEEP_INVENTORY_INTERVAL", 3600.0,
+            "How often each engine process lists every app's machines and volumes to find orphans (0 disables)."),
+    Setting("inventory_apps_per_pass", "SANDKEEP_INVENTORY_APPS_PER_PASS", 1000,
+            "Apps one inventory pass looks at (two list calls each), at most."),
+    Setting("inventory_app_pause", "SANDKEEP_INVENTORY_APP_PAUSE", 0.5,
+            "Pause between two apps of an inventory pass (keeps it well inside the provider's rate limits)."),
     Setting("retained_volume_retention", "SANDKEEP_RETAINED_VOLUME_RETENTION", 604800.0,
             "How long an old volume with snapshots is kept after recovery (7 days)."),
     Setting("stale_provision_after", "SANDKEEP_STALE_PROVISION_AFTER", 28800.0,
@@ -203,6 +212,10 @@ class Settings:
     dead_host_grace: float = 300.0
     snapshot_restore_policy: str = "auto"
     snapshot_interval: float = 3600.0
+    orphan_grace: float = 86400.0
+    inventory_interval: float = 3600.0
+    inventory_apps_per_pass: int = 1000
+    inventory_app_pause: float = 0.5
     retained_volume_retention: float = 604800.0
     stale_provision_after: float = 28800.0
     destroy_volume_attempts: int = 50

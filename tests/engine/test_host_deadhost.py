@@ -173,3 +173,46 @@ async def test_host_back_mid_recovery_fences_first_then_forks_without_loss(
         got = await r.gateway(final, "GET", "/data/after")
         assert got.status_code == 200 and got.content == b"newer than the snapshot"
         assert await started_machines(r, rec.app_name) == [final.machine_id]
+
+
+async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_the_grace(
+        tmp_path: Path, host_session: HostHandle) -> None:
+    from datetime import timedelta
+
+    from sandkeep.engine.naming import volume_name
+
+    async with rig(tmp_path, host_session, inventory_interval=0.0, inventory_app_pause=0.0,
+                   orphan_grace=3600.0) as r:
+        rec = await provision(r)
+        app, name = rec.app_name, volume_name(rec)
+        leftover = (await r.local("POST", f"/v1/apps/{app}/volumes",
+                                  json={"name": name, "region": rec.region, "size_gb": 1})).json()["id"]
+        foreign = (await r.local("POST", f"/v1/apps/{app}/volumes",
+                                 json={"name": "someone_else", "region": rec.region, "size_gb": 1})).json()["id"]
+        # a volume of our name that a machine of another sandbox mounts: the 7.5 check refuses it
+        guarded = (await r.local("POST", f"/v1/apps/{app}/volumes",
+                                 json={"name": name, "region": rec.region, "size_gb": 1})).json()["id"]
+        other = (await r.local("POST", f"/v1/apps/{app}/machines", json={
+            "name": "other", "region": rec.region, "skip_launch": True,
+            "config": {"image": "sandkeep/gateway", "mounts": [{"volume": guarded, "path": "/data"}],
+                       "metadata": {"sandbox_id": "sbx_foreign"}}})).json()["id"]
+        stray = (await r.local("POST", f"/v1/apps/{app}/machines", json={
+            "name": "stray", "region": rec.region, "skip_launch": True,
+            "config": {"image": "sandkeep/gateway",
+                       "metadata": {"sandbox_id": rec.sandbox_id, "instance_id": rec.id}}})).json()["id"]
+        sweeper = r.engine.orphans
+        assert await sweeper.sweep() == 0  # reported, inside the grace
+        found = {e.details["resource_id"] for e in r.store.list_events(instance_id=rec.id,
+                                                                       name="reconcile.orphan_found").items}
+        assert found == {leftover, guarded, stray}
+        for key in sweeper.first_seen:  # the grace has passed
+            sweeper.first_seen[key] -= timedelta(seconds=3601)
+        assert await sweeper.sweep() == 2
+        vols = {v["id"] for v in await r.volumes(app)}
+        machines = {m["id"]: m["state"] for m in await r.machines(app)}
+        assert leftover not in vols and machines.get(stray) in (None, "destroyed")
+        assert {rec.volume_id, foreign, guarded} <= vols  # ours in use, foreign, and the refused one
+        assert machines.get(other) not in (None, "destroyed") and machines[rec.machine_id] == "started"
+        refused = r.event(rec.id, "reconcile.orphan_delete_refused")
+        assert refused.details["resource_id"] == guarded and "sbx_foreign" in (refused.error or "")
+        assert r.get(rec.id).status == Status.RUNNING

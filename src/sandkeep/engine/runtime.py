@@ -32,6 +32,7 @@ from sandkeep.engine.executor import LeaseLost, Pass
 from sandkeep.engine.health import GatewayProber, Prober
 from sandkeep.engine.instances import InstanceService
 from sandkeep.engine.lease import EngineContext, Lease, TraceFn, claim
+from sandkeep.engine.orphans import OrphanSweeper
 from sandkeep.logs import get_logger
 from sandkeep.provider.base import MachineProvider
 from sandkeep.secrets import SecretBox
@@ -66,6 +67,7 @@ class Engine:
         self._gauge_at = 0.0
         self.detector = Detector(settings, store, provider, self.wake)
         self.service = InstanceService(self.ctx, owner_prefix=self.worker_id, wake=self.wake)
+        self.orphans = OrphanSweeper(self.ctx, self.worker_id)  # SPEC §15 inventory (engine/orphans.py)
         self.started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -76,7 +78,8 @@ class Engine:
         self.started = True
         metrics.RECOVERY_TIMEOUT.set(self.settings.recovery_timeout)
         self._tasks = [asyncio.create_task(self._worker_loop(), name=f"sandkeep-worker-{self.worker_id}"),
-                       asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}")]
+                       asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}"),
+                       asyncio.create_task(self.orphans.run(), name=f"sandkeep-orphans-{self.worker_id}")]
         self.log.info("engine.started", concurrency=self.settings.engine_concurrency,
                       detection="watch" if self.detector.uses_watch else "poll")
 
