@@ -230,6 +230,17 @@ class FakeService:
         self._audit(actor, "approve_restore", instance_id)
         return self._set(r, r.status, restore_approval="approved")
 
+    async def list_volume_snapshots(self, actor: Actor, instance_id: str) -> list[dict[str, Any]]:
+        self.calls.append(("list_volume_snapshots", actor.user_id, instance_id))
+        return []
+
+    async def restore_volume(self, actor: Actor, instance_id: str, *, snapshot_id: str | None = None,
+                             volume_id: str | None = None) -> InstanceRecord:
+        self.calls.append(("restore_volume", actor.user_id, instance_id))
+        r = self._get(instance_id)
+        self._audit(actor, "volume_restore", instance_id)
+        return self._set(r, r.status)
+
     async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
         self.calls.append(("delete_flagged_volume", actor.user_id, instance_id))
         r = self._get(instance_id)

@@ -79,6 +79,10 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
     ("flagged_volume_delete", "POST", "/v1/instances/{id}/flagged-volumes/vol_old/delete", None,
      {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, True),
+    ("list_snapshots", "GET", "/v1/instances/{id}/snapshots", None,
+     {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
+    ("volume_restore", "POST", "/v1/instances/{id}/restore", {"snapshot_id": "vs_1"},
+     {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
     # token registry: everyone lists their own tokens; listing all and revoking are admin routes
     ("my_tokens", "GET", "/v1/tokens", None, ok_for(200, OWNER, OTHER, ADMIN, PLATFORM), False),
     ("admin_tokens", "GET", "/v1/admin/tokens", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
@@ -223,6 +227,7 @@ def _api_routes(routes: list[Any]) -> list[Any]:
     ("destroy_machine", "POST", "/v1/instances/{id}/machine/destroy"),
     ("approve_restore", "POST", "/v1/instances/{id}/recovery/approve-restore"),
     ("flagged_volume_delete", "POST", "/v1/instances/{id}/flagged-volumes/vol_old/delete"),
+    ("volume_restore", "POST", "/v1/instances/{id}/restore"),
     ("force_destroy", "DELETE", "/v1/instances/{id}?force=true"),
 ])
 async def test_refused_admin_actions_are_audited(api: Api, who: str, action: str, method: str, path: str) -> None:

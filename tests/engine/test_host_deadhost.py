@@ -216,3 +216,39 @@ async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_th
         refused = r.event(rec.id, "reconcile.orphan_delete_refused")
         assert refused.details["resource_id"] == guarded and "sbx_foreign" in (refused.error or "")
         assert r.get(rec.id).status == Status.RUNNING
+
+
+async def test_admin_restore_from_a_snapshot_and_from_the_flagged_volume(
+        tmp_path: Path, host_session: HostHandle) -> None:
+    """After a dead host: the admin lists snapshots, then forks the flagged old volume (which holds the write
+    newer than the snapshot) into the instance; the snapshot-restored volume is retained, not deleted."""
+    async with rig(tmp_path, host_session, **DEAD) as r:
+        rec = await provision(r)
+        assert (await r.gateway(rec, "PUT", "/data/before", b"old")).status_code == 201
+        await r.local("POST", f"/v1/apps/{rec.app_name}/volumes/{rec.volume_id}/snapshots")
+        assert (await r.gateway(rec, "PUT", "/data/after", b"newer")).status_code == 201
+        zone = await zone_of(r, rec)
+        async with dead(r, zone):
+            moved = await r.wait_recovered(rec)
+        await r.wait_for(rec.id, lambda x: x.fenced_machine_id is None, "old machine fenced")
+        snaps = await r.service.list_volume_snapshots(ADMIN, rec.id)
+        assert any(s["volume_id"] == rec.volume_id and s["volume_role"] == "flagged" for s in snaps)
+        with pytest.raises(Exception, match="not a retained or flagged volume"):
+            await r.service.restore_volume(ADMIN, rec.id, volume_id=moved.volume_id)  # the current one
+        await r.service.restore_volume(ADMIN, rec.id, volume_id=rec.volume_id)
+        back = await r.wait_for(rec.id, lambda x: x.status == "running" and x.volume_id not in
+                                (rec.volume_id, moved.volume_id), "running on the fork of the flagged volume")
+        assert back.retained_volume_id == moved.volume_id and back.retained_volume_cleanup_after is not None
+        assert rec.volume_id in back.flagged_volume_ids  # the source stays for the admin to delete
+        got = await r.gateway(back, "GET", "/data/after")
+        assert got.status_code == 200 and got.content == b"newer"  # nothing lost after all
+        assert "instance.admin_restore" in r.events(rec.id)
+        # and a snapshot restore, sized from its source volume
+        snap = next(s for s in snaps if s["volume_id"] == rec.volume_id)
+        await r.service.restore_volume(ADMIN, rec.id, snapshot_id=snap["snapshot_id"])
+        again = await r.wait_for(rec.id, lambda x: x.status == "running" and x.volume_id != back.volume_id,
+                                 "running on the restored snapshot")
+        vols = {v["id"]: v for v in await r.volumes(rec.app_name)}
+        assert vols[again.volume_id]["size_gb"] >= vols[rec.volume_id]["size_gb"]
+        assert again.retained_volume_id == back.volume_id and moved.volume_id in again.flagged_volume_ids
+        assert (await r.gateway(again, "GET", "/data/after")).status_code == 404

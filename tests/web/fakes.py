@@ -195,6 +195,13 @@ class FakeService:
         self._audit(actor, "approve_restore", instance_id)
         return self._set(rec, restore_approval="approved")
 
+    async def list_volume_snapshots(self, actor: Actor, instance_id: str) -> list[dict[str, Any]]:
+        return []
+
+    async def restore_volume(self, actor: Actor, instance_id: str, *, snapshot_id: str | None = None,
+                             volume_id: str | None = None) -> InstanceRecord:
+        return self._get(instance_id)
+
     async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
         rec = self._get(instance_id)
         self.calls.append(("delete_flagged_volume", actor.user_id, instance_id))

@@ -9,9 +9,35 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
+from pydantic import BaseModel, ConfigDict, Field
 
 from sandkeep.api.schemas import CleanupResult, Instance, render_instance
 from sandkeep.engine.service import Actor, InstanceServiceAPI
+
+
+class RestoreBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    snapshot_id: str | None = Field(default=None, max_length=200,
+                                    description="Restore this snapshot (of the current, retained or a flagged volume).")
+    volume_id: str | None = Field(default=None, max_length=200,
+                                  description="Or fork this retained or flagged volume (e.g. the old volume a dead "
+                                              "host left behind, which may hold newer writes).")
+
+
+class SnapshotItem(BaseModel):
+    volume_id: str
+    volume_role: str = Field(description="current, retained or flagged")
+    snapshot_id: str
+    created_at: str | None
+    status: str | None
+    size: int | None
+    source_volume_size: int | None
+
+
+class SnapshotList(BaseModel):
+    items: list[SnapshotItem]
+
 
 VolumeId = Annotated[str, Path(description="Volume id (vol_...)", max_length=200)]
 InstanceIdPath = Annotated[str, Path(description="Instance id (ins_...)", max_length=200)]
@@ -29,6 +55,22 @@ def register(v1: APIRouter, service: InstanceServiceAPI, *, current_actor: Calla
         awaits approval."""
         admin_action(actor, "approve_restore", instance_id)
         return render_instance(await service.approve_restore(actor, instance_id))
+
+    @v1.get("/instances/{instance_id}/snapshots", response_model=SnapshotList, tags=["admin"])
+    async def list_volume_snapshots(actor: actor_dep, instance_id: InstanceIdPath) -> dict[str, Any]:
+        """Admin: every snapshot of the instance's current, retained and flagged volumes, newest first."""
+        admin_action(actor, "list_snapshots", instance_id)
+        return {"items": await service.list_volume_snapshots(actor, instance_id)}
+
+    @v1.post("/instances/{instance_id}/restore", status_code=202, response_model=Instance, tags=["admin"])
+    async def restore_volume(actor: actor_dep, instance_id: InstanceIdPath,
+                             body: RestoreBody | None = None) -> dict[str, Any]:
+        """Admin: restore a snapshot (``snapshot_id``) or fork a retained/flagged volume (``volume_id``) into a
+        new volume sized from its source, and switch the instance over; the previous volume is retained."""
+        admin_action(actor, "volume_restore", instance_id)
+        body = body or RestoreBody()
+        return render_instance(await service.restore_volume(actor, instance_id, snapshot_id=body.snapshot_id,
+                                                            volume_id=body.volume_id))
 
     @v1.post("/instances/{instance_id}/flagged-volumes/{volume_id}/delete", response_model=CleanupResult,
              tags=["admin"])

@@ -93,6 +93,39 @@ def approve_restore(ctx: Ctx, instance_id: str) -> None:
         click.echo(f"snapshot restore of {inst['id']} approved ({status_label(inst)})")
 
 
+@admin.command("snapshots")
+@ID
+@api_options
+def snapshots(ctx: Ctx, instance_id: str) -> None:
+    """Every snapshot of the instance's current, retained and flagged volumes, newest first."""
+    with ctx.client() as client:
+        data = client.request("GET", f"/v1/instances/{instance_id}/snapshots")
+    if ctx.as_json:
+        ctx.emit(data)
+    elif not data["items"]:
+        click.echo(f"{instance_id} has no snapshots")
+    else:
+        rows = [[i["snapshot_id"], i["created_at"], i["volume_id"], i["volume_role"]] for i in data["items"]]
+        click.echo(table(["SNAPSHOT", "CREATED", "VOLUME", "ROLE"], rows))
+
+
+@admin.command("restore")
+@ID
+@click.option("--snapshot", "snapshot_id", default=None, help="Restore this snapshot (see `admin snapshots`).")
+@click.option("--from-volume", "volume_id", default=None, help="Or fork this retained or flagged volume.")
+@api_options
+def restore(ctx: Ctx, instance_id: str, snapshot_id: str | None, volume_id: str | None) -> None:
+    """Put the instance on a new volume restored from a snapshot (or forked from a kept volume); the previous
+    volume is retained."""
+    body = {k: v for k, v in (("snapshot_id", snapshot_id), ("volume_id", volume_id)) if v}
+    with ctx.client() as client:
+        inst = client.request("POST", f"/v1/instances/{instance_id}/restore", json=body)
+    if ctx.as_json:
+        ctx.emit(inst)
+    else:
+        click.echo(f"{inst['id']} now on volume {inst['volume_id']} ({status_label(inst)})")
+
+
 @admin.command("delete-flagged-volume")
 @ID
 @click.argument("volume_id")

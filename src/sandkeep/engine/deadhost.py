@@ -24,12 +24,13 @@ Pure decisions, like :mod:`sandkeep.engine.lifecycle` and :mod:`sandkeep.engine.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sandkeep.config import Settings
 from sandkeep.engine.actions import (
     Action,
     Changes,
+    CreateVolume,
     DeleteVolumeSafely,
     DestroyMachine,
     Emit,
@@ -39,6 +40,7 @@ from sandkeep.engine.actions import (
     RequeueAfter,
     TakeSnapshot,
 )
+from sandkeep.engine.naming import volume_name
 from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
 
@@ -247,3 +249,35 @@ def delete_flagged(record: InstanceRecord, volume_id: str, actor_id: str) -> lis
     return [DeleteVolumeSafely(volume_id, reason="admin_flagged_volume_delete",
                                clear={"flagged_volume_ids": remaining}),
             Emit(EVENT_FLAGGED_DELETED, label="admin", details={"deleted_volume_id": volume_id, "actor": actor_id})]
+
+
+# ---------------------------------------------------------------------------------------------- admin restore
+
+
+def admin_restore(record: InstanceRecord, now: datetime, *, actor_id: str, retention: float, region: str,
+                  size_gb: int | None, snapshot_id: str | None = None,
+                  source_volume_id: str | None = None) -> list[Action]:
+    """Admin: put the instance on a new volume restored from ``snapshot_id`` (or forked from a flagged/retained
+    ``source_volume_id``), sized from the source. The previous volume is retained (its own retention); a volume
+    retained before is flagged rather than forgotten. The machine on the previous volume is destroyed; a running
+    instance starts again on the new volume. (The caller checks the status and the source.)"""
+    previous = record.volume_id
+    flagged = list(record.flagged_volume_ids)
+    if record.retained_volume_id and record.retained_volume_id not in (previous, *flagged):
+        flagged.append(record.retained_volume_id)
+    changes: Changes = {"retained_volume_id": previous, "flagged_volume_ids": flagged,
+                        "retained_volume_cleanup_after": now + timedelta(seconds=retention) if previous else None,
+                        "last_snapshot_at": None, "alarm_at": now}
+    if record.status == Status.RUNNING:
+        changes.update({"status": Status.STARTING, "pending_action": "start"})
+    actions: list[Action] = [
+        CreateVolume(purpose="admin_restore", name=volume_name(record), regions=(region,), assign="volume_id",
+                     assign_region=True, size_gb=size_gb, snapshot_id=snapshot_id, source_volume_id=source_volume_id,
+                     compute_size=record.machine_size, extra=changes)]
+    if record.machine_id:
+        actions.append(DestroyMachine(record.machine_id, clear={"machine_id": None}, label="admin_restore"))
+    actions.append(Emit("instance.admin_restore", label="snapshot" if snapshot_id else "volume_fork",
+                        level="warning", details={"actor": actor_id, "snapshot_id": snapshot_id,
+                                                  "source_volume_id": source_volume_id,
+                                                  "previous_volume_id": previous, "size_gb": size_gb}))
+    return actions

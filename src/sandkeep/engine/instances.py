@@ -51,7 +51,7 @@ from sandkeep.engine.service import (
     valid_user_id,
 )
 from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
-from sandkeep.provider.errors import ProviderError
+from sandkeep.provider.errors import MissingVolumeError, NotFoundError, ProviderError
 from sandkeep.secrets import SecretsError, app_name_secret
 from sandkeep.store.base import AlreadyExists, FencedError, QuotaReached
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
@@ -480,6 +480,88 @@ class InstanceService:
             self._audit(actor, "approve_restore", instance_id, "refused", error=exc.message)
             raise
         self._audit(actor, "approve_restore", instance_id, "ok")
+        return self._finish(current)
+
+    def _restorable_volumes(self, rec: InstanceRecord) -> list[tuple[str, str]]:
+        """(volume id, role) of the volumes whose snapshots an admin may restore: current, retained, flagged."""
+        out: list[tuple[str, str]] = []
+        for vid, role in ((rec.volume_id, "current"), (rec.retained_volume_id, "retained"),
+                          *((v, "flagged") for v in rec.flagged_volume_ids)):
+            if vid and vid not in {v for v, _ in out}:
+                out.append((vid, role))
+        return out
+
+    async def list_volume_snapshots(self, actor: Actor, instance_id: str) -> list[dict[str, Any]]:
+        """Admin: every snapshot of the instance's current, retained and flagged volumes, newest first."""
+        self._require_admin(actor)
+        rec = self._load(instance_id)
+        provider = self.ctx.provider
+        items: list[dict[str, Any]] = []
+        for vid, role in self._restorable_volumes(rec):
+            try:
+                snaps = await provider.list_snapshots(rec.app_name, vid)
+            except NotFoundError:
+                continue
+            except ProviderError as exc:
+                raise ProviderUnavailable(f"cannot list the snapshots of volume {vid}: {exc}") from exc
+            for s in snaps:
+                items.append({"volume_id": vid, "volume_role": role, "snapshot_id": s.id, "created_at": s.created_at,
+                              "status": s.status, "size": s.size, "source_volume_size": s.volume_size})
+        items.sort(key=lambda i: i["created_at"] or "", reverse=True)
+        return items
+
+    async def restore_volume(self, actor: Actor, instance_id: str, *, snapshot_id: str | None = None,
+                             volume_id: str | None = None) -> InstanceRecord:
+        """Admin: restore a snapshot of one of the instance's volumes (or fork a flagged/retained volume) into a
+        new volume sized from its source and switch the instance over; the previous volume is retained."""
+        self._require_admin(actor)
+        rec = self._load(instance_id)
+        if (snapshot_id is None) == (volume_id is None):
+            raise InvalidArgument("give exactly one of snapshot_id (restore) or volume_id (fork a kept volume)")
+        provider = self.ctx.provider
+        source_vid: str | None = None
+        if snapshot_id is not None:
+            listed = await self.list_volume_snapshots(actor, instance_id)
+            match = next((i for i in listed if i["snapshot_id"] == snapshot_id), None)
+            if match is None:
+                raise InvalidArgument(f"snapshot {snapshot_id[:64]!r} is not a snapshot of a volume of {instance_id}")
+            source_vid = str(match["volume_id"])
+        else:
+            assert volume_id is not None
+            kept = {v for v, role in self._restorable_volumes(rec) if role != "current"}
+            if volume_id not in kept:
+                raise InvalidArgument(f"volume {volume_id[:64]!r} is not a retained or flagged volume of {instance_id}")
+            source_vid = volume_id
+        try:
+            source = await provider.get_volume(rec.app_name, source_vid)
+            size_gb: int | None = source.size_gb
+        except (NotFoundError, MissingVolumeError):
+            if volume_id is not None:
+                raise InvalidArgument(f"volume {volume_id} no longer exists") from None
+            size_gb = None  # the host sizes the restore from the snapshot's source
+        except ProviderError as exc:
+            raise ProviderUnavailable(f"cannot read volume {source_vid}: {exc}") from exc
+        try:
+            async with self._claimed(instance_id) as lease:
+                cur = lease.record
+                if cur.status not in (Status.RUNNING, Status.STOPPED):
+                    raise InvalidTransition(f"instance {instance_id} is {cur.status.value}; a restore needs it "
+                                            f"running or stopped", status=cur.status.value)
+                actions = deadhost.admin_restore(
+                    cur, self._now(), actor_id=actor.user_id, retention=self.settings.retained_volume_retention,
+                    region=cur.region or (self.settings.region_list or ["?"])[0], size_gb=size_gb,
+                    snapshot_id=snapshot_id, source_volume_id=volume_id)
+                try:
+                    current = await self._apply(lease, actions)
+                except Refused as exc:
+                    raise CleanupRefused(str(exc)) from exc
+                except ProviderError as exc:
+                    raise ProviderUnavailable(f"restore of {instance_id} failed: {exc}") from exc
+        except ServiceError as exc:
+            self._audit(actor, "volume_restore", instance_id, "refused", error=exc.message)
+            raise
+        self._audit(actor, "volume_restore", instance_id, "ok", snapshot_id=snapshot_id, source_volume_id=volume_id,
+                    new_volume_id=current.volume_id)
         return self._finish(current)
 
     async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:

@@ -172,6 +172,15 @@ class InstanceServiceAPI(Protocol):
         """Admin: approve the snapshot restore an instance on a dead host waits for (policy ``approve``)."""
         ...
 
+    async def list_volume_snapshots(self, actor: Actor, instance_id: str) -> list[dict[str, Any]]:
+        """Admin: every snapshot of the instance's current, retained and flagged volumes, newest first."""
+        ...
+
+    async def restore_volume(self, actor: Actor, instance_id: str, *, snapshot_id: str | None = None,
+                             volume_id: str | None = None) -> InstanceRecord:
+        """Admin: restore a snapshot (or fork a kept volume) into a new volume and switch the instance over."""
+        ...
+
     async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
         """Admin: delete an old volume flagged after a snapshot restore; returns its id."""
         ...
