@@ -267,3 +267,19 @@ def test_own_snapshots_are_spread_and_then_periodic() -> None:
     assert actions == [TakeSnapshot("v1"), Persist({"last_snapshot_at": NOW})]
     obs.outcomes[TakeSnapshot("v1")] = Outcome(False, error=HostUnavailableError("x", status=412))
     assert decide(rec, obs, settings, NOW) == [RequeueAfter(settings.interval_running)]  # next pass retries
+
+
+def test_destroy_waits_for_the_fenced_machine_and_leaves_flagged_volumes_to_an_admin() -> None:
+    rec = make_record(Status.DESTROYING, "fresh", machine_id=None, fenced_machine_id="m0",
+                      flagged_volume_ids=["v0"])
+    obs = Observed()
+    obs.fenced_machine = Machine(id="m0", state="started", region="lcl-a", host_status="unreachable")
+    actions = decide(rec, obs, SETTINGS, NOW)
+    assert actions == [DestroyMachine("m0")]
+    assert isinstance(actions[0], DestroyMachine) and actions[0].clear == {"fenced_machine_id": None}
+    obs.outcomes[DestroyMachine("m0")] = Outcome(False, error=HostUnavailableError("gone", status=412))
+    assert isinstance(decide(rec, obs, SETTINGS, NOW)[-1], RequeueAfter)  # not finalized while it may return
+    done = rec.copy(fenced_machine_id=None, volume_id=None)
+    final = decide(done, Observed(), SETTINGS, NOW)
+    assert changes_of(final)["status"] == Status.DESTROYED
+    assert not any(isinstance(a, DeleteVolumeSafely) and a.volume_id == "v0" for a in final)

@@ -480,7 +480,8 @@ def needs_destroying(record: InstanceRecord) -> Needs:
 def decide_destroying(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     """Retry the pending deletes only; never create anything."""
     machines: list[str] = []
-    for mid in (record.pending_destroy_machine_id, record.machine_id, *[m.id for m in obs.owned_machines]):
+    for mid in (record.pending_destroy_machine_id, record.machine_id, record.fenced_machine_id,
+                *[m.id for m in obs.owned_machines]):
         if mid and mid not in machines:
             machines.append(mid)
     for mid in machines:
@@ -491,6 +492,8 @@ def decide_destroying(record: InstanceRecord, obs: Observed, settings: Settings,
                 clear["pending_destroy_machine_id"] = None
             if record.machine_id == mid:
                 clear["machine_id"] = None
+            if record.fenced_machine_id == mid:  # a dead host's machine: the destroy waits for its host
+                clear["fenced_machine_id"] = None
             return [DestroyMachine(mid, clear=clear)]
         if not outcome.ok:
             return [Emit("reconcile.destroy_machine_failed", level="warning", error=outcome.message,
