@@ -394,4 +394,5 @@ async def test_region_outage_restores_newest_snapshot(tmp_path: Path, host: Host
         assert (await r.gateway(final, "GET", "/data/after")).status_code == 404  # after the snapshot: lost
         restored = r.event(rec.id, "instance.restored_from_snapshot")
         assert restored.details["data_loss"] is True and restored.details["snapshot_created_at"]
-        assert final.retained_volume_id == rec.volume_id  # it has snapshots: retained, never deleted
+        # it may hold writes newer than the snapshot: flagged for an admin, never deleted automatically (SPEC §15)
+        assert final.flagged_volume_ids == [rec.volume_id] and final.retained_volume_id is None
