@@ -283,3 +283,23 @@ def test_destroy_waits_for_the_fenced_machine_and_leaves_flagged_volumes_to_an_a
     final = decide(done, Observed(), SETTINGS, NOW)
     assert changes_of(final)["status"] == Status.DESTROYED
     assert not any(isinstance(a, DeleteVolumeSafely) and a.volume_id == "v0" for a in final)
+
+
+def test_a_gateway_unhealthy_after_a_health_relocation_is_not_relocated_again() -> None:
+    rec = make_record(Status.RECOVERING, "fresh", suspect_since=NOW - timedelta(minutes=6),
+                      suspect_reason=deadhost.HEALTH_FAILED)
+    obs = obs_for(rec)
+    obs.pending_volume = Volume(id="v2", name="vol", region="lcl-b", size_gb=3)
+    obs.outcomes[ProbeHealth("m1")] = Outcome(True, value=False)  # the new gateway is not healthy either
+    obs.outcomes[ListSnapshots("v1")] = Outcome(True, value=[])
+    obs.outcomes[DeleteVolumeSafely("v1")] = Outcome(True, value=True)
+    changes = changes_of(decide(rec, obs, SETTINGS, NOW))
+    assert changes["status"] == Status.RUNNING and changes["suspect_reason"] == deadhost.HEALTH_UNCONFIRMED
+    after = running(suspect_reason=deadhost.HEALTH_UNCONFIRMED, health_fail_count=5)
+    run_obs = obs_for(after)
+    run_obs.outcomes[ProbeHealth("m1")] = Outcome(True, value=False)
+    actions = decide(after, run_obs, SETTINGS, NOW)
+    assert "suspect_since" not in changes_of(actions) and not any(
+        isinstance(a, Persist) and a.changes.get("status") == Status.RECOVERING for a in actions)
+    run_obs.outcomes[ProbeHealth("m1")] = Outcome(True, value=True)  # healthy again: back to normal
+    assert changes_of(decide(after, run_obs, SETTINGS, NOW)) == {"suspect_reason": None}

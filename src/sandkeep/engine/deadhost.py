@@ -46,6 +46,9 @@ from sandkeep.store.records import InstanceRecord, Status
 
 HOST_UNREACHABLE = "host_unreachable"
 HEALTH_FAILED = "health_failed"
+#: set at a cutover after a health relocation whose new gateway was not healthy either: the gateway itself (not
+#: the host) is the problem, so health failures no longer relocate until a probe succeeds (no relocation churn)
+HEALTH_UNCONFIRMED = "health_unconfirmed"
 AWAITING = "awaiting"
 APPROVED = "approved"
 
@@ -94,7 +97,11 @@ def running_started(record: InstanceRecord, obs: Observed, settings: Settings, n
         if probe is None:
             return [ProbeHealth(machine.id, timeout=0.0)]  # one probe, no waiting
         if probe.value:
+            if record.suspect_reason == HEALTH_UNCONFIRMED:
+                return [Persist({"suspect_reason": None}), RequeueAfter(settings.interval_running)]
             return _recovered(record, settings, "healthy") if record.suspect_since else None
+        if record.suspect_reason == HEALTH_UNCONFIRMED:
+            return None  # never healthy since the last health relocation: moving again would not help
         count = record.health_fail_count + 1
         if record.suspect_since is None and count < settings.health_fail_threshold:
             return [Persist({"health_fail_count": count}),

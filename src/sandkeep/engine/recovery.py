@@ -380,6 +380,8 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
         "health_fail_count": 0, "pending_action": None, "last_snapshot_at": None, **deadhost.CLEAR_SUSPECT,
         **flag_changes,
     }
+    if record.suspect_reason == deadhost.HEALTH_FAILED and not healthy:
+        changes["suspect_reason"] = deadhost.HEALTH_UNCONFIRMED  # no relocation churn for a broken gateway
     notes: list[Action] = []
     if old_handling.endswith("retained") or old_handling == "retained":
         notes.append(Emit("reconcile.retain_volume", label=old_handling,
