@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# tests run on every core (pytest-xdist); the local host's spec-coverage tests stay on one worker (loadgroup)
+# tests run on every core (pytest-xdist); `PYTEST_WORKERS=0` runs them in one process
 PYTEST_WORKERS ?= auto
 
 .PHONY: run test lint venv host demo bench clean constraints
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/sandkeep demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
