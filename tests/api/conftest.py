@@ -17,7 +17,7 @@ from sandkeep.config import Settings
 from sandkeep.credentials import Credentials, memory_credentials
 from sandkeep.logs import configure_logging
 from sandkeep.runtime import Runtime
-from tests.api.fakes import FakeService
+from tests.support.fake_service import FakeService
 
 SECRET = "api-test-secret-0123456789abcdefghijklmnop"
 

@@ -55,6 +55,11 @@ class Changes(TypedDict, total=False):
     provider_error_count: int
     last_provider_error: str | None
     last_provider_error_at: datetime | None
+    name: str | None
+    labels: dict[str, str]
+    guest_cpu_kind: str | None
+    guest_cpus: int | None
+    guest_memory_mb: int | None
 
 
 #: record fields that receive a created volume's id (``CreateVolume.assign``)
