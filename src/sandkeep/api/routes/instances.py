@@ -44,9 +44,10 @@ async def create_instance(
     if idempotency_key is not None and not IDEMPOTENCY_KEY_RE.match(idempotency_key):
         raise ApiError(422, "validation_error", "Idempotency-Key must be 1-200 characters of letters, digits "
                        "and ._:=+/-")
-    record = await api.service.create_instance(actor, user_id=body.user_id, size=body.size, env=body.env,
-                                               secrets=body.secrets, image=body.image,
-                                               idempotency_key=idempotency_key)
+    record = await api.service.create_instance(
+        actor, user_id=body.user_id, size=body.size, env=body.env, secrets=body.secrets, image=body.image,
+        idempotency_key=idempotency_key, name=body.name, labels=body.labels,
+        guest=body.guest.model_dump() if body.guest is not None else None)
     return render_instance(record)
 
 
@@ -83,12 +84,14 @@ async def get_instance(actor: ActorDep, api: StateDep, instance_id: InstanceId) 
 @router.patch("/instances/{instance_id}", response_model=Instance, tags=["instances"])
 async def update_config(actor: ActorDep, api: StateDep, instance_id: InstanceId,
                         body: UpdateConfigBody) -> dict[str, Any]:
-    """Change size, env or secrets; applied at the next start or restart (and by every recovery)."""
+    """Change size, env, secrets or guest (applied at the next start or restart, and by every recovery), or the
+    name and labels (at once)."""
     api.service.get_instance(actor, instance_id)  # an invisible instance is 404 before the body is judged
-    if body.size is None and body.env is None and body.secrets is None:
-        raise ApiError(422, "validation_error", "nothing to change: give size, env or secrets")
-    record = await api.service.update_config(actor, instance_id, size=body.size, env=body.env,
-                                             secrets=body.secrets)
+    if all(v is None for v in (body.size, body.env, body.secrets, body.name, body.labels, body.guest)):
+        raise ApiError(422, "validation_error", "nothing to change: give size, env, secrets, name, labels or guest")
+    record = await api.service.update_config(
+        actor, instance_id, size=body.size, env=body.env, secrets=body.secrets, name=body.name, labels=body.labels,
+        guest=body.guest.model_dump() if body.guest is not None else None)
     return render_instance(record)
 
 
