@@ -4,7 +4,7 @@ and its fragment, ``POST /ui/admin/instances/<id>/<cleanup-retained-volume|retry
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
@@ -12,7 +12,7 @@ from fastapi.responses import RedirectResponse, Response
 from sandkeep.engine.service import ServiceError
 from sandkeep.store.records import Page
 from sandkeep.web.auth import Session
-from sandkeep.web.ui import ADMIN_ACTIONS, PAGE_SIZE, TRAIL_MAX, Flash, UiDep, _is_htmx
+from sandkeep.web.ui import ADMIN_ACTIONS, PAGE_SIZE, TRAIL_MAX, Flash, UiDep, _is_htmx, pager_links
 
 router = APIRouter(include_in_schema=False)
 
@@ -96,20 +96,6 @@ async def admin_post(request: Request, instance_id: str, action: str, ui: UiDep)
     return ui.detail_full(request, got, rec.id, flash)
 
 
-def _pager(trail: list[str], cursor: str | None, next_cursor: str | None) -> tuple[str | None, str | None]:
-    """(next, previous) page links of a cursor-paged list whose earlier cursors travel in ``trail``."""
-    next_url = prev_url = None
-    if next_cursor:
-        next_url = "?" + urlencode([*[("trail", t) for t in trail], ("trail", cursor or ""), ("cursor", next_cursor)])
-    if cursor:
-        prev = trail[-1] if trail else ""
-        params = [("trail", t) for t in trail[:-1]]
-        if prev:
-            params.append(("cursor", prev))
-        prev_url = "?" + urlencode(params)
-    return next_url, prev_url
-
-
 @router.get("/ui/admin/audit", response_model=None)
 async def audit_page(request: Request, ui: UiDep) -> Response:
     got = ui.admin_session(request)
@@ -123,7 +109,7 @@ async def audit_page(request: Request, ui: UiDep) -> Response:
         page = ui.rt.service.list_audit(got.actor, cursor=cursor, limit=PAGE_SIZE * 2)
     except ValueError as exc:
         page, error = Page(items=[]), f"That page link is not valid any more ({exc})."
-    next_url, prev_url = _pager(trail, cursor, page.next_cursor)
+    next_url, prev_url = pager_links([], trail, cursor, page.next_cursor)
     entries = sorted(page.items, key=lambda a: (a.at, a.id or 0), reverse=True)
     return ui.render("audit.html", request=request, session=got, entries=entries, next_url=next_url,
                      prev_url=prev_url, list_error=error, status=400 if error else 200,

@@ -46,7 +46,7 @@ async def owner_live(request: Request, ui: UiDep) -> Response:
     if session is None:
         return ui.need_login(request)
     return ui.live("_owner_live.html", "/ui/instances/live", request, session,
-                   instances=ui.owner_views(session.actor), create=ui.create_form())
+                   instances=ui.owner_views(session.actor))
 
 
 @router.post("/ui/instances", response_model=None)

@@ -61,6 +61,8 @@ PAGE_SIZE = 25
 MAX_RECOVERING = 2000  # instances listed under "recovering now"
 MAX_EVENTS = 5000  # events scanned for the charts
 TRAIL_MAX = 50
+MAX_PANEL_SCAN = 5000  # instances scanned for the fleet page's attention panels
+PANEL_ROWS = 50  # rows shown per attention panel
 #: what the Open link never passes on from a gateway: hop-by-hop headers, and cookies (the gateway must not set
 #: any on sandkeep's origin)
 GATEWAY_DROP_HEADERS = HOP_BY_HOP | {"set-cookie"}
@@ -102,6 +104,22 @@ def _cookie_would_be_dropped(request: Request) -> bool:
     return not (host in LOOPBACK_HOSTS or host.endswith(".localhost") or host.startswith("127."))
 
 
+def pager_links(base: list[tuple[str, str]], trail: list[str], cursor: str | None,
+                next_cursor: str | None) -> tuple[str | None, str | None]:
+    """(next, previous) links of a cursor-paged list whose earlier cursors travel in ``trail`` parameters."""
+    next_url = prev_url = None
+    if next_cursor:
+        next_url = "?" + urlencode([*base, *[("trail", t) for t in trail], ("trail", cursor or ""),
+                                    ("cursor", next_cursor)])
+    if cursor:
+        prev = trail[-1] if trail else ""
+        params = [*base, *[("trail", t) for t in trail[:-1]]]
+        if prev:
+            params.append(("cursor", prev))
+        prev_url = "?" + urlencode(params)
+    return next_url, prev_url
+
+
 def _collect(fetch: Callable[[str | None], Page[T]], cap: int) -> list[T]:
     items: list[T] = []
     cursor: str | None = None
@@ -128,6 +146,7 @@ class WebUI:
             'hx-swap="outerHTML" data-digest="{{ digest }}">{{ inner }}</div>')
         self.cleanups_running: set[str] = set()
         self.chart_cache: dict[str, tuple[float, Markup, Markup]] = {}
+        self.attention_cache: tuple[float, dict[str, Any]] | None = None
         self.throttle = SignInThrottle(runtime.clock, runtime.settings.signin_max_failures,
                                        runtime.settings.signin_failure_window)
 
@@ -275,26 +294,40 @@ class WebUI:
             page, error = Page(items=[]), f"That page link is not valid any more ({exc}). Showing nothing."
         chart, histogram = self.charts(actor, window, fresh=fresh)
         filters = [("status", status), ("user", user), ("region", region), ("window", window)]
-        base = [(k, v) for k, v in filters if v]
-        next_url = prev_url = None
-        if page.next_cursor:
-            next_url = "?" + urlencode([*base, *[("trail", t) for t in trail], ("trail", cursor or ""),
-                                        ("cursor", page.next_cursor)])
-        if cursor:
-            prev = trail[-1] if trail else ""
-            prev_params = [*base, *[("trail", t) for t in trail[:-1]]]
-            if prev:
-                prev_params.append(("cursor", prev))
-            prev_url = "?" + urlencode(prev_params)
+        next_url, prev_url = pager_links([(k, v) for k, v in filters if v], trail, cursor, page.next_cursor)
         return {
             "counts": counts, "total": sum(counts.values()),
             "recovering": recovering, "rows": [self.instance_view(r, admin=True) for r in page.items],
             "filters": {"status": status, "user": user, "region": region, "window": window},
             "statuses": present.ALL_STATUSES, "regions": self.rt.settings.region_list,
-            "windows": list(charts.WINDOWS), "next_url": next_url, "prev_url": prev_url,
-            "page_number": len(trail) + 1 if cursor else 1, "list_error": error,
-            "chart": chart, "histogram": histogram,
+            "windows": list(charts.WINDOWS), "window_labels": charts.WINDOW_LABELS, "next_url": next_url,
+            "prev_url": prev_url, "page_number": len(trail) + 1 if cursor else 1, "list_error": error,
+            "chart": chart, "histogram": histogram, **self.attention(actor, fresh=fresh),
         }
+
+    def attention(self, actor: Actor, *, fresh: bool) -> dict[str, Any]:
+        """The fleet page's "needs attention" panels: instances whose last recovery failed (stopped, with the
+        error) and retained old volumes awaiting cleanup (overdue first). Computed on a page load, reused by
+        polls for a few intervals, like the charts."""
+        ttl = max(5.0, 5 * float(self.rt.settings.web_poll_interval))
+        if not fresh and self.attention_cache is not None and \
+                self.rt.clock.monotonic() - self.attention_cache[0] < ttl:
+            return self.attention_cache[1]
+        svc = self.rt.service
+        stopped = _collect(lambda c: svc.list_instances(actor, status=[Status.STOPPED.value], cursor=c, limit=500),
+                           MAX_PANEL_SCAN)
+        failed = sorted((r for r in stopped if r.last_recovery_error),
+                        key=lambda r: r.last_recovery_error_at or r.updated_at, reverse=True)
+        live = _collect(lambda c: svc.list_instances(actor, cursor=c, limit=500), MAX_PANEL_SCAN)
+        retained = sorted((r for r in live if r.retained_volume_id),
+                          key=lambda r: (r.retained_volume_cleanup_after or r.updated_at, r.id))
+        now = self.now()
+        out = {"failed_recoveries": failed[:PANEL_ROWS], "failed_total": len(failed),
+               "retained_volumes": [(r, r.retained_volume_cleanup_after is not None
+                                     and r.retained_volume_cleanup_after <= now) for r in retained[:PANEL_ROWS]],
+               "retained_total": len(retained)}
+        self.attention_cache = (self.rt.clock.monotonic(), out)
+        return out
 
     def charts(self, actor: Actor, window: str, *, fresh: bool) -> tuple[Markup, Markup]:
         """Both fleet charts: computed from the events for a page load; polls reuse them for a few intervals."""
@@ -470,11 +503,11 @@ class WebUI:
         return session
 
     def owner_full(self, request: Request, session: Session, flash: Flash | None = None) -> HTMLResponse:
-        inner = self.inner("_owner_live.html", session, instances=self.owner_views(session.actor),
-                           create=self.create_form())
+        inner = self.inner("_owner_live.html", session, instances=self.owner_views(session.actor))
         live, _ = self.live_block("/ui/instances/live", [], inner)
         return self.render("owner.html", request=request, session=session, live=live, flash=flash,
-                           status=flash.status if flash else 200, create=self.create_form())
+                           status=flash.status if flash else 200, create=self.create_form(),
+                           create_failed=bool(flash and flash.message.startswith("Could not create")))
 
     def detail_full(self, request: Request, session: Session, instance_id: str,
                     flash: Flash | None = None) -> Response:
