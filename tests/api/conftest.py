@@ -94,3 +94,6 @@ async def api(shared_app: tuple[FastAPI, FakeService, list[httpx.Request]]) -> A
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield Api(client=client, service=service, credentials=app.state.credentials, upstream=seen)
+
+
+from tests.api.test_real_service import real  # noqa: E402,F401  (the real-service fixture, for test_labels.py too)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_real_service import Real, real  # noqa: F401  (the fixture)
+from tests.api.test_real_service import Real
 
 
 async def _create(real: Real, body: dict[str, Any], who: tuple[str, str] = ("alice", "user")) -> Any:
