@@ -372,3 +372,23 @@ def test_keyboard_focus_stays_on_the_card_when_its_button_becomes_disabled(site:
                          timeout=10_000)
     pg.keyboard.press("Tab")  # and Tab goes on to the card's next enabled button
     assert pg.evaluate("document.activeElement.id") == "destroy-ins_a1"
+
+
+def test_create_button_makes_an_instance_that_appears_without_reload(site: tuple[str, FakeRuntime],
+                                                                     page: tuple[Any, ConsoleLog]) -> None:
+    base, rt = site
+    pg, log = page
+    sign_in_with_token(pg, base, token(rt, "alice"))
+    assert "You have no instances yet" in pg.inner_text("#live")
+    pg.fill("#create-name", "dev-box")
+    pg.fill("#create-labels", "team=ml")
+    pg.select_option("#create-size", "shared-cpu-2x")
+    pg.click("#create-submit")
+    pg.wait_for_selector("#flash .flash-ok")
+    assert "Created dev-box" in pg.inner_text("#flash")
+    [made] = rt.service.instances.values()
+    assert (made.user_id, made.name, made.labels, made.machine_size) == ("alice", "dev-box", {"team": "ml"},
+                                                                         "shared-cpu-2x")
+    pg.wait_for_selector(f"#ins-{made.id}")  # the live list picked it up (sk-refresh), no reload
+    assert "team=ml" in pg.inner_text(f"#ins-{made.id}")
+    log.assert_clean()

@@ -506,8 +506,7 @@ class WebUI:
         inner = self.inner("_owner_live.html", session, instances=self.owner_views(session.actor))
         live, _ = self.live_block("/ui/instances/live", [], inner)
         return self.render("owner.html", request=request, session=session, live=live, flash=flash,
-                           status=flash.status if flash else 200, create=self.create_form(),
-                           create_failed=bool(flash and flash.message.startswith("Could not create")))
+                           status=flash.status if flash else 200, create=self.create_form())
 
     def detail_full(self, request: Request, session: Session, instance_id: str,
                     flash: Flash | None = None) -> Response:
