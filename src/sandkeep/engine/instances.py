@@ -141,7 +141,10 @@ class InstanceService:
             return self._load(instance_id)
         except ServiceError as exc:
             shown = instance_id if access.INSTANCE_ID_RE.match(instance_id) else instance_id[:64]
-            self.audit_denied(actor, action, shown, f"{exc.http_status} {exc.code}: {exc.message}")
+            try:
+                self.audit_denied(actor, action, shown, f"{exc.http_status} {exc.code}: {exc.message}")
+            except Exception as audit_exc:  # the refusal itself must still be answered
+                self.ctx.emitter.log.warning("audit.write_failed", action=action, error=str(audit_exc))
             raise
 
     @asynccontextmanager
