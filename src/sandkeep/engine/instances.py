@@ -57,7 +57,8 @@ from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Pag
 def public_view(record: InstanceRecord) -> dict[str, Any]:
     """The instance as users see it (issue 3 §4); secrets appear by name only, never by value."""
     return {
-        "id": record.id, "user_id": record.user_id, "sandbox_id": record.sandbox_id,
+        "id": record.id, "name": record.name, "labels": dict(record.labels), "user_id": record.user_id,
+        "sandbox_id": record.sandbox_id,
         "status": record.status.value, "busy": record.busy, "pending_action": record.pending_action,
         "region": record.region, "machine_id": record.machine_id, "volume_id": record.volume_id,
         "app_name": record.app_name, "created_at": utc_iso(record.created_at),
