@@ -112,7 +112,15 @@ def app_paths() -> set[str]:
     runtime = Runtime(settings=Settings(), clock=clock, service=None,  # type: ignore[arg-type]
                       jwt_secret=secret, data_dir=Path("."), base_url="http://t",
                       credentials=memory_credentials(secret, clock))
-    return {getattr(r, "path", "") for r in create_app(runtime).routes}
+    paths: set[str] = set()
+    routes = list(create_app(runtime).routes)
+    while routes:  # included routers appear as one entry holding the router (FastAPI's original_router)
+        route = routes.pop()
+        paths.add(getattr(route, "path", ""))
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            routes.extend(inner.routes)
+    return paths
 
 
 def url_in(argv: list[str]) -> str:

@@ -165,6 +165,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("user_machine_sizes", "SANDKEEP_USER_MACHINE_SIZES",
             "shared-cpu-1x,shared-cpu-2x,shared-cpu-4x,shared-cpu-8x",
             "Comma-separated machine sizes non-admins may pick (admins: every size)."),
+    Setting("max_labels", "SANDKEEP_MAX_LABELS", 16, "Labels one instance may carry."),
+    Setting("guest_cpu_kinds", "SANDKEEP_GUEST_CPU_KINDS", "shared",
+            "Comma-separated guest CPU kinds non-admins may pick (shared, performance; admins: both)."),
+    Setting("guest_max_cpus", "SANDKEEP_GUEST_MAX_CPUS", 8, "Most guest CPUs a non-admin may pick."),
+    Setting("guest_max_memory_mb", "SANDKEEP_GUEST_MAX_MEMORY_MB", 2048,
+            "Most guest memory (MB) a non-admin may pick."),
     Setting("audit_refused_max", "SANDKEEP_AUDIT_REFUSED_MAX", 20,
             "Refused admin calls audited per actor per window; more are counted into the next row."),
     Setting("audit_refused_window", "SANDKEEP_AUDIT_REFUSED_WINDOW", 3600.0,
@@ -250,6 +256,10 @@ class Settings:
     max_instances_per_user: int = 10
     allowed_images: str | None = None
     user_machine_sizes: str = "shared-cpu-1x,shared-cpu-2x,shared-cpu-4x,shared-cpu-8x"
+    max_labels: int = 16
+    guest_cpu_kinds: str = "shared"
+    guest_max_cpus: int = 8
+    guest_max_memory_mb: int = 2048
     audit_refused_max: int = 20
     audit_refused_window: float = 3600.0
 

@@ -224,150 +224,154 @@ def ws_read_frame(rfile: Any) -> tuple[bool, int, bytes] | None:
     return fin, opcode, payload
 
 
-def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "sandkeep-gateway/1"
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # no ~40 ms Nagle/delayed-ACK stall per keep-alive response
+class GatewayHandler(BaseHTTPRequestHandler):
+    """The gateway's HTTP handler; :func:`make_handler` binds it to one :class:`GatewayConfig`."""
 
-        def log_message(self, format: str, *args: Any) -> None:
-            sys.stderr.write(json.dumps({"event": "request", "line": format % args}) + "\n")
+    cfg: GatewayConfig
+    server_version = "sandkeep-gateway/1"
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # no ~40 ms Nagle/delayed-ACK stall per keep-alive response
 
-        def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stderr.write(json.dumps({"event": "request", "line": format % args}) + "\n")
 
-        def _json(self, status: int, obj: dict[str, Any]) -> None:
-            self._send(status, json.dumps(obj).encode())
+    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
 
-        def _key(self) -> str | None:
-            path = urlsplit(self.path).path
-            if not path.startswith("/data/"):
-                return None
-            return unquote(path[len("/data/"):])
+    def _json(self, status: int, obj: dict[str, Any]) -> None:
+        self._send(status, json.dumps(obj).encode())
 
-        def _drain(self) -> bytes | None:
-            raw = self.headers.get("Content-Length")
-            if raw is None:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    return None  # not supported: send a Content-Length
-                return b""
-            try:
-                length = int(raw)
-            except ValueError:
-                return None
-            if length < 0 or length > MAX_BODY:
-                return None
-            return self.rfile.read(length)
+    def _key(self) -> str | None:
+        path = urlsplit(self.path).path
+        if not path.startswith("/data/"):
+            return None
+        return unquote(path[len("/data/"):])
 
-        def _websocket_echo(self) -> None:
-            key = self.headers.get("Sec-WebSocket-Key", "")
-            if "websocket" not in (self.headers.get("Upgrade") or "").lower() or not key:
-                self._json(426, {"error": "/ws needs a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Key)"})
+    def _drain(self) -> bytes | None:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                return None  # not supported: send a Content-Length
+            return b""
+        try:
+            length = int(raw)
+        except ValueError:
+            return None
+        if length < 0 or length > MAX_BODY:
+            return None
+        return self.rfile.read(length)
+
+    def _websocket_echo(self) -> None:
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        if "websocket" not in (self.headers.get("Upgrade") or "").lower() or not key:
+            self._json(426, {"error": "/ws needs a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Key)"})
+            return
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", ws_accept(key))
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        while True:
+            frame = ws_read_frame(self.rfile)
+            if frame is None:
                 return
-            self.send_response(101)
-            self.send_header("Upgrade", "websocket")
-            self.send_header("Connection", "Upgrade")
-            self.send_header("Sec-WebSocket-Accept", ws_accept(key))
-            self.end_headers()
-            self.wfile.flush()
-            self.close_connection = True
-            while True:
-                frame = ws_read_frame(self.rfile)
-                if frame is None:
-                    return
-                fin, opcode, payload = frame
-                if opcode == 0x8:  # close: answer with the same status code, then stop
-                    self.wfile.write(ws_frame(0x8, payload[:2]))
-                    self.wfile.flush()
-                    return
-                if opcode == 0x9:  # ping
-                    self.wfile.write(ws_frame(0xA, payload))
-                elif opcode in (0x0, 0x1, 0x2):  # continuation, text, binary: echo as received
-                    self.wfile.write(ws_frame(opcode, payload, fin=fin))
+            fin, opcode, payload = frame
+            if opcode == 0x8:  # close: answer with the same status code, then stop
+                self.wfile.write(ws_frame(0x8, payload[:2]))
                 self.wfile.flush()
+                return
+            if opcode == 0x9:  # ping
+                self.wfile.write(ws_frame(0xA, payload))
+            elif opcode in (0x0, 0x1, 0x2):  # continuation, text, binary: echo as received
+                self.wfile.write(ws_frame(opcode, payload, fin=fin))
+            self.wfile.flush()
 
-        def _refused(self) -> bool:
-            """Answer 401 (and close: an unread body must not become the next request) without the token."""
-            if cfg.authorized(self.headers.get(TOKEN_HEADER)):
-                return False
+    def _refused(self) -> bool:
+        """Answer 401 (and close: an unread body must not become the next request) without the token."""
+        if self.cfg.authorized(self.headers.get(TOKEN_HEADER)):
+            return False
+        self.close_connection = True
+        self._json(401, {"error": "unauthorized: this gateway answers only requests that carry its token"})
+        return True
+
+    def do_GET(self) -> None:
+        if self._refused():
+            return
+        path = urlsplit(self.path).path
+        if path == "/ws":
+            self._websocket_echo()
+            return
+        if path == "/health":
+            self._json(200, {"status": "ok", "started_at": self.cfg.started_at, "machine_id": self.cfg.machine_id,
+                             "app_name": self.cfg.app_name, "region": self.cfg.region, "pid": os.getpid()})
+            return
+        key = self._key()
+        if key is None:
+            self._json(404, {"error": f"not found: {path}"})
+            return
+        if not valid_key(key):
+            self._json(400, {"error": "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"})
+            return
+        target = self.cfg.data_dir() / key
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            self._json(404, {"error": f"key not found: {key}"})
+            return
+        except OSError as exc:
+            self._json(500, {"error": f"cannot read key {key}: {exc.strerror}"})
+            return
+        self._send(200, data, "application/octet-stream")
+
+    do_HEAD = do_GET
+
+    def do_PUT(self) -> None:
+        if self._refused():
+            return
+        key = self._key()
+        body = self._drain()
+        if body is None:
+            self._json(400, {"error": f"a Content-Length of at most {MAX_BODY} bytes is required"})
             self.close_connection = True
-            self._json(401, {"error": "unauthorized: this gateway answers only requests that carry its token"})
-            return True
+            return
+        if key is None:
+            self._json(404, {"error": f"not found: {urlsplit(self.path).path}"})
+            return
+        if not valid_key(key):
+            self._json(400, {"error": "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"})
+            return
+        try:
+            write_key(self.cfg, key, body)
+        except VolumeFull as exc:
+            self._json(507, {"error": f"cannot store key {key}: {exc}", "limit_bytes": exc.limit})
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._json(507, {"error": f"cannot store key {key}: no space left on the volume"})
+                return
+            self._json(500, {"error": f"cannot store key {key}: {exc.strerror}"})
+            return
+        self._json(201, {"key": key, "size": len(body)})
 
-        def do_GET(self) -> None:
-            if self._refused():
-                return
-            path = urlsplit(self.path).path
-            if path == "/ws":
-                self._websocket_echo()
-                return
-            if path == "/health":
-                self._json(200, {"status": "ok", "started_at": cfg.started_at, "machine_id": cfg.machine_id,
-                                 "app_name": cfg.app_name, "region": cfg.region, "pid": os.getpid()})
-                return
-            key = self._key()
-            if key is None:
-                self._json(404, {"error": f"not found: {path}"})
-                return
-            if not valid_key(key):
-                self._json(400, {"error": "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"})
-                return
-            target = cfg.data_dir() / key
-            try:
-                data = target.read_bytes()
-            except FileNotFoundError:
-                self._json(404, {"error": f"key not found: {key}"})
-                return
-            except OSError as exc:
-                self._json(500, {"error": f"cannot read key {key}: {exc.strerror}"})
-                return
-            self._send(200, data, "application/octet-stream")
+    def do_POST(self) -> None:
+        if self._refused():
+            return
+        self._drain()
+        self._json(405, {"error": "method not allowed"})
 
-        do_HEAD = do_GET
+    do_DELETE = do_POST
+    do_PATCH = do_POST
 
-        def do_PUT(self) -> None:
-            if self._refused():
-                return
-            key = self._key()
-            body = self._drain()
-            if body is None:
-                self._json(400, {"error": f"a Content-Length of at most {MAX_BODY} bytes is required"})
-                self.close_connection = True
-                return
-            if key is None:
-                self._json(404, {"error": f"not found: {urlsplit(self.path).path}"})
-                return
-            if not valid_key(key):
-                self._json(400, {"error": "invalid key: use 1-200 letters, digits, '.', '_' or '-' (no '..')"})
-                return
-            try:
-                write_key(cfg, key, body)
-            except VolumeFull as exc:
-                self._json(507, {"error": f"cannot store key {key}: {exc}", "limit_bytes": exc.limit})
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self._json(507, {"error": f"cannot store key {key}: no space left on the volume"})
-                    return
-                self._json(500, {"error": f"cannot store key {key}: {exc.strerror}"})
-                return
-            self._json(201, {"key": key, "size": len(body)})
 
-        def do_POST(self) -> None:
-            if self._refused():
-                return
-            self._drain()
-            self._json(405, {"error": "method not allowed"})
-
-        do_DELETE = do_POST
-        do_PATCH = do_POST
-
-    return Handler
+def make_handler(cfg: GatewayConfig) -> type[BaseHTTPRequestHandler]:
+    return type("Handler", (GatewayHandler,), {"cfg": cfg})
 
 
 def serve(cfg: GatewayConfig) -> int:

@@ -315,14 +315,9 @@ async def _note_planned_host_restart(service: InstanceService, log: FilteringBou
     log.info("runtime.planned_host_restart", running_instances_marked=marked)
 
 
-@contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, *, data_dir: Path | None = None, clock: Clock | None = None,
-                       start_engine: bool = True) -> AsyncIterator[Runtime]:
-    """Build and start everything; stop it all (engine, client, host child, store) on exit."""
-    log = get_logger("sandkeep.runtime")
-    clock = clock or SystemClock()
-    directory = resolve_data_dir(settings, data_dir)
-    await asyncio.to_thread(make_private, directory)
+def prepared_settings(settings: Settings, directory: Path) -> Settings:
+    """``settings`` with the data dir, the JWT and app-name secrets resolved (created on first start), after the
+    checks that need no network (provider name, Fly token present, ``FLY_REGIONS`` syntax)."""
     try:
         jwt_secret = resolve_jwt_secret(settings, directory)
     except OSError as exc:
@@ -333,8 +328,6 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
     except OSError as exc:
         raise StartupError(f"cannot read or create {directory / 'app-name-secret'}: {exc.strerror or exc}") from exc
     settings = settings.replace(home=directory, jwt_secret=jwt_secret, app_name_secret=name_secret)
-    public = settings.public_url or http_url(settings.listen)
-
     if settings.provider == "fly" and not settings.fly_api_token:
         raise StartupError("provider 'fly' needs FLY_API_TOKEN (and FLY_ORG, FLY_REGIONS)")
     if settings.provider == "fly":
@@ -346,6 +339,20 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
             raise StartupError(str(exc)) from exc
     if settings.provider not in ("local", "fly"):
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, data_dir: Path | None = None, clock: Clock | None = None,
+                       start_engine: bool = True) -> AsyncIterator[Runtime]:
+    """Build and start everything; stop it all (engine, client, host child, store) on exit."""
+    log = get_logger("sandkeep.runtime")
+    clock = clock or SystemClock()
+    directory = resolve_data_dir(settings, data_dir)
+    await asyncio.to_thread(make_private, directory)
+    settings = prepared_settings(settings, directory)
+    jwt_secret = settings.jwt_secret or ""
+    public = settings.public_url or http_url(settings.listen)
 
     async with contextlib.AsyncExitStack() as stack:
         from sqlalchemy.exc import SQLAlchemyError

@@ -17,7 +17,7 @@ from sandkeep.config import Settings
 from sandkeep.credentials import Credentials, memory_credentials
 from sandkeep.logs import configure_logging
 from sandkeep.runtime import Runtime
-from tests.api.fakes import FakeService
+from tests.support.fake_service import FakeService
 
 SECRET = "api-test-secret-0123456789abcdefghijklmnop"
 
@@ -94,3 +94,6 @@ async def api(shared_app: tuple[FastAPI, FakeService, list[httpx.Request]]) -> A
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield Api(client=client, service=service, credentials=app.state.credentials, upstream=seen)
+
+
+from tests.api.test_real_service import real  # noqa: E402,F401  (the real-service fixture, for test_labels.py too)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sandkeep.store.records import Status
 from tests.api.conftest import Api, refusing_gateway_client
-from tests.api.fakes import retained
+from tests.support.fake_service import retained
 
 INSTANCE_KEYS = {"id", "user_id", "sandbox_id", "status", "busy", "region", "machine_id", "volume_id", "app_name",
                  "created_at", "last_started_at", "last_stopped_at", "recovery"}

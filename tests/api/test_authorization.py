@@ -14,7 +14,7 @@ import pytest
 
 from sandkeep.store.records import Status
 from tests.api.conftest import SECRET, Api
-from tests.api.fakes import retained
+from tests.support.fake_service import retained
 
 OWNER, OTHER, ADMIN, PLATFORM = "owner", "other", "admin", "platform"
 NO_TOKEN, GARBAGE, EXPIRED, WRONG_SECRET, BAD_ROLE, NO_SUB = (

@@ -18,7 +18,7 @@ from sandkeep.logs import configure_logging
 from sandkeep.provider.client import MachinesClient
 from sandkeep.store.sql import SqlStore
 from tests.api.conftest import Api, make_runtime, refusing_gateway_client
-from tests.api.fakes import FakeService
+from tests.support.fake_service import FakeService
 
 
 @pytest.fixture()

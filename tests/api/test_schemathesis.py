@@ -14,7 +14,7 @@ import pytest
 from sandkeep.api.app import create_app
 from sandkeep.store.records import Status
 from tests.api.conftest import gateway_echo, make_runtime
-from tests.api.fakes import FakeService
+from tests.support.fake_service import FakeService
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis not installed: property-based run skipped")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402

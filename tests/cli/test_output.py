@@ -46,3 +46,30 @@ def test_instance_events_table_is_narrow_and_wide_on_request(serve: Serve) -> No
     wide = run(serve, "instances", "events", inst["id"], "-o", "wide", user=user)
     assert "INSTANCE" in wide.stdout.splitlines()[0] and inst["id"] in wide.stdout
     assert max(len(line) for line in lines) < max(len(line) for line in wide.stdout.splitlines())
+
+
+def test_names_labels_and_guest_from_create_to_list_show_and_update(serve: Serve) -> None:
+    user = f"cli-{uuid.uuid4().hex[:8]}"
+    made = run(serve, "instances", "create", "--json", "--name", "dev-box", "--label", "team=ml", "--label",
+               "tier=gold", "--cpus", "2", "--memory", "1024", user=user)
+    assert made.exit_code == 0, made.output
+    inst = json.loads(made.stdout)
+    assert inst["name"] == "dev-box" and inst["labels"] == {"team": "ml", "tier": "gold"}
+    assert inst["guest"] == {"cpu_kind": "shared", "cpus": 2, "memory_mb": 1024}
+
+    narrow = run(serve, "instances", "list", user=user).stdout.splitlines()
+    assert narrow[0].split()[:2] == ["ID", "NAME"] and narrow[1].split()[:2] == [inst["id"], "dev-box"]
+    wide = run(serve, "instances", "list", "-o", "wide", user=user).stdout
+    assert {"NAME", "GUEST", "LABELS"} <= set(wide.splitlines()[0].split())
+    assert "team=ml,tier=gold" in wide and "2x shared 1024MB" in wide
+    shown = run(serve, "instances", "show", inst["id"], user=user).stdout
+    assert "dev-box" in shown and "team=ml,tier=gold" in shown
+
+    changed = run(serve, "instances", "update", inst["id"], "--json", "--name", "renamed", "--label", "env=prod",
+                  user=user)
+    assert changed.exit_code == 0, changed.output
+    assert json.loads(changed.stdout)["labels"] == {"env": "prod"}
+    bad = run(serve, "instances", "update", inst["id"], "--label", "Bad Key=x", user=user)
+    assert bad.exit_code != 0 and "invalid_labels" in bad.output
+    half = run(serve, "instances", "create", "--cpus", "2", user=user)
+    assert half.exit_code == 2 and "--memory" in half.output

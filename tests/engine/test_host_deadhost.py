@@ -78,7 +78,7 @@ async def test_dead_host_restores_newest_snapshot_fences_old_machine_and_flags_o
         routed: set[str] = set()
 
         async def fenced() -> bool:
-            target = r.service.gateway_target(rec.id)
+            target = r.service.gateway_target(ADMIN, rec.id)
             if target is not None:
                 routed.add(target[1]["fly-force-instance-id"])
             return r.get(rec.id).fenced_machine_id is None

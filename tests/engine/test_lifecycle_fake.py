@@ -374,14 +374,14 @@ async def test_admin_actions_are_audited(h: Harness) -> None:
     rec = await h.running()
     with pytest.raises(Forbidden):
         await h.service.retry_recovery(USER, rec.id)
-    debug = h.service.debug(rec.id)
+    debug = h.service.debug(ADMIN, rec.id)
     assert {"alarm_at", "lease_owner", "lease_expires_at", "version", "recovery_step"} <= set(debug)
     assert await h.service.cleanup_retained_volume(ADMIN, rec.id) is None
     destroyed = await h.service.destroy_machine(ADMIN, rec.id)
     assert destroyed.machine_id is None and h.fake.machines[rec.machine_id].state == "destroyed"
     after = await h.reconcile(rec.id)
     assert after.status == Status.STOPPED
-    actions = [(a.action, a.outcome) for a in h.service.list_audit(instance_id=rec.id).items]
+    actions = [(a.action, a.outcome) for a in h.service.list_audit(ADMIN, instance_id=rec.id).items]
     assert ("destroy_machine", "ok") in actions and ("retained_volume_cleanup", "ok") in actions
 
 
@@ -396,7 +396,7 @@ async def test_retry_recovery_after_failure_relocates(h: Harness) -> None:
     final = await h.reconcile(rec.id)
     assert final.status == Status.RUNNING and final.region in ("lcl-b", "lcl-c")
     assert final.last_recovery_error is None
-    assert h.service.list_audit(instance_id=rec.id).items[0].action == "retry_recovery"
+    assert h.service.list_audit(ADMIN, instance_id=rec.id).items[0].action == "retry_recovery"
 
 
 async def test_admin_cleanup_refused_for_foreign_machine(h: Harness) -> None:

@@ -29,7 +29,7 @@ from sandkeep.engine.reconcile import decide, housekeeping
 from sandkeep.secrets import SecretBox, SecretsError, load_or_create_key
 from sandkeep.store.records import InstanceRecord, Status
 from sandkeep.store.sql import SqlStore
-from tests.engine.conftest import USER, Harness
+from tests.engine.conftest import ADMIN, USER, Harness
 from tests.engine.fakes import FakeProvider
 
 
@@ -181,7 +181,7 @@ async def test_secrets_never_in_views_or_events(h: Harness) -> None:
 
     rec = await h.running(secrets={"API_KEY": "hunter2"})
     view = public_view(h.get(rec.id))
-    debug = h.service.debug(rec.id)
+    debug = h.service.debug(ADMIN, rec.id)
     assert "hunter2" not in repr(view) and "hunter2" not in repr(debug)
     assert view["config"]["secret_names"] == ["API_KEY"]
     assert debug["secrets_encrypted"] == {"API_KEY": "<encrypted>"}
@@ -207,7 +207,7 @@ async def test_count_by_status_leaves_destroyed_instances_out(h: Harness) -> Non
     h.store.insert_instance(InstanceRecord(id="ins_rec", user_id="u", sandbox_id="sbx_rec",
                                            status=Status.RECOVERING, created_at=now, updated_at=now, app_name="a"))
     assert h.store.count_by_status()["destroyed"] == 1
-    assert h.service.count_by_status() == {"running": 2, "recovering": 1}
+    assert h.service.count_by_status(ADMIN) == {"running": 2, "recovering": 1}
 
 
 def test_forbidden_names_stored_before_the_list_never_reach_a_machine() -> None:

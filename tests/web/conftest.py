@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 
 from sandkeep.api.errors import install_error_handlers
-from sandkeep.web.routes import create_web_router
+from sandkeep.web.routes import install_web
+from tests.support.fake_service import FakeRuntime, make_runtime, token
 from tests.web.browser import LAPTOP, ConsoleLog, launched_browser
-from tests.web.fakes import FakeRuntime, make_runtime, token
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -32,7 +32,7 @@ def rt() -> FakeRuntime:
 def make_app(runtime: FakeRuntime) -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)  # as in the real API app: the web routes must never fall through to JSON
-    app.include_router(create_web_router(runtime))
+    install_web(app, runtime)
     return app
 
 

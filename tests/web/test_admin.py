@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from sandkeep.store.records import Status
 from sandkeep.web import charts
+from tests.support.fake_service import FakeRuntime
 from tests.web.conftest import Login, csrf_of
-from tests.web.fakes import FakeRuntime
 
 HX = {"HX-Request": "true"}
 ADMIN_PAGES = ("/ui/admin/", "/ui/admin/live", "/ui/admin/audit", "/ui/admin/instances/ins_a1",
@@ -22,7 +22,7 @@ def field(html: str, name: str) -> str:
 
 
 async def test_non_admins_get_403(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     for role in ("user", "platform"):
         client = await login("alice", role)
         for path in ADMIN_PAGES:
@@ -45,11 +45,11 @@ async def test_admin_navigation_only_for_admins(login: Login) -> None:
 
 
 async def test_fleet_counts_and_recovering_now(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_1", "alice")
-    rt.service.add("ins_2", "bob")
-    rt.service.add("ins_3", "bob", Status.RECOVERING, recovery_started_at=rt.clock.now() - timedelta(minutes=2),
+    rt.service.put("ins_1", "alice")
+    rt.service.put("ins_2", "bob")
+    rt.service.put("ins_3", "bob", Status.RECOVERING, recovery_started_at=rt.clock.now() - timedelta(minutes=2),
                    recovery_step="create_machine")
-    rt.service.add("ins_4", "carol", Status.STOPPED)
+    rt.service.put("ins_4", "carol", Status.STOPPED)
     admin = await login("root", "admin")
     html = (await admin.get("/ui/admin/")).text
     counts = dict(re.findall(r'data-count-status="(\w+)"><span class="tile-n">(\d+)</span>', html))
@@ -62,8 +62,8 @@ async def test_fleet_counts_and_recovering_now(rt: FakeRuntime, login: Login) ->
 
 async def test_fleet_filters_and_pagination(rt: FakeRuntime, login: Login) -> None:
     for i in range(30):
-        rt.service.add(f"ins_{i:02d}", "alice" if i % 2 else "bob", region="lcl-b" if i < 10 else "lcl-a")
-    rt.service.add("ins_x", "bob", Status.STOPPED)
+        rt.service.put(f"ins_{i:02d}", "alice" if i % 2 else "bob", region="lcl-b" if i < 10 else "lcl-a")
+    rt.service.put("ins_x", "bob", Status.STOPPED)
     admin = await login("root", "admin")
 
     def rows(html: str) -> list[str]:
@@ -110,7 +110,7 @@ async def test_fleet_charts_count_recovery_events(rt: FakeRuntime, login: Login)
 
 async def test_detail_recovery_card_while_recovering(rt: FakeRuntime, login: Login) -> None:
     began = rt.clock.now() - timedelta(minutes=3)
-    rt.service.add("ins_a1", "alice", Status.RECOVERING, recovery_started_at=began,
+    rt.service.put("ins_a1", "alice", Status.RECOVERING, recovery_started_at=began,
                    pending_recovery_volume_id="vol_new", retained_volume_id="vol_old_prev",
                    retained_volume_cleanup_after=rt.clock.now() + timedelta(days=6),
                    alarm_at=rt.clock.now(), lease_owner="worker-1", secrets_encrypted={"API_KEY": "gAAAA..."})
@@ -134,7 +134,7 @@ async def test_detail_recovery_card_while_recovering(rt: FakeRuntime, login: Log
 
 
 async def test_cleanup_button_only_when_a_volume_is_retained(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     admin = await login("root", "admin")
     html = (await admin.get("/ui/admin/instances/ins_a1")).text
     assert "cleanup-ins_a1" not in html
@@ -143,7 +143,7 @@ async def test_cleanup_button_only_when_a_volume_is_retained(rt: FakeRuntime, lo
 
 
 async def test_delete_retained_volume_flow(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old",
+    rt.service.put("ins_a1", "alice", retained_volume_id="vol_old",
                    retained_volume_cleanup_after=rt.clock.now() + timedelta(days=7))
     admin = await login("root", "admin")
     html = (await admin.get("/ui/admin/instances/ins_a1")).text
@@ -168,7 +168,7 @@ async def test_delete_retained_volume_flow(rt: FakeRuntime, login: Login) -> Non
 
 
 async def test_refused_cleanup_shows_the_error(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.RECOVERING, retained_volume_id="vol_old")
+    rt.service.put("ins_a1", "alice", Status.RECOVERING, retained_volume_id="vol_old")
     admin = await login("root", "admin")
     csrf = csrf_of((await admin.get("/ui/admin/instances/ins_a1")).text)
     r = await admin.post("/ui/admin/instances/ins_a1/cleanup-retained-volume",
@@ -179,7 +179,7 @@ async def test_refused_cleanup_shows_the_error(rt: FakeRuntime, login: Login) ->
 
 
 async def test_cleanup_disabled_while_one_runs(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old")
+    rt.service.put("ins_a1", "alice", retained_volume_id="vol_old")
     admin = await login("root", "admin")
     seen: list[str] = []
 
@@ -199,7 +199,7 @@ async def test_cleanup_disabled_while_one_runs(rt: FakeRuntime, login: Login) ->
 
 
 async def test_retry_and_destroy_machine(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.STOPPED, last_recovery_error="boom")
+    rt.service.put("ins_a1", "alice", Status.STOPPED, last_recovery_error="boom")
     admin = await login("root", "admin")
     csrf = csrf_of((await admin.get("/ui/admin/instances/ins_a1")).text)
     r = await admin.post("/ui/admin/instances/ins_a1/retry-recovery", data={"csrf_token": csrf}, headers=HX)
@@ -215,7 +215,7 @@ async def test_retry_and_destroy_machine(rt: FakeRuntime, login: Login) -> None:
 
 
 async def test_admin_actions_need_csrf(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old")
+    rt.service.put("ins_a1", "alice", retained_volume_id="vol_old")
     admin = await login("root", "admin")
     for action in ("cleanup-retained-volume", "retry-recovery", "destroy-machine"):
         r = await admin.post(f"/ui/admin/instances/ins_a1/{action}", data={"confirm": "yes"}, headers=HX)
@@ -234,17 +234,17 @@ async def test_unknown_instance_detail_is_404(login: Login) -> None:
 async def test_audit_log_paginates(rt: FakeRuntime, login: Login) -> None:
     from sandkeep.engine.service import Actor
 
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     for _ in range(60):
         rt.clock.advance(1)
         await rt.service.retry_recovery(Actor("root", "admin"), "ins_a1")
     admin = await login("root", "admin")
     first = (await admin.get("/ui/admin/audit")).text
-    assert first.count('<tr data-action="recovery_retry">') == 50
+    assert first.count('<tr data-action="retry_recovery">') == 50
     nxt = re.search(r'href="/ui/admin/audit(\?[^"]+)" rel="next"', first)
     assert nxt
     second = (await admin.get("/ui/admin/audit" + nxt.group(1).replace("&amp;", "&"))).text
-    assert second.count('<tr data-action="recovery_retry">') == 10
+    assert second.count('<tr data-action="retry_recovery">') == 10
     assert 'rel="prev"' in second
 
 
@@ -261,7 +261,7 @@ async def test_charts_refresh_after_their_cache_interval(rt: FakeRuntime, login:
 
 
 async def test_admin_destroy_while_recovering_is_forced(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.RECOVERING)
+    rt.service.put("ins_a1", "alice", Status.RECOVERING)
     admin = await login("root", "admin")
     html = (await admin.get("/ui/admin/instances/ins_a1")).text
     b = re.search(r'<button[^>]*id="destroy-ins_a1"[^>]*>', html)
@@ -275,7 +275,7 @@ async def test_admin_destroy_while_recovering_is_forced(rt: FakeRuntime, login: 
 
 async def test_cleanup_disabled_while_the_engines_automatic_cleanup_runs(rt: FakeRuntime, login: Login) -> None:
     now = rt.clock.now()
-    rt.service.add("ins_a1", "alice", retained_volume_id="vol_old",
+    rt.service.put("ins_a1", "alice", retained_volume_id="vol_old",
                    retained_volume_cleanup_after=now - timedelta(seconds=5),
                    lease_owner="worker-1", lease_expires_at=now + timedelta(seconds=20))
     admin = await login("root", "admin")

@@ -6,8 +6,8 @@ import httpx
 
 from sandkeep.api.auth import issue_token
 from sandkeep.web.auth import SESSION_COOKIE, issue_login_code, read_session
+from tests.support.fake_service import FakeRuntime, token
 from tests.web.conftest import Login, csrf_of
-from tests.web.fakes import FakeRuntime, token
 
 
 async def test_login_page_has_token_field_and_csrf(anon: httpx.AsyncClient) -> None:
@@ -181,8 +181,8 @@ async def test_login_page_warns_when_the_secure_cookie_cannot_stick(rt: FakeRunt
 
 
 async def test_sign_in_throttle_lifts_when_the_failures_leave_the_window() -> None:
+    from tests.support.fake_service import make_runtime
     from tests.web.conftest import make_app
-    from tests.web.fakes import make_runtime
 
     rt = make_runtime(signin_max_failures=2, signin_failure_window=60.0)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(rt)),

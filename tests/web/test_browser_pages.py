@@ -19,11 +19,11 @@ import uvicorn
 from sandkeep.engine.service import InstanceBusy
 from sandkeep.store.records import AuditRecord, Status
 from sandkeep.web import charts
+from tests.support.fake_service import FakeRuntime, make_runtime, token
 from tests.support.procs import free_port
 from tests.support.wait import wait_until
 from tests.web.browser import LAPTOP, PHONE, ConsoleLog, screenshot, sign_in_with_token
 from tests.web.conftest import OpenPage, make_app
-from tests.web.fakes import FakeRuntime, make_runtime, token
 
 pytestmark = pytest.mark.browser
 
@@ -48,7 +48,7 @@ def test_badge_follows_the_state_without_reload(site: tuple[str, FakeRuntime],
                                                 page: tuple[Any, ConsoleLog]) -> None:
     base, rt = site
     pg, log = page
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     sign_in_with_token(pg, base, token(rt, "alice"))
     badge = pg.locator("#ins-ins_a1 [data-testid=badge]")
     assert badge.inner_text() == "Running"
@@ -71,7 +71,7 @@ def test_destroy_asks_first_and_reports_the_result(site: tuple[str, FakeRuntime]
                                                    page: tuple[Any, ConsoleLog]) -> None:
     base, rt = site
     pg, log = page
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     sign_in_with_token(pg, base, token(rt, "alice"))
     questions: list[str] = []
 
@@ -97,7 +97,7 @@ def test_destroy_asks_first_and_reports_the_result(site: tuple[str, FakeRuntime]
 def test_keyboard_only_start(site: tuple[str, FakeRuntime], page: tuple[Any, ConsoleLog]) -> None:
     base, rt = site
     pg, log = page
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
     sign_in_with_token(pg, base, token(rt, "alice"))
     for _ in range(30):
         pg.keyboard.press("Tab")
@@ -114,7 +114,7 @@ def test_keyboard_only_start(site: tuple[str, FakeRuntime], page: tuple[Any, Con
 def test_busy_refusal_is_shown(site: tuple[str, FakeRuntime], page: tuple[Any, ConsoleLog]) -> None:
     base, rt = site
     pg, log = page
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
     sign_in_with_token(pg, base, token(rt, "alice"))
     # the engine moved on between drawing the page and the click: the service refuses
     rt.service.fail_next = InstanceBusy("instance ins_a1 is busy (starting)", status="starting")
@@ -129,10 +129,10 @@ def test_admin_pages_render_cleanly_at_laptop_and_phone_width(site: tuple[str, F
                                                               open_page: OpenPage) -> None:
     base, rt = site
     now = rt.clock.now()
-    rt.service.add("ins_a1", "alice")
-    rt.service.add("ins_b1", "bob", Status.RECOVERING, recovery_started_at=now - timedelta(seconds=40),
+    rt.service.put("ins_a1", "alice")
+    rt.service.put("ins_b1", "bob", Status.RECOVERING, recovery_started_at=now - timedelta(seconds=40),
                    pending_recovery_volume_id="vol_fork1")
-    rt.service.add("ins_c1", "carol", Status.STOPPED, last_recovery_error="replacement machine gone",
+    rt.service.put("ins_c1", "carol", Status.STOPPED, last_recovery_error="replacement machine gone",
                    last_recovery_error_at=now - timedelta(minutes=3), retained_volume_id="vol_keep",
                    retained_volume_cleanup_after=now + timedelta(days=7))
     for minutes in range(5, 600, 37):
@@ -163,11 +163,11 @@ FITS = "document.scrollingElement.scrollWidth <= innerWidth"
 def busy_fleet(rt: FakeRuntime) -> None:
     """Instances in many states, long ids and errors, recovery events and admin actions on record."""
     now = rt.clock.now()
-    rt.service.add("ins_a1", "root", Status.STOPPED)
-    rt.service.add("ins_a2_with_a_rather_long_identifier_0123456789", "root")
-    rt.service.add("ins_b1", "bob", Status.RECOVERING, recovery_started_at=now - timedelta(seconds=40),
+    rt.service.put("ins_a1", "root", Status.STOPPED)
+    rt.service.put("ins_a2_with_a_rather_long_identifier_0123456789", "root")
+    rt.service.put("ins_b1", "bob", Status.RECOVERING, recovery_started_at=now - timedelta(seconds=40),
                    pending_recovery_volume_id="vol_fork_0123456789abcdef")
-    rt.service.add("ins_c1", "carol", Status.STOPPED,
+    rt.service.put("ins_c1", "carol", Status.STOPPED,
                    last_recovery_error="fork of vol_0123456789abcdef failed: create_volume sk-carol/ins_c1 in "
                                        "lcl-c: insufficient resources to create new volume (HTTP 412)",
                    last_recovery_error_at=now - timedelta(minutes=3), retained_volume_id="vol_keep_0123456789",
@@ -259,7 +259,7 @@ def test_destroy_confirmation_works_from_the_keyboard(site: tuple[str, FakeRunti
                                                       page: tuple[Any, ConsoleLog]) -> None:
     base, rt = site
     pg, _ = page
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
     sign_in_with_token(pg, base, token(rt, "alice"))
     questions: list[str] = []
 
@@ -302,7 +302,7 @@ def test_keyboard_focus_survives_live_updates(site: tuple[str, FakeRuntime], pag
 def test_reduced_motion_stops_the_recovering_animation(site: tuple[str, FakeRuntime],
                                                        open_page: OpenPage) -> None:
     base, rt = site
-    rt.service.add("ins_a1", "alice", Status.RECOVERING)
+    rt.service.put("ins_a1", "alice", Status.RECOVERING)
     still, _ = open_page(reduced_motion="reduce")
     sign_in_with_token(still, base, token(rt, "alice"))
     badge = still.locator("#ins-ins_a1 [data-testid=badge]")
@@ -323,7 +323,7 @@ def test_failed_requests_are_reported_in_the_page(site: tuple[str, FakeRuntime],
     # the simulated failures themselves are logged by the browser and by htmx; nothing else may be
     log.allow(r"status of (502|403)|net::ERR_FAILED|Response Status Error Code|"
               r"htmx:(sendError|responseError|afterRequest)")
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
     sign_in_with_token(pg, base, token(rt, "alice"))
     # a proxy in front of sandkeep fails the request
     pg.route("**/ui/instances/ins_a1/start", lambda route: route.fulfill(status=502, body="bad gateway"))
@@ -355,8 +355,8 @@ def test_keyboard_focus_stays_on_the_card_when_its_button_becomes_disabled(site:
                                                                            page: tuple[Any, ConsoleLog]) -> None:
     base, rt = site
     pg, _ = page
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
-    rt.service.add("ins_a2", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a2", "alice", Status.STOPPED)
     sign_in_with_token(pg, base, token(rt, "alice"))
     for _ in range(40):
         pg.keyboard.press("Tab")
@@ -372,3 +372,23 @@ def test_keyboard_focus_stays_on_the_card_when_its_button_becomes_disabled(site:
                          timeout=10_000)
     pg.keyboard.press("Tab")  # and Tab goes on to the card's next enabled button
     assert pg.evaluate("document.activeElement.id") == "destroy-ins_a1"
+
+
+def test_create_button_makes_an_instance_that_appears_without_reload(site: tuple[str, FakeRuntime],
+                                                                     page: tuple[Any, ConsoleLog]) -> None:
+    base, rt = site
+    pg, log = page
+    sign_in_with_token(pg, base, token(rt, "alice"))
+    assert "You have no instances yet" in pg.inner_text("#live")
+    pg.fill("#create-name", "dev-box")
+    pg.fill("#create-labels", "team=ml")
+    pg.select_option("#create-size", "shared-cpu-2x")
+    pg.click("#create-submit")
+    pg.wait_for_selector("#flash .flash-ok")
+    assert "Created dev-box" in pg.inner_text("#flash")
+    [made] = rt.service.instances.values()
+    assert (made.user_id, made.name, made.labels, made.machine_size) == ("alice", "dev-box", {"team": "ml"},
+                                                                         "shared-cpu-2x")
+    pg.wait_for_selector(f"#ins-{made.id}")  # the live list picked it up (sk-refresh), no reload
+    assert "team=ml" in pg.inner_text(f"#ins-{made.id}")
+    log.assert_clean()

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from sandkeep.store.records import Status
+from tests.support.fake_service import FakeRuntime
 from tests.web.conftest import Login, csrf_of
-from tests.web.fakes import FakeRuntime
 
 HX = {"HX-Request": "true"}
 
@@ -29,9 +29,9 @@ def card(html: str, instance_id: str) -> str:
 
 
 async def test_owner_sees_only_their_instances(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
-    rt.service.add("ins_b1", "bob")
-    rt.service.add("ins_a2", "alice", Status.DESTROYED)
+    rt.service.put("ins_a1", "alice")
+    rt.service.put("ins_b1", "bob")
+    rt.service.put("ins_a2", "alice", Status.DESTROYED)
     client = await login("alice", "user")
     r = await client.get("/ui/")
     assert r.status_code == 200
@@ -41,7 +41,7 @@ async def test_owner_sees_only_their_instances(rt: FakeRuntime, login: Login) ->
 
 
 async def test_card_shows_status_region_uptime_and_last_start(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", region="lcl-b")
+    rt.service.put("ins_a1", "alice", region="lcl-b")
     client = await login("alice", "user")
     html = card((await client.get("/ui/")).text, "ins_a1")
     assert 'data-status="running"' in html and ">Running</span>" in html
@@ -52,7 +52,7 @@ async def test_card_shows_status_region_uptime_and_last_start(rt: FakeRuntime, l
 
 @pytest.mark.parametrize("status", [Status.STARTING, Status.RESTARTING, Status.RECOVERING, Status.DESTROYING])
 async def test_buttons_disabled_while_busy_with_a_reason(rt: FakeRuntime, login: Login, status: Status) -> None:
-    rt.service.add("ins_a1", "alice", status)
+    rt.service.put("ins_a1", "alice", status)
     client = await login("alice", "user")
     html = (await client.get("/ui/")).text
     for action in ("start", "stop", "restart"):
@@ -71,8 +71,8 @@ async def test_buttons_disabled_while_busy_with_a_reason(rt: FakeRuntime, login:
 
 
 async def test_running_instance_buttons_and_open_link(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
-    rt.service.add("ins_a2", "alice", health_fail_count=1)
+    rt.service.put("ins_a1", "alice")
+    rt.service.put("ins_a2", "alice", health_fail_count=1)
     client = await login("alice", "user")
     html = (await client.get("/ui/")).text
     assert "disabled" in button(html, "start", "ins_a1") and "Already running." in html
@@ -86,7 +86,7 @@ async def test_running_instance_buttons_and_open_link(rt: FakeRuntime, login: Lo
 
 
 async def test_stopped_instance_can_start(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
     client = await login("alice", "user")
     html = (await client.get("/ui/")).text
     assert "disabled" not in button(html, "start", "ins_a1")
@@ -96,7 +96,7 @@ async def test_stopped_instance_can_start(rt: FakeRuntime, login: Login) -> None
 
 
 async def test_start_via_htmx_calls_the_service_and_reports(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
     client = await login("alice", "user")
     csrf = csrf_of((await client.get("/ui/")).text)
     r = await client.post("/ui/instances/ins_a1/start", data={"csrf_token": csrf}, headers=HX)
@@ -108,19 +108,20 @@ async def test_start_via_htmx_calls_the_service_and_reports(rt: FakeRuntime, log
 
 
 async def test_busy_refusal_is_shown_in_the_page(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.RECOVERING)
+    rt.service.put("ins_a1", "alice", Status.RECOVERING)
     client = await login("alice", "user")
     csrf = csrf_of((await client.get("/ui/")).text)
     r = await client.post("/ui/instances/ins_a1/restart", data={"csrf_token": csrf}, headers=HX)
-    assert "flash-error" in r.text and "is busy (recovering)" in r.text
+    assert "flash-error" in r.text and "is recovering; restart is refused while busy" in r.text
     assert r.headers["X-Sandkeep-Status"] == "409"
     plain = await client.post("/ui/instances/ins_a1/restart", data={"csrf_token": csrf})
-    assert plain.status_code == 409 and "is busy (recovering)" in plain.text and "<h1>My instances</h1>" in plain.text
+    assert plain.status_code == 409 and "is recovering; restart is refused while busy" in plain.text
+    assert "<h1>My instances</h1>" in plain.text
 
 
 async def test_actions_need_the_sessions_csrf_token(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.STOPPED)
-    rt.service.add("ins_b1", "bob", Status.STOPPED)
+    rt.service.put("ins_a1", "alice", Status.STOPPED)
+    rt.service.put("ins_b1", "bob", Status.STOPPED)
     alice = await login("alice", "user")
     bob = await login("bob", "user")
     bobs_csrf = csrf_of((await bob.get("/ui/")).text)
@@ -137,7 +138,7 @@ async def test_actions_need_the_sessions_csrf_token(rt: FakeRuntime, login: Logi
 
 
 async def test_cannot_act_on_someone_elses_instance(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_b1", "bob", Status.STOPPED)
+    rt.service.put("ins_b1", "bob", Status.STOPPED)
     alice = await login("alice", "user")
     csrf = csrf_of((await alice.get("/ui/")).text)
     r = await alice.post("/ui/instances/ins_b1/start", data={"csrf_token": csrf}, headers=HX)
@@ -148,7 +149,7 @@ async def test_cannot_act_on_someone_elses_instance(rt: FakeRuntime, login: Logi
 
 
 async def test_destroy_requires_confirmation(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     client = await login("alice", "user")
     csrf = csrf_of((await client.get("/ui/")).text)
     page = await client.post("/ui/instances/ins_a1/destroy", data={"csrf_token": csrf})
@@ -162,7 +163,7 @@ async def test_destroy_requires_confirmation(rt: FakeRuntime, login: Login) -> N
 
 
 async def test_unknown_action_is_a_clear_error(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     client = await login("alice", "user")
     csrf = csrf_of((await client.get("/ui/")).text)
     r = await client.post("/ui/instances/ins_a1/explode", data={"csrf_token": csrf})
@@ -171,7 +172,7 @@ async def test_unknown_action_is_a_clear_error(rt: FakeRuntime, login: Login) ->
 
 
 async def test_live_fragment_polls_and_answers_204_when_unchanged(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice")
+    rt.service.put("ins_a1", "alice")
     client = await login("alice", "user")
     page = await client.get("/ui/")
     assert 'hx-trigger="every 2s, sk-refresh from:body"' in page.text
@@ -187,9 +188,9 @@ async def test_live_fragment_polls_and_answers_204_when_unchanged(rt: FakeRuntim
 
 
 async def test_failed_recovery_is_explained(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", Status.STOPPED, last_recovery_error="recovery timed out after 600s",
+    rt.service.put("ins_a1", "alice", Status.STOPPED, last_recovery_error="recovery timed out after 600s",
                    last_recovery_error_at=rt.clock.now())
-    rt.service.add("ins_a2", "alice", Status.RUNNING, last_recovery_error="old news")
+    rt.service.put("ins_a2", "alice", Status.RUNNING, last_recovery_error="old news")
     client = await login("alice", "user")
     html = (await client.get("/ui/")).text
     failed = card(html, "ins_a1")
@@ -224,8 +225,8 @@ def gateway() -> Iterator[str]:
 
 
 async def test_open_proxies_to_the_gateway_with_the_session(rt: FakeRuntime, login: Login, gateway: str) -> None:
-    rt.service.add("ins_a1", "alice")
-    rt.service.add("ins_a2", "alice", Status.STOPPED)
+    rt.service.put("ins_a1", "alice")
+    rt.service.put("ins_a2", "alice", Status.STOPPED)
     rt.service.gateway = (gateway, {"fly-force-instance-id": "m_ins_a1"})
     client = await login("alice", "user")
     r = await client.get("/ui/instances/ins_a1/open/health?x=1")

@@ -190,17 +190,29 @@ def status_label(inst: dict[str, Any]) -> str:
 
 
 def instance_rows(items: Sequence[dict[str, Any]]) -> str:
-    return table(["ID", "USER", "STATUS", "REGION", "MACHINE", "VOLUME", "STARTED"],
-                 [[i["id"], i["user_id"], status_label(i), i.get("region"), i.get("machine_id"), i.get("volume_id"),
-                   age(i.get("last_started_at"))] for i in items])
+    return table(["ID", "NAME", "USER", "STATUS", "REGION", "MACHINE", "VOLUME", "STARTED"],
+                 [[i["id"], i.get("name"), i["user_id"], status_label(i), i.get("region"), i.get("machine_id"),
+                   i.get("volume_id"), age(i.get("last_started_at"))] for i in items])
+
+
+def labels_text(labels: dict[str, str] | None) -> str | None:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or None
+
+
+def guest_text(guest: dict[str, Any] | None) -> str | None:
+    if not guest:
+        return None
+    return f"{guest.get('cpus')}x {guest.get('cpu_kind')} {guest.get('memory_mb')}MB"
 
 
 def instance_rows_wide(items: Sequence[dict[str, Any]]) -> str:
-    """``-o wide``: also the provider app (where to find the machine), size, creation time, last error."""
-    return table(["ID", "USER", "STATUS", "REGION", "APP", "MACHINE", "VOLUME", "SIZE", "CREATED", "STARTED",
-                  "LAST ERROR"],
-                 [[i["id"], i["user_id"], status_label(i), i.get("region"), i.get("app_name"), i.get("machine_id"),
-                   i.get("volume_id"), i.get("size"), age(i.get("created_at")), age(i.get("last_started_at")),
+    """``-o wide``: also the provider app (where to find the machine), size, guest, labels, creation time, last
+    error."""
+    return table(["ID", "NAME", "USER", "STATUS", "REGION", "APP", "MACHINE", "VOLUME", "SIZE", "GUEST", "LABELS",
+                  "CREATED", "STARTED", "LAST ERROR"],
+                 [[i["id"], i.get("name"), i["user_id"], status_label(i), i.get("region"), i.get("app_name"),
+                   i.get("machine_id"), i.get("volume_id"), i.get("size"), guest_text(i.get("guest")),
+                   labels_text(i.get("labels")), age(i.get("created_at")), age(i.get("last_started_at")),
                    _short((i.get("recovery") or {}).get("last_error") or i.get("last_provider_error"))]
                   for i in items])
 
@@ -215,9 +227,11 @@ def _short(text: str | None, limit: int = 60) -> str | None:
 def instance_detail(inst: dict[str, Any]) -> str:
     rec = inst.get("recovery") or {}
     pairs: list[tuple[str, Any]] = [
-        ("id", inst["id"]), ("user", inst["user_id"]), ("sandbox", inst.get("sandbox_id")),
+        ("id", inst["id"]), ("name", inst.get("name")), ("labels", labels_text(inst.get("labels"))),
+        ("user", inst["user_id"]), ("sandbox", inst.get("sandbox_id")),
         ("status", status_label(inst)), ("region", inst.get("region")), ("app", inst.get("app_name")),
         ("machine", inst.get("machine_id")), ("volume", inst.get("volume_id")), ("size", inst.get("size")),
+        ("guest", guest_text(inst.get("guest"))),
         ("image", inst.get("image")),
         ("env", ", ".join(f"{k}={v}" for k, v in (inst.get("env") or {}).items()) or None),
         ("secrets", ", ".join(inst.get("secret_names") or []) or None),

@@ -18,6 +18,9 @@ import secrets
 from collections.abc import Callable
 
 import structlog
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandkeep import metrics
@@ -131,3 +134,100 @@ class JsonBodyRequired:
                                status_code=415)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_HTML_PREFIXES = ("/ui", "/login", "/logout")
+
+
+class RejectMalformed:
+    """400 before any route runs for requests no route should see:
+
+    * both ``Transfer-Encoding`` and ``Content-Length`` (ambiguous framing, the request-smuggling shape;
+      RFC 9112 §6.3 lets a server reject it);
+    * outside the API (``/v1/``, whose routes answer weird ids with 404 themselves), a path that decodes to
+      control characters (e.g. ``/ui/instances/x/open/%00``).
+
+    Web UI paths get a small HTML page, everything else the API's JSON error shape.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = None
+            names = {name.lower() for name, _ in scope.get("headers", [])}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                problem = "a request may not carry both Transfer-Encoding and Content-Length"
+            elif not str(scope.get("path", "")).startswith("/v1/") and _CONTROL_CHARS.search(scope.get("path", "")):
+                problem = "the request path contains control characters"
+            if problem is not None:
+                path = str(scope.get("path", ""))
+                if path.startswith(_HTML_PREFIXES):
+                    html = (f"<!doctype html><title>Bad request</title><h1>Bad request</h1><p>{problem}.</p>"
+                            '<p><a href="/">Back to the start page</a></p>')
+                    response: Response = HTMLResponse(html, status_code=400, headers={"Connection": "close"})
+                else:
+                    response = _err(400, "bad_request", problem)
+                    response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised from ``receive``; an HTTPException so FastAPI's body parsing re-raises it untouched."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body larger than {max_bytes} bytes")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413 (gateway traffic is exempt: it streams through)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "/gateway/" in scope.get("path", ""):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _err(400, "bad_request", "Content-Length must be a number")(scope, receive, send)
+                    return
+                if int(value) > self.max_bytes:
+                    await _err(413, "payload_too_large",
+                               f"request body larger than {self.max_bytes} bytes")(scope, receive, send)
+                    return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _err(413, "payload_too_large",
+                           f"request body larger than {self.max_bytes} bytes")(scope, receive, send)
+
+
+def _err(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "status": status}}, status_code=status)

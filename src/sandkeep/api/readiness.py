@@ -8,20 +8,20 @@ timeout; the route needs no token, so the reasons (hosts, error text) go to the 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
+from sandkeep.config import Settings
 from sandkeep.logs import get_logger
+from sandkeep.provider.client import MachinesClient
+from sandkeep.store.base import Store
 
 
-async def _database(store: Any) -> None:
-    ping = getattr(store, "ping", None)
-    if ping is not None:
-        await asyncio.to_thread(ping)
-    else:
-        await asyncio.to_thread(store.count_by_status)
+async def _database(store: Store) -> None:
+    await asyncio.to_thread(store.ping)
 
 
-async def _provider(provider: Any, org: str) -> None:
+async def _provider(provider: MachinesClient, org: str) -> None:
     await provider.list_apps(org, retry=False)
 
 
@@ -30,17 +30,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-async def readiness_checks(runtime: Any, *, timeout: float) -> dict[str, str]:
-    """``{"database": "ok" | reason, "provider": "ok" | reason}`` (a check with nothing to check is skipped)."""
+async def readiness_checks(settings: Settings, *, store: Store | None, provider: MachinesClient | None,
+                           timeout: float) -> dict[str, str]:
+    """``{"database": "ok" | reason, "provider": "ok" | reason}`` (a check with nothing to check is skipped:
+    no store, or a provider that is not a Machines API client)."""
     log = get_logger("sandkeep.readyz")
-    settings = runtime.settings
-    org = settings.fly_org if getattr(settings, "provider", "local") == "fly" else "personal"
-    checks: dict[str, Any] = {}
-    store = getattr(runtime, "store", None)
+    org = settings.fly_org if settings.provider == "fly" else "personal"
+    checks: dict[str, Coroutine[Any, Any, None]] = {}
     if store is not None:
         checks["database"] = _database(store)
-    provider = getattr(runtime, "provider", None)
-    if provider is not None and hasattr(provider, "list_apps"):
+    if provider is not None:
         checks["provider"] = _provider(provider, org)
     results: dict[str, str] = {}
     reasons: dict[str, str] = {}

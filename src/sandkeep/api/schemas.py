@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandkeep.clock import utc_iso
+from sandkeep.engine.naming import machine_guest
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -38,6 +39,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class GuestBody(_Strict):
+    cpu_kind: str = Field(default="shared", description="shared or performance (SANDKEEP_GUEST_CPU_KINDS for "
+                          "non-admins).")
+    cpus: int = Field(description="CPUs (at most SANDKEEP_GUEST_MAX_CPUS for non-admins).")
+    memory_mb: int = Field(description="Memory in MB, a multiple of 256 (at most SANDKEEP_GUEST_MAX_MEMORY_MB for "
+                           "non-admins).")
+
+
+_NAME_DOC = ("A name for people (1-63 lowercase letters, digits and '-'; need not be unique). 422 invalid_name "
+             "otherwise.")
+_LABELS_DOC = ("Labels (at most SANDKEEP_MAX_LABELS; keys 1-63 lowercase letters, digits and '._-', values up to "
+               "63 letters, digits and '._-'). 422 invalid_labels otherwise.")
+_GUEST_DOC = ("CPU kind, CPUs and memory instead of the size's preset, within the guest policy (422 "
+              "guest_not_allowed / invalid_guest).")
+
+
 class CreateInstanceBody(_Strict):
     user_id: str | None = Field(default=None, description="Owner; only platform and admin tokens may name "
                                 "another user (defaults to the token's user).")
@@ -46,6 +63,9 @@ class CreateInstanceBody(_Strict):
     env: dict[str, str] | None = Field(default=None, description="Environment variables (returned by the API).")
     secrets: dict[str, str] | None = Field(default=None, description="Secrets: encrypted at rest, handed to the "
                                            "machine, never returned.")
+    name: str | None = Field(default=None, description=_NAME_DOC)
+    labels: dict[str, str] | None = Field(default=None, description=_LABELS_DOC)
+    guest: GuestBody | None = Field(default=None, description=_GUEST_DOC)
 
     @field_validator("size")
     @classmethod
@@ -79,6 +99,9 @@ class UpdateConfigBody(_Strict):
     env: dict[str, str] | None = Field(default=None, description="Replaces the whole environment.")
     secrets: dict[str, str | None] | None = Field(
         default=None, description="Sets secrets by name; null removes one. Unnamed secrets are kept.")
+    name: str | None = Field(default=None, description=_NAME_DOC + ' "" removes the name.')
+    labels: dict[str, str] | None = Field(default=None, description=_LABELS_DOC + " Replaces all labels.")
+    guest: GuestBody | None = Field(default=None, description=_GUEST_DOC + " Applied at the next start.")
 
     @field_validator("size")
     @classmethod
@@ -123,6 +146,12 @@ class DeadHost(BaseModel):
                                          "volume (SANDKEEP_SNAPSHOT_INTERVAL): what a dead host can cost at most.")
 
 
+class Guest(BaseModel):
+    cpu_kind: str
+    cpus: int
+    memory_mb: int
+
+
 class Instance(BaseModel):
     id: str
     user_id: str
@@ -149,6 +178,10 @@ class Instance(BaseModel):
         "it runs again; kept on an instance that stopped because of it).")
     last_provider_error_at: str | None = None
     dead_host: DeadHost = Field(default_factory=DeadHost)
+    name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    guest: Guest | None = Field(default=None, description="The machine's CPU kind, CPUs and memory (chosen, or "
+                                "the size's preset).")
 
 
 class InstancePage(BaseModel):
@@ -227,6 +260,11 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def _guest(r: InstanceRecord) -> dict[str, Any]:
+    g = machine_guest(r)
+    return {"cpu_kind": g.cpu_kind, "cpus": g.cpus, "memory_mb": g.memory_mb}
+
+
 def render_instance(r: InstanceRecord) -> dict[str, Any]:
     return {
         "id": r.id,
@@ -262,6 +300,9 @@ def render_instance(r: InstanceRecord) -> dict[str, Any]:
                       "restore_approval": r.restore_approval, "needs_approval": r.restore_approval == "awaiting",
                       "fenced_machine_id": r.fenced_machine_id, "flagged_volume_ids": list(r.flagged_volume_ids),
                       "incident_note": r.incident_note, "last_snapshot_at": utc_iso(r.last_snapshot_at)},
+        "name": r.name,
+        "labels": dict(r.labels or {}),
+        "guest": _guest(r),
     }
 
 

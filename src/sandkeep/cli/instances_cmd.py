@@ -24,6 +24,33 @@ from sandkeep.api.cli_common import watch as watch_frames
 ID = click.argument("instance_id", metavar="ID")
 
 
+def _identity_options(f: Any) -> Any:
+    for option in reversed([
+        click.option("--name", default=None, help="A name for people (lowercase letters, digits, '-')."),
+        click.option("--label", "label", multiple=True, metavar="KEY=VALUE",
+                     help="Label (repeatable; on update the given labels replace all)."),
+        click.option("--cpus", type=click.IntRange(min=1), default=None, help="Guest CPUs (with --memory)."),
+        click.option("--memory", type=click.IntRange(min=256), default=None, metavar="MB",
+                     help="Guest memory in MB, a multiple of 256 (with --cpus)."),
+        click.option("--cpu-kind", type=click.Choice(["shared", "performance"]), default=None,
+                     help="Guest CPU kind (default shared)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _identity(name: str | None, label: tuple[str, ...], cpus: int | None, memory: int | None,
+              cpu_kind: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name}
+    if label:
+        out["labels"] = parse_pairs(label, "--label")
+    if cpus is not None or memory is not None or cpu_kind is not None:
+        if cpus is None or memory is None:
+            raise click.UsageError("--cpus and --memory go together (and --cpu-kind with them)")
+        out["guest"] = {"cpu_kind": cpu_kind or "shared", "cpus": cpus, "memory_mb": memory}
+    return out
+
+
 @click.group("instances")
 def instances() -> None:
     """Create, list, show, start, stop, restart, update and destroy instances; read their events."""
@@ -38,12 +65,15 @@ def instances() -> None:
               help="Secret, encrypted at rest and never shown again (repeatable).")
 @click.option("--idempotency-key", default=None, metavar="KEY",
               help="Sent as Idempotency-Key: repeating the command with the same key returns the first instance.")
+@_identity_options
 @wait_options
 @api_options
 def create(ctx: Ctx, user_id: str | None, size: str | None, image: str | None, env: tuple[str, ...],
-           secret: tuple[str, ...], idempotency_key: str | None, wait: bool, timeout: float) -> None:
+           secret: tuple[str, ...], idempotency_key: str | None, name: str | None, label: tuple[str, ...],
+           cpus: int | None, memory: int | None, cpu_kind: str | None, wait: bool, timeout: float) -> None:
     """Create an instance (it starts right away)."""
-    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image, "idempotency_key": idempotency_key}
+    body: dict[str, Any] = {"user_id": user_id, "size": size, "image": image, "idempotency_key": idempotency_key,
+                            **_identity(name, label, cpus, memory, cpu_kind)}
     if env:
         body["env"] = parse_pairs(env, "--env")
     if secret:
@@ -132,11 +162,16 @@ def destroy(ctx: Ctx, instance_id: str, force: bool, wait: bool, timeout: float)
 @click.option("--clear-env", is_flag=True, help="Remove every environment variable.")
 @click.option("--secret", "secret", multiple=True, metavar="NAME=VALUE", help="Set a secret (repeatable).")
 @click.option("--remove-secret", multiple=True, metavar="NAME", help="Remove a secret (repeatable).")
+@_identity_options
+@click.option("--clear-labels", is_flag=True, help="Remove every label.")
 @api_options
 def update(ctx: Ctx, instance_id: str, size: str | None, env: tuple[str, ...], clear_env: bool,
-           secret: tuple[str, ...], remove_secret: tuple[str, ...]) -> None:
-    """Change size, env or secrets; applied at the next start or restart."""
-    body: dict[str, Any] = {"size": size}
+           secret: tuple[str, ...], remove_secret: tuple[str, ...], name: str | None, label: tuple[str, ...],
+           cpus: int | None, memory: int | None, cpu_kind: str | None, clear_labels: bool) -> None:
+    """Change size, env, secrets or guest (applied at the next start or restart), name or labels (at once)."""
+    body: dict[str, Any] = {"size": size, **_identity(name, label, cpus, memory, cpu_kind)}
+    if clear_labels:
+        body["labels"] = {}
     if env or clear_env:
         body["env"] = parse_pairs(env, "--env")
     secrets: dict[str, str | None] = dict(parse_pairs(secret, "--secret"))

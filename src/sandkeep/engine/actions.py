@@ -63,6 +63,11 @@ class Changes(TypedDict, total=False):
     recovery_point: str | None
     incident_note: str | None
     last_snapshot_at: datetime | None
+    name: str | None
+    labels: dict[str, str]
+    guest_cpu_kind: str | None
+    guest_cpus: int | None
+    guest_memory_mb: int | None
 
 
 #: record fields that receive a created volume's id (``CreateVolume.assign``)

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sandkeep.clock import utc_iso
-from sandkeep.engine import deadhost, intents, policy
+from sandkeep.engine import access, deadhost, intents, labels, policy
 from sandkeep.engine.actions import Action, Changes
 from sandkeep.engine.executor import Pass, Refused
 from sandkeep.engine.lease import EngineContext, Lease, claim
@@ -36,19 +36,16 @@ from sandkeep.engine.naming import (
 from sandkeep.engine.service import (
     Actor,
     CleanupRefused,
-    Forbidden,
     ForbiddenEnvName,
     InstanceLocked,
     InstanceNotFound,
     InvalidArgument,
     InvalidConfig,
     InvalidTransition,
-    InvalidUserId,
     ProviderUnavailable,
     QuotaExceeded,
     RecoveringRefused,
     ServiceError,
-    valid_user_id,
 )
 from sandkeep.gateway import TOKEN_HEADER as GATEWAY_TOKEN_HEADER
 from sandkeep.provider.errors import MissingVolumeError, NotFoundError, ProviderError
@@ -60,7 +57,8 @@ from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Pag
 def public_view(record: InstanceRecord) -> dict[str, Any]:
     """The instance as users see it (issue 3 §4); secrets appear by name only, never by value."""
     return {
-        "id": record.id, "user_id": record.user_id, "sandbox_id": record.sandbox_id,
+        "id": record.id, "name": record.name, "labels": dict(record.labels), "user_id": record.user_id,
+        "sandbox_id": record.sandbox_id,
         "status": record.status.value, "busy": record.busy, "pending_action": record.pending_action,
         "region": record.region, "machine_id": record.machine_id, "volume_id": record.volume_id,
         "app_name": record.app_name, "created_at": utc_iso(record.created_at),
@@ -137,20 +135,29 @@ class InstanceService:
         return self._name_secret
 
     def _load(self, instance_id: str) -> InstanceRecord:
+        access.check_instance_id(instance_id)
         record = self.ctx.store.get_instance(instance_id)
         if record is None:
-            raise InstanceNotFound(f"instance {instance_id} not found")
+            raise access.not_found(instance_id)
         return record
 
-    @staticmethod
-    def _check_access(actor: Actor, record: InstanceRecord) -> None:
-        if actor.role == "user" and record.user_id != actor.user_id:
-            raise InstanceNotFound(f"instance {record.id} not found")
+    def _visible(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        record = self._load(instance_id)
+        access.check_visible(actor, record)
+        return record
 
-    @staticmethod
-    def _require_admin(actor: Actor) -> None:
-        if not actor.is_admin:
-            raise Forbidden("this action needs the admin role")
+    def _admin_gate(self, actor: Actor, action: str, instance_id: str) -> InstanceRecord:
+        """An admin action's door: the admin role and an existing instance; a refusal here is audited too."""
+        try:
+            access.require_admin(actor)
+            return self._load(instance_id)
+        except ServiceError as exc:
+            shown = instance_id if access.INSTANCE_ID_RE.match(instance_id) else instance_id[:64]
+            try:
+                self.audit_denied(actor, action, shown, f"{exc.http_status} {exc.code}: {exc.message}")
+            except Exception as audit_exc:  # the refusal itself must still be answered
+                self.ctx.emitter.log.warning("audit.write_failed", action=action, error=str(audit_exc))
+            raise
 
     @asynccontextmanager
     async def _claimed(self, instance_id: str) -> AsyncIterator[Lease]:
@@ -250,22 +257,38 @@ class InstanceService:
             raise InvalidConfig(str(exc)) from exc
         return merged
 
+    def _identity(self, actor: Actor, *, name: str | None, labels_: dict[str, str] | None,
+                  guest: dict[str, Any] | None) -> Changes:
+        """Name, labels and guest, validated (syntax, then the guest policy for ``actor``)."""
+        out: Changes = {}
+        if name is not None:
+            out["name"] = labels.validate_name(name) if name != "" else None
+        if labels_ is not None:
+            out["labels"] = labels.validate_labels(labels_, int(self.settings.max_labels))
+        if guest is not None:
+            if not isinstance(guest, dict):
+                raise labels.InvalidGuest("guest must be an object with cpu_kind, cpus and memory_mb")
+            chosen = labels.validate_guest(guest.get("cpu_kind", "shared"), guest.get("cpus"),
+                                           guest.get("memory_mb"))
+            policy.check_guest(actor, chosen, self.settings)
+            out["guest_cpu_kind"], out["guest_cpus"] = chosen.cpu_kind, chosen.cpus
+            out["guest_memory_mb"] = chosen.memory_mb
+        return out
+
     @staticmethod
     def _check_overlap(env: dict[str, str], secret_names: list[str]) -> None:
         both = sorted(set(env) & set(secret_names))
         if both:
             raise InvalidConfig(f"names used both as env and as secret: {', '.join(both)}")
 
-    async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
+    async def create_instance(self, actor: Actor, *, user_id: str | None = None, size: str | None = None,
                               env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
-                              image: str | None = None, idempotency_key: str | None = None) -> InstanceRecord:
+                              image: str | None = None, idempotency_key: str | None = None,
+                              name: str | None = None, labels: dict[str, str] | None = None,
+                              guest: dict[str, Any] | None = None) -> InstanceRecord:
         """Create and start an instance. With ``idempotency_key``, a repeat of the same caller's create for the same
         owner with the same key returns the first instance instead of making another."""
-        if not valid_user_id(user_id):
-            raise InvalidUserId(f"invalid user_id {str(user_id)[:64]!r}: 1-128 letters, digits or ._@:+- starting "
-                                f"with a letter or digit")
-        if actor.role == "user" and user_id != actor.user_id:
-            raise Forbidden("a user token can only create instances for its own user")
+        user_id = access.check_create_for(actor, actor.user_id if user_id is None else user_id)
         scoped_key = f"{actor.user_id}/{idempotency_key}" if idempotency_key else None
         if scoped_key is not None:
             first = self.ctx.store.find_by_idempotency_key(user_id, scoped_key)
@@ -275,6 +298,7 @@ class InstanceService:
                               image=image or self.settings.image)
         policy.check_image(config["image"], self.settings)
         policy.check_size(actor, config["machine_size"], self.settings)
+        identity = self._identity(actor, name=name or None, labels_=labels or {}, guest=guest)
         quota = policy.instance_quota(actor, self.settings)
         secret_map = self._secrets({}, dict(secrets) if secrets else None)
         self._check_overlap(config["env"], list(secret_map))
@@ -285,6 +309,9 @@ class InstanceService:
             app_name=app_name_for(user_id, self.settings.app_prefix, self._app_name_secret()),
             machine_size=config["machine_size"], image=config["image"], env=config["env"],
             secrets_encrypted=secret_map, status_changed_at=now, pending_action="start", idempotency_key=scoped_key,
+            name=identity.get("name"), labels=identity.get("labels", {}),
+            guest_cpu_kind=identity.get("guest_cpu_kind"), guest_cpus=identity.get("guest_cpus"),
+            guest_memory_mb=identity.get("guest_memory_mb"),
             # not due before this request moves it to starting (no worker races the claim below); if the
             # process dies in between, the alarm still starts it (provisioned + pending start)
             alarm_at=now + timedelta(seconds=max(1.0, 2 * self.settings.claim_wait)),
@@ -311,10 +338,12 @@ class InstanceService:
 
     async def update_config(self, actor: Actor, instance_id: str, *, size: str | None = None,
                             env: dict[str, str] | None = None,
-                            secrets: dict[str, str | None] | None = None) -> InstanceRecord:
-        record = self._load(instance_id)
-        self._check_access(actor, record)
+                            secrets: dict[str, str | None] | None = None,
+                            name: str | None = None, labels: dict[str, str] | None = None,
+                            guest: dict[str, Any] | None = None) -> InstanceRecord:
+        self._visible(actor, instance_id)
         config = self._config(size=size, env=env, image=None)
+        identity = self._identity(actor, name=name, labels_=labels, guest=guest)
         if "machine_size" in config:
             policy.check_size(actor, config["machine_size"], self.settings)
         if secrets is not None and not isinstance(secrets, dict):
@@ -326,11 +355,20 @@ class InstanceService:
             secret_map = self._secrets(current.secrets_encrypted, secrets)
             self._check_overlap(config.get("env", current.env), list(secret_map))
             changes: Changes = {**config}
+            if "guest_cpus" in identity:
+                changes["guest_cpu_kind"] = identity["guest_cpu_kind"]
+                changes["guest_cpus"] = identity["guest_cpus"]
+                changes["guest_memory_mb"] = identity["guest_memory_mb"]
             if secrets:
                 changes["secrets_encrypted"] = secret_map
+            if changes:  # what the machine gets: applied at the next start or restart
+                changes["config_generation"] = current.config_generation + 1
+            if "name" in identity:
+                changes["name"] = identity["name"]
+            if "labels" in identity:
+                changes["labels"] = identity["labels"]
             if not changes:
                 return current
-            changes["config_generation"] = current.config_generation + 1
             lease.persist(changes)
             self._emit(lease.record, "instance.config_updated",
                        details={"changed": sorted(k if k != "secrets_encrypted" else "secrets" for k in changes
@@ -341,32 +379,45 @@ class InstanceService:
 
     # ------------------------------------------------------------------ reads
 
-    def get_instance(self, instance_id: str) -> InstanceRecord:
-        return self._load(instance_id)
+    def get_instance(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        return self._visible(actor, instance_id)
 
-    def list_instances(self, *, user_id: str | None = None, status: list[str] | None = None,
+    def list_instances(self, actor: Actor, *, user_id: str | None = None, status: list[str] | None = None,
                        region: str | None = None, cursor: str | None = None,
                        limit: int = 50) -> Page[InstanceRecord]:
+        user_id = access.list_scope(actor, user_id)
         try:
             return self.ctx.store.list_instances(user_id=user_id, status=status, region=region, cursor=cursor,
                                                  limit=limit)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self, actor: Actor) -> dict[str, int]:
+        access.require_admin(actor)
         counts = self.ctx.store.count_by_status()
         counts.pop(Status.DESTROYED.value, None)
         return counts
 
-    def list_events(self, *, instance_id: str | None = None, name: str | None = None,
+    def list_events(self, actor: Actor, instance_id: str, *, name: str | None = None,
                     cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        self._visible(actor, instance_id)
+        return self._events(instance_id=instance_id, name=name, cursor=cursor, limit=limit)
+
+    def fleet_events(self, actor: Actor, *, instance_id: str | None = None, name: str | None = None,
+                     cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        access.require_admin(actor)
+        return self._events(instance_id=instance_id, name=name, cursor=cursor, limit=limit)
+
+    def _events(self, *, instance_id: str | None, name: str | None, cursor: str | None,
+                limit: int) -> Page[EventRecord]:
         try:
             return self.ctx.store.list_events(instance_id=instance_id, name=name, cursor=cursor, limit=limit)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
-    def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
+    def list_audit(self, actor: Actor, *, instance_id: str | None = None, cursor: str | None = None,
                    limit: int = 100) -> Page[AuditRecord]:
+        access.require_admin(actor)
         try:
             return self.ctx.store.list_audit(instance_id=instance_id, cursor=cursor, limit=limit)
         except ValueError as exc:
@@ -378,8 +429,7 @@ class InstanceService:
                       decide: Callable[[InstanceRecord, datetime], list[Action]], what: str) -> InstanceRecord:
         """A user intent: check access and the gate on the unclaimed record (cheap refusals), then decide
         again on the claimed one and run the actions."""
-        record = self._load(instance_id)
-        self._check_access(actor, record)
+        record = self._visible(actor, instance_id)
         intents.gate(record, what)
         async with self._claimed(instance_id) as lease:
             current = await self._apply(lease, decide(lease.record, self._now()))
@@ -396,9 +446,10 @@ class InstanceService:
 
     async def destroy(self, actor: Actor, instance_id: str, *, force: bool = False) -> InstanceRecord:
         """Two-phase destroy (SPEC §8). An admin's ``force`` is an admin action: audited, whatever the outcome."""
-        if not (force and actor.is_admin):
+        if not force:
             record, _ = await self._destroy(actor, instance_id, force=False)
             return record
+        self._admin_gate(actor, "force_destroy", instance_id)
         try:
             record, before = await self._destroy(actor, instance_id, force=True)
         except ServiceError as exc:
@@ -409,8 +460,7 @@ class InstanceService:
         return record
 
     async def _destroy(self, actor: Actor, instance_id: str, *, force: bool) -> tuple[InstanceRecord, str]:
-        record = self._load(instance_id)
-        self._check_access(actor, record)
+        record = self._visible(actor, instance_id)
         intents.check_destroy(record, force=force)
         if record.status == Status.DESTROYING:
             return record, record.status.value
@@ -424,12 +474,12 @@ class InstanceService:
 
     # ------------------------------------------------------------------ admin
 
-    def debug(self, instance_id: str) -> dict[str, Any]:
+    def debug(self, actor: Actor, instance_id: str) -> dict[str, Any]:
+        access.require_admin(actor)
         return debug_view(self._load(instance_id))
 
     async def retry_recovery(self, actor: Actor, instance_id: str) -> InstanceRecord:
-        self._require_admin(actor)
-        record = self._load(instance_id)
+        record = self._admin_gate(actor, "retry_recovery", instance_id)
         try:
             async with self._claimed(instance_id) as lease:
                 mode, actions = intents.retry_recovery(lease.record, self._now())
@@ -441,8 +491,7 @@ class InstanceService:
         return self._finish(current)
 
     async def cleanup_retained_volume(self, actor: Actor, instance_id: str) -> str | None:
-        self._require_admin(actor)
-        record = self._load(instance_id)
+        record = self._admin_gate(actor, "retained_volume_cleanup", instance_id)
         if record.status == Status.RECOVERING:
             self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error="instance is recovering")
             raise RecoveringRefused(f"instance {instance_id} is recovering; retained volume cleanup is refused")
@@ -468,8 +517,7 @@ class InstanceService:
 
     async def approve_restore(self, actor: Actor, instance_id: str) -> InstanceRecord:
         """Admin: approve the data-losing snapshot restore of an instance whose host is dead (SPEC §15)."""
-        self._require_admin(actor)
-        self._load(instance_id)
+        self._admin_gate(actor, "approve_restore", instance_id)
         try:
             async with self._claimed(instance_id) as lease:
                 rec = lease.record
@@ -493,8 +541,7 @@ class InstanceService:
 
     async def list_volume_snapshots(self, actor: Actor, instance_id: str) -> list[dict[str, Any]]:
         """Admin: every snapshot of the instance's current, retained and flagged volumes, newest first."""
-        self._require_admin(actor)
-        rec = self._load(instance_id)
+        rec = self._admin_gate(actor, "list_snapshots", instance_id)
         provider = self.ctx.provider
         items: list[dict[str, Any]] = []
         for vid, role in self._restorable_volumes(rec):
@@ -514,8 +561,7 @@ class InstanceService:
                              volume_id: str | None = None) -> InstanceRecord:
         """Admin: restore a snapshot of one of the instance's volumes (or fork a flagged/retained volume) into a
         new volume sized from its source and switch the instance over; the previous volume is retained."""
-        self._require_admin(actor)
-        rec = self._load(instance_id)
+        rec = self._admin_gate(actor, "volume_restore", instance_id)
         if (snapshot_id is None) == (volume_id is None):
             raise InvalidArgument("give exactly one of snapshot_id (restore) or volume_id (fork a kept volume)")
         provider = self.ctx.provider
@@ -566,8 +612,7 @@ class InstanceService:
 
     async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
         """Admin: delete an old volume flagged after a snapshot restore (the admin's decision, invariant 9)."""
-        self._require_admin(actor)
-        self._load(instance_id)
+        self._admin_gate(actor, "flagged_volume_delete", instance_id)
         try:
             async with self._claimed(instance_id) as lease:
                 rec = lease.record
@@ -589,8 +634,7 @@ class InstanceService:
         return volume_id
 
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord:
-        self._require_admin(actor)
-        self._load(instance_id)
+        self._admin_gate(actor, "destroy_machine", instance_id)
         try:
             async with self._claimed(instance_id) as lease:
                 machine_id = lease.record.machine_id
@@ -611,8 +655,7 @@ class InstanceService:
     async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
         """Admin: a new gateway token (SPEC §13). A running instance restarts so its machine gets the token at
         once (the old one stops working); a stopped one gets it at its next start. Refused while busy."""
-        self._require_admin(actor)
-        self._load(instance_id)
+        self._admin_gate(actor, "rotate_gateway_token", instance_id)
         try:
             async with self._claimed(instance_id) as lease:
                 restart = lease.record.status == Status.RUNNING
@@ -664,9 +707,10 @@ class InstanceService:
 
     # ------------------------------------------------------------------ traffic
 
-    def gateway_target(self, instance_id: str) -> tuple[str, dict[str, str]] | None:
+    def gateway_target(self, actor: Actor, instance_id: str) -> tuple[str, dict[str, str]] | None:
         """Base URL and headers to reach the gateway, its token included (never shown to users)."""
         record = self._load(instance_id)
+        access.check_gateway(actor, record)
         if record.status != Status.RUNNING or not record.machine_id:
             return None
         base, headers = self.ctx.provider.proxy_target(record.app_name, record.machine_id)

@@ -24,7 +24,7 @@ def gate(record: InstanceRecord, action: str) -> None:
         raise InvalidTransition(f"instance {record.id} is destroyed")
     if record.busy:
         raise InstanceBusy(f"instance {record.id} is {record.status.value}; {action} is refused while busy",
-                           status=record.status.value)
+                           status=record.status.value, instance_status=record.status.value)
 
 
 def provision_start(record: InstanceRecord, now: datetime) -> list[Action]:

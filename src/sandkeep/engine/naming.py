@@ -169,6 +169,14 @@ def machine_metadata(record: InstanceRecord) -> dict[str, str]:
             METADATA_GENERATION: str(record.config_generation)}
 
 
+def machine_guest(record: InstanceRecord) -> Guest:
+    """The instance's chosen guest (CPU kind, CPUs, memory) when it has one, else its size's preset."""
+    if record.guest_cpus and record.guest_memory_mb:
+        return Guest(cpu_kind=record.guest_cpu_kind or "shared", cpus=record.guest_cpus,
+                     memory_mb=record.guest_memory_mb)
+    return guest_for(record.machine_size) if record.machine_size in SIZES else SIZES["shared-cpu-1x"]
+
+
 def build_machine_config(record: InstanceRecord, *, volume_id: str, secrets: Mapping[str, str],
                          gateway_port: int, gateway_token: str | None = None) -> MachineConfig:
     """The configuration a machine of this instance gets now (current image, size, env, secrets and the
@@ -182,7 +190,7 @@ def build_machine_config(record: InstanceRecord, *, volume_id: str, secrets: Map
     return MachineConfig(
         image=record.image,
         env=env,
-        guest=guest_for(record.machine_size) if record.machine_size in SIZES else SIZES["shared-cpu-1x"],
+        guest=machine_guest(record),
         mounts=[Mount(volume=volume_id, path=VOLUME_MOUNT_PATH, name="data")],
         metadata=machine_metadata(record),
         services=[{"protocol": "tcp", "internal_port": gateway_port,

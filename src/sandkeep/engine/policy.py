@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from sandkeep.config import Settings
+from sandkeep.engine.labels import GuestNotAllowed, GuestRequest
 from sandkeep.engine.service import Actor, ImageNotAllowed, MachineSizeNotAllowed
 from sandkeep.provider.errors import AuthError, ProviderError, RateLimitedError, TransientError
 from sandkeep.provider.models import Machine
@@ -135,6 +136,25 @@ def check_size(actor: Actor, size: str, settings: Settings) -> None:
     if size not in allowed:
         raise MachineSizeNotAllowed(f"machine size {size!r} is not allowed for role {actor.role}; "
                                     f"allowed: {', '.join(allowed) or 'none'}", allowed=allowed)
+
+
+def check_guest(actor: Actor, guest: GuestRequest, settings: Settings) -> None:
+    """Admins may pick any valid guest; others a CPU kind in SANDKEEP_GUEST_CPU_KINDS, at most
+    SANDKEEP_GUEST_MAX_CPUS CPUs and SANDKEEP_GUEST_MAX_MEMORY_MB of memory."""
+    if actor.is_admin:
+        return
+    kinds = _csv(settings.guest_cpu_kinds)
+    max_cpus, max_memory = int(settings.guest_max_cpus), int(settings.guest_max_memory_mb)
+    if guest.cpu_kind not in kinds:
+        problem = f"cpu_kind {guest.cpu_kind!r} is not allowed; allowed: {', '.join(kinds) or 'none'}"
+    elif guest.cpus > max_cpus:
+        problem = f"{guest.cpus} CPUs is more than the {max_cpus} allowed"
+    elif guest.memory_mb > max_memory:
+        problem = f"{guest.memory_mb} MB of memory is more than the {max_memory} MB allowed"
+    else:
+        return
+    raise GuestNotAllowed(f"guest not allowed for role {actor.role}: {problem}", allowed_cpu_kinds=kinds,
+                          max_cpus=max_cpus, max_memory_mb=max_memory)
 
 
 def instance_quota(actor: Actor, settings: Settings) -> int | None:

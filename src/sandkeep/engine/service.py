@@ -140,29 +140,54 @@ class Actor:
 
 
 class InstanceServiceAPI(Protocol):
-    async def create_instance(self, actor: Actor, *, user_id: str, size: str | None = None,
+    async def create_instance(self, actor: Actor, *, user_id: str | None = None, size: str | None = None,
                               env: dict[str, str] | None = None,
                               secrets: dict[str, str] | None = None,
-                              image: str | None = None, idempotency_key: str | None = None) -> InstanceRecord: ...
+                              image: str | None = None, idempotency_key: str | None = None,
+                              name: str | None = None, labels: dict[str, str] | None = None,
+                              guest: dict[str, Any] | None = None) -> InstanceRecord:
+        """Create and start an instance (``user_id`` defaults to the caller's own)."""
+        ...
+
     async def update_config(self, actor: Actor, instance_id: str, *, size: str | None = None,
                             env: dict[str, str] | None = None,
-                            secrets: dict[str, str | None] | None = None) -> InstanceRecord: ...
-    def get_instance(self, instance_id: str) -> InstanceRecord: ...
-    def list_instances(self, *, user_id: str | None = None, status: list[str] | None = None,
+                            secrets: dict[str, str | None] | None = None,
+                            name: str | None = None, labels: dict[str, str] | None = None,
+                            guest: dict[str, Any] | None = None) -> InstanceRecord:
+        """Change the configuration (applied at the next start), the name (``""`` removes it) or the labels
+        (replaced as a whole)."""
+        ...
+
+    def get_instance(self, actor: Actor, instance_id: str) -> InstanceRecord:
+        """The instance if ``actor`` may see it (:mod:`sandkeep.engine.access`), else :class:`InstanceNotFound`."""
+        ...
+
+    def list_instances(self, actor: Actor, *, user_id: str | None = None, status: list[str] | None = None,
                        region: str | None = None, cursor: str | None = None,
-                       limit: int = 50) -> Page[InstanceRecord]: ...
-    def count_by_status(self) -> dict[str, int]:
-        """Instances per status, destroyed ones excluded (statuses with none are absent)."""
+                       limit: int = 50) -> Page[InstanceRecord]:
+        """Users list their own instances (naming another user is :class:`Forbidden`); others list all."""
+        ...
+
+    def count_by_status(self, actor: Actor) -> dict[str, int]:
+        """Admin: instances per status, destroyed ones excluded (statuses with none are absent)."""
         ...
 
     async def start(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
     async def stop(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
     async def restart(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
     async def destroy(self, actor: Actor, instance_id: str, *, force: bool = False) -> InstanceRecord: ...
-    def list_events(self, *, instance_id: str | None = None, name: str | None = None,
-                    cursor: str | None = None, limit: int = 100) -> Page[EventRecord]: ...
+    def list_events(self, actor: Actor, instance_id: str, *, name: str | None = None,
+                    cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        """One instance's events, newest first (the instance must be visible to ``actor``)."""
+        ...
+
     # admin
-    def debug(self, instance_id: str) -> dict[str, Any]: ...
+    def fleet_events(self, actor: Actor, *, instance_id: str | None = None, name: str | None = None,
+                     cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:
+        """Admin: every instance's events, newest first."""
+        ...
+
+    def debug(self, actor: Actor, instance_id: str) -> dict[str, Any]: ...
     async def retry_recovery(self, actor: Actor, instance_id: str) -> InstanceRecord: ...
     async def cleanup_retained_volume(self, actor: Actor, instance_id: str) -> str | None:
         """Returns the deleted volume id."""
@@ -190,12 +215,16 @@ class InstanceServiceAPI(Protocol):
         """Admin: give the instance a new gateway token (its running machine restarts with it)."""
         ...
 
-    def list_audit(self, *, instance_id: str | None = None, cursor: str | None = None,
-                   limit: int = 100) -> Page[AuditRecord]: ...
-    def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
-        """Record an admin action the API refused before reaching the service (e.g. a non-admin token)."""
+    def list_audit(self, actor: Actor, *, instance_id: str | None = None, cursor: str | None = None,
+                   limit: int = 100) -> Page[AuditRecord]:
+        """Admin: the audit log, newest first."""
         ...
+
+    def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
+        """Record an admin action refused before it reached an instance (e.g. a non-admin token)."""
+        ...
+
     # traffic
-    def gateway_target(self, instance_id: str) -> tuple[str, dict[str, str]] | None:
-        """Base URL and headers to reach the instance's gateway, or None when not running."""
+    def gateway_target(self, actor: Actor, instance_id: str) -> tuple[str, dict[str, str]] | None:
+        """Base URL and headers to reach the instance's gateway (owner or admin), or None when not running."""
         ...

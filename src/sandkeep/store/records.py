@@ -85,6 +85,13 @@ class InstanceRecord:
     last_snapshot_at: datetime | None = None  # sandkeep's own newest snapshot of the current volume
     # "<caller user id>/<Idempotency-Key>" of the create request that made this instance (unique per owner)
     idempotency_key: str | None = None
+    # what the owner calls it and how they group it (shown, never sent to the provider)
+    name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    # guest CPU/memory chosen within the policy; None = the machine size's preset
+    guest_cpu_kind: str | None = None
+    guest_cpus: int | None = None
+    guest_memory_mb: int | None = None
     # concurrency (SPEC §5)
     version: int = 0
     lease_owner: str | None = None

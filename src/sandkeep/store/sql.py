@@ -164,7 +164,7 @@ def _check_value(table_name: str, name: str, col_type: TypeEngine[Any], nullable
     if isinstance(col_type, JSONText):
         if not isinstance(value, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
-        if name in ("env", "secrets_encrypted") and not all(
+        if name in ("env", "secrets_encrypted", "labels") and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
             raise ValueError(f"{where} must map strings to strings")

@@ -6,6 +6,7 @@ script, no inline styles — colours come from CSS classes in app.css so the pag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,13 +22,21 @@ FAILED = "instance.unexpected_stop_recovery_failed"
 RECOVERY_EVENTS = (STARTED, SUCCEEDED, FAILED)
 SERIES = (("started", STARTED), ("succeeded", SUCCEEDED), ("failed", FAILED))
 
-# window name -> (total span, bucket width)
-WINDOWS: dict[str, tuple[timedelta, timedelta]] = {
+AUTO = "auto"
+# window name -> (total span, bucket width); the automatic window's width fits the data (bucket_width)
+WINDOWS: dict[str, tuple[timedelta, timedelta | None]] = {
+    AUTO: (timedelta(hours=24), None),
     "1h": (timedelta(hours=1), timedelta(minutes=5)),
     "24h": (timedelta(hours=24), timedelta(hours=1)),
     "7d": (timedelta(days=7), timedelta(hours=6)),
 }
-DEFAULT_WINDOW = "24h"
+DEFAULT_WINDOW = AUTO
+WINDOW_LABELS = {AUTO: "24h, fit to the data", "1h": "1h", "24h": "24h", "7d": "7d"}
+#: bucket widths the automatic window picks from: the narrowest that keeps at most MAX_BUCKETS buckets
+NICE_WIDTHS: tuple[timedelta, ...] = tuple(timedelta(minutes=m) for m in (1, 2, 5, 10, 15, 30, 60, 120, 180, 360,
+                                                                           720, 1440))
+MAX_BUCKETS = 24
+MIN_SPAN = timedelta(minutes=10)
 
 # histogram bins: (upper bound in seconds, label); the last bin is open-ended
 DURATION_BINS: tuple[tuple[float, str], ...] = (
@@ -40,30 +49,46 @@ DURATION_BINS: tuple[tuple[float, str], ...] = (
 class Bucket:
     start: datetime
     counts: dict[str, int]
+    width: timedelta = timedelta(hours=1)
 
 
 def _aware(when: datetime) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+def bucket_width(span: timedelta) -> timedelta:
+    """The narrowest of :data:`NICE_WIDTHS` that splits ``span`` into at most :data:`MAX_BUCKETS` buckets."""
+    for width in NICE_WIDTHS:
+        if span / width <= MAX_BUCKETS:
+            return width
+    return NICE_WIDTHS[-1]
+
+
 def recovery_buckets(events: Iterable[EventRecord], now: datetime, window: str = DEFAULT_WINDOW) -> list[Bucket]:
-    """Counts of recoveries started / succeeded / failed per time bucket, oldest bucket first."""
+    """Counts of recoveries started / succeeded / failed per time bucket, oldest bucket first.
+
+    A fixed window (1h, 24h, 7d) has fixed buckets; the automatic one covers the last 24 h but its buckets fit
+    the data: from the oldest recovery event in it to now, in the narrowest nice width that keeps at most 24
+    buckets (so three recoveries in the last ten minutes are not one hourly bar)."""
     span, width = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
-    n = int(span / width)
+    now = _aware(now)
+    by_event = {event: name for name, event in SERIES}
+    hits = [(by_event[ev.event], _aware(ev.at)) for ev in events if ev.event in by_event]
+    earliest = min((at for _, at in hits if now - span <= at <= now), default=None)
+    if width is None:
+        width = bucket_width(max(now - earliest, MIN_SPAN) if earliest is not None else span)
     # align bucket edges to multiples of the width so the chart does not jitter between refreshes
     epoch = datetime(2000, 1, 1, tzinfo=UTC)
-    end = epoch + ((_aware(now) - epoch) // width + 1) * width
+    end = epoch + ((now - epoch) // width + 1) * width
+    n = int(span / width)
+    if WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])[1] is None and earliest is not None:  # fit to the data
+        n = max(1, math.ceil((end - earliest) / width), math.ceil(MIN_SPAN / width))
     start = end - n * width
-    buckets = [Bucket(start=start + i * width, counts={name: 0 for name, _ in SERIES}) for i in range(n)]
-    by_event = {event: name for name, event in SERIES}
-    for ev in events:
-        name = by_event.get(ev.event)
-        if name is None:
-            continue
-        at = _aware(ev.at)
-        if at < start or at >= end:
-            continue
-        buckets[int((at - start) / width)].counts[name] += 1
+    buckets = [Bucket(start=start + i * width, counts={name: 0 for name, _ in SERIES}, width=width)
+               for i in range(n)]
+    for name, at in hits:
+        if start <= at < end:
+            buckets[int((at - start) / width)].counts[name] += 1
     return buckets
 
 
@@ -102,6 +127,15 @@ def _bucket_lines(start: datetime, width: timedelta) -> list[str]:
     return [start.strftime("%d %b"), start.strftime("%H:%M")]
 
 
+def _width_text(width: timedelta) -> str:
+    minutes = int(width.total_seconds() // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 1440:
+        return f"{minutes // 60} h"
+    return f"{minutes // 1440} d"
+
+
 def _bin_lines(label: str) -> list[str]:
     """``"10-30 s"`` -> ``["10-30", "s"]``: the range above its unit, so eight bins fit a phone's width."""
     head, _, unit = label.rpartition(" ")
@@ -138,7 +172,8 @@ def _grid(top: int, plot_h: float) -> list[str]:
 
 
 def recovery_chart_svg(buckets: list[Bucket], window: str = DEFAULT_WINDOW) -> Markup:
-    _, width = WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
+    width = buckets[0].width if buckets else timedelta(hours=1)
+    window = WINDOW_LABELS.get(window, window).split(",")[0]
     totals = {name: sum(b.counts[name] for b in buckets) for name, _ in SERIES}
     top = _nice_max(max((max(b.counts.values()) for b in buckets), default=0))
     plot_w, plot_h = W - LEFT - RIGHT, PLOT_H
@@ -167,6 +202,8 @@ def recovery_chart_svg(buckets: list[Bucket], window: str = DEFAULT_WINDOW) -> M
                            f'{escape(_bucket_label(b.start, width))} UTC</title></rect>')
         if i % label_every == 0:
             out.append(_axis_text(x0 + slot / 2, TOP + plot_h + 24, _bucket_lines(b.start, width)))
+    out.append(f'<text class="axis axis-unit" x="{W - RIGHT}" y="{TOP - 8}" text-anchor="end" '
+               f'data-testid="time-zone">time (UTC), {escape(_width_text(width))} per bar</text>')
     if empty:
         out.append(_empty_note(LEFT + plot_w / 2, TOP + plot_h / 2, f"No recoveries in the last {window}"))
     lx = LEFT

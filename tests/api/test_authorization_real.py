@@ -1,0 +1,125 @@
+"""The authorization matrix (tests/api/test_authorization.py ROUTES) against the real InstanceService on SQLite.
+
+The API holds no access rule of its own: the service decides (sandkeep.engine.access). This runs every route
+for every authenticated actor through the real service and checks the refusals are exactly the matrix's
+(403/404, nothing changed, no provider call) and every allowed call got past authorization (it may still be
+refused for the instance's state, e.g. 409 for a retry with nothing to retry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sandkeep.api.app import create_app
+from sandkeep.clock import FakeClock
+from sandkeep.credentials import Credentials
+from sandkeep.engine.runtime import Engine
+from sandkeep.runtime import Runtime
+from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.sql import SqlStore, open_store
+from tests.api.conftest import gateway_echo
+from tests.api.test_authorization import ADMIN, OTHER, OWNER, PLATFORM, ROUTES
+from tests.dbsupport import sqlite_url
+from tests.engine.conftest import engine_settings
+from tests.engine.fakes import FakeProber, FakeProvider
+
+SECRET = "real-authz-secret-0123456789abcdefghijklmnop"
+USERS = {OWNER: ("alice", "user"), OTHER: ("bob", "user"), ADMIN: ("root", "admin"), PLATFORM: ("backend", "platform")}
+
+
+@dataclass
+class Real:
+    client: httpx.AsyncClient
+    store: SqlStore
+    provider: FakeProvider
+    credentials: Credentials
+    clock: FakeClock
+    upstream: list[httpx.Request]
+
+
+@pytest.fixture(scope="module")
+def real_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, SqlStore, FakeProvider, Credentials,
+                                                                         FakeClock, list[httpx.Request], Engine]]:
+    tmp_path: Path = tmp_path_factory.mktemp("authz-real")
+    clock = FakeClock()
+    store = open_store(sqlite_url(tmp_path), clock)
+    provider = FakeProvider(clock)
+    settings = engine_settings(tmp_path, max_instances_per_user=0)  # one store for the module: no quota
+    engine = Engine(settings, store, provider, clock, worker_id="authz", prober=FakeProber(provider))
+    engine.service.wake = lambda _id: None  # nothing runs in the background: the test sees the request alone
+    credentials = Credentials(store, SECRET, clock)
+    runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=SECRET, data_dir=tmp_path,
+                      base_url="http://testserver", store=store, provider=provider, engine=engine,
+                      credentials=credentials)
+    seen: list[httpx.Request] = []
+    yield create_app(runtime, proxy_transport=gateway_echo(seen)), store, provider, credentials, clock, seen, engine
+    store.close()
+
+
+@pytest.fixture()
+async def real(real_app: tuple[Any, ...]) -> AsyncIterator[Real]:
+    app, store, provider, credentials, clock, seen, _ = real_app
+    seen.clear()
+    provider.calls.clear()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                 base_url="http://testserver") as client:
+        yield Real(client, store, provider, credentials, clock, seen)
+
+
+async def _running(real: Real, user_id: str, **fields: Any) -> InstanceRecord:
+    """A running instance whose machine and volume exist at the provider."""
+    app = f"sk-{user_id}"
+    await real.provider.ensure_app(app, "personal")
+    volume = await real.provider.create_volume(app, name="data", region="lcl-a")
+    from sandkeep.provider.models import MachineConfig
+
+    machine = await real.provider.create_machine(app, config=MachineConfig(image="sandkeep/gateway"), region="lcl-a")
+    now = real.clock.now()
+    n = len(real.store.list_instances(include_destroyed=True, limit=500).items)
+    record = InstanceRecord(id=f"ins_real{n:04d}", user_id=user_id, sandbox_id=f"sbx_real{n:04d}",
+                            status=Status.RUNNING, created_at=now, updated_at=now, app_name=app,
+                            machine_id=machine.id, volume_id=volume.id, region="lcl-a", last_started_at=now,
+                            status_changed_at=now, **fields)
+    return real.store.insert_instance(record)
+
+
+@pytest.mark.parametrize("who", [OWNER, OTHER, ADMIN, PLATFORM])
+@pytest.mark.parametrize("route", ROUTES, ids=[r[0] for r in ROUTES])
+async def test_real_service_authorization(real: Real, route: tuple[str, str, str, Any, dict[str, int], bool],
+                                          who: str) -> None:
+    name, method, path, body, expected, _ = route
+    retained = {"retained_volume_id": "vol_gone", "retained_volume_cleanup_after": real.clock.now() + timedelta(days=7)}
+    target = await _running(real, "alice", **retained)
+    await _running(real, "bob")
+    victim = real.credentials.issue_token("alice", "user", 3600).record
+    real.provider.calls.clear()
+    before = real.store.get_instance(target.id)
+    url = path.replace("{id}", target.id).replace("{tok}", victim.jti)
+    user, role = USERS[who]
+    kwargs: dict[str, Any] = {"headers": {"Authorization": f"Bearer {real.credentials.issue_token(user, role).token}"}}
+    if isinstance(body, str):
+        kwargs["content"] = body
+    elif body is not None:
+        kwargs["json"] = body
+
+    resp = await real.client.request(method, url, **kwargs)
+
+    want = expected[who]
+    if want in (403, 404):
+        assert resp.status_code == want, (name, who, resp.text)
+        after = real.store.get_instance(target.id)
+        assert after is not None and before is not None
+        assert after.version == before.version and after.status == before.status, (name, who)
+        assert real.provider.calls == [], (name, who, real.provider.calls)
+        assert not real.upstream
+        assert real.credentials.get_token(victim.jti).revoked_at is None
+    else:
+        assert resp.status_code not in (401, 403, 404), (name, who, resp.text)
+        assert resp.status_code < 500, (name, who, resp.text)
