@@ -49,10 +49,12 @@ from sandkeep.engine.naming import (
     guest_for,
     volume_name,
 )
-from sandkeep.engine.policy import GONE_STATES, backoff_seconds, is_backoff_error
+from sandkeep.engine.policy import GONE_STATES, backoff_seconds, call_deadline, deadline_cap, is_backoff_error
 from sandkeep.engine.reconcile import decide, needs
+from sandkeep.provider.deadline import deadline
 from sandkeep.provider.errors import (
     ConflictError,
+    DeadlineExceededError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -199,15 +201,32 @@ class Pass:
 
     @asynccontextmanager
     async def unleashed(self, seconds: float) -> AsyncIterator[None]:
-        """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards."""
-        ttl = self.ctx.settings.lease_ttl
-        self.persist({"alarm_at": self.ctx.clock.now() + timedelta(seconds=seconds + ttl)})
+        """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards.
+
+        The alarm is moved just past the wait (one busy interval after it, never past the record's deadline):
+        if this controller dies during the wait, whoever comes next picks the instance up then -- not a lease
+        TTL or two later."""
+        now = self.ctx.clock.now()
+        when = now + timedelta(seconds=seconds + max(0.1, self.ctx.settings.interval_busy))
+        cap = deadline_cap(self.record, self.ctx.settings)
+        if cap is not None and now < cap < when:
+            when = cap
+        self.persist({"alarm_at": when})
         self.lease.release()
         try:
             yield
         finally:
             if not self.lease.reclaim():
                 raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
+
+    def deadline(self) -> float | None:
+        """Where the record's deadline (:func:`~sandkeep.engine.policy.call_deadline`) lies on the clock's
+        monotonic scale: every provider call made now is bounded by it (:mod:`sandkeep.provider.deadline`)."""
+        at = call_deadline(self.record, self.ctx.settings)
+        if at is None:
+            return None
+        clock = self.ctx.clock
+        return clock.monotonic() + (at - clock.now()).total_seconds()
 
     def wait_seconds(self) -> float:
         """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
@@ -228,7 +247,8 @@ class Pass:
         settings = self.ctx.settings
         for _ in range(MAX_STEPS):
             self.lease.renew()
-            obs = await observe(self.ctx, self.record)
+            with deadline(self.deadline()):
+                obs = await observe(self.ctx, self.record)
             obs.outcomes = self.outcomes
             try:
                 actions = decide(self.record, obs, settings, self.ctx.clock.now())
@@ -262,7 +282,8 @@ class Pass:
                 return True
             else:
                 try:
-                    value = await self.effect(action)
+                    with deadline(self.deadline()):
+                        value = await self.effect(action)
                 except Refused as exc:
                     self.outcomes[action] = Outcome(False, refused=str(exc))
                     if self.intent:  # the caller (the instance service) answers for it
@@ -278,6 +299,10 @@ class Pass:
                     self.outcomes[action] = Outcome(False, error=exc)
                     if self.intent:
                         raise
+                    if isinstance(exc, DeadlineExceededError):  # decide again: the deadline has its answer
+                        self.log.warning("reconcile.effect_abandoned", effect=type(action).__name__,
+                                         error=str(exc))
+                        return False
                     if is_backoff_error(exc):
                         self.backoff(str(exc), exc)
                         return True
@@ -360,11 +385,11 @@ class Pass:
             return None
         if isinstance(action, WaitMachine):
             seconds = self.wait_seconds()
-            async with self.unleashed(seconds + ctx.settings.lease_ttl):
+            async with self.unleashed(seconds):
                 await provider.wait_machine(app, action.machine_id, state=action.state, timeout=seconds)
             return None
         if isinstance(action, ProbeHealth):
-            async with self.unleashed(action.timeout + ctx.settings.lease_ttl):
+            async with self.unleashed(action.timeout):
                 healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
                                                     timeout=action.timeout,
                                                     interval=ctx.settings.health_probe_interval,
