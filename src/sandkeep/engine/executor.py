@@ -282,7 +282,10 @@ class Pass:
                 return True
             else:
                 try:
-                    with deadline(self.deadline()):
+                    # a volume delete is never abandoned half-way: whether the data is gone must be known (the
+                    # cutover deletes the old volume; a fail after an unknown delete could lose both copies)
+                    bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline()
+                    with deadline(bound):
                         value = await self.effect(action)
                 except Refused as exc:
                     self.outcomes[action] = Outcome(False, refused=str(exc))

@@ -131,10 +131,23 @@ def deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: da
     if step.startswith((FAILING, FAILING_REPLACEMENT)):
         return _finish_fail(record, obs, settings, now)
     elapsed = (now - (record.recovery_started_at or now)).total_seconds()
-    if elapsed >= settings.recovery_timeout:  # provider calls end there too (policy.call_deadline)
+    if elapsed >= settings.recovery_timeout and not _cutting_over(record, obs):  # calls end there too (policy)
         return fail(record, settings, now, label="alarm_timeout",
                     error=f"recovery timed out after {int(elapsed)} s (limit {int(settings.recovery_timeout)} s)")
     return []
+
+
+def _cutting_over(record: InstanceRecord, obs: Observed) -> bool:
+    """The cutover already disposed of the old volume (in this pass, or before a crash: it is gone while the
+    started replacement waits): the recovery volume holds the only copy, so the recovery completes rather than
+    fail -- a fail would delete that copy (SPEC §12.7 protects the data, the timeout only the waiting)."""
+    if not record.volume_id or not (record.recovery_step or "").startswith(STEP_WAIT):
+        return False
+    deleted = obs.outcome(DeleteVolumeSafely(record.volume_id))
+    if deleted is not None and deleted.ok:
+        return True
+    return (obs.volume_missing and obs.machine is not None and obs.machine.state == "started"
+            and obs.pending_volume is not None)
 
 
 def on_transient(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
