@@ -41,6 +41,7 @@ from sandkeep.engine.actions import (
     UpdateMachine,
     WaitMachine,
 )
+from sandkeep.engine import crashpoints
 from sandkeep.engine.health import probe_until_healthy
 from sandkeep.engine.lease import EngineContext, Lease
 from sandkeep.engine.naming import (
@@ -267,6 +268,8 @@ class Pass:
         """Run ``actions`` in order; True when the pass is over. A failed effect stops the list (re-decide)."""
         for action in actions:
             if isinstance(action, Persist):
+                if action.changes.get("status") == Status.RUNNING and self.record.status == Status.RECOVERING:
+                    crashpoints.reached("recovery.cutover")  # the old volume is dealt with, the write not done
                 self.persist(action.changes)
             elif isinstance(action, Emit):
                 self.ctx.emitter.emit(self.record, action.event, label=action.label, error=action.error,
@@ -330,6 +333,9 @@ class Pass:
         if isinstance(action, EnsureApp):
             return await provider.ensure_app(app, ctx.settings.fly_org)
         if isinstance(action, CreateVolume):
+            recovering = action.purpose in ("recovery", "restore")
+            if recovering:
+                crashpoints.reached("recovery.before_fork")
             compute = guest_for(action.compute_size) if action.compute_size else None
             volume = await provider.create_volume_with_fallback(
                 app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
@@ -339,6 +345,8 @@ class Pass:
             if action.assign_region:
                 changes["region"] = volume.region
             self.persist(changes)
+            if recovering:
+                crashpoints.reached("recovery.after_fork")
             return volume
         if isinstance(action, RotateGatewayToken):
             self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
@@ -352,6 +360,8 @@ class Pass:
             config = ctx.machine_config(self.record, action.volume_id)
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
             self.persist({**action.extra, "machine_id": machine.id})
+            if action.purpose == "recovery":
+                crashpoints.reached("recovery.after_create")
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
                              machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
                              details={"machine_id": machine.id, "region": machine.region,
@@ -389,6 +399,8 @@ class Pass:
         if isinstance(action, WaitMachine):
             seconds = self.wait_seconds()
             async with self.unleashed(seconds):
+                if record.status == Status.RECOVERING:
+                    crashpoints.reached("recovery.wait")  # the lease released, the alarm set past the wait
                 await provider.wait_machine(app, action.machine_id, state=action.state, timeout=seconds)
             return None
         if isinstance(action, ProbeHealth):
