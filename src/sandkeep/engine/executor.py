@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from sandkeep import metrics
+from sandkeep.engine import crashpoints
 from sandkeep.engine.actions import (
     TERMINAL,
     Action,
@@ -41,7 +42,6 @@ from sandkeep.engine.actions import (
     UpdateMachine,
     WaitMachine,
 )
-from sandkeep.engine import crashpoints
 from sandkeep.engine.health import probe_until_healthy
 from sandkeep.engine.lease import EngineContext, Lease
 from sandkeep.engine.naming import (
