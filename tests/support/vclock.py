@@ -51,6 +51,8 @@ class CountingExecutor(ThreadPoolExecutor):
 
 
 class VirtualClock:
+    ordered_timers = True  # sleepers wake in time order: provider/deadline.py may race a call against a sleep
+
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
         self._mono = 1000.0

@@ -159,6 +159,7 @@ class Detector:
         return woken
 
     async def _poll_loop(self) -> None:
+        await self.sweep()  # at start-up: recovering instances too (a replacement that stopped meanwhile)
         while True:
             try:
                 await self.poll_once()

@@ -248,7 +248,7 @@ class Pass:
         settings = self.ctx.settings
         for _ in range(MAX_STEPS):
             self.lease.renew()
-            with deadline(self.deadline()):
+            with deadline(self.ctx.clock, self.deadline()):
                 obs = await observe(self.ctx, self.record)
             obs.outcomes = self.outcomes
             try:
@@ -288,7 +288,7 @@ class Pass:
                     # a volume delete is never abandoned half-way: whether the data is gone must be known (the
                     # cutover deletes the old volume; a fail after an unknown delete could lose both copies)
                     bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline()
-                    with deadline(bound):
+                    with deadline(self.ctx.clock, bound):
                         value = await self.effect(action)
                 except Refused as exc:
                     self.outcomes[action] = Outcome(False, refused=str(exc))

@@ -169,11 +169,11 @@ class MachinesClient:
         Under a caller's deadline (:mod:`sandkeep.provider.deadline`) the exchange's timeout is capped by the time
         left and the exchange is abandoned when the deadline passes (DeadlineExceededError)."""
         started = self.clock.monotonic()
-        left = remaining(self.clock)
+        left = remaining()
         if left is not None:
             timeout = max(0.001, min(timeout if timeout is not None else self.timeout, left))
         try:
-            resp = await bounded(self.clock, self._exchange(
+            resp = await bounded(self._exchange(
                 method, path, operation=operation, params=params, body=body, timeout=timeout,
                 volume_404_is_not_found=volume_404_is_not_found), operation=operation)
         except ProviderError as exc:
@@ -216,9 +216,9 @@ class MachinesClient:
     async def _retry(self, fn: Callable[[], Awaitable[T]],
                      retry_on: tuple[type[BaseException], ...] = RETRYABLE) -> T:
         # every attempt and every backoff sleep (a Retry-After included) end by the caller's deadline, if any
-        return await bounded(self.clock, call_with_retry(
+        return await bounded(call_with_retry(
             fn, policy=self.policy, sleep=self.clock.sleep, retry_on=retry_on, before_sleep=self._log_retry,
-            limit=lambda: remaining(self.clock)))
+            limit=remaining))
 
     async def _call(self, method: str, path: str, *, operation: str, params: list[tuple[str, str]] | None = None,
                     body: Any = None, timeout: float | None = None, retry: bool = True,

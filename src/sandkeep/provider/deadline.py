@@ -7,8 +7,9 @@ by what is left (:func:`bounded`). A call that cannot finish in time is abandone
 :class:`~sandkeep.provider.errors.DeadlineExceededError` (a transient error: nothing is known to have failed),
 and the caller decides, as it would at its deadline anyway.
 
-The deadline lives in a context variable on the injected clock's monotonic scale, so it follows the task that
-set it (and tasks it starts) and nothing else, and a virtual clock bounds calls in virtual time.
+The deadline lives in a context variable, with the clock it is measured on (the caller's injected clock: the
+engine's, which may differ from the client's in tests), so it follows the task that set it (and tasks it
+starts) and nothing else, and a virtual clock bounds calls in virtual time.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ from sandkeep.provider.errors import DeadlineExceededError
 
 T = TypeVar("T")
 
-_DEADLINE: ContextVar[float | None] = ContextVar("sandkeep_provider_deadline", default=None)
+_DEADLINE: ContextVar[tuple[Clock, float] | None] = ContextVar("sandkeep_provider_deadline", default=None)
 
 
 @contextlib.contextmanager
-def deadline(at_monotonic: float | None) -> Iterator[None]:
-    """Bound the provider calls made inside the block by ``at_monotonic`` (the clock's ``monotonic()`` scale);
-    None leaves them unbounded (an outer deadline still applies). Nested deadlines keep the earlier one."""
+def deadline(clock: Clock, at_monotonic: float | None) -> Iterator[None]:
+    """Bound the provider calls made inside the block by ``at_monotonic`` on ``clock``'s ``monotonic()`` scale;
+    None leaves them unbounded (an outer deadline still applies). Nested deadlines keep the one with less left."""
     outer = _DEADLINE.get()
-    if at_monotonic is None:
-        effective = outer
-    else:
-        effective = at_monotonic if outer is None else min(outer, at_monotonic)
+    effective = outer
+    if at_monotonic is not None:
+        mine = (clock, at_monotonic)
+        left = remaining()
+        if left is None or at_monotonic - clock.monotonic() < left:
+            effective = mine
     token = _DEADLINE.set(effective)
     try:
         yield
@@ -43,19 +46,22 @@ def deadline(at_monotonic: float | None) -> Iterator[None]:
         _DEADLINE.reset(token)
 
 
-def remaining(clock: Clock) -> float | None:
+def remaining() -> float | None:
     """Seconds left before the current deadline (never negative), or None without one."""
-    at = _DEADLINE.get()
-    if at is None:
+    current = _DEADLINE.get()
+    if current is None:
         return None
+    clock, at = current
     return max(0.0, at - clock.monotonic())
 
 
-async def bounded(clock: Clock, call: Awaitable[T], *, operation: str = "") -> T:
+async def bounded(call: Awaitable[T], *, operation: str = "") -> T:
     """Await ``call``, abandoning it (cancelled) when the current deadline passes first."""
-    left = remaining(clock)
-    if left is None:
+    current = _DEADLINE.get()
+    left = remaining()
+    if current is None or left is None:
         return await call
+    clock = current[0]
     if left <= 0:
         if asyncio.iscoroutine(call):
             call.close()
@@ -66,7 +72,11 @@ async def bounded(clock: Clock, call: Awaitable[T], *, operation: str = "") -> T
         except TimeoutError as exc:
             raise DeadlineExceededError(f"abandoned after {left:.1f} s: the deadline passed",
                                         operation=operation) from exc
-    # any other clock (a virtual one): race the call against a sleep on that clock
+    if not getattr(clock, "ordered_timers", False):
+        # a clock whose sleep just jumps ahead (FakeClock) cannot time a race: only the per-request timeouts and
+        # the retry loop's sleeps are capped then (the client reads remaining())
+        return await call
+    # a virtual clock whose sleepers wake in time order: race the call against a sleep on it
     work = asyncio.ensure_future(call)
     timer = asyncio.ensure_future(clock.sleep(left))
     try:
