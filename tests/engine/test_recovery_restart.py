@@ -140,3 +140,20 @@ async def test_the_detector_sweeps_at_start_up(tmp_path: Path) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_killed_after_the_cutover_deleted_the_old_volume_it_completes_even_past_the_timeout(
+        tmp_path: Path) -> None:
+    """The controller died between deleting the old volume and the cutover write, and came back after the
+    recovery timeout: the fork is the only copy of the data now, so the recovery completes (a timeout would
+    delete it)."""
+    async with world(tmp_path, delays=BOOT, recovery_timeout=30.0) as w:
+        rec, replacement = await _waiting_recovery(w)
+        assert rec.pending_recovery_volume_id
+        await w.host.delete_volume(rec.app_name, rec.volume_id or "")  # what the cutover did before the kill
+        w.clock.advance(60.0)  # the successor comes back past the recovery timeout
+        await w.engine.reconcile_now(rec.id)
+        final = w.get(rec.id)
+        assert final.status == Status.RUNNING, final.last_recovery_error
+        assert (final.machine_id, final.volume_id) == (replacement, rec.pending_recovery_volume_id)
+        assert rec.pending_recovery_volume_id in w.host.volumes

@@ -227,7 +227,12 @@ class Pass:
         if at is None:
             return None
         clock = self.ctx.clock
-        return clock.monotonic() + (at - clock.now()).total_seconds()
+        left = (at - clock.now()).total_seconds()
+        if left <= 0:
+            # passed: the decision says what happens now (time out, or finish a cutover that already deleted
+            # the old volume), and it must see the provider as it is to say it -- nothing left to bound
+            return None
+        return clock.monotonic() + left
 
     def wait_seconds(self) -> float:
         """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
