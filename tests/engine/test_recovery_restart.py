@@ -17,11 +17,13 @@ from sandkeep.config import Settings
 from sandkeep.engine import recovery
 from sandkeep.engine.actions import Emit, Outcome, Persist, StartMachine, WaitMachine
 from sandkeep.engine.detector import Detector
+from sandkeep.provider.errors import TransientError
 from sandkeep.provider.models import Machine, MachineEvent
 from sandkeep.store.records import InstanceRecord, Status
 from tests.engine.conftest import USER
 from tests.engine.test_decisions_table import NOW, make_record, observe
 from tests.engine.test_recovery_deadline import World, world
+from tests.support.wait import async_wait_until
 
 SETTINGS = Settings()
 BOOT = {"machine.boot.first": 3.0}  # a new machine takes 3 s to start: the recovery waits for it
@@ -157,3 +159,49 @@ async def test_killed_after_the_cutover_deleted_the_old_volume_it_completes_even
         assert final.status == Status.RUNNING, final.last_recovery_error
         assert (final.machine_id, final.volume_id) == (replacement, rec.pending_recovery_volume_id)
         assert rec.pending_recovery_volume_id in w.host.volumes
+
+
+class _FlakyStream:
+    """A provider whose watch stream breaks once (its host restarted): events of that gap are lost."""
+
+    supports_watch = True
+
+    def __init__(self) -> None:
+        self.watches = 0
+        self.listed = 0
+        self.stopped: set[str] = set()
+
+    async def watch_events(self, since: int, timeout: float) -> tuple[int, list[dict[str, object]]]:
+        self.watches += 1
+        if self.watches == 3:  # the stream breaks; the machine stops while nobody listens
+            self.stopped.add("m1")
+            raise TransientError("host restarting", operation="watch")
+        if timeout > 0:
+            await asyncio.sleep(0.01)
+        return 7, []
+
+    async def list_machines(self, app: str, **_: object) -> list[Machine]:
+        self.listed += 1
+        return [Machine(id="m1", state="stopped" if "m1" in self.stopped else "started", region="r1")]
+
+
+async def test_the_detector_sweeps_again_after_its_event_stream_broke(tmp_path: Path) -> None:
+    async with world(tmp_path) as w:
+        created = await w.engine.service.create_instance(USER, user_id=USER.user_id)
+        rec = await w.drive(created.id, lambda r: r.status == Status.RUNNING)
+        w.store.update(w.store.claim(rec.id, "t", 30, w.clock.now()), "t", {"machine_id": "m1"})
+        w.store.release(w.get(rec.id), "t")
+        provider = _FlakyStream()
+        woken: list[str] = []
+        detector = Detector(w.engine.settings, w.store, provider, woken.append)  # type: ignore[arg-type]
+        task = asyncio.create_task(detector.run())
+        try:
+            async def swept() -> list[str] | None:
+                return woken or None
+
+            await async_wait_until(swept, timeout=10, message="a wake after the stream broke")
+            assert woken == [rec.id] and provider.listed == 2  # at start-up (nothing), after the break (m1)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
