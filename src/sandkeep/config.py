@@ -73,6 +73,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("machine_wait_timeout", "SANDKEEP_MACHINE_WAIT_TIMEOUT", 60.0,
             "One provider wait call for a machine to start (the provider caps it at 60 s)."),
     Setting("recovery_timeout", "SANDKEEP_RECOVERY_TIMEOUT", 600.0, "Recovery timeout."),
+    Setting("recovery_replacement_starts", "SANDKEEP_RECOVERY_REPLACEMENT_STARTS", 3,
+            "Times a recovery starts its replacement machine again when it stopped without being asked to (e.g. "
+            "its host restarted), within the recovery timeout; then the recovery fails."),
     Setting("start_timeout", "SANDKEEP_START_TIMEOUT", 300.0, "Soft starting/restarting timeout."),
     Setting("start_hard_timeout", "SANDKEEP_START_HARD_TIMEOUT", 900.0, "Hard starting/restarting timeout."),
     Setting("health_probe_interval", "SANDKEEP_HEALTH_PROBE_INTERVAL", 1.0, "Gateway health probe interval."),
@@ -210,6 +213,7 @@ class Settings:
     relocate_failed: bool = False
     machine_wait_timeout: float = 60.0
     recovery_timeout: float = 600.0
+    recovery_replacement_starts: int = 3
     start_timeout: float = 300.0
     start_hard_timeout: float = 900.0
     health_probe_interval: float = 1.0

@@ -78,9 +78,11 @@ class Serve:
 
 
 @contextmanager
-def running_serve(base: Path, *, extra_env: dict[str, str] | None = None) -> Iterator[Serve]:
+def running_serve(base: Path, *, extra_env: dict[str, str] | None = None, secret: str | None = None,
+                  host_token: str | None = None) -> Iterator[Serve]:
+    """``serve`` on ``base/data``; pass the ``secret`` and ``host_token`` of an earlier one to restart it."""
     data = base / "data"
-    secret, host_token = secrets.token_urlsafe(48), secrets.token_urlsafe(24)
+    secret, host_token = secret or secrets.token_urlsafe(48), host_token or secrets.token_urlsafe(24)
     env = {**FAST_ENV, "SANDKEEP_JWT_SECRET": secret, "SANDKEEP_HOST_TOKEN": host_token,
            "SANDKEEP_DATABASE_URL": "", "SANDKEEP_HOST_URL": "", "SANDKEEP_PROVIDER": "local",
            **(extra_env or {})}

@@ -27,6 +27,9 @@ WAKE_STATES = frozenset({"stopped", "failed", "destroyed", "destroying"})
 WATCH_TIMEOUT = 25.0
 ERROR_PAUSE = 1.0
 WATCH_GIVE_UP = 5
+SWEEP_STATUSES = (Status.RUNNING, Status.RECOVERING)
+"""What a sweep looks at: an instance whose machine stopped while nobody watched (running: a new recovery;
+recovering: its replacement stopped, e.g. with the host that was restarted together with the controller)."""
 
 
 def _all_instances(store: Store, statuses: list[str] | None = None) -> list[InstanceRecord]:
@@ -74,6 +77,10 @@ class Detector:
         return found
 
     async def _watch_loop(self) -> None:
+        """Follow the host's change stream. Whenever events may have been missed -- at start-up (a controller
+        that was killed missed what happened meanwhile), after the stream failed (the host may have restarted
+        and stopped machines while we were not listening), when the host's sequence went backwards -- take the
+        current sequence first, then sweep (:meth:`sweep`): nothing that stopped is left for the alarm alone."""
         watch = self.provider.watch_events
         seq: int | None = None
         unsupported = 0
@@ -81,6 +88,7 @@ class Detector:
             try:
                 if seq is None:
                     seq, _ = await watch(2**62, 0)  # the current sequence, no history
+                    await self.sweep()  # after taking the sequence: a stop from now on is in the stream
                 latest, events = await watch(seq, WATCH_TIMEOUT)
                 unsupported = 0
             except (NotFoundError, InvalidRequestError, AuthError) as exc:
@@ -88,14 +96,16 @@ class Detector:
                 self.log.warning("detector.watch_failed", error=str(exc), attempt=unsupported)
                 if unsupported >= WATCH_GIVE_UP:
                     return  # this provider has no watch stream after all: poll instead
+                seq = None
                 await asyncio.sleep(ERROR_PAUSE)
                 continue
             except ProviderError as exc:
                 self.log.warning("detector.watch_failed", error=str(exc))
+                seq = None  # events may be lost meanwhile: start over with a sweep
                 await asyncio.sleep(ERROR_PAUSE)
                 continue
-            if latest < seq:  # the host restarted with fewer events: start over from its sequence
-                seq = latest
+            if latest < seq:  # the host restarted with fewer events: start over from its sequence (and sweep)
+                seq = None
                 continue
             seq = latest
             for event in events:
@@ -111,8 +121,19 @@ class Detector:
 
     # ------------------------------------------------------------------ anywhere: list per app
 
-    async def poll_once(self) -> int:
-        running = _all_instances(self.store, [Status.RUNNING.value])
+    async def sweep(self) -> int:
+        """List and wake what stopped unseen: every ``running`` or ``recovering`` instance whose machine (the
+        replacement, while recovering) is stopped, failed or gone. Returns how many were woken."""
+        try:
+            woken = await self.poll_once(SWEEP_STATUSES)
+        except Exception as exc:  # keep detecting; the alarm is the backstop anyway
+            self.log.warning("detector.sweep_failed", error=str(exc))
+            return 0
+        self.log.info("detector.sweep", woken=woken)
+        return woken
+
+    async def poll_once(self, statuses: tuple[Status, ...] = (Status.RUNNING,)) -> int:
+        running = _all_instances(self.store, [s.value for s in statuses])
         by_app: dict[str, list[InstanceRecord]] = defaultdict(list)
         for record in running:
             if record.machine_id:
@@ -138,6 +159,7 @@ class Detector:
         return woken
 
     async def _poll_loop(self) -> None:
+        await self.sweep()  # at start-up: recovering instances too (a replacement that stopped meanwhile)
         while True:
             try:
                 await self.poll_once()

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from sandkeep import metrics
+from sandkeep.engine import crashpoints
 from sandkeep.engine.actions import (
     TERMINAL,
     Action,
@@ -51,10 +52,12 @@ from sandkeep.engine.naming import (
     guest_for,
     volume_name,
 )
-from sandkeep.engine.policy import GONE_STATES, backoff_seconds, is_backoff_error
+from sandkeep.engine.policy import GONE_STATES, backoff_seconds, call_deadline, deadline_cap, is_backoff_error
 from sandkeep.engine.reconcile import decide, needs
+from sandkeep.provider.deadline import deadline
 from sandkeep.provider.errors import (
     ConflictError,
+    DeadlineExceededError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -206,15 +209,37 @@ class Pass:
 
     @asynccontextmanager
     async def unleashed(self, seconds: float) -> AsyncIterator[None]:
-        """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards."""
-        ttl = self.ctx.settings.lease_ttl
-        self.persist({"alarm_at": self.ctx.clock.now() + timedelta(seconds=seconds + ttl)})
+        """Release the lease around a provider wait of up to ``seconds``; re-claim afterwards.
+
+        The alarm is moved just past the wait (one busy interval after it, never past the record's deadline):
+        if this controller dies during the wait, whoever comes next picks the instance up then -- not a lease
+        TTL or two later."""
+        now = self.ctx.clock.now()
+        when = now + timedelta(seconds=seconds + max(0.1, self.ctx.settings.interval_busy))
+        cap = deadline_cap(self.record, self.ctx.settings)
+        if cap is not None and now < cap < when:
+            when = cap
+        self.persist({"alarm_at": when})
         self.lease.release()
         try:
             yield
         finally:
             if not self.lease.reclaim():
                 raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
+
+    def deadline(self) -> float | None:
+        """Where the record's deadline (:func:`~sandkeep.engine.policy.call_deadline`) lies on the clock's
+        monotonic scale: every provider call made now is bounded by it (:mod:`sandkeep.provider.deadline`)."""
+        at = call_deadline(self.record, self.ctx.settings)
+        if at is None:
+            return None
+        clock = self.ctx.clock
+        left = (at - clock.now()).total_seconds()
+        if left <= 0:
+            # passed: the decision says what happens now (time out, or finish a cutover that already deleted
+            # the old volume), and it must see the provider as it is to say it -- nothing left to bound
+            return None
+        return clock.monotonic() + left
 
     def wait_seconds(self) -> float:
         """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
@@ -235,7 +260,8 @@ class Pass:
         settings = self.ctx.settings
         for _ in range(MAX_STEPS):
             self.lease.renew()
-            obs = await observe(self.ctx, self.record)
+            with deadline(self.ctx.clock, self.deadline()):
+                obs = await observe(self.ctx, self.record)
             obs.outcomes = self.outcomes
             try:
                 actions = decide(self.record, obs, settings, self.ctx.clock.now())
@@ -254,6 +280,8 @@ class Pass:
         """Run ``actions`` in order; True when the pass is over. A failed effect stops the list (re-decide)."""
         for action in actions:
             if isinstance(action, Persist):
+                if action.changes.get("status") == Status.RUNNING and self.record.status == Status.RECOVERING:
+                    crashpoints.reached("recovery.cutover")  # the old volume is dealt with, the write not done
                 self.persist(action.changes)
             elif isinstance(action, Emit):
                 self.ctx.emitter.emit(self.record, action.event, label=action.label, error=action.error,
@@ -269,7 +297,11 @@ class Pass:
                 return True
             else:
                 try:
-                    value = await self.effect(action)
+                    # a volume delete is never abandoned half-way: whether the data is gone must be known (the
+                    # cutover deletes the old volume; a fail after an unknown delete could lose both copies)
+                    bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline()
+                    with deadline(self.ctx.clock, bound):
+                        value = await self.effect(action)
                 except Refused as exc:
                     self.outcomes[action] = Outcome(False, refused=str(exc))
                     if self.intent:  # the caller (the instance service) answers for it
@@ -285,6 +317,10 @@ class Pass:
                     self.outcomes[action] = Outcome(False, error=exc)
                     if self.intent:
                         raise
+                    if isinstance(exc, DeadlineExceededError):  # decide again: the deadline has its answer
+                        self.log.warning("reconcile.effect_abandoned", effect=type(action).__name__,
+                                         error=str(exc))
+                        return False
                     if is_backoff_error(exc):
                         self.backoff(str(exc), exc)
                         return True
@@ -309,6 +345,9 @@ class Pass:
         if isinstance(action, EnsureApp):
             return await provider.ensure_app(app, ctx.settings.fly_org)
         if isinstance(action, CreateVolume):
+            recovering = action.purpose in ("recovery", "restore")
+            if recovering:
+                crashpoints.reached("recovery.before_fork")
             compute = guest_for(action.compute_size) if action.compute_size else None
             volume = await provider.create_volume_with_fallback(
                 app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
@@ -318,6 +357,8 @@ class Pass:
             if action.assign_region:
                 changes["region"] = volume.region
             self.persist(changes)
+            if recovering:
+                crashpoints.reached("recovery.after_fork")
             return volume
         if isinstance(action, RotateGatewayToken):
             self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
@@ -331,6 +372,8 @@ class Pass:
             config = ctx.machine_config(self.record, action.volume_id)
             machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
             self.persist({**action.extra, "machine_id": machine.id})
+            if action.purpose == "recovery":
+                crashpoints.reached("recovery.after_create")
             ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
                              machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
                              details={"machine_id": machine.id, "region": machine.region,
@@ -367,13 +410,15 @@ class Pass:
             return None
         if isinstance(action, WaitMachine):
             seconds = self.wait_seconds()
-            async with self.unleashed(seconds + ctx.settings.lease_ttl):
+            async with self.unleashed(seconds):
+                if record.status == Status.RECOVERING:
+                    crashpoints.reached("recovery.wait")  # the lease released, the alarm set past the wait
                 await provider.wait_machine(app, action.machine_id, state=action.state, timeout=seconds)
             return None
         if isinstance(action, ProbeHealth):
             if action.timeout <= 0:  # one probe while running (dead-host suspicion): no wait, lease kept
                 return await ctx.prober.probe(app, action.machine_id, self._probe_token())
-            async with self.unleashed(action.timeout + ctx.settings.lease_ttl):
+            async with self.unleashed(action.timeout):
                 healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
                                                     timeout=action.timeout,
                                                     interval=ctx.settings.health_probe_interval,

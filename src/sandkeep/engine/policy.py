@@ -60,6 +60,16 @@ def deadline_cap(record: InstanceRecord, settings: Settings) -> datetime | None:
     return min(caps) if caps else None
 
 
+def call_deadline(record: InstanceRecord, settings: Settings) -> datetime | None:
+    """The moment by which the provider calls made for ``record`` now must end (SPEC §12.5): a recovery's
+    steps end by its timeout. The fail/timeout cleanup (``failing…`` steps) runs after it and is not bounded."""
+    if record.status != Status.RECOVERING or record.recovery_started_at is None:
+        return None
+    if (record.recovery_step or "").startswith("failing"):
+        return None
+    return record.recovery_started_at + timedelta(seconds=settings.recovery_timeout)
+
+
 def creation_regions(regions: Sequence[str], preferred: str | None) -> tuple[str, ...]:
     """Regions for a new volume: the preferred one first, then the configured order."""
     ordered = [r for r in regions if r]

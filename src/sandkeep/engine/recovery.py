@@ -54,12 +54,14 @@ from sandkeep.engine.actions import (
     Persist,
     ProbeHealth,
     RequeueAfter,
+    StartMachine,
     WaitMachine,
     newest_snapshot,
 )
 from sandkeep.engine.naming import machine_name, volume_name
 from sandkeep.engine.policy import TERMINAL_REPLACEMENT_STATES, detection_latency_ms, elapsed_ms, recovery_regions
 from sandkeep.provider.errors import HostUnavailableError, NotFoundError, WaitTimeoutError
+from sandkeep.provider.models import Machine
 from sandkeep.store.records import InstanceRecord, Status
 
 STEP_FORK = "fork"
@@ -67,6 +69,8 @@ STEP_FORKING = "forking"
 STEP_MACHINE = "machine"
 STEP_CREATING_MACHINE = "creating_machine"
 STEP_WAIT = "wait"
+STEP_WAIT_AGAIN = "wait:"
+"""``wait:<n>``: waiting for a replacement started again ``n`` times after it stopped unasked (:func:`_wait`)."""
 FAILING = "failing:"
 FAILING_REPLACEMENT = "failing_replacement:"
 
@@ -129,10 +133,23 @@ def deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: da
     if step.startswith((FAILING, FAILING_REPLACEMENT)):
         return _finish_fail(record, obs, settings, now)
     elapsed = (now - (record.recovery_started_at or now)).total_seconds()
-    if elapsed > settings.recovery_timeout:
+    if elapsed >= settings.recovery_timeout and not _cutting_over(record, obs):  # calls end there too (policy)
         return fail(record, settings, now, label="alarm_timeout",
                     error=f"recovery timed out after {int(elapsed)} s (limit {int(settings.recovery_timeout)} s)")
     return []
+
+
+def _cutting_over(record: InstanceRecord, obs: Observed) -> bool:
+    """The cutover already disposed of the old volume (in this pass, or before a crash: it is gone while the
+    started replacement waits): the recovery volume holds the only copy, so the recovery completes rather than
+    fail -- a fail would delete that copy (SPEC §12.7 protects the data, the timeout only the waiting)."""
+    if not record.volume_id or not (record.recovery_step or "").startswith(STEP_WAIT):
+        return False
+    deleted = obs.outcome(DeleteVolumeSafely(record.volume_id))
+    if deleted is not None and deleted.ok:
+        return True
+    return (obs.volume_missing and obs.machine is not None and obs.machine.state == "started"
+            and obs.pending_volume is not None)
 
 
 def on_transient(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
@@ -150,7 +167,7 @@ def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
         return _fork(record, obs, settings, now)
     if step in (STEP_MACHINE, STEP_CREATING_MACHINE):
         return _machine(record, obs, settings, now)
-    if step == STEP_WAIT:
+    if step == STEP_WAIT or step.startswith(STEP_WAIT_AGAIN):
         return _wait(record, obs, settings, now)
     return [Emit("reconcile.unknown_recovery_step", level="warning", details={"step": step}),
             Persist({"recovery_step": None})]
@@ -288,7 +305,25 @@ def _wait(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
     state = obs.machine.state
     if state == "started":
         return _complete(record, obs, settings, now)
-    if state in TERMINAL_REPLACEMENT_STATES:
+    restarted = False
+    if state == "stopped" and _stopped_unasked(obs.machine):
+        # its host restarted (or killed it) under it: the replacement and its volume are fine -- start it again,
+        # a bounded number of times; the recovery timeout still applies (SPEC §12.5)
+        step = record.recovery_step or STEP_WAIT
+        starts = int(step[len(STEP_WAIT_AGAIN):] or 0) if step.startswith(STEP_WAIT_AGAIN) else 0
+        again = obs.outcome(StartMachine(machine_id))
+        if again is None and starts < settings.recovery_replacement_starts:
+            return [Emit("reconcile.recovery_replacement_restart", level="warning",
+                         details={"machine_id": machine_id, "attempt": starts + 1,
+                                  "exit_code": _last_exit(obs.machine)}),
+                    Persist({"recovery_step": f"{STEP_WAIT_AGAIN}{starts + 1}"}),
+                    StartMachine(machine_id)]
+        if again is not None and not again.ok:
+            return fail(record, settings, now, label="alarm_stopped",
+                        error=f"replacement machine {machine_id} is stopped and cannot be started again: "
+                              f"{again.message}", replacement=True)
+        restarted = again is not None  # started again in this pass: the wait below follows it up
+    if state in TERMINAL_REPLACEMENT_STATES and not restarted:
         label_state = "destroyed" if state == "destroying" else state
         return fail(record, settings, now, label=f"alarm_{label_state}",
                     error=f"replacement machine {machine_id} is {state}", replacement=True)
@@ -308,6 +343,21 @@ def _wait(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
                     error=f"replacement machine {machine_id} is gone (404)", replacement=True)
     return fail(record, settings, now, label="alarm_wait_failed",
                 error=f"waiting for the replacement machine failed: {waited.message}", replacement=True)
+
+
+def _stopped_unasked(machine: Machine | None) -> bool:
+    """The machine's newest exit was not asked for (Fly's ``exit_event.requested_stop`` is false): its host
+    restarted or killed it. A stop someone asked for, or one the provider does not explain, stays a failure."""
+    exits = [e for e in (machine.events if machine else []) if e.type == "exit"]
+    if not exits:
+        return False
+    newest = max(exits, key=lambda e: e.timestamp or 0)
+    return newest.requested_stop is False
+
+
+def _last_exit(machine: Machine | None) -> int | None:
+    exits = [e for e in (machine.events if machine else []) if e.type == "exit"]
+    return max(exits, key=lambda e: e.timestamp or 0).exit_code if exits else None
 
 
 # ---------------------------------------------------------------------------------------------- 7.3

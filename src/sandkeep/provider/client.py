@@ -32,6 +32,7 @@ from sandkeep import metrics
 from sandkeep.clock import Clock, SystemClock
 from sandkeep.gateway import PROXY_TOKEN_HEADER
 from sandkeep.logs import get_logger
+from sandkeep.provider.deadline import bounded, remaining
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
@@ -163,11 +164,18 @@ class MachinesClient:
     async def _send(self, method: str, path: str, *, operation: str,
                     params: list[tuple[str, str]] | None = None, body: Any = None,
                     timeout: float | None = None, volume_404_is_not_found: bool = False) -> httpx.Response:
-        """One HTTP exchange; a non-2xx answer or a network failure raises a classified ProviderError."""
+        """One HTTP exchange; a non-2xx answer or a network failure raises a classified ProviderError.
+
+        Under a caller's deadline (:mod:`sandkeep.provider.deadline`) the exchange's timeout is capped by the time
+        left and the exchange is abandoned when the deadline passes (DeadlineExceededError)."""
         started = self.clock.monotonic()
+        left = remaining()
+        if left is not None:
+            timeout = max(0.001, min(timeout if timeout is not None else self.timeout, left))
         try:
-            resp = await self._exchange(method, path, operation=operation, params=params, body=body,
-                                        timeout=timeout, volume_404_is_not_found=volume_404_is_not_found)
+            resp = await bounded(self._exchange(
+                method, path, operation=operation, params=params, body=body, timeout=timeout,
+                volume_404_is_not_found=volume_404_is_not_found), operation=operation)
         except ProviderError as exc:
             metrics.observe_provider_call(operation, exc, self.clock.monotonic() - started)
             raise
@@ -207,8 +215,10 @@ class MachinesClient:
 
     async def _retry(self, fn: Callable[[], Awaitable[T]],
                      retry_on: tuple[type[BaseException], ...] = RETRYABLE) -> T:
-        return await call_with_retry(fn, policy=self.policy, sleep=self.clock.sleep, retry_on=retry_on,
-                                     before_sleep=self._log_retry)
+        # every attempt and every backoff sleep (a Retry-After included) end by the caller's deadline, if any
+        return await bounded(call_with_retry(
+            fn, policy=self.policy, sleep=self.clock.sleep, retry_on=retry_on, before_sleep=self._log_retry,
+            limit=remaining))
 
     async def _call(self, method: str, path: str, *, operation: str, params: list[tuple[str, str]] | None = None,
                     body: Any = None, timeout: float | None = None, retry: bool = True,

@@ -76,6 +76,11 @@ class TransientError(ProviderError):
     """5xx, timeouts and network failures: retry later, never change an instance's status."""
 
 
+class DeadlineExceededError(TransientError):
+    """The caller's deadline passed before the call could finish (:mod:`sandkeep.provider.deadline`): the call
+    was abandoned, so whether it happened is unknown (an ambiguous answer, like a timeout)."""
+
+
 class ConflictError(ProviderError):
     """A precondition failed (e.g. deleting a volume that is still attached); not retried."""
 

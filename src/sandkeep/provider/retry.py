@@ -62,12 +62,15 @@ class RetryPolicy:
 
 
 class _PolicyWait(wait_base):
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, limit: Callable[[], float | None] | None = None) -> None:
         self.policy = policy
+        self.limit = limit
 
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        return self.policy.delay(exc, retry_state.attempt_number)
+        wait = self.policy.delay(exc, retry_state.attempt_number)
+        left = self.limit() if self.limit is not None else None
+        return wait if left is None else max(0.0, min(wait, left))
 
 
 RetryHook = Callable[[RetryCallState], Awaitable[None] | None]
@@ -76,17 +79,20 @@ RetryHook = Callable[[RetryCallState], Awaitable[None] | None]
 async def call_with_retry(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy,
                           sleep: Callable[[float], Awaitable[None]],
                           retry_on: tuple[type[BaseException], ...] = RETRYABLE,
-                          before_sleep: RetryHook | None = None) -> T:
+                          before_sleep: RetryHook | None = None,
+                          limit: Callable[[], float | None] | None = None) -> T:
     """Run ``fn`` until it succeeds, raises a non-retryable error, or ``max_attempts`` are used up.
 
-    The last error is re-raised unchanged. Sleeps go through ``sleep`` (the injected clock's).
+    The last error is re-raised unchanged. Sleeps go through ``sleep`` (the injected clock's). ``limit``
+    returns the seconds left before the caller's deadline (None: no deadline): no backoff sleep, a 429's
+    ``Retry-After`` included, is longer than that (:mod:`sandkeep.provider.deadline` abandons the call there).
     """
     kwargs: dict[str, Any] = {}
     if before_sleep is not None:
         kwargs["before_sleep"] = before_sleep
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.max_attempts),
-        wait=_PolicyWait(policy),
+        wait=_PolicyWait(policy, limit),
         retry=retry_if_exception(lambda exc: policy.retryable(exc, retry_on)),
         sleep=sleep,
         reraise=True,
