@@ -88,7 +88,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alarm_poll_interval", "SANDKEEP_ALARM_POLL_INTERVAL", 1.0, "How often the engine looks for due alarms."),
     Setting("detect_poll_interval", "SANDKEEP_DETECT_POLL_INTERVAL", 2.0,
             "How often the detector lists machines per app to notice stops early (0 disables)."),
-    Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 16, "Instances reconciled at once per process."),
+    Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 64,
+            "Instances reconciled at once per process (alarms and wake-ups share these slots)."),
+    Setting("engine_heartbeat_interval", "SANDKEEP_ENGINE_HEARTBEAT_INTERVAL", 1.0,
+            "How often an engine process beats in the database (and voids dead engines' leases)."),
+    Setting("engine_heartbeat_ttl", "SANDKEEP_ENGINE_HEARTBEAT_TTL", 5.0,
+            "An engine silent this long is dead: its leases are voided and its instances picked up."),
+    Setting("role", "SANDKEEP_ROLE", "all",
+            "What `sandkeep serve` runs: all (API + engine), api (never reconciles) or engine."),
     Setting("provider_backoff_max", "SANDKEEP_PROVIDER_BACKOFF_MAX", 300.0,
             "Longest alarm backoff after consecutive transient provider errors (starts at the busy interval)."),
     Setting("claim_wait", "SANDKEEP_CLAIM_WAIT", 5.0,
@@ -193,7 +200,10 @@ class Settings:
     lease_ttl: float = 30.0
     alarm_poll_interval: float = 1.0
     detect_poll_interval: float = 2.0
-    engine_concurrency: int = 16
+    engine_concurrency: int = 64
+    engine_heartbeat_interval: float = 1.0
+    engine_heartbeat_ttl: float = 5.0
+    role: str = "all"
     provider_backoff_max: float = 300.0
     claim_wait: float = 5.0
     log_level: str = "info"
