@@ -315,6 +315,11 @@ async def _note_planned_host_restart(service: InstanceService, log: FilteringBou
     log.info("runtime.planned_host_restart", running_instances_marked=marked)
 
 
+ROLES = ("all", "api", "engine")
+"""``sandkeep serve --role``: all (API + engine), api (never reconciles), engine (reconciles; its HTTP server
+still answers /healthz, /readyz and /metrics, and the API)."""
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, *, data_dir: Path | None = None, clock: Clock | None = None,
                        start_engine: bool = True) -> AsyncIterator[Runtime]:
@@ -346,6 +351,8 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
             raise StartupError(str(exc)) from exc
     if settings.provider not in ("local", "fly"):
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
+    if settings.role not in ROLES:
+        raise StartupError(f"unknown role {settings.role!r}: use {', '.join(ROLES)}")
 
     async with contextlib.AsyncExitStack() as stack:
         from sqlalchemy.exc import SQLAlchemyError
@@ -403,7 +410,9 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
                 raise StartupError(str(exc)) from exc
 
         try:
-            engine = Engine(settings, store, provider, clock)
+            # --role api: the engine object only serves the instance service (intents are persisted with
+            # their alarm due; an engine process picks them up) and never reconciles
+            engine = Engine(settings, store, provider, clock, role="api" if settings.role == "api" else "engine")
         except OSError as exc:  # the secrets key file (SANDKEEP_SECRETS_KEY unset) cannot be read or written
             raise StartupError(f"cannot start the engine: {exc.strerror or exc}"
                                f"{f' ({exc.filename})' if exc.filename else ''}") from exc
