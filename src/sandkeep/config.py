@@ -94,6 +94,17 @@ SETTINGS: tuple[Setting, ...] = (
             "How often an engine process beats in the database (and voids dead engines' leases)."),
     Setting("engine_heartbeat_ttl", "SANDKEEP_ENGINE_HEARTBEAT_TTL", 5.0,
             "An engine silent this long is dead: its leases are voided and its instances picked up."),
+    Setting("provider_rate_limit", "SANDKEEP_PROVIDER_RATE_LIMIT", 0.0,
+            "Machines API requests per second for the whole process (token bucket; 0: unlimited). A 429's "
+            "Retry-After pauses every caller."),
+    Setting("provider_rate_burst", "SANDKEEP_PROVIDER_RATE_BURST", 0.0,
+            "Token bucket burst (0: one second's worth of the rate limit)."),
+    Setting("provider_region_concurrency", "SANDKEEP_PROVIDER_REGION_CONCURRENCY", 16,
+            "Creates (volume fork/create, machine create) in flight per region at most (0: no cap)."),
+    Setting("provider_breaker_threshold", "SANDKEEP_PROVIDER_BREAKER_THRESHOLD", 0,
+            "Consecutive failed creates in a region that open its circuit breaker (0: no breaker; 5 on Fly)."),
+    Setting("provider_breaker_cooldown", "SANDKEEP_PROVIDER_BREAKER_COOLDOWN", 30.0,
+            "How long an open region breaker refuses creates before one trial create."),
     Setting("role", "SANDKEEP_ROLE", "all",
             "What `sandkeep serve` runs: all (API + engine), api (never reconciles) or engine."),
     Setting("provider_backoff_max", "SANDKEEP_PROVIDER_BACKOFF_MAX", 300.0,
@@ -203,6 +214,11 @@ class Settings:
     engine_concurrency: int = 64
     engine_heartbeat_interval: float = 1.0
     engine_heartbeat_ttl: float = 5.0
+    provider_rate_limit: float = 0.0
+    provider_rate_burst: float = 0.0
+    provider_region_concurrency: int = 16
+    provider_breaker_threshold: int = 0
+    provider_breaker_cooldown: float = 30.0
     role: str = "all"
     provider_backoff_max: float = 300.0
     claim_wait: float = 5.0

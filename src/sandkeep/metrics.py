@@ -89,6 +89,9 @@ ENGINE_CLAIMS = Counter("sandkeep_engine_claims",
                         ["source"], registry=REGISTRY)
 ENGINE_PASSES_IN_FLIGHT = Gauge("sandkeep_engine_passes_in_flight", "Reconcile passes running in this process now.",
                                 registry=REGISTRY)
+PROVIDER_BREAKER_REFUSALS = Counter("sandkeep_provider_breaker_refusals_total",
+                                    "Creates refused at once because the region's circuit breaker is open.",
+                                    ["region"], registry=REGISTRY)
 ENGINE_LEASES_VOIDED = Counter("sandkeep_engine_leases_voided_total",
                                "Instance leases voided because the engine holding them stopped heartbeating.",
                                registry=REGISTRY)

@@ -399,7 +399,11 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
 
         provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
                                   fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE,
-                                  proxy_token=settings.host_proxy_token if proxy_url else None)
+                                  proxy_token=settings.host_proxy_token if proxy_url else None,
+                                  rate_limit=settings.provider_rate_limit, rate_burst=settings.provider_rate_burst,
+                                  region_concurrency=settings.provider_region_concurrency,
+                                  breaker_threshold=settings.provider_breaker_threshold,
+                                  breaker_cooldown=settings.provider_breaker_cooldown)
         stack.push_async_callback(provider.aclose)
         if settings.provider == "fly":
             from sandkeep.flycheck import FlyConfigError, check_fly

@@ -147,12 +147,12 @@ async def test_killed_engine_instances_are_picked_up_before_lease_ttl(
     a = make_harness(engine_heartbeat_ttl=5.0)
     b = make_harness(engine_heartbeat_ttl=5.0)
     rec = await a.running()
-    await a.engine._heartbeat_once()  # noqa: SLF001 - engine A registers, then "dies" holding the lease
-    held = await a.engine.claim(rec.id, a.engine._owner())  # noqa: SLF001
+    await a.engine._heartbeat_once()
+    held = await a.engine.claim(rec.id, a.engine._owner())
     assert held is not None
     assert await b.engine.reconcile_now(rec.id, wait=0) is None  # A's lease holds
     clock.advance(6)  # past A's heartbeat ttl, far from the 30 s lease ttl
-    await b.engine._heartbeat_once()  # noqa: SLF001
+    await b.engine._heartbeat_once()
     assert b.engine.voided_engines == {a.engine.worker_id: 1}
     assert await b.engine.reconcile_now(rec.id, wait=0) is not None
     with pytest.raises(FencedError):  # A's stale lease cannot write any more
@@ -164,7 +164,7 @@ async def test_planned_stop_releases_leases_for_a_restart(make_harness: Callable
     a = make_harness()
     rec = await a.running()
     await a.engine.start()
-    held = await a.engine.claim(rec.id, a.engine._owner())  # noqa: SLF001 - mid-pass when stopped
+    held = await a.engine.claim(rec.id, a.engine._owner())
     assert held is not None
     await a.engine.stop()
     b = make_harness()
@@ -181,7 +181,7 @@ async def test_api_role_never_reconciles(make_harness: Callable[..., Harness], s
         record = await api.service.create_instance(USER, user_id=USER.user_id)
         api.wake(record.id)
         await asyncio.sleep(0)
-        assert not api._wakes  # noqa: SLF001
+        assert not api._wakes
         row = store.get_instance(record.id)
         assert row is not None and row.lease_owner is None and row.alarm_at is not None
         assert row.alarm_at <= clock.now() + timedelta(seconds=60)
