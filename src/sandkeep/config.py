@@ -90,6 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the detector lists machines per app to notice stops early (0 disables)."),
     Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 64,
             "Instances reconciled at once per process (alarms and wake-ups share these slots)."),
+    Setting("alarm_coalesce", "SANDKEEP_ALARM_COALESCE", 0.2,
+            "The engine waits at least this long for the next alarm, claiming alarms due meanwhile together "
+            "(adds at most this much alarm lag; saves CPU and database writes)."),
     Setting("engine_heartbeat_interval", "SANDKEEP_ENGINE_HEARTBEAT_INTERVAL", 1.0,
             "How often an engine process beats in the database (and voids dead engines' leases)."),
     Setting("engine_heartbeat_ttl", "SANDKEEP_ENGINE_HEARTBEAT_TTL", 5.0,
@@ -212,6 +215,7 @@ class Settings:
     alarm_poll_interval: float = 1.0
     detect_poll_interval: float = 2.0
     engine_concurrency: int = 64
+    alarm_coalesce: float = 0.2
     engine_heartbeat_interval: float = 1.0
     engine_heartbeat_ttl: float = 5.0
     provider_rate_limit: float = 0.0

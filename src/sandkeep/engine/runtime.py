@@ -5,7 +5,8 @@
 * the **worker loop**: it claims due alarms in batches (``store.claim_due`` with lease ``lease_ttl``) up to
   the free concurrency slots (``engine_concurrency``) and runs one reconcile pass per claimed instance. It is
   woken whenever passes free slots (refill as passes finish, in batches of at least a quarter of the slots),
-  and otherwise sleeps until the next due alarm (at most ``alarm_poll_interval``);
+  and otherwise sleeps until the next due alarm (at least ``alarm_coalesce``, so alarms due close together
+  are claimed together; at most ``alarm_poll_interval``);
 * the **detector** (SPEC §6) that turns provider stop signals into ``wake(instance_id)``;
 * the **heartbeat** (issue 11): the engine registers in the ``engines`` table and beats every
   ``engine_heartbeat_interval``; each beat also voids the leases of engines whose heartbeat is older than
@@ -294,6 +295,7 @@ class Engine:
     async def _worker_loop(self) -> None:
         poll = max(0.01, self.settings.alarm_poll_interval)
         batch_floor = max(1, self.settings.engine_concurrency // 4)
+        coalesce = max(0.001, min(poll, self.settings.alarm_coalesce))
         while True:
             timeout = poll
             self._kick.clear()  # before looking: a pass that ends from here on kicks the wait below
@@ -314,8 +316,8 @@ class Engine:
                     else:  # nothing more due now: sleep until the next alarm (at most the poll interval)
                         now = self.clock.now()
                         nxt = await self.astore.call(self.store.next_due_at, now)
-                        if nxt is not None:
-                            timeout = min(poll, max(0.001, (nxt - now).total_seconds()))
+                        if nxt is not None:  # not sooner than the coalescing window: claims in batches
+                            timeout = min(poll, max(coalesce, (nxt - now).total_seconds()))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

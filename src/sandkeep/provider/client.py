@@ -16,9 +16,11 @@ duplicate.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -58,6 +60,11 @@ WAIT_MAX_SECONDS = 60
 WATCH_MAX_SECONDS = 30
 """The local host's /_local/watch long-poll blocks for at most 30 s."""
 _GONE_STATES = frozenset({"destroyed", "destroying", "pending_destroy", "deleted"})
+if importlib.util.find_spec("sniffio") is None:
+    # httpcore runs ``import sniffio`` on every request and falls back to asyncio when it is missing; a failed
+    # import searches sys.path each time (the burst profile's top entry). A None entry fails it at once.
+    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
 _AMBIGUOUS: tuple[type[ProviderError], ...] = (TransientError, WaitTimeoutError)
 """Failures after which a create may or may not have happened."""
 
