@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv host demo bench clean constraints
+.PHONY: run test lint venv host demo bench bench-scale clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale_all
 
 # Regenerate the pinned constraints from the current environment (maintainers only).
 constraints: $(STAMP)

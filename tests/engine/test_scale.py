@@ -218,3 +218,29 @@ async def test_wakeups_take_slots_before_alarms() -> None:
     assert slots.free() == 0 and slots.used == 2
     slots.release()
     assert slots.free() == 1
+
+
+def test_recovery_progress_for_the_fleet_page(store: SqlStore, clock: FakeClock) -> None:
+    from types import SimpleNamespace
+
+    from sandkeep.store.records import EventRecord
+    from sandkeep.web.progress import fleet_progress
+
+    recs = _insert(store, clock, 4, due=True)
+    for rec in recs[:3]:
+        store.update(store.claim(rec.id, "x#1", TTL, clock.now()) or rec, "x#1", {"status": Status.RECOVERING})
+        store.release(store.get_instance(rec.id), "x#1")  # type: ignore[arg-type]
+    store.claim(recs[0].id, "e1#1", TTL, clock.now())  # one recovery in flight, two queued
+    for name in ("instance.unexpected_stop_recovery_succeeded", "instance.unexpected_stop_recovery_succeeded",
+                 "instance.unexpected_stop_recovery_failed"):
+        store.add_event(EventRecord(event=name, at=clock.now(), instance_id=recs[3].id,
+                                    user_id="u3", details={}))
+    store.add_event(EventRecord(event="instance.unexpected_stop_recovery_succeeded",
+                                at=clock.now() - timedelta(hours=2), instance_id=recs[3].id, user_id="u3",
+                                details={}))  # outside the hour
+    store.engine_heartbeat("e1", "engine", clock.now(), 5.0)
+    progress = fleet_progress(SimpleNamespace(store=store, clock=clock))
+    assert {k: v for k, v in progress.items() if k != "engines"} == {
+        "queued": 2, "in_flight": 1, "succeeded": 2, "failed": 1}
+    assert [e["id"] for e in progress["engines"]] == ["e1"]
+    assert fleet_progress(SimpleNamespace(clock=clock)) == {}  # no store: no fragment

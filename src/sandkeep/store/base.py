@@ -113,6 +113,10 @@ class Store(Protocol):
 
     def list_engines(self) -> list[dict[str, Any]]: ...
 
+    def recovery_progress(self, now: datetime, since: datetime) -> dict[str, int]:
+        """Recoveries queued / in flight now, succeeded / failed since ``since`` (admin fleet page)."""
+        ...
+
     # events and audit
     def add_event(self, event: EventRecord) -> EventRecord: ...
     def list_events(self, *, instance_id: str | None = None, name: str | None = None,

@@ -770,6 +770,26 @@ class SqlStore:
                 conn.execute(delete(engines).where(e.id == engine_id))
         return out
 
+    def recovery_progress(self, now: datetime, since: datetime) -> dict[str, int]:
+        """Recoveries right now and lately (the admin fleet page during a storm): ``queued`` (recovering,
+        nobody holds the lease: waiting for an engine slot or a backoff), ``in_flight`` (recovering, leased),
+        ``succeeded`` / ``failed`` (recovery events since ``since``)."""
+        _aware(now)
+        _aware(since, "since")
+        c, e = instances.c, events.c
+        recovering = c.status == Status.RECOVERING.value
+        with self._read() as conn:
+            queued = conn.execute(select(func.count()).where(recovering, _lease_free(now))).scalar() or 0
+            total = conn.execute(select(func.count()).where(recovering)).scalar() or 0
+            done: dict[str, int] = {str(name): int(n) for name, n in conn.execute(
+                select(e.event, func.count()).where(
+                    e.event.in_(["instance.unexpected_stop_recovery_succeeded",
+                                 "instance.unexpected_stop_recovery_failed"]),
+                    e.at >= since).group_by(e.event)).all()}
+        return {"queued": int(queued), "in_flight": int(total) - int(queued),
+                "succeeded": int(done.get("instance.unexpected_stop_recovery_succeeded", 0)),
+                "failed": int(done.get("instance.unexpected_stop_recovery_failed", 0))}
+
     def list_engines(self) -> list[dict[str, Any]]:
         """The registered engine processes (id, role, started_at, heartbeat_at, expires_at)."""
         with self._read() as conn:

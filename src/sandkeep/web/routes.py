@@ -57,6 +57,7 @@ from sandkeep.web.auth import (
     new_session_cookie,
     read_session,
 )
+from sandkeep.web.progress import fleet_progress
 
 T = TypeVar("T")
 log = get_logger("sandkeep.web")
@@ -305,7 +306,7 @@ class WebUI:
             "statuses": present.ALL_STATUSES, "regions": self.rt.settings.region_list,
             "windows": list(charts.WINDOWS), "next_url": next_url, "prev_url": prev_url,
             "page_number": len(trail) + 1 if cursor else 1, "list_error": error,
-            "chart": chart, "histogram": histogram,
+            "chart": chart, "histogram": histogram, "progress": fleet_progress(self.rt),
         }
 
     def charts(self, window: str, *, fresh: bool) -> tuple[Markup, Markup]:
