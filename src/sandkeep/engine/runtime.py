@@ -140,7 +140,10 @@ class Engine:
             return
         self.started = True
         metrics.RECOVERY_TIMEOUT.set(self.settings.recovery_timeout)
-        await self._heartbeat_once()  # register (and void dead engines' leases) before claiming anything
+        try:  # register (and void dead engines' leases) before claiming anything
+            await self._heartbeat_once()
+        except Exception as exc:  # the database hiccuped: the heartbeat loop tries again
+            self.log.warning("engine.heartbeat_failed", error=str(exc))
         self._tasks = [asyncio.create_task(self._worker_loop(), name=f"sandkeep-worker-{self.worker_id}"),
                        asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}"),
                        asyncio.create_task(self._heartbeat_loop(), name=f"sandkeep-heartbeat-{self.worker_id}")]

@@ -34,7 +34,8 @@ MAX_BATCH = 500
 class AsyncStore:
     def __init__(self, store: Store, *, threads: int = 1) -> None:
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="sandkeep-store")
+        self._threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None  # started on first use, again after aclose()
         self._finishes: list[tuple[InstanceRecord, str, dict[str, Any], asyncio.Future[InstanceRecord]]] = []
         self._releases: list[tuple[InstanceRecord, str, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -42,6 +43,8 @@ class AsyncStore:
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="sandkeep-store")
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     async def finish(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
@@ -108,4 +111,6 @@ class AsyncStore:
         if self._flusher is not None:
             with contextlib.suppress(BaseException):
                 await self._flusher
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=False)
