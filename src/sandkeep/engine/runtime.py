@@ -301,6 +301,7 @@ class Engine:
         coalesce = max(0.001, min(poll, self.settings.alarm_coalesce))
         while True:
             timeout = poll
+            caught_up = False  # every due alarm is claimed: passes ending now need not wake us at once
             self._kick.clear()  # before looking: a pass that ends from here on kicks the wait below
             try:
                 await self._refresh_gauge()
@@ -317,6 +318,7 @@ class Engine:
                         if self._slots.free() >= batch_floor:
                             continue
                     else:  # nothing more due now: sleep until the next alarm (at most the poll interval)
+                        caught_up = True
                         now = self.clock.now()
                         nxt = await self.astore.call(self.store.next_due_at, now)
                         if nxt is not None:  # not sooner than the coalescing window: claims in batches
@@ -325,8 +327,13 @@ class Engine:
                 raise
             except Exception as exc:
                 self.log.exception("engine.worker_loop_error", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=timeout)
+            if caught_up:  # finishing passes kick often; let alarms due meanwhile gather for one claim
+                window = min(timeout, coalesce)
+                await asyncio.sleep(window)
+                timeout -= window
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), timeout=timeout)
 
     async def _heartbeat_once(self) -> None:
         now = self.clock.now()
