@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # tests run on every core (pytest-xdist); `PYTEST_WORKERS=0` runs them in one process
 PYTEST_WORKERS ?= auto
 
-.PHONY: run test lint venv host demo bench clean constraints
+.PHONY: run test lint venv host demo bench bench-scale clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale_all
 
 # Regenerate the pinned constraints from the current environment (maintainers only).
 constraints: $(STAMP)

@@ -112,7 +112,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alarm_poll_interval", "SANDKEEP_ALARM_POLL_INTERVAL", 1.0, "How often the engine looks for due alarms."),
     Setting("detect_poll_interval", "SANDKEEP_DETECT_POLL_INTERVAL", 2.0,
             "How often the detector lists machines per app to notice stops early (0 disables)."),
-    Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 16, "Instances reconciled at once per process."),
+    Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 64,
+            "Instances reconciled at once per process (alarms and wake-ups share these slots)."),
+    Setting("alarm_coalesce", "SANDKEEP_ALARM_COALESCE", 0.2,
+            "The engine waits at least this long for the next alarm, claiming alarms due meanwhile together "
+            "(adds at most this much alarm lag; saves CPU and database writes)."),
+    Setting("engine_heartbeat_interval", "SANDKEEP_ENGINE_HEARTBEAT_INTERVAL", 1.0,
+            "How often an engine process beats in the database (and voids dead engines' leases)."),
+    Setting("engine_heartbeat_ttl", "SANDKEEP_ENGINE_HEARTBEAT_TTL", 5.0,
+            "An engine silent this long is dead: its leases are voided and its instances picked up."),
+    Setting("provider_rate_limit", "SANDKEEP_PROVIDER_RATE_LIMIT", 0.0,
+            "Machines API requests per second for the whole process (token bucket; 0: unlimited). A 429's "
+            "Retry-After pauses every caller."),
+    Setting("provider_rate_burst", "SANDKEEP_PROVIDER_RATE_BURST", 0.0,
+            "Token bucket burst (0: one second's worth of the rate limit)."),
+    Setting("provider_region_concurrency", "SANDKEEP_PROVIDER_REGION_CONCURRENCY", 16,
+            "Creates (volume fork/create, machine create) in flight per region at most (0: no cap)."),
+    Setting("provider_breaker_threshold", "SANDKEEP_PROVIDER_BREAKER_THRESHOLD", 0,
+            "Consecutive failed creates in a region that open its circuit breaker (0: no breaker; 5 on Fly)."),
+    Setting("provider_breaker_cooldown", "SANDKEEP_PROVIDER_BREAKER_COOLDOWN", 30.0,
+            "How long an open region breaker refuses creates before one trial create."),
+    Setting("role", "SANDKEEP_ROLE", "all",
+            "What `sandkeep serve` runs: all (API + engine), api (never reconciles) or engine."),
     Setting("provider_backoff_max", "SANDKEEP_PROVIDER_BACKOFF_MAX", 300.0,
             "Longest alarm backoff after consecutive transient provider errors (starts at the busy interval)."),
     Setting("claim_wait", "SANDKEEP_CLAIM_WAIT", 5.0,
@@ -232,7 +253,16 @@ class Settings:
     lease_ttl: float = 30.0
     alarm_poll_interval: float = 1.0
     detect_poll_interval: float = 2.0
-    engine_concurrency: int = 16
+    engine_concurrency: int = 64
+    alarm_coalesce: float = 0.2
+    engine_heartbeat_interval: float = 1.0
+    engine_heartbeat_ttl: float = 5.0
+    provider_rate_limit: float = 0.0
+    provider_rate_burst: float = 0.0
+    provider_region_concurrency: int = 16
+    provider_breaker_threshold: int = 0
+    provider_breaker_cooldown: float = 30.0
+    role: str = "all"
     provider_backoff_max: float = 300.0
     claim_wait: float = 5.0
     log_level: str = "info"

@@ -89,6 +89,12 @@ ENGINE_CLAIMS = Counter("sandkeep_engine_claims",
                         ["source"], registry=REGISTRY)
 ENGINE_PASSES_IN_FLIGHT = Gauge("sandkeep_engine_passes_in_flight", "Reconcile passes running in this process now.",
                                 registry=REGISTRY)
+PROVIDER_BREAKER_REFUSALS = Counter("sandkeep_provider_breaker_refusals_total",
+                                    "Creates refused at once because the region's circuit breaker is open.",
+                                    ["region"], registry=REGISTRY)
+ENGINE_LEASES_VOIDED = Counter("sandkeep_engine_leases_voided_total",
+                               "Instance leases voided because the engine holding them stopped heartbeating.",
+                               registry=REGISTRY)
 ALARM_LAG = Histogram("sandkeep_alarm_lag_seconds", "How late a due alarm was claimed (claim time - alarm_at).",
                       registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, float("inf")))
 ALARMS_DUE = Gauge("sandkeep_alarms_due", "Alarms due now and not yet claimed (the engine's queue depth).",

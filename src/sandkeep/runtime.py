@@ -315,6 +315,11 @@ async def _note_planned_host_restart(service: InstanceService, log: FilteringBou
     log.info("runtime.planned_host_restart", running_instances_marked=marked)
 
 
+ROLES = ("all", "api", "engine")
+"""``sandkeep serve --role``: all (API + engine), api (never reconciles), engine (reconciles; its HTTP server
+still answers /healthz, /readyz and /metrics, and the API)."""
+
+
 def prepared_settings(settings: Settings, directory: Path) -> Settings:
     """``settings`` with the data dir, the JWT and app-name secrets resolved (created on first start), after the
     checks that need no network (provider name, Fly token present, ``FLY_REGIONS`` syntax)."""
@@ -339,6 +344,8 @@ def prepared_settings(settings: Settings, directory: Path) -> Settings:
             raise StartupError(str(exc)) from exc
     if settings.provider not in ("local", "fly"):
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
+    if settings.role not in ROLES:
+        raise StartupError(f"unknown role {settings.role!r}: use {', '.join(ROLES)}")
     return settings
 
 
@@ -399,7 +406,11 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
 
         provider = MachinesClient(api_url, api_token, proxy_url=proxy_url, clock=clock,
                                   fly_proxy_template=settings.fly_proxy_url or FLY_PROXY_TEMPLATE,
-                                  proxy_token=settings.host_proxy_token if proxy_url else None)
+                                  proxy_token=settings.host_proxy_token if proxy_url else None,
+                                  rate_limit=settings.provider_rate_limit, rate_burst=settings.provider_rate_burst,
+                                  region_concurrency=settings.provider_region_concurrency,
+                                  breaker_threshold=settings.provider_breaker_threshold,
+                                  breaker_cooldown=settings.provider_breaker_cooldown)
         stack.push_async_callback(provider.aclose)
         if settings.provider == "fly":
             from sandkeep.flycheck import FlyConfigError, check_fly
@@ -410,7 +421,9 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
                 raise StartupError(str(exc)) from exc
 
         try:
-            engine = Engine(settings, store, provider, clock)
+            # --role api: the engine object only serves the instance service (intents are persisted with
+            # their alarm due; an engine process picks them up) and never reconciles
+            engine = Engine(settings, store, provider, clock, role="api" if settings.role == "api" else "engine")
         except OSError as exc:  # the secrets key file (SANDKEEP_SECRETS_KEY unset) cannot be read or written
             raise StartupError(f"cannot start the engine: {exc.strerror or exc}"
                                f"{f' ({exc.filename})' if exc.filename else ''}") from exc

@@ -46,11 +46,14 @@ import click
 @click.option("--host-rate-limits/--no-host-rate-limits", default=None,
               help="The local host enforces Fly's API rate limits (its --rate-limits) [default: "
                    "$SANDKEEP_HOST_RATE_LIMITS or off].")
+@click.option("--role", type=click.Choice(["all", "api", "engine"]), default=None,
+              help="all: API + engine; api: API only, never reconciles (engines share the database); engine: "
+                   "reconciles (several processes share one PostgreSQL) [default: $SANDKEEP_ROLE or all].")
 @click.option("--log-level", default=None, help="debug, info, warning or error [default: $SANDKEEP_LOG_LEVEL].")
 @click.option("--no-login-links", is_flag=True, help="Do not print one-time sign-in links.")
 def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_listen: str | None,
           host_proxy_listen: str | None, host_machines: str | None, host_profile: str | None,
-          host_rate_limits: bool | None, log_level: str | None, no_login_links: bool) -> None:
+          host_rate_limits: bool | None, role: str | None, log_level: str | None, no_login_links: bool) -> None:
     """Run sandkeep: HTTP API (+ /docs), web UI, engine and the local machine host."""
     from sandkeep.config import SettingsError, load_settings
     from sandkeep.logs import configure_logging
@@ -61,7 +64,7 @@ def serve(listen: str | None, data_dir: Path | None, provider: str | None, host_
         settings = load_settings(listen=listen, provider=provider, host_listen=host_listen,
                                  host_proxy_listen=host_proxy_listen, log_level=log_level,
                                  host_machines=host_machines, host_profile=host_profile,
-                                 host_rate_limits=host_rate_limits,
+                                 host_rate_limits=host_rate_limits, role=role,
                                  home=data_dir)
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from exc

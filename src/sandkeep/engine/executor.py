@@ -166,10 +166,13 @@ async def safe_delete_volume(ctx: EngineContext, record: InstanceRecord, volume_
 class Pass:
     """One reconcile pass over one claimed instance (or one intent's actions, ``intent=True``)."""
 
-    def __init__(self, ctx: EngineContext, lease: Lease, *, intent: bool = False) -> None:
+    def __init__(self, ctx: EngineContext, lease: Lease, *, intent: bool = False,
+                 release_at_end: bool = False) -> None:
         self.ctx = ctx
         self.lease = lease
         self.intent = intent
+        #: end the pass (requeue / backoff) with one write that also drops the lease (the engine's passes)
+        self.release_at_end = release_at_end
         self.outcomes: dict[Effect, Outcome] = {}
         self.log = ctx.emitter.log.bind(instance_id=lease.record.id)
 
@@ -187,15 +190,29 @@ class Pass:
         return self.lease.persist(changes)
 
     def requeue(self, seconds: float) -> None:
+        self.persist(self.requeue_changes(seconds))
+
+    def requeue_changes(self, seconds: float) -> Changes:
         changes: Changes = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
         if self.record.provider_error_count:
             changes["provider_error_count"] = 0
             if self.record.status != Status.STOPPED:  # a stopped instance keeps the error that stopped it
                 changes["last_provider_error"] = None
                 changes["last_provider_error_at"] = None
-        self.persist(changes)
+        return changes
+
+    async def end(self, changes: Changes) -> None:
+        """The pass's last write: with ``release_at_end`` also the lease release, in one (batched) write."""
+        if self.release_at_end:
+            await self.lease.finish(changes)
+        else:
+            self.persist(changes)
 
     def backoff(self, message: str, error: BaseException | None = None, *, retry_after: float | None = None) -> None:
+        self.persist(self.backoff_changes(message, error, retry_after=retry_after))
+
+    def backoff_changes(self, message: str, error: BaseException | None = None, *,
+                        retry_after: float | None = None) -> Changes:
         count = self.record.provider_error_count + 1
         if isinstance(error, RateLimitedError) and error.retry_after is not None:
             retry_after = error.retry_after
@@ -203,9 +220,8 @@ class Pass:
         metrics.PROVIDER_ERRORS.labels(kind=type(error).__name__ if error else "ProviderError").inc()
         self.log.warning("reconcile.provider_error", status=self.record.status.value, error=message[:500],
                          error_count=count, retry_in_seconds=round(delay, 3))
-        self.persist({"provider_error_count": count, "last_provider_error": message[:500],
-                      "last_provider_error_at": self.ctx.clock.now(),
-                      "alarm_at": self.ctx.alarm_in(delay, self.record)})
+        return {"provider_error_count": count, "last_provider_error": message[:500],
+                "last_provider_error_at": self.ctx.clock.now(), "alarm_at": self.ctx.alarm_in(delay, self.record)}
 
     @asynccontextmanager
     async def unleashed(self, seconds: float) -> AsyncIterator[None]:
@@ -259,7 +275,7 @@ class Pass:
         metrics.RECONCILE_PASSES.labels(status=self.record.status.value).inc()
         settings = self.ctx.settings
         for _ in range(MAX_STEPS):
-            self.lease.renew()
+            await self.lease.renew_if_needed()
             with deadline(self.ctx.clock, self.deadline()):
                 obs = await observe(self.ctx, self.record)
             obs.outcomes = self.outcomes
@@ -288,10 +304,10 @@ class Pass:
                                       duration_ms=action.duration_ms, value=action.value, details=action.details,
                                       level=action.level)
             elif isinstance(action, RequeueAfter):
-                self.requeue(action.seconds)
+                await self.end(self.requeue_changes(action.seconds))
                 return True
             elif isinstance(action, Backoff):
-                self.backoff(action.error, None, retry_after=action.retry_after)
+                await self.end(self.backoff_changes(action.error, None, retry_after=action.retry_after))
                 return True
             elif isinstance(action, Done):
                 return True
@@ -322,7 +338,7 @@ class Pass:
                                          error=str(exc))
                         return False
                     if is_backoff_error(exc):
-                        self.backoff(str(exc), exc)
+                        await self.end(self.backoff_changes(str(exc), exc))
                         return True
                     self.log.warning("reconcile.effect_failed", effect=type(action).__name__,
                                      action=repr(action)[:300], error=str(exc))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from sandkeep.clock import Clock
 from sandkeep.config import Settings
@@ -27,8 +28,11 @@ from sandkeep.provider.base import MachineProvider
 from sandkeep.provider.errors import InvalidRequestError
 from sandkeep.provider.models import MachineConfig
 from sandkeep.secrets import SecretBox, SecretsError
+from sandkeep.store.aio import AsyncStore
 from sandkeep.store.base import Store
 from sandkeep.store.records import InstanceRecord, Status
+
+T = TypeVar("T")
 
 CLAIM_RETRY_PAUSE = 0.05
 """Real-time pause between claim attempts while another worker holds the instance."""
@@ -47,6 +51,14 @@ class EngineContext:
     prober: Prober
     rng: random.Random = field(default_factory=random.Random)
     trace: TraceFn | None = None
+    #: the store off the event loop (the engine's store thread); None: call the store directly
+    astore: AsyncStore | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store method on the store thread when there is one (else directly)."""
+        if self.astore is not None:
+            return await self.astore.call(fn, *args)
+        return fn(*args)
 
     def traced(self, what: str, instance_id: str, owner: str) -> None:
         if self.trace is not None:
@@ -91,6 +103,8 @@ class Lease:
         self.ctx = ctx
         self.record = record
         self.owner = owner
+        #: True once a :meth:`finish` dropped the lease (nothing left to release)
+        self.released = False
 
     def persist(self, changes: Changes) -> InstanceRecord:
         """Fenced write. A status change stamps ``status_changed_at`` and, unless ``alarm_at`` is given,
@@ -114,6 +128,27 @@ class Lease:
         self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
                                            self.ctx.clock.now())
 
+    async def renew_if_needed(self) -> None:
+        """Renew (fenced) unless more than half the lease is left: a pass that just claimed writes nothing."""
+        expires = self.record.lease_expires_at
+        ttl = self.ctx.settings.lease_ttl
+        if expires is not None and (expires - self.ctx.clock.now()).total_seconds() > ttl / 2:
+            return
+        self.record = await self.ctx.call(self.ctx.store.renew, self.record, self.owner, ttl, self.ctx.clock.now())
+
+    async def finish(self, changes: Changes) -> InstanceRecord:
+        """The pass's last write and the lease release in one fenced write (batched with other passes' ends
+        on the engine's store thread). Only for changes without a status change (requeue / backoff)."""
+        assert "status" not in changes, "finish() does not handle status changes: persist() them"
+        if self.ctx.astore is not None:
+            record = await self.ctx.astore.finish(self.record, self.owner, dict(changes))
+        else:
+            record = self.ctx.store.finish(self.record, self.owner, dict(changes))
+        self.ctx.traced("release", self.record.id, self.owner)
+        self.record = record
+        self.released = True
+        return record
+
     def release(self) -> None:
         self.ctx.traced("release", self.record.id, self.owner)
         self.ctx.store.release(self.record, self.owner)
@@ -134,9 +169,9 @@ async def claim(ctx: EngineContext, instance_id: str, owner: str, *, wait: float
     store, settings = ctx.store, ctx.settings
     deadline = time.monotonic() + (settings.claim_wait if wait is None else wait)
     while True:
-        record = store.claim(instance_id, owner, settings.lease_ttl, ctx.clock.now())
+        record = await ctx.call(store.claim, instance_id, owner, settings.lease_ttl, ctx.clock.now())
         if record is not None:
             return Lease(ctx, record, owner)
-        if store.get_instance(instance_id) is None or time.monotonic() >= deadline:
+        if await ctx.call(store.get_instance, instance_id) is None or time.monotonic() >= deadline:
             return None
         await asyncio.sleep(CLAIM_RETRY_PAUSE)

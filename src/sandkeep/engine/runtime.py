@@ -2,19 +2,30 @@
 
 ``Engine(settings, store, provider, clock, worker_id=...)``; ``await engine.start()`` runs
 
-* the **worker loop**: every ``alarm_poll_interval`` (or at once when kicked) it claims due alarms
-  (``store.claim_due`` with lease ``lease_ttl``) up to the free concurrency slots
-  (``engine_concurrency``) and runs one reconcile pass per claimed instance under its lease;
-* the **detector** (SPEC §6) that turns provider stop signals into ``wake(instance_id)``.
+* the **worker loop**: it claims due alarms in batches (``store.claim_due`` with lease ``lease_ttl``) up to
+  the free concurrency slots (``engine_concurrency``) and runs one reconcile pass per claimed instance. It is
+  woken whenever passes free slots (refill as passes finish, in batches of at least a quarter of the slots),
+  and otherwise sleeps until the next due alarm (at least ``alarm_coalesce``, so alarms due close together
+  are claimed together; at most ``alarm_poll_interval``);
+* the **detector** (SPEC §6) that turns provider stop signals into ``wake(instance_id)``;
+* the **heartbeat** (issue 11): the engine registers in the ``engines`` table and beats every
+  ``engine_heartbeat_interval``; each beat also voids the leases of engines whose heartbeat is older than
+  ``engine_heartbeat_ttl`` (their instances are picked up within seconds; voiding bumps the rows' versions,
+  so a voided holder's fenced writes fail). ``stop()`` voids this engine's own leases (a planned restart
+  resumes at once).
 
-``reconcile_now(id)`` claims one instance (retrying briefly while another worker holds it) and runs a pass
-right away; ``wake(id)`` does that in the background. Several engines (threads, processes, hosts) can share
-one database: the lease makes them take turns per instance, and fencing stops a worker whose lease expired.
+Wake-ups (``wake(id)``: a detected stop, an intent) and alarms share one bounded concurrency
+(``engine_concurrency`` slots); a wake-up waiting for a slot goes before any new alarm claim, so recoveries
+are not queued behind routine reconciles. Store calls of the hot path (claim, renew, the pass's last write,
+release, the alarm look-ahead) run on the engine's store thread (:class:`~sandkeep.store.aio.AsyncStore`);
+the last write of a routine pass also drops the lease, and those writes of concurrent passes share one commit.
+A no-op pass of a healthy instance costs one write of its own (plus its share of a batched claim).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
@@ -22,6 +33,7 @@ import random
 import secrets as _pysecrets
 import socket
 import time
+from collections.abc import Callable
 
 from sandkeep import metrics
 from sandkeep.clock import Clock
@@ -36,6 +48,7 @@ from sandkeep.engine.orphans import OrphanSweeper
 from sandkeep.logs import get_logger
 from sandkeep.provider.base import MachineProvider
 from sandkeep.secrets import SecretBox
+from sandkeep.store.aio import AsyncStore
 from sandkeep.store.base import FencedError, NotFound, Store
 from sandkeep.store.records import InstanceRecord
 
@@ -43,20 +56,65 @@ GAUGE_REFRESH_SECONDS = 5.0
 MAX_CLAIM_BATCH = 500
 
 
+class Slots:
+    """``capacity`` pass slots shared by alarms and wake-ups; wake-ups waiting for a slot go first."""
+
+    def __init__(self, capacity: int, on_free: Callable[[], None]) -> None:
+        self.capacity = max(1, capacity)
+        self.used = 0
+        self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._on_free = on_free
+
+    def free(self) -> int:
+        """Slots an alarm claim may take now (none while a wake-up waits)."""
+        return 0 if self._urgent else max(0, self.capacity - self.used)
+
+    def take(self, n: int) -> None:
+        self.used += n
+
+    async def acquire_urgent(self) -> None:
+        if not self._urgent and self.used < self.capacity:
+            self.used += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._urgent.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed over just as we were cancelled: give it back
+            else:
+                with contextlib.suppress(ValueError):
+                    self._urgent.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._urgent:
+            fut = self._urgent.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the waiting wake-up
+                return
+        self.used = max(0, self.used - 1)
+        self._on_free()
+
+
 class Engine:
     def __init__(self, settings: Settings, store: Store, provider: MachineProvider, clock: Clock, *,
                  worker_id: str | None = None, prober: Prober | None = None,
                  secret_box: SecretBox | None = None, trace: TraceFn | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, role: str = "engine") -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
         self.clock = clock
+        self.role = role
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{_pysecrets.token_hex(3)}"
         self._owns_prober = prober is None
+        self.astore = AsyncStore(store)
         self.ctx = EngineContext(settings=settings, store=store, provider=provider, clock=clock,
                                  emitter=Emitter(store, clock), secrets=secret_box or SecretBox.from_settings(settings),
-                                 prober=prober or GatewayProber(provider), rng=rng or random.Random(), trace=trace)
+                                 prober=prober or GatewayProber(provider), rng=rng or random.Random(), trace=trace,
+                                 astore=self.astore)
         self.log = get_logger("sandkeep.engine", worker_id=self.worker_id)
         self._seq = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -64,22 +122,34 @@ class Engine:
         self._wakes: dict[str, asyncio.Task[object]] = {}
         self._rewake: set[str] = set()
         self._kick = asyncio.Event()
+        self._slots = Slots(settings.engine_concurrency, self._kick.set)
         self._gauge_at = 0.0
         self.detector = Detector(settings, store, provider, self.wake)
         self.service = InstanceService(self.ctx, owner_prefix=self.worker_id, wake=self.wake)
         self.orphans = OrphanSweeper(self.ctx, self.worker_id)  # SPEC §15 inventory (engine/orphans.py)
         self.started = False
+        self.voided_engines: dict[str, int] = {}
+
+    @property
+    def passive(self) -> bool:
+        """An API-only process (``--role api``): it never reconciles; engines pick up the persisted intents."""
+        return self.role == "api"
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        if self.started:
+        if self.started or self.passive:
             return
         self.started = True
         metrics.RECOVERY_TIMEOUT.set(self.settings.recovery_timeout)
+        try:  # register (and void dead engines' leases) before claiming anything
+            await self._heartbeat_once()
+        except Exception as exc:  # the database hiccuped: the heartbeat loop tries again
+            self.log.warning("engine.heartbeat_failed", error=str(exc))
         self._tasks = [asyncio.create_task(self._worker_loop(), name=f"sandkeep-worker-{self.worker_id}"),
                        asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}"),
-                       asyncio.create_task(self.orphans.run(), name=f"sandkeep-orphans-{self.worker_id}")]
+                       asyncio.create_task(self.orphans.run(), name=f"sandkeep-orphans-{self.worker_id}"),
+                       asyncio.create_task(self._heartbeat_loop(), name=f"sandkeep-heartbeat-{self.worker_id}")]
         self.log.info("engine.started", concurrency=self.settings.engine_concurrency,
                       detection="watch" if self.detector.uses_watch else "poll")
 
@@ -93,6 +163,13 @@ class Engine:
         self._tasks.clear()
         self._passes.clear()
         self._wakes.clear()
+        if self.started:
+            try:  # a planned stop: our leases are voided now, so a restarted engine resumes them at once
+                voided = await self.astore.call(self.store.engine_leave, self.worker_id, self.clock.now())
+                self.log.info("engine.left", leases_voided=voided)
+            except Exception as exc:
+                self.log.warning("engine.leave_failed", error=str(exc))
+        await self.astore.aclose()
         if self._owns_prober:
             await self.ctx.prober.aclose()
         if self.started:
@@ -107,7 +184,7 @@ class Engine:
     async def _run_claimed(self, record: InstanceRecord, owner: str) -> InstanceRecord | None:
         self.ctx.traced("acquire", record.id, owner)
         current: InstanceRecord | None = record
-        work = Pass(self.ctx, Lease(self.ctx, record, owner))
+        work = Pass(self.ctx, Lease(self.ctx, record, owner), release_at_end=True)
         metrics.ENGINE_PASSES_IN_FLIGHT.inc()
         try:
             current = await work.run()
@@ -118,16 +195,22 @@ class Engine:
             self.log.info("reconcile.lease_lost", instance_id=record.id, error=str(exc))
             return None
         except asyncio.CancelledError:
-            self._release(work.record, owner)
+            if not work.lease.released:
+                self._release_now(work.record, owner)
             raise
         except Exception as exc:
             self.log.exception("reconcile.crashed", instance_id=record.id, error=str(exc))
         finally:
             metrics.ENGINE_PASSES_IN_FLIGHT.dec()
-        self._release(work.record, owner)
+        if not work.lease.released:
+            self.ctx.traced("release", work.record.id, owner)
+            try:
+                await self.astore.release(work.record, owner)
+            except Exception as exc:
+                self.log.warning("reconcile.release_failed", instance_id=record.id, error=str(exc))
         return current
 
-    def _release(self, record: InstanceRecord, owner: str) -> None:
+    def _release_now(self, record: InstanceRecord, owner: str) -> None:
         self.ctx.traced("release", record.id, owner)
         try:
             self.store.release(record, owner)
@@ -151,7 +234,11 @@ class Engine:
         return await self._run_claimed(record, owner)
 
     def wake(self, instance_id: str) -> None:
-        """Reconcile ``instance_id`` soon, in the background (coalesces repeated wake-ups)."""
+        """Reconcile ``instance_id`` soon, in the background (coalesces repeated wake-ups). The pass takes one
+        of the engine's slots, ahead of alarm claims. An API-only process does nothing: the intent it
+        persisted (alarm now) is picked up by an engine process."""
+        if self.passive:
+            return
         running = self._wakes.get(instance_id)
         if running is not None and not running.done():
             self._rewake.add(instance_id)
@@ -161,7 +248,11 @@ class Engine:
             try:
                 while True:
                     self._rewake.discard(instance_id)
-                    await self.reconcile_now(instance_id)
+                    await self._slots.acquire_urgent()
+                    try:
+                        await self.reconcile_now(instance_id)
+                    finally:
+                        self._slots.release()
                     if instance_id not in self._rewake:
                         return
             finally:
@@ -178,15 +269,15 @@ class Engine:
         if free <= 0:
             return 0
         owner = self._owner()
-        claimed = self._claim_due(owner, free)
+        claimed = await self._claim_due(owner, free)
         if claimed:
             await asyncio.gather(*(self._run_claimed(r, owner) for r in claimed))
         return len(claimed)
 
-    def _claim_due(self, owner: str, limit: int) -> list[InstanceRecord]:
+    async def _claim_due(self, owner: str, limit: int) -> list[InstanceRecord]:
         """Claim due alarms, counting the claims and how late each alarm was."""
         now = self.clock.now()
-        claimed = self.store.claim_due(owner, self.settings.lease_ttl, now, limit)
+        claimed = await self.astore.call(self.store.claim_due, owner, self.settings.lease_ttl, now, limit)
         if claimed:
             metrics.ENGINE_CLAIMS.labels(source="alarm").inc(len(claimed))
             for record in claimed:
@@ -196,25 +287,81 @@ class Engine:
 
     # ------------------------------------------------------------------ loops
 
-    async def _worker_loop(self) -> None:
-        while True:
+    def _spawn_alarm_pass(self, record: InstanceRecord, owner: str) -> None:
+        async def run() -> None:
             try:
-                self._refresh_gauge()
-                free = min(self.settings.engine_concurrency - len(self._passes), MAX_CLAIM_BATCH)
-                if free > 0:
+                await self._run_claimed(record, owner)
+            finally:
+                self._slots.release()
+
+        task: asyncio.Task[object] = asyncio.create_task(run())
+        self._passes.add(task)
+        task.add_done_callback(self._passes.discard)
+
+    async def _worker_loop(self) -> None:
+        poll = max(0.01, self.settings.alarm_poll_interval)
+        batch_floor = max(1, self.settings.engine_concurrency // 4)
+        coalesce = max(0.001, min(poll, self.settings.alarm_coalesce))
+        while True:
+            timeout = poll
+            caught_up = False  # every due alarm is claimed: passes ending now need not wake us at once
+            self._kick.clear()  # before looking: a pass that ends from here on kicks the wait below
+            try:
+                await self._refresh_gauge()
+                free = min(self._slots.free(), MAX_CLAIM_BATCH)
+                # refill in batches: wait for a quarter of the slots unless nothing runs (one claim, many passes)
+                if free > 0 and (free >= batch_floor or self._slots.used == 0):
                     owner = self._owner()
-                    claimed = self._claim_due(owner, free)
+                    claimed = await self._claim_due(owner, free)
+                    self._slots.take(len(claimed))
                     for record in claimed:
-                        task: asyncio.Task[object] = asyncio.create_task(self._run_claimed(record, owner))
-                        self._passes.add(task)
-                        task.add_done_callback(self._passes.discard)
+                        self._spawn_alarm_pass(record, owner)
+                    if len(claimed) == free:
+                        await asyncio.sleep(0)  # more may be due: claim again as soon as slots free up
+                        if self._slots.free() >= batch_floor:
+                            continue
+                    else:  # nothing more due now: sleep until the next alarm (at most the poll interval)
+                        caught_up = True
+                        now = self.clock.now()
+                        nxt = await self.astore.call(self.store.next_due_at, now)
+                        if nxt is not None:  # not sooner than the coalescing window: claims in batches
+                            timeout = min(poll, max(coalesce, (nxt - now).total_seconds()))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.log.exception("engine.worker_loop_error", error=str(exc))
-            self._kick.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=max(0.01, self.settings.alarm_poll_interval))
+            if caught_up:  # finishing passes kick often; let alarms due meanwhile gather for one claim
+                window = min(timeout, coalesce)
+                await asyncio.sleep(window)
+                timeout -= window
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), timeout=timeout)
+
+    async def _heartbeat_once(self) -> None:
+        now = self.clock.now()
+        ttl = max(self.settings.engine_heartbeat_ttl, 2 * self.settings.engine_heartbeat_interval)
+        known = await self.astore.call(self.store.engine_heartbeat, self.worker_id, self.role, now, ttl)
+        if not known and self.started and self._tasks:
+            self.log.warning("engine.declared_dead", note="another engine voided our leases; re-registered")
+        voided = await self.astore.call(self.store.void_dead_engines, now)
+        if voided:
+            for engine_id, count in voided.items():
+                self.voided_engines[engine_id] = self.voided_engines.get(engine_id, 0) + count
+                metrics.ENGINE_LEASES_VOIDED.inc(count)
+                self.log.warning("engine.dead_engine_voided", dead_engine=engine_id, leases_voided=count)
+            self._kick.set()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.05, self.settings.engine_heartbeat_interval)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("engine.heartbeat_failed", error=str(exc))
 
     async def _detector_loop(self) -> None:
         while True:
@@ -227,13 +374,13 @@ class Engine:
                 self.log.exception("detector.crashed", error=str(exc))
                 await asyncio.sleep(1.0)
 
-    def _refresh_gauge(self) -> None:
+    async def _refresh_gauge(self) -> None:
         now = time.monotonic()
         if now - self._gauge_at < GAUGE_REFRESH_SECONDS:
             return
         self._gauge_at = now
         try:
-            metrics.set_instance_counts(self.store.count_by_status())
-            metrics.set_engine_gauges(self.store.ops_gauges(self.clock.now()))
+            metrics.set_instance_counts(await self.astore.call(self.store.count_by_status))
+            metrics.set_engine_gauges(await self.astore.call(self.store.ops_gauges, self.clock.now()))
         except Exception as exc:
             self.log.warning("engine.gauge_failed", error=str(exc))

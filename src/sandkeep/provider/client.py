@@ -15,10 +15,13 @@ duplicate.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -36,6 +39,7 @@ from sandkeep.provider.deadline import bounded, remaining
 from sandkeep.provider.errors import (
     CapacityError,
     ConflictError,
+    HostUnavailableError,
     InvalidRequestError,
     MissingVolumeError,
     NotFoundError,
@@ -45,6 +49,7 @@ from sandkeep.provider.errors import (
     WaitTimeoutError,
     classify,
 )
+from sandkeep.provider.limits import RegionBreaker, RegionGates, TokenBucket
 from sandkeep.provider.models import App, Guest, Machine, MachineConfig, MachineEvent, Volume, VolumeSnapshot
 from sandkeep.provider.retry import RETRYABLE, RetryPolicy, call_with_retry
 
@@ -56,6 +61,11 @@ WAIT_MAX_SECONDS = 60
 WATCH_MAX_SECONDS = 30
 """The local host's /_local/watch long-poll blocks for at most 30 s."""
 _GONE_STATES = frozenset({"destroyed", "destroying", "pending_destroy", "deleted"})
+if importlib.util.find_spec("sniffio") is None:
+    # httpcore runs ``import sniffio`` on every request and falls back to asyncio when it is missing; a failed
+    # import searches sys.path each time (the burst profile's top entry). A None entry fails it at once.
+    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
 _AMBIGUOUS: tuple[type[ProviderError], ...] = (TransientError, WaitTimeoutError)
 """Failures after which a create may or may not have happened."""
 
@@ -110,7 +120,8 @@ class MachinesClient:
                  timeout: float = 30.0, max_attempts: int = 5, backoff_base: float = 0.2,
                  backoff_max: float = 5.0, transport: httpx.AsyncBaseTransport | None = None,
                  max_retry_after: float = 60.0, rng: random.Random | None = None,
-                 proxy_token: str | None = None) -> None:
+                 proxy_token: str | None = None, rate_limit: float = 0.0, rate_burst: float = 0.0,
+                 region_concurrency: int = 0, breaker_threshold: int = 0, breaker_cooldown: float = 30.0) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         root = base_url.strip().rstrip("/")
@@ -128,6 +139,12 @@ class MachinesClient:
         self.timeout = float(timeout)
         self.policy = RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base, backoff_max=backoff_max,
                                   max_retry_after=max_retry_after, rng=rng or random.Random())
+        # bounded storms (issue 11): a process-wide token bucket (0: off) that also honours Retry-After for
+        # every caller, at most ``region_concurrency`` creates in flight per region, a per-region breaker
+        burst = max(1.0, rate_burst or rate_limit)
+        self.bucket = TokenBucket(rate_limit, burst, self.clock) if rate_limit > 0 else None
+        self.gates = RegionGates(region_concurrency) if region_concurrency > 0 else None
+        self.breaker = RegionBreaker(breaker_threshold, breaker_cooldown, self.clock) if breaker_threshold > 0 else None
         self._http = httpx.AsyncClient(
             base_url=root,
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json",
@@ -168,6 +185,8 @@ class MachinesClient:
 
         Under a caller's deadline (:mod:`sandkeep.provider.deadline`) the exchange's timeout is capped by the time
         left and the exchange is abandoned when the deadline passes (DeadlineExceededError)."""
+        if self.bucket is not None:
+            await self.bucket.acquire()
         started = self.clock.monotonic()
         left = remaining()
         if left is not None:
@@ -178,6 +197,8 @@ class MachinesClient:
                 volume_404_is_not_found=volume_404_is_not_found), operation=operation)
         except ProviderError as exc:
             metrics.observe_provider_call(operation, exc, self.clock.monotonic() - started)
+            if self.bucket is not None and isinstance(exc, RateLimitedError):
+                self.bucket.penalise(exc.retry_after if exc.retry_after is not None else 1.0)
             raise
         metrics.observe_provider_call(operation, None, self.clock.monotonic() - started)
         return resp
@@ -414,8 +435,39 @@ class MachinesClient:
 
     # ------------------------------------------------------------------ machines
 
+    @contextlib.asynccontextmanager
+    async def _region(self, region: str | None, operation: str) -> AsyncIterator[None]:
+        """A create in ``region``: refused at once while the region's breaker is open, at most
+        ``region_concurrency`` at a time, and its outcome counted by the breaker."""
+        if region is None or (self.breaker is None and self.gates is None):
+            yield
+            return
+        if self.breaker is not None and not self.breaker.allow(region):
+            metrics.PROVIDER_BREAKER_REFUSALS.labels(region=region).inc()
+            raise CapacityError(f"region {region} is failing every create: circuit open, not trying it now",
+                                operation=operation)
+        async with self.gates.hold(region) if self.gates is not None else contextlib.nullcontext():
+            try:
+                yield
+            except (CapacityError, TransientError, HostUnavailableError, WaitTimeoutError):
+                if self.breaker is not None:
+                    self.breaker.failure(region)
+                raise
+            except BaseException:
+                if self.breaker is not None and self.breaker.state(region) != "closed":
+                    self.breaker.failure(region)  # a half-open trial that ended otherwise: stay careful
+                raise
+            if self.breaker is not None:
+                self.breaker.success(region)
+
     async def create_machine(self, app_name: str, *, config: MachineConfig, name: str | None = None,
                              region: str | None = None, skip_launch: bool = False) -> Machine:
+        async with self._region(region, f"create_machine {app_name}/{name or '?'}"):
+            return await self._create_machine(app_name, config=config, name=name, region=region,
+                                              skip_launch=skip_launch)
+
+    async def _create_machine(self, app_name: str, *, config: MachineConfig, name: str | None,
+                              region: str | None, skip_launch: bool) -> Machine:
         op = f"create_machine {app_name}/{name or '?'}"
         body: dict[str, Any] = {"config": _config_json(config)}
         if name:
@@ -539,6 +591,14 @@ class MachinesClient:
     async def create_volume(self, app_name: str, *, name: str, region: str, size_gb: int | None = None,
                             source_volume_id: str | None = None, snapshot_id: str | None = None,
                             compute: Guest | None = None) -> Volume:
+        async with self._region(region, f"create_volume {app_name}/{name} in {region}"):
+            return await self._create_volume(app_name, name=name, region=region, size_gb=size_gb,
+                                             source_volume_id=source_volume_id, snapshot_id=snapshot_id,
+                                             compute=compute)
+
+    async def _create_volume(self, app_name: str, *, name: str, region: str, size_gb: int | None,
+                             source_volume_id: str | None, snapshot_id: str | None,
+                             compute: Guest | None) -> Volume:
         op = f"create_volume {app_name}/{name} in {region}"
         body: dict[str, Any] = {"name": name, "region": region}
         if size_gb is not None:

@@ -79,7 +79,43 @@ class Store(Protocol):
         """Drop the lease if still ours (no error if it was already lost)."""
         ...
 
+    def finish(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
+        """``update`` and ``release`` in one fenced write (the end of a reconcile pass)."""
+        ...
+
+    def finish_many(self, items: Sequence[tuple[InstanceRecord, str, dict[str, Any]]]
+                    ) -> list[InstanceRecord | StoreError]:
+        """Several ``finish`` writes in one transaction; per item the new record or its FencedError/NotFound."""
+        ...
+
+    def release_many(self, items: Sequence[tuple[InstanceRecord, str]]) -> None:
+        """``release`` for several leases in one transaction."""
+        ...
+
     def next_alarm_at(self) -> datetime | None: ...
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """The earliest ``alarm_at`` among instances whose lease is free."""
+        ...
+
+    # engine processes (several engines share one database)
+    def engine_heartbeat(self, engine_id: str, role: str, now: datetime, ttl_seconds: float) -> bool:
+        """Register/refresh an engine; False when its row was gone (first beat, or declared dead)."""
+        ...
+
+    def engine_leave(self, engine_id: str, now: datetime) -> int:
+        """Planned stop: void the engine's leases (``<engine_id>#…`` owners) and deregister it."""
+        ...
+
+    def void_dead_engines(self, now: datetime) -> dict[str, int]:
+        """Void the leases of engines whose heartbeat expired and deregister them (id -> leases voided)."""
+        ...
+
+    def list_engines(self) -> list[dict[str, Any]]: ...
+
+    def recovery_progress(self, now: datetime, since: datetime) -> dict[str, int]:
+        """Recoveries queued / in flight now, succeeded / failed since ``since`` (admin fleet page)."""
+        ...
 
     # events and audit
     def add_event(self, event: EventRecord) -> EventRecord: ...

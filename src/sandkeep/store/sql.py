@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import sqlite3
@@ -46,7 +47,10 @@ from sqlalchemy import (
     Engine,
     RowMapping,
     and_,
+    bindparam,
+    case,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -63,7 +67,7 @@ from sqlalchemy.types import TypeEngine
 from sandkeep.clock import Clock
 from sandkeep.store.base import AlreadyExists, FencedError, NotFound, QuotaReached, StoreError
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
-from sandkeep.store.tables import JSONText, UTCDateTime, audit, events, instances
+from sandkeep.store.tables import JSONText, UTCDateTime, audit, engines, events, instances
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -639,9 +643,7 @@ class SqlStore:
         with self._write() as conn:
             return self._fenced(conn, record, owner, {"lease_expires_at": expires}, "renew")
 
-    def update(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
-        """Fenced write of ``changes`` (field name -> value); bumps ``version``; sets ``updated_at`` to
-        the clock's now unless ``changes`` sets it. Unknown or store-managed field names raise ValueError."""
+    def _update_values(self, changes: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, value in changes.items():
             if name not in instances.c or name not in _INSTANCE_FIELDS:
@@ -652,18 +654,170 @@ class SqlStore:
         if "updated_at" not in values:
             values["updated_at"] = _aware(self._clock.now(), "clock.now()")
         values["version"] = instances.c.version + 1
+        return values
+
+    def update(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
+        """Fenced write of ``changes`` (field name -> value); bumps ``version``; sets ``updated_at`` to
+        the clock's now unless ``changes`` sets it. Unknown or store-managed field names raise ValueError."""
+        values = self._update_values(changes)
         with self._write() as conn:
             return self._fenced(conn, record, owner, values, "update")
 
-    def release(self, record: InstanceRecord, owner: str) -> None:
+    def finish(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
+        """The end of a pass in one write: the fenced ``update`` of ``changes`` that also drops the lease.
+        Raises FencedError / NotFound like ``update`` (then nothing is written)."""
+        result = self.finish_many([(record, owner, changes)])[0]
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    def finish_many(self, items: Sequence[tuple[InstanceRecord, str, dict[str, Any]]]
+                    ) -> list[InstanceRecord | StoreError]:
+        """Several :meth:`finish` writes in one transaction (one commit for a batch of passes). Each is fenced
+        on its own: the result list holds, per item, the new record or the FencedError / NotFound it met."""
+        prepared = [(record, _owner(owner), self._update_values(changes)) for record, owner, changes in items]
+        out: list[InstanceRecord | StoreError] = []
+        if not prepared:
+            return out
         c = instances.c
-        stmt = (
-            update(instances)
-            .where(c.id == record.id, c.lease_owner == owner)
-            .values(lease_owner=None, lease_expires_at=None)
-        )
         with self._write() as conn:
-            conn.execute(stmt)
+            for record, owner, values in prepared:
+                values.pop("version")
+                stmt = self._finish_stmt(frozenset(values))
+                row = conn.execute(stmt, {**values, "w_id": record.id, "w_owner": owner,
+                                          "w_version": record.version}).first()
+                if row is not None:
+                    if "status" in values:
+                        values["status"] = Status(values["status"])
+                    out.append(record.copy(**values, version=row.version, lease_owner=None,
+                                           lease_expires_at=None))
+                    continue
+                current = conn.execute(select(c.lease_owner, c.version).where(c.id == record.id)).first()
+                if current is None:
+                    out.append(NotFound(f"instance {record.id!r} not found"))
+                else:
+                    out.append(FencedError(
+                        f"finish of instance {record.id!r} fenced: expected lease {owner!r} at version "
+                        f"{record.version}, found lease {current.lease_owner!r} at version {current.version}"))
+        return out
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - a handful of key sets; the store lives as long as the process
+    def _finish_stmt(self, keys: frozenset[str]) -> Any:
+        """The fenced finish UPDATE for one set of changed fields, built once (bind parameters, no RETURNING *:
+        the caller knows the new row), so a batch of finishes costs one cached statement per row."""
+        c = instances.c
+        return (update(instances)
+                .where(c.id == bindparam("w_id"), c.lease_owner == bindparam("w_owner"),
+                       c.version == bindparam("w_version"))
+                .values({**{k: bindparam(k, type_=c[k].type) for k in sorted(keys)},
+                         "version": c.version + 1, "lease_owner": None, "lease_expires_at": None})
+                .returning(c.version))
+
+    def release(self, record: InstanceRecord, owner: str) -> None:
+        self.release_many([(record, owner)])
+
+    def release_many(self, items: Sequence[tuple[InstanceRecord, str]]) -> None:
+        """:meth:`release` for several leases in one transaction."""
+        if not items:
+            return
+        c = instances.c
+        with self._write() as conn:
+            for record, owner in items:
+                conn.execute(update(instances).where(c.id == record.id, c.lease_owner == owner)
+                             .values(lease_owner=None, lease_expires_at=None))
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """The earliest ``alarm_at`` among instances whose lease is free (what ``claim_due`` could take next)."""
+        _aware(now)
+        c = instances.c
+        with self._read() as conn:
+            value: datetime | None = conn.execute(
+                select(func.min(c.alarm_at)).where(c.alarm_at.is_not(None), _lease_free(now))).scalar()
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    # ---------------------------------------------------------------------------------------------
+    # engine processes: registration, heartbeat, voiding a dead engine's leases (fencing stays intact:
+    # voiding bumps each row's version, so the dead holder's next fenced write fails)
+
+    @staticmethod
+    def _owned_by(engine_id: str) -> ColumnElement[bool]:
+        prefix = f"{engine_id}#"
+        return func.substr(instances.c.lease_owner, 1, len(prefix)) == prefix
+
+    def _void(self, conn: Connection, engine_id: str, now: datetime) -> int:
+        """Drop every lease of ``engine_id`` (bumping the version: its holder's fenced writes fail) and make
+        those instances due now, so the next claim picks them up."""
+        c = instances.c
+        result = conn.execute(update(instances).where(c.lease_owner.is_not(None), self._owned_by(engine_id))
+                              .values(lease_owner=None, lease_expires_at=None, version=c.version + 1,
+                                      alarm_at=case((c.alarm_at > now, now), else_=c.alarm_at)))
+        return int(result.rowcount or 0)
+
+    def engine_heartbeat(self, engine_id: str, role: str, now: datetime, ttl_seconds: float) -> bool:
+        """Register or refresh engine ``engine_id`` (alive until ``now + ttl``). False when its row was gone
+        (first beat, or another engine declared it dead and voided its leases meanwhile)."""
+        _aware(now)
+        expires = now + _ttl(ttl_seconds)
+        e = engines.c
+        with self._write() as conn:
+            done = conn.execute(update(engines).where(e.id == engine_id)
+                                .values(heartbeat_at=now, expires_at=expires)).rowcount
+            if done:
+                return True
+            conn.execute(insert(engines).values(id=engine_id, role=role, started_at=now, heartbeat_at=now,
+                                                expires_at=expires))
+            return False
+
+    def engine_leave(self, engine_id: str, now: datetime) -> int:
+        """A planned stop: void the engine's leases at once and deregister it. Returns the leases voided."""
+        _aware(now)
+        with self._write() as conn:
+            voided = self._void(conn, engine_id, now)
+            conn.execute(delete(engines).where(engines.c.id == engine_id))
+        return voided
+
+    def void_dead_engines(self, now: datetime) -> dict[str, int]:
+        """Engines whose heartbeat expired before ``now``: void their leases and deregister them.
+        Returns engine id -> leases voided."""
+        _aware(now)
+        e = engines.c
+        dead_q = select(e.id).where(e.expires_at < now)
+        if self._dialect == "postgresql":
+            dead_q = dead_q.with_for_update(skip_locked=True)
+        out: dict[str, int] = {}
+        with self._write() as conn:
+            for engine_id in conn.execute(dead_q).scalars().all():
+                out[engine_id] = self._void(conn, engine_id, now)
+                conn.execute(delete(engines).where(e.id == engine_id))
+        return out
+
+    def recovery_progress(self, now: datetime, since: datetime) -> dict[str, int]:
+        """Recoveries right now and lately (the admin fleet page during a storm): ``queued`` (recovering,
+        nobody holds the lease: waiting for an engine slot or a backoff), ``in_flight`` (recovering, leased),
+        ``succeeded`` / ``failed`` (recovery events since ``since``)."""
+        _aware(now)
+        _aware(since, "since")
+        c, e = instances.c, events.c
+        recovering = c.status == Status.RECOVERING.value
+        with self._read() as conn:
+            queued = conn.execute(select(func.count()).where(recovering, _lease_free(now))).scalar() or 0
+            total = conn.execute(select(func.count()).where(recovering)).scalar() or 0
+            done: dict[str, int] = {str(name): int(n) for name, n in conn.execute(
+                select(e.event, func.count()).where(
+                    e.event.in_(["instance.unexpected_stop_recovery_succeeded",
+                                 "instance.unexpected_stop_recovery_failed"]),
+                    e.at >= since).group_by(e.event)).all()}
+        return {"queued": int(queued), "in_flight": int(total) - int(queued),
+                "succeeded": int(done.get("instance.unexpected_stop_recovery_succeeded", 0)),
+                "failed": int(done.get("instance.unexpected_stop_recovery_failed", 0))}
+
+    def list_engines(self) -> list[dict[str, Any]]:
+        """The registered engine processes (id, role, started_at, heartbeat_at, expires_at)."""
+        with self._read() as conn:
+            rows = conn.execute(select(engines).order_by(engines.c.started_at)).mappings().all()
+        return [dict(r) for r in rows]
 
     def next_alarm_at(self) -> datetime | None:
         """The earliest ``alarm_at`` of any instance (leased or not), or None."""

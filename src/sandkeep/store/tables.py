@@ -227,3 +227,17 @@ api_tokens = Table(
     Column("revoked_by", String(255), nullable=True),
     Index("ix_api_tokens_user_id", "user_id"),
 )
+
+# --- engine processes (migration v0005_engines): each engine registers and heartbeats; a row whose
+# ``expires_at`` passed belongs to a dead engine, whose instance leases any other engine voids.
+
+engines = Table(
+    "engines",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("role", String(32), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index("ix_engines_expires_at", "expires_at"),
+)

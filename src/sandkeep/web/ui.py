@@ -42,6 +42,7 @@ from sandkeep.web.auth import (
     csrf_token_for,
     read_session,
 )
+from sandkeep.web.progress import fleet_progress
 
 T = TypeVar("T")
 log = get_logger("sandkeep.web")
@@ -302,7 +303,8 @@ class WebUI:
             "statuses": present.ALL_STATUSES, "regions": self.rt.settings.region_list,
             "windows": list(charts.WINDOWS), "window_labels": charts.WINDOW_LABELS, "next_url": next_url,
             "prev_url": prev_url, "page_number": len(trail) + 1 if cursor else 1, "list_error": error,
-            "chart": chart, "histogram": histogram, **self.attention(actor, fresh=fresh),
+            "chart": chart, "histogram": histogram, "progress": fleet_progress(self.rt),
+            **self.attention(actor, fresh=fresh),
         }
 
     def attention(self, actor: Actor, *, fresh: bool) -> dict[str, Any]:

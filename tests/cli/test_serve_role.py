@@ -1,0 +1,30 @@
+"""``sandkeep serve --role``: the option and setting are validated before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sandkeep.cli.serve_cmd import serve
+from sandkeep.config import Settings, load_settings
+from sandkeep.runtime import StartupError, open_runtime
+
+
+def test_role_option_is_validated() -> None:
+    result = CliRunner().invoke(serve, ["--role", "workers"])
+    assert result.exit_code == 2
+    assert "--role" in result.output and "'all', 'api', 'engine'" in result.output
+
+
+def test_role_comes_from_option_or_environment() -> None:
+    assert load_settings({}).role == "all"
+    assert load_settings({"SANDKEEP_ROLE": "engine"}).role == "engine"
+    assert load_settings({"SANDKEEP_ROLE": "engine"}, role="api").role == "api"
+
+
+async def test_unknown_role_from_environment_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="unknown role 'workers'"):
+        async with open_runtime(Settings(home=tmp_path / "home", role="workers")):
+            pass  # pragma: no cover - never reached
