@@ -228,7 +228,7 @@ api_tokens = Table(
     Index("ix_api_tokens_user_id", "user_id"),
 )
 
-# --- engine processes (migration v0005_engines): each engine registers and heartbeats; a row whose
+# --- engine processes (migration v0007_engines): each engine registers and heartbeats; a row whose
 # ``expires_at`` passed belongs to a dead engine, whose instance leases any other engine voids.
 
 engines = Table(
