@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint venv host demo bench clean constraints
+.PHONY: run test lint venv host demo bench clean constraints sim
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+
+# Deterministic simulation (README "Deterministic simulation"): `make sim SEEDS=1000` runs a campaign,
+# `make sim SEED=42` replays one seed with its trace; SMALL=1 uses the CI profile.
+SEEDS ?= 100
+FIRST ?= 1
+sim: $(STAMP)
+	PYTHONHASHSEED=0 $(BIN)/python -m sandkeep.sim $(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --first $(FIRST)) $(if $(SMALL),--small)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
