@@ -212,7 +212,7 @@ class Scenario:
             return
         if target is None:
             return
-        base, headers = target
+        _, headers = target
         self._n += 1
         key, value = f"k{self._n % 4}", f"v{self._n}-{self.rng.random()}".encode()
         try:
@@ -607,6 +607,11 @@ def run_seed(seed: int, *, steps: int | None = None, trace: bool = False, settle
     async def main(loop: VirtualLoop) -> None:
         loop.set_exception_handler(lambda _loop, ctx: None)  # a task's lost exception is the engine's to log
         world, sc, profile = await _main(loop, seed, steps, trace, settle, small)
+        with contextlib.suppress(Exception):  # the engine's own story, for the replay
+            for rec in world.records():
+                for e in world.events_of(rec.id):
+                    world.trace.append(f"  event {e.at.isoformat() if e.at else '?'} {rec.id} {e.event} "
+                                       f"status={e.status} label={e.label} error={(e.error or '')[:120]}")
         holder.update(world=world, sc=sc, profile=profile, sim=loop.time())
         await world.close()
 

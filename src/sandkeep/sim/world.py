@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time as _real_time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -377,7 +377,7 @@ class World:
     def live(self) -> list[Controller]:
         return list(self.controllers)
 
-    async def boot_controller(self) -> Controller:
+    async def boot_controller(self, *, start: bool = True) -> Controller:
         self._controller_seq += 1
         name = f"ctl{self._controller_seq}"
         handle = SimStore(self, self.sql, name)
@@ -391,7 +391,8 @@ class World:
         if self.no_controller_since is not None:
             self.downtime += self.t() - self.no_controller_since
             self.no_controller_since = None
-        await engine.start()
+        if start:
+            await engine.start()
         self.note(f"controller {name} up")
         return c
 
