@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from sandkeep.engine.service import USER_ID_RE, Actor, InstanceBusy, InvalidTransition, RecoveringRefused
+from sandkeep.engine.service import (
+    USER_ID_RE,
+    Actor,
+    InstanceBusy,
+    InvalidConfig,
+    InvalidTransition,
+    RecoveringRefused,
+)
 from sandkeep.sim.loop import VirtualLoop, run_virtual
 from sandkeep.sim.scenario import quiet_logs
 from sandkeep.sim.world import Controller, World, deterministic
@@ -179,5 +186,16 @@ def test_busy_gating_and_a_forced_destroy_during_recovery() -> None:
         assert final.status == Status.DESTROYED, f.events(rec.id)
         assert not f.live_volumes(), "old and pending volumes: all gone"
         assert not f.started()
+
+    run_flow(body)
+
+
+def test_an_unknown_size_or_a_reserved_env_name_is_invalid_config() -> None:
+    async def body(f: Flow) -> None:
+        with pytest.raises(InvalidConfig):
+            await f.service.create_instance(USER, user_id=USER.user_id, size="huge-99x")
+        with pytest.raises(InvalidConfig):
+            await f.service.create_instance(USER, user_id=USER.user_id, env={"FLY_REGION": "x"})
+        assert f.w.records() == [] and not f.host.machines
 
     run_flow(body)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=1, help="campaign: the first seed (default 1)")
     parser.add_argument("--small", action="store_true", help="the CI profile (1-3 instances, short runs)")
     parser.add_argument("--steps", type=int, default=None, help="steps per seed (default: chosen by the seed)")
+    parser.add_argument("--progress", action="store_true", help="campaign: one line per seed")
     args = parser.parse_args(argv)
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.environ["PYTHONHASHSEED"] = "0"
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.first, args.first + args.seeds):
         result = run_seed(seed, steps=args.steps, small=args.small)
         sim += result.sim_seconds
+        if args.progress:
+            print(f"seed {seed} {'ok' if result.ok else 'FAILED'} sim={result.sim_seconds:.0f} "
+                  f"wall={result.wall_seconds:.1f} instances={result.instances} steps={result.steps} "
+                  f"reported={sorted({n for n, _ in result.reported})}", flush=True)
         for name, _ in result.reported:
             reported[name] = reported.get(name, 0) + 1
         if not result.ok:

@@ -128,6 +128,7 @@ class Scenario:
         self.prev_status: dict[str, str] = {}
         self.recovering_since: dict[str, tuple[float, int, float, float]] = {}
         self.jumped = 0.0
+        self.seen_retained: set[str] = set()
         self._n = 0
 
     # ------------------------------------------------------------------ helpers
@@ -324,10 +325,11 @@ class Scenario:
         elif len(live) < 2:
             await self.w.boot_controller()
 
-    def squat(self) -> None:
+    def squat(self, only: str | None = None) -> None:
         """A machine of another sandbox mounts a volume sandkeep may want to delete (its retained volume)."""
         candidates = [r for r in self.w.records() if r.retained_volume_id and r.retained_volume_id in
-                      self.w.host.volumes and not self.w.host._holder(self.w.host.volumes[r.retained_volume_id])]
+                      self.w.host.volumes and not self.w.host._holder(self.w.host.volumes[r.retained_volume_id])
+                      and (only is None or r.id == only)]
         if not candidates:
             return
         rec = self.rng.choice(candidates)
@@ -375,7 +377,7 @@ class Scenario:
     async def step(self) -> None:
         kinds = ["create", "user", "admin", "write", "crash_machine", "provider", "host", "controller", "squat",
                  "snapshot", "db", "jump"]
-        weights = [3, 6, 2, 6, 5, 3, 2, 2, 1, 1, 1, 1]
+        weights = [3, 6, 2, 6, 5, 3, 2, 2, 1, 2, 1, 1]
         kind = self.rng.choices(kinds, weights)[0]
         if kind == "create" and len(self.ids) < self.p.instances:
             await self.create()
@@ -424,6 +426,10 @@ class Scenario:
             status = rec.status.value
             if status == "destroyed":
                 w.destroyed_instances[rec.sandbox_id] = rec.id
+            if rec.retained_volume_id and rec.retained_volume_id not in self.seen_retained:
+                self.seen_retained.add(rec.retained_volume_id)
+                if self.rng.random() < 0.5:  # half the retained volumes get a foreign squatter
+                    self.squat(only=rec.id)
             if prev == "recovering" and status != "recovering":
                 if status not in ("running", "stopped", "destroying", "destroyed"):
                     w.violate("recovery_end", f"{rec.id} left recovering for {status}")
