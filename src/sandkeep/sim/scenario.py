@@ -114,7 +114,7 @@ def pick_profile(rng: random.Random, *, steps: int | None = None, small: bool = 
     if small and steps is None:
         n_steps = rng.randint(10, 20)
     gap = (86400.0 * rng.choice([1, 2, 3]) / n_steps) if long else rng.choice([5.0, 20.0, 60.0, 300.0])
-    return Profile(fleet, n_steps, gap, long, 2 if rng.random() < 0.3 else 1, settings, regions)
+    return Profile(fleet, n_steps, gap, long, 2 if rng.random() < 0.4 else 1, settings, regions)
 
 
 class Scenario:
@@ -245,7 +245,7 @@ class Scenario:
 
     def provider_fault(self) -> None:
         rng = self.rng
-        kind = rng.choice(["5xx", "429", "408wait", "latency", "ambiguous", "capacity", "clear"])
+        kind = rng.choice(["5xx", "429", "408wait", "latency", "latency", "ambiguous", "capacity", "clear"])
         if kind == "clear":
             self.w.faults.clear()
             self.w.note("faults cleared")
