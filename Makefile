@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# tests run on every core (pytest-xdist); `PYTEST_WORKERS=0` runs them in one process
+PYTEST_WORKERS ?= auto
 
 .PHONY: run test lint venv host demo bench clean constraints sim
 
@@ -24,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/sandkeep demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sandkeep.gateway import TOKEN_ENV, TOKEN_HEADER
-from tests.host.specvalidate import validate
+from tests.host.specvalidate import VALIDATED, validate
 from tests.support.procs import HostHandle, running_host
 from tests.support.wait import wait_until
 
@@ -175,6 +175,23 @@ def data_path(handle: HostHandle) -> Path:
 # ------------------------------------------------------------------ spec coverage bookkeeping
 COVERAGE_TEST = "test_zz_spec_coverage.py"
 DESELECTED_HOST_TESTS: list[str] = []
+WHOLE_FOLDER: list[bool] = []
+"""[True] once collection selected every test module of this folder (and deselected none of them)."""
+
+
+def whole_host_folder_selected(paths: list[Path], here: Path) -> bool:
+    modules = {p.name for p in here.glob("test_*.py")} - {COVERAGE_TEST}
+    ran = {p.name for p in paths if p.resolve().parent == here}
+    return modules <= ran and not DESELECTED_HOST_TESTS
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist each worker validates part of the folder: hand its share to the controller, whose
+    session-end check (tests/conftest.py) looks at the union of every worker's answers."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["host_spec_validated"] = sorted(list(v) for v in VALIDATED)
+        workeroutput["host_spec_whole_folder"] = bool(WHOLE_FOLDER and WHOLE_FOLDER[0])
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -184,6 +201,8 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The spec-coverage check runs after every other test of the session (it reads what they validated)."""
+    here = Path(__file__).resolve().parent
+    WHOLE_FOLDER[:] = [whole_host_folder_selected([Path(str(i.path)) for i in items], here)]
     last = [i for i in items if Path(str(i.path)).name == COVERAGE_TEST]
     if last:
         items[:] = [i for i in items if Path(str(i.path)).name != COVERAGE_TEST] + last

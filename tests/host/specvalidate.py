@@ -134,3 +134,36 @@ def validate(path: str, method: str, status: int, body: Any) -> None:
     if status >= 400:
         assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
     VALIDATED.add((method.upper(), _template_for(path), "error" if status >= 400 else "ok"))
+
+
+def _shape(template: str) -> str:
+    return re.sub(r"\{[^}]+\}", "{}", template)
+
+
+def served_operations() -> set[tuple[str, str]]:
+    """(METHOD, spec template) for every /v1 route of the host, mapped onto Fly's spec."""
+    from typing import cast
+
+    from sandkeep.host.api import HostAPI
+    from sandkeep.host.core import Host
+
+    api = HostAPI(cast(Host, object()), "token")  # routes() only builds handlers; no host is touched
+    by_shape = {_shape(t): t for t in spec()["paths"]}
+    out: set[tuple[str, str]] = set()
+    for route in api.routes():
+        if not route.path.startswith("/v1/"):
+            continue
+        template = by_shape.get(_shape(route.path[len("/v1"):]))
+        assert template is not None, f"{route.path} is not a path of Fly's Machines API"
+        for method in route.methods or ():
+            if method == "HEAD":
+                continue
+            assert method.lower() in spec()["paths"][template], f"{method} {template} is not a Fly operation"
+            out.add((method, template))
+    return out
+
+
+def missing_operations(validated: set[tuple[str, str, str]]) -> list[str]:
+    """Served operations without a validated success or error answer, as "METHOD template (kind)"."""
+    return sorted(f"{method} {template} ({kind})" for method, template in served_operations()
+                  for kind in ("ok", "error") if (method, template, kind) not in validated)
