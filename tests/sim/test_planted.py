@@ -14,7 +14,7 @@ from sandkeep.sim.scenario import run_seed
 #: bug -> (a seed of the small profile that finds it, the invariant that fires)
 FOUND_BY: dict[str, tuple[int, str]] = {
     "skip_ownership_check": (2, "foreign_destroy"),
-    "region_walk_reversed": (2, "region_walk"),
+    "region_walk_reversed": (3, "region_walk"),
     "fork_without_source": (2, "data_lost"),
 }
 
