@@ -1,7 +1,9 @@
 """The simulation's worth: it finds planted bugs of the kinds the rest of the suite misses (issue 10).
 
 Each bug is a test-only switch (:mod:`sandkeep.sim.plant`); each is found by the small CI profile within the
-seeds listed (found by ``SANDKEEP_SIM_PLANT=<bug> make sim SEEDS=12 SMALL=1``), by the invariant named.
+seed listed (found with ``SANDKEEP_SIM_PLANT=<bug> make sim SEEDS=30 SMALL=1``), by the invariant named: seeds 2-6
+all find the reversed walk, 2 and 5 the missing fork, 2 the skipped ownership check, 23 (of 1-30) the unfenced
+write -- a stale pass must outlive its lease under a latency fault while another pass claims the instance.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ FOUND_BY: dict[str, tuple[int, str]] = {
     "skip_ownership_check": (2, "foreign_destroy"),
     "region_walk_reversed": (3, "region_walk"),
     "fork_without_source": (2, "data_lost"),
+    "unfenced_write": (23, "fenced_write"),
 }
 
 
