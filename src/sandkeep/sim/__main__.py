@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     small = " --small" if args.small else ""
     if args.seed is not None:
         result = run_seed(args.seed, steps=args.steps, trace=True, small=args.small)
+        print("--- the engine's events, per instance ---")
+        for line in result.trace:
+            if line.startswith("  event "):
+                print(line)
         print(f"seed {args.seed}: {'ok' if result.ok else 'FAILED'}; {result.sim_seconds:.0f} simulated s in "
               f"{result.wall_seconds:.1f} wall s; {result.steps} steps, {result.instances} instances")
         for name, detail in result.violations:
