@@ -432,7 +432,7 @@ class World:
         out: list[InstanceRecord] = []
         cursor: str | None = None
         while True:
-            page = self.sql.list_instances(limit=1000, cursor=cursor)
+            page = self.sql.list_instances(limit=1000, cursor=cursor, include_destroyed=True)
             out.extend(page.items)
             cursor = page.next_cursor
             if not cursor:
