@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # tests run on every core (pytest-xdist); `PYTEST_WORKERS=0` runs them in one process
 PYTEST_WORKERS ?= auto
 
-.PHONY: run test lint venv host demo bench bench-scale clean constraints
+.PHONY: run test lint venv host demo bench bench-scale clean constraints sim
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+
+# Deterministic simulation (README "Deterministic simulation"): `make sim SEEDS=1000` runs a campaign,
+# `make sim SEED=42` replays one seed with its trace; SMALL=1 uses the CI profile.
+SEEDS ?= 100
+FIRST ?= 1
+sim: $(STAMP)
+	PYTHONHASHSEED=0 $(BIN)/python -m sandkeep.sim $(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --first $(FIRST)) $(if $(SMALL),--small)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

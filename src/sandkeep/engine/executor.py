@@ -65,6 +65,7 @@ from sandkeep.provider.errors import (
     RateLimitedError,
 )
 from sandkeep.secrets import SecretsError
+from sandkeep.sim import plant
 from sandkeep.store.records import InstanceRecord, Status
 
 #: states in which Fly refuses a start because one is already underway ("unable to start machine from current
@@ -149,7 +150,7 @@ async def safe_delete_volume(ctx: EngineContext, record: InstanceRecord, volume_
             machine = None
         if machine is not None and machine.state != "destroyed":
             owner = machine.metadata.get(METADATA_SANDBOX)
-            if owner != record.sandbox_id:
+            if owner != record.sandbox_id and not (plant.ACTIVE and plant.on("skip_ownership_check")):
                 raise Refused(f"Refusing to destroy attached machine {attached} of volume {volume_id}: its metadata "
                               f"names sandbox {owner or '(none)'}, not {record.sandbox_id}")
             await provider.destroy_machine(app, attached, force=True, missing_ok=True)
@@ -365,9 +366,12 @@ class Pass:
             if recovering:
                 crashpoints.reached("recovery.before_fork")
             compute = guest_for(action.compute_size) if action.compute_size else None
+            source = action.source_volume_id
+            if plant.ACTIVE and plant.on("fork_without_source") and action.purpose == "recovery":
+                source = None
             volume = await provider.create_volume_with_fallback(
                 app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
-                source_volume_id=action.source_volume_id, snapshot_id=action.snapshot_id, compute=compute)
+                source_volume_id=source, snapshot_id=action.snapshot_id, compute=compute)
             changes: Changes = {**action.extra}
             changes[action.assign] = volume.id
             if action.assign_region:

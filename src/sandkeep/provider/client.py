@@ -52,6 +52,7 @@ from sandkeep.provider.errors import (
 from sandkeep.provider.limits import RegionBreaker, RegionGates, TokenBucket
 from sandkeep.provider.models import App, Guest, Machine, MachineConfig, MachineEvent, Volume, VolumeSnapshot
 from sandkeep.provider.retry import RETRYABLE, RetryPolicy, call_with_retry
+from sandkeep.sim import plant
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -637,6 +638,8 @@ class MachinesClient:
             raise InvalidRequestError("create_volume_with_fallback needs at least one region",
                                       operation=f"create_volume {app_name}/{name}")
         last: CapacityError | None = None
+        if plant.ACTIVE and plant.on("region_walk_reversed"):
+            regions = list(reversed(regions))
         for region in regions:
             try:
                 return await self.create_volume(app_name, name=name, region=region, size_gb=size_gb,

@@ -1,0 +1,443 @@
+"""The simulated world of one seed: the host model, the real provider client over in-process ASGI, the SQL
+store and one or two real engines, all on one :class:`~sandkeep.sim.loop.SimClock`.
+
+Everything random comes from the seed: the host's ids and placement, the fault draws, the client's and the
+engine's jitter, the ids the engine mints (``secrets`` is seeded for the run) and the workload. The world
+also watches: a recorder in front of the host's HTTP app sees every provider request and answer, hooks on the
+model see every destroy and create, and a store wrapper per controller checks every fenced write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time as _real_time
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, cast
+
+import httpx
+
+from sandkeep.config import Settings
+from sandkeep.engine.naming import METADATA_SANDBOX
+from sandkeep.engine.policy import recovery_regions
+from sandkeep.engine.runtime import Engine
+from sandkeep.host.api import HostAPI
+from sandkeep.host.core import Host, HostOptions
+from sandkeep.host.faults import Faults
+from sandkeep.host.inprocess import API_URL, PROXY_URL, proxy_transport
+from sandkeep.provider.client import MachinesClient
+from sandkeep.secrets import SecretBox
+from sandkeep.sim.loop import SimClock
+from sandkeep.store.base import Store, StoreError
+from sandkeep.store.records import InstanceRecord
+from sandkeep.store.sql import SqlStore, open_store
+
+FOREIGN_PREFIX = "sbx_foreign"
+_TEMPLATE_DB: dict[str, Path] = {}
+
+
+def _scratch() -> str | None:
+    """Memory-backed scratch space when there is some (the databases commit often; fsync is not the point)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+@dataclass
+class Violation:
+    invariant: str
+    at: float
+    detail: str
+
+    def line(self) -> str:
+        return f"[{self.at:12.3f}] VIOLATION {self.invariant}: {self.detail}"
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+
+class _VirtualTime(ModuleType):
+    """Stands in for the ``time`` module inside engine modules that pace themselves on real time (the claim
+    retry loop, the detector's index refresh, the gauge refresh): on the simulation's loop their "real" time
+    is virtual, so how often they loop never depends on the machine running the simulation."""
+
+    def __init__(self) -> None:
+        super().__init__("time")
+
+    def monotonic(self) -> float:
+        return asyncio.get_event_loop().time()
+
+    def time(self) -> float:
+        return asyncio.get_event_loop().time()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_real_time, name)
+
+
+# (engine.runtime's gauge refresh stays on real time: it only reads the store, and rarely)
+_PACED_MODULES = ("sandkeep.engine.lease", "sandkeep.engine.detector", "sandkeep.engine.instances")
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed what the engine mints with ``secrets`` and put the paced modules on virtual time (for one run)."""
+    rng = random.Random(f"secrets-{seed}")
+    saved = {name: getattr(secrets, name) for name in ("token_hex", "token_urlsafe", "token_bytes")}
+    secrets.token_bytes = lambda n=32: rng.randbytes(32 if n is None else n)  # type: ignore[assignment]
+    secrets.token_hex = lambda n=32: rng.randbytes(32 if n is None else n).hex()  # type: ignore[assignment]
+    secrets.token_urlsafe = lambda n=32: rng.randbytes(32 if n is None else n).hex()  # type: ignore[assignment]
+    vt = _VirtualTime()
+    paced = {name: sys.modules[name] for name in _PACED_MODULES if name in sys.modules}
+    saved_time = {name: getattr(mod, "time", None) for name, mod in paced.items()}
+    for mod in paced.values():
+        if getattr(mod, "time", None) is _real_time:
+            mod.time = vt  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(secrets, name, fn)
+        for name, mod in paced.items():
+            if saved_time[name] is not None:
+                mod.time = saved_time[name]  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+class ControllerDown(StoreError):
+    """The controller this store handle belongs to has crashed: nothing it does reaches the database."""
+
+
+class SimStore:
+    """One controller's handle on the shared store: dies with its controller, injects write failures, and
+    checks the fence of every write that commits (SPEC §5: conditional on the lease owner and version read)."""
+
+    WRITES = frozenset({"insert_instance", "claim", "claim_due", "renew", "update", "release", "add_event",
+                        "add_audit"})
+
+    def __init__(self, world: World, store: SqlStore, name: str) -> None:
+        self._world = world
+        self._store = store
+        self.name = name
+        self.dead = False
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._store, name)
+        if not callable(target):
+            return target
+        world = self._world
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.dead:
+                raise ControllerDown(f"controller {self.name} is down")
+            if name in self.WRITES and world.db_fail_rate and world.rng_db.random() < world.db_fail_rate:
+                world.note(f"db: {name} by {self.name} fails (injected)")
+                raise StoreError(f"database write failed (injected by the simulation): {name}")
+            if name in ("update", "renew"):
+                record, owner = cast(InstanceRecord, args[0]), cast(str, args[1])
+                before = self._store.get_instance(record.id)
+                result = target(*args, **kwargs)
+                if before is not None and (before.lease_owner != owner or before.version != record.version):
+                    world.violate("fenced_write", f"{name} of {record.id} by {owner} at version {record.version} "
+                                                  f"committed over lease {before.lease_owner!r} at version "
+                                                  f"{before.version}")
+                return result
+            return target(*args, **kwargs)
+
+        return call
+
+
+# ---------------------------------------------------------------------------------------------- traffic
+
+
+@dataclass
+class Exchange:
+    at: float
+    method: str
+    path: str
+    body: Any
+    status: int
+    answer: str
+
+
+class Recorder:
+    """ASGI middleware in front of the host's HTTP app: records what the provider client asked and got, and
+    runs each request in a task of its own, so a controller cancelled mid-request (a crash) does not cancel the
+    host's half of it -- like a real provider, the action goes on after the caller is gone."""
+
+    def __init__(self, world: World, app: Any) -> None:
+        self.world = world
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        out: dict[str, Any] = {"status": 0, "body": b""}
+
+        async def rcv() -> Any:
+            msg = await receive()
+            if msg.get("type") == "http.request":
+                chunks.append(msg.get("body", b""))
+            return msg
+
+        async def snd(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                out["status"] = msg["status"]
+            elif msg["type"] == "http.response.body":
+                out["body"] += msg.get("body", b"")
+            with contextlib.suppress(Exception):
+                await send(msg)
+
+        async def run() -> None:
+            await self.app(scope, rcv, snd)
+            raw = b"".join(chunks)
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            self.world.observe(Exchange(self.world.t(), scope["method"], scope["path"], body, out["status"],
+                                        out["body"][:300].decode("utf-8", "replace")))
+
+        await asyncio.shield(asyncio.get_running_loop().create_task(run()))
+
+
+# ---------------------------------------------------------------------------------------------- controllers
+
+
+@dataclass
+class Controller:
+    name: str
+    engine: Engine
+    store: SimStore
+    started_at: float
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+# ---------------------------------------------------------------------------------------------- the world
+
+
+class World:
+    def __init__(self, seed: int, loop: asyncio.AbstractEventLoop, settings_changes: dict[str, Any],
+                 *, regions: list[str], hosts_per_region: int = 2, snapshot_interval: float = 6 * 3600.0,
+                 trace: bool = False) -> None:
+        self.seed = seed
+        self.loop = loop
+        self.clock = SimClock(loop)
+        self.rng_db = random.Random(f"db-{seed}")
+        self.db_fail_rate = 0.0
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"sandkeep-sim-{seed}-", dir=_scratch()))
+        self.regions = regions
+        self.trace: list[str] = []
+        self.echo = trace
+        self.violations: list[Violation] = []
+        self.reported: set[tuple[str, str]] = set()
+        key = SecretBox.generate_key()
+        self.settings = Settings(**{"home": self.tmp / "home", "secrets_key": key, "regions": ",".join(regions),
+                                    **settings_changes})
+        self.host = Host(HostOptions(data_dir=self.tmp / "host", regions=regions, machines="sim", seed=seed,
+                                     hosts_per_region=hosts_per_region, snapshot_interval=snapshot_interval,
+                                     scheduler_tick=600.0, secrets_key=key,
+                                     delays={"machine.create": 0.5, "machine.boot.first": 1.5, "machine.boot": 0.4,
+                                             "machine.stop": 0.3, "volume.create": 1.0, "volume.fork": 3.0,
+                                             "volume.restore": 3.0, "volume.snapshot": 0.5, "api": 0.05}),
+                         self.clock)
+        self.faults = Faults(seed=seed)
+        self.api = HostAPI(self.host, "sim-token", self.faults)
+        self.recorder = Recorder(self, self.api.app())
+        self.client = MachinesClient(API_URL, "sim-token", proxy_url=PROXY_URL, clock=self.clock,
+                                     transport=httpx.ASGITransport(app=self.recorder),  # type: ignore[arg-type]
+                                     rng=random.Random(f"client-{seed}"))
+        self.gateway = httpx.AsyncClient(base_url=PROXY_URL, transport=proxy_transport(self.host))
+        self.sql = open_store(self._db_url(), self.clock)
+        self.controllers: list[Controller] = []
+        self.crashes: list[float] = []  # when a controller died (its leases outlive it by up to lease_ttl)
+        self.no_controller_since: float | None = 0.0
+        self.downtime = 0.0
+        self.foreign: dict[str, str] = {}  # machine id -> the foreign sandbox it names (squatters)
+        self.squatted: set[str] = set()  # volumes a squatter holds
+        self.zombies: set[str] = set()  # machines frozen on a dead host while started
+        self.destroyed_instances: dict[str, str] = {}  # sandbox id -> instance id, once finalized
+        self.walks: dict[tuple[str, str], tuple[str, bool]] = {}  # (app, volume name) -> (last region, capacity)
+        self._controller_seq = 0
+        self._hook_model()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _db_url(self) -> str:
+        """A copy of a migrated template database (migrating once per process, not once per seed)."""
+        target = self.tmp / "sandkeep.db"
+        template = _TEMPLATE_DB.get("sqlite")
+        if template is None or not template.exists():
+            template = Path(tempfile.mkdtemp(prefix="sandkeep-sim-template-", dir=_scratch())) / "template.db"
+            open_store(f"sqlite:///{template}", self.clock).close()
+            _TEMPLATE_DB["sqlite"] = template
+        shutil.copyfile(template, target)
+        return f"sqlite:///{target}"
+
+    def _hook_model(self) -> None:
+        host = self.host
+        destroy_machine, create_machine = host.destroy_machine, host.create_machine
+
+        async def destroy_hook(app: str, machine_id: str, *, force: bool, app_deleted: bool = False) -> None:
+            m = host.machines.get(machine_id)
+            owner = ((m or {}).get("config") or {}).get("metadata", {}).get(METADATA_SANDBOX) if m else None
+            if machine_id in self.foreign and m is not None and m.get("state") != "destroyed":
+                self.violate("foreign_destroy", f"machine {machine_id} whose metadata names sandbox {owner} "
+                                                f"(not an instance of this app's) was destroyed")
+            await destroy_machine(app, machine_id, force=force, app_deleted=app_deleted)
+
+        async def create_hook(app: str, body: Any) -> Any:
+            meta = ((body or {}).get("config") or {}).get("metadata") or {}
+            sbx = meta.get(METADATA_SANDBOX)
+            if sbx in self.destroyed_instances:
+                self.violate("recreated_after_destroy", f"machine created for sandbox {sbx} of destroyed instance "
+                                                        f"{self.destroyed_instances[sbx]}")
+            return await create_machine(app, body)
+
+        host.destroy_machine = destroy_hook  # type: ignore[method-assign]
+        host.create_machine = create_hook  # type: ignore[method-assign]
+
+    async def start(self) -> None:
+        self.host.load()
+        self.host.start_background()
+
+    async def close(self) -> None:
+        for c in list(self.controllers):
+            await self.crash(c, quiet=True)
+        await self.gateway.aclose()
+        await self.client.aclose()
+        await self.host.shutdown()
+        self.sql.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ trace and verdicts
+
+    def t(self) -> float:
+        return self.loop.time()
+
+    def note(self, line: str) -> None:
+        text = f"[{self.t():12.3f}] {line}"
+        self.trace.append(text)
+        if self.echo:
+            print(text, flush=True)
+
+    def violate(self, invariant: str, detail: str) -> None:
+        key = (invariant, detail)
+        if key in self.reported:
+            return
+        self.reported.add(key)
+        v = Violation(invariant, self.t(), detail)
+        self.violations.append(v)
+        self.trace.append(v.line())
+        if self.echo:
+            print(v.line(), flush=True)
+
+    # ------------------------------------------------------------------ provider traffic
+
+    def observe(self, ex: Exchange) -> None:
+        """The region walk of volume creates (SPEC §7.2.3 and §10): a fork or restore goes to the first region
+        of the recovery order, and on to the next one only after a capacity answer from the one before."""
+        parts = ex.path.strip("/").split("/")
+        if ex.method != "POST" or len(parts) != 4 or parts[0] != "v1" or parts[3] != "volumes":
+            return
+        body = ex.body if isinstance(ex.body, dict) else {}
+        app, name, region = parts[2], body.get("name"), body.get("region")
+        source = body.get("source_volume_id")
+        capacity = "capacity" in ex.answer.lower()
+        key = (app, str(name))
+        if source and region:
+            src = self.host.volumes.get(source)
+            if src is not None:
+                order = recovery_regions(self.settings.region_list, src.get("region"))
+                last = self.walks.get(key)
+                if region not in order:
+                    self.violate("region_walk", f"fork {name} of {source} (region {src.get('region')}) into "
+                                                f"{region}, not one of {list(order)}")
+                elif region != order[0]:
+                    i = order.index(region)
+                    if last is None or last[0] != order[i - 1] or not last[1]:
+                        self.violate("region_walk", f"fork {name} into {region} (walk {list(order)}) without a "
+                                                    f"capacity answer from {order[i - 1]} first (last: {last})")
+        self.walks[key] = (str(region), capacity)
+
+    # ------------------------------------------------------------------ controllers
+
+    def live(self) -> list[Controller]:
+        return list(self.controllers)
+
+    async def boot_controller(self, *, start: bool = True) -> Controller:
+        self._controller_seq += 1
+        name = f"ctl{self._controller_seq}"
+        handle = SimStore(self, self.sql, name)
+        from sandkeep.engine.health import GatewayProber
+
+        engine = Engine(self.settings, cast(Store, handle), self.client, self.clock, worker_id=name,
+                        prober=GatewayProber(self.client, transport=proxy_transport(self.host)),
+                        rng=random.Random(f"{name}-{self.seed}"))
+        c = Controller(name, engine, handle, self.t())
+        self.controllers.append(c)
+        if self.no_controller_since is not None:
+            self.downtime += self.t() - self.no_controller_since
+            self.no_controller_since = None
+        if start:
+            await engine.start()
+        self.note(f"controller {name} up")
+        return c
+
+    async def crash(self, c: Controller, *, quiet: bool = False) -> None:
+        """kill -9: the controller's database handle dies first (nothing more reaches the store, its leases
+        stay until they expire), then every task it runs stops wherever it is."""
+        c.store.dead = True
+        self.controllers.remove(c)
+        for task in list(c.tasks):
+            task.cancel()
+        await c.engine.stop()
+        for task in list(c.tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self.crashes.append(self.t())
+        if not self.controllers:
+            self.no_controller_since = self.t()
+        if not quiet:
+            self.note(f"controller {c.name} crashed")
+
+    def spawn(self, c: Controller, what: str, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.note(f"{what} by {c.name}: {type(exc).__name__}: {str(exc)[:160]}")
+
+        task = self.loop.create_task(run())
+        c.tasks.add(task)
+        task.add_done_callback(c.tasks.discard)
+
+    # ------------------------------------------------------------------ reading the world
+
+    def records(self) -> list[InstanceRecord]:
+        out: list[InstanceRecord] = []
+        cursor: str | None = None
+        while True:
+            page = self.sql.list_instances(limit=1000, cursor=cursor, include_destroyed=True)
+            out.extend(page.items)
+            cursor = page.next_cursor
+            if not cursor:
+                return out
+
+    def events_of(self, instance_id: str) -> list[Any]:
+        return list(reversed(self.sql.list_events(instance_id=instance_id, limit=1000).items))
+
