@@ -208,7 +208,7 @@ class Scenario:
         if iid is None or c is None:
             return
         try:
-            target = c.engine.service.gateway_target(iid)
+            target = c.engine.service.gateway_target(ADMIN, iid)
         except ServiceError:
             return
         if target is None:
@@ -513,7 +513,7 @@ class Scenario:
             c = w.live()[0] if w.live() else None
             if c is None:
                 return
-            target = c.engine.service.gateway_target(rec.id)
+            target = c.engine.service.gateway_target(ADMIN, rec.id)
             if target is None:
                 continue
             _, headers = target
