@@ -82,6 +82,10 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._vsel.now
 
+    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:  # type: ignore[override]
+        """Every executor runs inline here, the store's own thread (``store.aio.AsyncStore``) included."""
+        return super().run_in_executor(None, func, *args)
+
 
 class SimClock:
     """:class:`sandkeep.clock.Clock` on a :class:`VirtualLoop`: ``monotonic`` is the loop's virtual time and

@@ -28,12 +28,8 @@ from sandkeep.store.records import Status
 
 ADMIN = Actor(user_id="root", role="admin")
 
-#: Invariants reported but not failing a seed (each with the reason and who turns it on).
-REPORT_ONLY: dict[str, str] = {
-    # TODO(converge): issue 10's recovery-timeout fix (provider calls bounded by what is left of the deadline,
-    # no lease-TTL wait on restart) lands on branch "converge"; the integrator makes this failing after merging.
-    "recovery_timeout": "fails until the converge branch's recovery-timeout fix is merged",
-}
+REPORT_ONLY: dict[str, str] = {}
+"""Invariants reported but not failing (empty: since issue 10's recovery-timeout fix every invariant fails)."""
 
 #: Every invariant the simulation checks (SPEC §12 and issue 10), by name.
 INVARIANTS: dict[str, str] = {
