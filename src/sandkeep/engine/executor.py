@@ -362,43 +362,14 @@ class Pass:
         if isinstance(action, EnsureApp):
             return await provider.ensure_app(app, ctx.settings.fly_org)
         if isinstance(action, CreateVolume):
-            recovering = action.purpose in ("recovery", "restore")
-            if recovering:
-                crashpoints.reached("recovery.before_fork")
-            compute = guest_for(action.compute_size) if action.compute_size else None
-            source = action.source_volume_id
-            if plant.ACTIVE and plant.on("fork_without_source") and action.purpose == "recovery":
-                source = None
-            volume = await provider.create_volume_with_fallback(
-                app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
-                source_volume_id=source, snapshot_id=action.snapshot_id, compute=compute)
-            changes: Changes = {**action.extra}
-            changes[action.assign] = volume.id
-            if action.assign_region:
-                changes["region"] = volume.region
-            self.persist(changes)
-            if recovering:
-                crashpoints.reached("recovery.after_fork")
-            return volume
+            return await self._create_volume(action)
         if isinstance(action, RotateGatewayToken):
             self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
                           "config_generation": self.record.config_generation + 1})
             ctx.emitter.emit(self.record, "instance.gateway_token_rotated", label=action.reason)
             return None
         if isinstance(action, CreateMachine):
-            # a new machine gets a new gateway token, persisted before the machine exists (a crash in between
-            # only means one more rotation; a machine created with it is adopted by name/metadata)
-            self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
-            config = ctx.machine_config(self.record, action.volume_id)
-            machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
-            self.persist({**action.extra, "machine_id": machine.id})
-            if action.purpose == "recovery":
-                crashpoints.reached("recovery.after_create")
-            ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
-                             machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
-                             details={"machine_id": machine.id, "region": machine.region,
-                                      "volume_id": action.volume_id})
-            return machine
+            return await self._create_machine(action)
         if isinstance(action, StartMachine):
             try:
                 await provider.start_machine(app, action.machine_id)
@@ -436,19 +407,7 @@ class Pass:
                 await provider.wait_machine(app, action.machine_id, state=action.state, timeout=seconds)
             return None
         if isinstance(action, ProbeHealth):
-            if action.timeout <= 0:  # one probe while running (dead-host suspicion): no wait, lease kept
-                return await ctx.prober.probe(app, action.machine_id, self._probe_token())
-            async with self.unleashed(action.timeout):
-                healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
-                                                    timeout=action.timeout,
-                                                    interval=ctx.settings.health_probe_interval,
-                                                    gateway_token=self._probe_token())
-            if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
-                ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
-                                 label="healthy" if healthy else "timeout", level="info" if healthy else "warning",
-                                 machine_id=action.machine_id,
-                                 details={"machine_id": action.machine_id, "blocking": False})
-            return healthy
+            return await self._probe_health(action)
         if isinstance(action, ListSnapshots):
             return await provider.list_snapshots(app, action.volume_id)
         if isinstance(action, TakeSnapshot):
@@ -467,6 +426,61 @@ class Pass:
                              details={"deleted_volume_id": action.volume_id})
             return True
         raise TypeError(f"unknown action {action!r}")  # pragma: no cover
+
+    async def _create_volume(self, action: CreateVolume) -> Any:
+        ctx, record = self.ctx, self.record
+        provider, app = ctx.provider, record.app_name
+        recovering = action.purpose in ("recovery", "restore")
+        if recovering:
+            crashpoints.reached("recovery.before_fork")
+        compute = guest_for(action.compute_size) if action.compute_size else None
+        source = action.source_volume_id
+        if plant.ACTIVE and plant.on("fork_without_source") and action.purpose == "recovery":
+            source = None
+        volume = await provider.create_volume_with_fallback(
+            app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
+            source_volume_id=source, snapshot_id=action.snapshot_id, compute=compute)
+        changes: Changes = {**action.extra}
+        changes[action.assign] = volume.id
+        if action.assign_region:
+            changes["region"] = volume.region
+        self.persist(changes)
+        if recovering:
+            crashpoints.reached("recovery.after_fork")
+        return volume
+
+    async def _create_machine(self, action: CreateMachine) -> Any:
+        ctx, record = self.ctx, self.record
+        provider, app = ctx.provider, record.app_name
+        # a new machine gets a new gateway token, persisted before the machine exists (a crash in between
+        # only means one more rotation; a machine created with it is adopted by name/metadata)
+        self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
+        config = ctx.machine_config(self.record, action.volume_id)
+        machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
+        self.persist({**action.extra, "machine_id": machine.id})
+        if action.purpose == "recovery":
+            crashpoints.reached("recovery.after_create")
+        ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
+                         machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
+                         details={"machine_id": machine.id, "region": machine.region,
+                                  "volume_id": action.volume_id})
+        return machine
+
+    async def _probe_health(self, action: ProbeHealth) -> Any:
+        ctx, app = self.ctx, self.record.app_name
+        if action.timeout <= 0:  # one probe while running (dead-host suspicion): no wait, lease kept
+            return await ctx.prober.probe(app, action.machine_id, self._probe_token())
+        async with self.unleashed(action.timeout):
+            healthy = await probe_until_healthy(ctx.prober, ctx.clock, app, action.machine_id,
+                                                timeout=action.timeout,
+                                                interval=ctx.settings.health_probe_interval,
+                                                gateway_token=self._probe_token())
+        if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
+            ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
+                             label="healthy" if healthy else "timeout", level="info" if healthy else "warning",
+                             machine_id=action.machine_id,
+                             details={"machine_id": action.machine_id, "blocking": False})
+        return healthy
 
     async def _machine_state(self, machine_id: str) -> str | None:
         try:
