@@ -174,8 +174,9 @@ def test_compose_stack_has_postgres_a_host_one_api_and_two_engines_wired_consist
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile"
         env = {k: str(v) for k, v in svc["environment"].items()}
         check_envs(env, f"compose service {name}")
-        command, _ = check_command([*df["entrypoint"], *svc["command"]])
+        command, params = check_command([*df["entrypoint"], *svc["command"]])
         assert command == "serve"
+        assert params["role"] == ("api" if name == "api" else "engine")  # one API process, two engines
         assert urlsplit(env["SANDKEEP_HOST_URL"]).port == host_api_port
         assert urlsplit(env["SANDKEEP_HOST_PROXY_URL"]).port == host_proxy_port
         assert urlsplit(env["SANDKEEP_HOST_URL"]).hostname == "host"
