@@ -291,7 +291,7 @@ async def test_cleanup_disabled_while_the_engines_automatic_cleanup_runs(rt: Fak
 
 
 async def test_dead_host_card_and_approve_button(rt: FakeRuntime, login: Login) -> None:
-    rt.service.add("ins_a1", "alice", suspect_since=rt.clock.now(), suspect_reason="host_unreachable",
+    rt.service.put("ins_a1", "alice", suspect_since=rt.clock.now(), suspect_reason="host_unreachable",
                    restore_approval="awaiting", fenced_machine_id="m_old", flagged_volume_ids=["vol_flag"],
                    incident_note="The host of this instance stopped answering.")
     admin = await login("root", "admin")

@@ -211,16 +211,20 @@ def _crash_and_watch(run: _Demo) -> _Timeline:
     run.say("\n4. recovery timeline (seconds after the crash)")
     last_status = "running"
     deadline = time.monotonic() + run.timeout
-    while time.monotonic() < deadline:
+    def note_new_events() -> None:
         page = run.admin.request("GET", events_path, params={"limit": 500})["items"]
         for e in sorted((e for e in page if e["id"] not in seen_ids), key=lambda e: (e["at"], e["id"] or 0)):
             seen_ids.add(e["id"])
             _note_event(run, timeline, e)
+
+    while time.monotonic() < deadline:
+        note_new_events()
         timeline.final = final = run.admin.get(victim["id"])
         if final["status"] != last_status:
             last_status = final["status"]
             run.say(f"   +{(datetime.now(UTC) - timeline.crash_at).total_seconds():6.2f}s  status -> {last_status}")
         if timeline.detected_at is not None and not final["busy"] and final["status"] in ("running", "stopped"):
+            note_new_events()  # the events written between the page above and the instance read
             if final["status"] == "running" and timeline.running_at is None:
                 timeline.running_at = datetime.now(UTC)
             return timeline

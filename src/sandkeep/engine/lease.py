@@ -140,11 +140,13 @@ class Lease:
         """The pass's last write and the lease release in one fenced write (batched with other passes' ends
         on the engine's store thread). Only for changes without a status change (requeue / backoff)."""
         assert "status" not in changes, "finish() does not handle status changes: persist() them"
+        # the pass acts no more from here; the release commits on the store thread, and another engine on this
+        # loop may claim as soon as it has, before this coroutine resumes: trace the release first
+        self.ctx.traced("release", self.record.id, self.owner)
         if self.ctx.astore is not None:
             record = await self.ctx.astore.finish(self.record, self.owner, dict(changes))
         else:
             record = self.ctx.store.finish(self.record, self.owner, dict(changes))
-        self.ctx.traced("release", self.record.id, self.owner)
         self.record = record
         self.released = True
         return record
