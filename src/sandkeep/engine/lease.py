@@ -128,11 +128,12 @@ class Lease:
         self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
                                            self.ctx.clock.now())
 
-    async def renew_if_needed(self) -> None:
-        """Renew (fenced) unless more than half the lease is left: a pass that just claimed writes nothing."""
+    async def renew_if_needed(self, fraction: float = 0.5) -> None:
+        """Renew (fenced) unless more than ``fraction`` of the lease is left: a pass that just claimed writes
+        nothing."""
         expires = self.record.lease_expires_at
         ttl = self.ctx.settings.lease_ttl
-        if expires is not None and (expires - self.ctx.clock.now()).total_seconds() > ttl / 2:
+        if expires is not None and (expires - self.ctx.clock.now()).total_seconds() > ttl * fraction:
             return
         self.record = await self.ctx.call(self.ctx.store.renew, self.record, self.owner, ttl, self.ctx.clock.now())
 
