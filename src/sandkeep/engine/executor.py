@@ -79,6 +79,9 @@ LEASE_MARGIN = 0.1
 """Fraction of ``lease_ttl`` kept free at the end of a lease: a provider call is abandoned that much before the
 lease ends, so the pass's next (fenced) write still lands while it holds the lease."""
 
+DEADLINE_SLACK = 0.001
+"""Seconds past the record's deadline at which a provider call is abandoned (see :meth:`Pass.deadline`)."""
+
 RENEW_BEFORE_EFFECT = 0.75
 """Before a provider effect the lease is renewed unless more than this fraction of ``lease_ttl`` is left."""
 
@@ -273,7 +276,10 @@ class Pass:
             # the old volume), and it must see the provider as it is to say it -- nothing left to bound but the
             # lease
             return lease_at
-        mine = clock.monotonic() + left
+        # a hair past the deadline: an effect abandoned there re-decides with the deadline passed on the wall clock
+        # too (the monotonic and wall scales round differently -- a re-decision 1 us early failed the recovery
+        # for the abandoned effect instead of timing it out)
+        mine = clock.monotonic() + left + DEADLINE_SLACK
         return mine if lease_at is None else min(mine, lease_at)
 
     def lease_deadline(self) -> float | None:
@@ -347,7 +353,8 @@ class Pass:
                 try:
                     # the lease is renewed (fenced: a lost lease ends the pass here) before each provider effect,
                     # so the effect has most of a lease to run in (it is bounded by the lease, see deadline())
-                    await self.lease.renew_if_needed(RENEW_BEFORE_EFFECT)
+                    if self.lease.renew_due(RENEW_BEFORE_EFFECT):  # a direct write, like persist()
+                        self.lease.renew()
                     # a volume delete is never abandoned half-way: whether the data is gone must be known (the
                     # cutover deletes the old volume; a fail after an unknown delete could lose both copies)
                     bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline(
