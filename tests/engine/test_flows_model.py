@@ -59,12 +59,12 @@ class Flow:
         return final
 
     async def put(self, iid: str, key: str, value: bytes) -> int:
-        target = self.service.gateway_target(iid)
+        target = self.service.gateway_target(USER, iid)
         assert target is not None
         return (await self.w.gateway.put(f"/data/{key}", content=value, headers=target[1])).status_code
 
     async def read(self, iid: str, key: str) -> bytes | None:
-        target = self.service.gateway_target(iid)
+        target = self.service.gateway_target(USER, iid)
         assert target is not None
         resp = await self.w.gateway.get(f"/data/{key}", headers=target[1])
         return resp.content if resp.status_code == 200 else None
