@@ -47,3 +47,11 @@ def test_seed_41_a_retry_after_longer_than_the_lease_is_not_slept_out_under_the_
     assert result.ok, sorted({n for n, _ in result.violations})
     assert any("fault rule" in line and "'retry_after': 30" in line and "volume.list" in line
                for line in result.trace), "the seed still meets the 30 s Retry-After on volume.list"
+
+
+def test_seed_51_a_flagged_old_volume_is_named_by_its_record() -> None:
+    """Regression (small seed 51, false ``volume_leak``): a snapshot restore flags the old volume (SPEC invariant
+    9: never deleted automatically, ``flagged_volume_ids``); the checker did not count flagged volumes as named."""
+    result = run_seed(51, small=True)
+    assert result.ok, result.violations
+    assert any("instance.old_volume_flagged" in line for line in result.trace), "the seed still flags a volume"
