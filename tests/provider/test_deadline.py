@@ -50,13 +50,44 @@ async def test_the_retry_loop_never_sleeps_past_what_is_left() -> None:
         slept.append(seconds)
         await clock.sleep(seconds)
 
-    async def refused() -> None:
-        raise RateLimitedError("slow down", retry_after=20.0)
+    async def busy() -> None:
+        raise TransientError("busy")
 
-    left = iter([5.0, 1.0, 0.0, 0.0])
-    with pytest.raises(RateLimitedError):
-        await call_with_retry(refused, policy=RetryPolicy(max_attempts=4), sleep=sleep, limit=lambda: next(left))
-    assert slept == [5.0, 1.0, 0.0]  # a 20 s Retry-After, capped by the time left each time
+    left = iter([0.05, 0.01, 0.0, 0.0])
+    with pytest.raises(TransientError):
+        await call_with_retry(busy, policy=RetryPolicy(max_attempts=4, backoff_base=1.0), sleep=sleep,
+                              limit=lambda: next(left))
+    assert slept == [0.05, 0.01, 0.0]  # the policy's backoff (0.5 s and more), capped by the time left each time
+
+
+async def test_a_retry_after_the_caller_cannot_afford_ends_the_call_at_once() -> None:
+    """Simulation seed 41: a 30 s Retry-After slept out inside one call by a pass holding a 10 s lease."""
+    slept: list[float] = []
+    attempts: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def refused() -> None:
+        attempts.append(1)
+        raise RateLimitedError("slow down", retry_after=30.0)
+
+    with pytest.raises(RateLimitedError) as info:
+        await call_with_retry(refused, policy=RetryPolicy(max_attempts=4), sleep=sleep, limit=lambda: 9.0)
+    assert info.value.retry_after == 30.0  # the caller backs off by it
+    assert (len(attempts), slept) == (1, [])
+
+    attempts.clear()
+    with pytest.raises(RateLimitedError):  # one it can afford is waited for, as before
+        await call_with_retry(refused, policy=RetryPolicy(max_attempts=3), sleep=sleep, limit=lambda: 31.0)
+    assert (len(attempts), slept) == (3, [30.0, 30.0])
+
+    attempts.clear()
+    slept.clear()
+    with pytest.raises(RateLimitedError):  # no deadline: waited for (up to the policy's max_retry_after)
+        await call_with_retry(refused, policy=RetryPolicy(max_attempts=2), sleep=sleep)
+    assert (len(attempts), slept) == (2, [30.0])
+
 
     async def flaky() -> None:
         raise TransientError("boom")

@@ -75,6 +75,17 @@ STARTING_OR_STARTED = frozenset({"created", "starting", "started", "replacing", 
 MAX_STEPS = 24
 """Decision steps per pass before the pass gives up and requeues (a safety valve against loops)."""
 
+LEASE_MARGIN = 0.1
+"""Fraction of ``lease_ttl`` kept free at the end of a lease: a provider call is abandoned that much before the
+lease ends, so the pass's next (fenced) write still lands while it holds the lease."""
+
+DEADLINE_SLACK = 0.001
+"""Seconds past the record's deadline at which a provider call is abandoned (see :meth:`Pass.deadline`)."""
+
+RENEW_BEFORE_EFFECT = 0.75
+"""Before a provider effect the lease is renewed unless more than this fraction of ``lease_ttl`` is left."""
+
+
 class LeaseLost(Exception):
     """The lease was released for a wait and someone else claimed the instance meanwhile."""
 
@@ -164,6 +175,11 @@ async def safe_delete_volume(ctx: EngineContext, record: InstanceRecord, volume_
 # ------------------------------------------------------------------------------------------ the pass
 
 
+def _unleashed(action: Action) -> bool:
+    """An effect that releases the lease for its provider wait (:meth:`Pass.unleashed`): not bounded by it."""
+    return isinstance(action, WaitMachine) or (isinstance(action, ProbeHealth) and action.timeout > 0)
+
+
 class Pass:
     """One reconcile pass over one claimed instance (or one intent's actions, ``intent=True``)."""
 
@@ -244,19 +260,40 @@ class Pass:
             if not self.lease.reclaim():
                 raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
 
-    def deadline(self) -> float | None:
-        """Where the record's deadline (:func:`~sandkeep.engine.policy.call_deadline`) lies on the clock's
-        monotonic scale: every provider call made now is bounded by it (:mod:`sandkeep.provider.deadline`)."""
+    def deadline(self, *, leased: bool = True) -> float | None:
+        """Where the pass's deadline lies on the clock's monotonic scale: every provider call made now is bounded
+        by it (:mod:`sandkeep.provider.deadline`). The earlier of the record's deadline
+        (:func:`~sandkeep.engine.policy.call_deadline`) and, for a call made under the lease (``leased``; a wait
+        runs with the lease released, :meth:`unleashed`), the lease's end less a margin (:meth:`lease_deadline`)."""
+        lease_at = self.lease_deadline() if leased else None
         at = call_deadline(self.record, self.ctx.settings)
         if at is None:
-            return None
+            return lease_at
         clock = self.ctx.clock
         left = (at - clock.now()).total_seconds()
         if left <= 0:
             # passed: the decision says what happens now (time out, or finish a cutover that already deleted
-            # the old volume), and it must see the provider as it is to say it -- nothing left to bound
+            # the old volume), and it must see the provider as it is to say it -- nothing left to bound but the
+            # lease
+            return lease_at
+        # a hair past the deadline: an effect abandoned there re-decides with the deadline passed on the wall clock
+        # too (the monotonic and wall scales round differently -- a re-decision 1 us early failed the recovery
+        # for the abandoned effect instead of timing it out)
+        mine = clock.monotonic() + left + DEADLINE_SLACK
+        return mine if lease_at is None else min(mine, lease_at)
+
+    def lease_deadline(self) -> float | None:
+        """The lease's end less :data:`LEASE_MARGIN` of its TTL, on the clock's monotonic scale (None: no lease
+        expiry known). A lease holder must not act after losing its lease: once the lease may have run out,
+        another worker may have claimed the instance and be running the same step (two forks of one volume,
+        say). So no provider call of this pass outlives the lease: a call that would is abandoned (a 429 whose
+        Retry-After is longer ends at once) and the pass re-decides after a fenced renewal, or backs off."""
+        expires = self.record.lease_expires_at
+        if expires is None:
             return None
-        return clock.monotonic() + left
+        clock = self.ctx.clock
+        left = (expires - clock.now()).total_seconds() - LEASE_MARGIN * self.ctx.settings.lease_ttl
+        return clock.monotonic() + max(0.0, left)
 
     def wait_seconds(self) -> float:
         """One provider wait call (SPEC §4); the lease is released meanwhile, so it may outlast the lease.
@@ -314,9 +351,14 @@ class Pass:
                 return True
             else:
                 try:
+                    # the lease is renewed (fenced: a lost lease ends the pass here) before each provider effect,
+                    # so the effect has most of a lease to run in (it is bounded by the lease, see deadline())
+                    if self.lease.renew_due(RENEW_BEFORE_EFFECT):  # a direct write, like persist()
+                        self.lease.renew()
                     # a volume delete is never abandoned half-way: whether the data is gone must be known (the
                     # cutover deletes the old volume; a fail after an unknown delete could lose both copies)
-                    bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline()
+                    bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline(
+                        leased=not _unleashed(action))
                     with deadline(self.ctx.clock, bound):
                         value = await self.effect(action)
                 except Refused as exc:

@@ -128,13 +128,18 @@ class Lease:
         self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
                                            self.ctx.clock.now())
 
-    async def renew_if_needed(self) -> None:
-        """Renew (fenced) unless more than half the lease is left: a pass that just claimed writes nothing."""
+    def renew_due(self, fraction: float = 0.5) -> bool:
+        """True unless more than ``fraction`` of the lease is left."""
         expires = self.record.lease_expires_at
         ttl = self.ctx.settings.lease_ttl
-        if expires is not None and (expires - self.ctx.clock.now()).total_seconds() > ttl / 2:
+        return expires is None or (expires - self.ctx.clock.now()).total_seconds() <= ttl * fraction
+
+    async def renew_if_needed(self) -> None:
+        """Renew (fenced) unless more than half the lease is left: a pass that just claimed writes nothing."""
+        if not self.renew_due():
             return
-        self.record = await self.ctx.call(self.ctx.store.renew, self.record, self.owner, ttl, self.ctx.clock.now())
+        self.record = await self.ctx.call(self.ctx.store.renew, self.record, self.owner, self.ctx.settings.lease_ttl,
+                                           self.ctx.clock.now())
 
     async def finish(self, changes: Changes) -> InstanceRecord:
         """The pass's last write and the lease release in one fenced write (batched with other passes' ends

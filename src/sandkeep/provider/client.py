@@ -186,8 +186,8 @@ class MachinesClient:
 
         Under a caller's deadline (:mod:`sandkeep.provider.deadline`) the exchange's timeout is capped by the time
         left and the exchange is abandoned when the deadline passes (DeadlineExceededError)."""
-        if self.bucket is not None:
-            await self.bucket.acquire()
+        if self.bucket is not None:  # the bucket's wait (a penalty for a Retry-After too) ends by the deadline
+            await bounded(self.bucket.acquire(), operation=operation)
         started = self.clock.monotonic()
         left = remaining()
         if left is not None:

@@ -73,6 +73,14 @@ class _PolicyWait(wait_base):
         return wait if left is None else max(0.0, min(wait, left))
 
 
+def affordable(exc: BaseException, limit: Callable[[], float | None] | None) -> bool:
+    """False for a 429 whose ``Retry-After`` is not shorter than the time ``limit`` says is left."""
+    if limit is None or not isinstance(exc, RateLimitedError) or exc.retry_after is None:
+        return True
+    left = limit()
+    return left is None or exc.retry_after < left
+
+
 RetryHook = Callable[[RetryCallState], Awaitable[None] | None]
 
 
@@ -84,8 +92,10 @@ async def call_with_retry(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy
     """Run ``fn`` until it succeeds, raises a non-retryable error, or ``max_attempts`` are used up.
 
     The last error is re-raised unchanged. Sleeps go through ``sleep`` (the injected clock's). ``limit``
-    returns the seconds left before the caller's deadline (None: no deadline): no backoff sleep, a 429's
-    ``Retry-After`` included, is longer than that (:mod:`sandkeep.provider.deadline` abandons the call there).
+    returns the seconds left before the caller's deadline (None: no deadline): no backoff sleep is longer than
+    that (:mod:`sandkeep.provider.deadline` abandons the call there), and a 429 whose ``Retry-After`` the
+    caller cannot afford (not less than what is left) is not waited for at all: the RateLimitedError goes to the
+    caller at once, who backs off and lets go (a pass must not sleep out its lease inside one call).
     """
     kwargs: dict[str, Any] = {}
     if before_sleep is not None:
@@ -93,7 +103,7 @@ async def call_with_retry(fn: Callable[[], Awaitable[T]], *, policy: RetryPolicy
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.max_attempts),
         wait=_PolicyWait(policy, limit),
-        retry=retry_if_exception(lambda exc: policy.retryable(exc, retry_on)),
+        retry=retry_if_exception(lambda exc: policy.retryable(exc, retry_on) and affordable(exc, limit)),
         sleep=sleep,
         reraise=True,
         **kwargs,

@@ -480,11 +480,12 @@ class Scenario:
         for sbx, ms in started.items():
             if len(ms) > 1:
                 w.violate("two_started", f"after settling, sandbox {sbx} has {len(ms)} started machines")
-        # no volume leaked: every live volume of a sandkeep app is named by a record (or held by a squatter)
+        # no volume leaked: every live volume of a sandkeep app is named by a record (or held by a squatter); a
+        # flagged old volume (a snapshot restore's, SPEC invariant 9: never deleted automatically) is named too
         named: set[str] = set()
         for rec in recs:
             for vid in (rec.volume_id, rec.retained_volume_id, rec.pending_recovery_volume_id,
-                        rec.pending_destroy_volume_id):
+                        rec.pending_destroy_volume_id, *rec.flagged_volume_ids):
                 if vid:
                     named.add(vid)
             if (rec.retained_volume_id and rec.retained_volume_cleanup_after is not None
