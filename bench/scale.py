@@ -55,6 +55,9 @@ class StubProvider:
     async def list_machines(self, app_name: str, **kw: Any) -> list[Machine]:
         return []
 
+    async def create_snapshot(self, app_name: str, volume_id: str) -> None:
+        return None  # sandkeep's own hourly snapshot (SANDKEEP_SNAPSHOT_INTERVAL): Fly answers 200 without a body
+
     async def aclose(self) -> None:
         return None
 
