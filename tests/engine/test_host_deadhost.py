@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,61 @@ async def dead(r: Rig, zone: str) -> AsyncIterator[None]:
 async def started_machines(r: Rig, app: str, *, reachable_only: bool = False) -> list[str]:
     return [m["id"] for m in await r.machines(app) if m["state"] == "started"
             and (not reachable_only or m.get("host_status", "ok") == "ok")]
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: str
+    serving: tuple[str, ...]  # machines the host lists as started on a host that answers
+    routed: str | None  # the machine sandkeep sends the instance's traffic to (None: none, not running)
+
+
+class Sampler:
+    """Samples the host's machine list and sandkeep's routing at every step a test drives (split brain check).
+
+    A machine whose host is dead may still *say* ``started`` (Fly's last known state) but serves nothing; what
+    counts is a started machine on a host that answers."""
+
+    def __init__(self, r: Rig, rec: InstanceRecord) -> None:
+        self.r, self.rec = r, rec
+        self.samples: list[Sample] = []
+
+    async def sample(self, step: str) -> Sample:
+        serving = tuple(sorted(m["id"] for m in await self.r.machines(self.rec.app_name)
+                               if m["state"] == "started" and m.get("host_status", "ok") == "ok"))
+        target = self.r.service.gateway_target(ADMIN, self.rec.id)
+        got = Sample(step, serving, target[1]["fly-force-instance-id"] if target else None)
+        self.samples.append(got)
+        return got
+
+    async def until(self, predicate: Any, step: str, timeout: float = 60.0) -> InstanceRecord:
+        """Wait for ``predicate(record)``, sampling at every poll (and once more when it holds)."""
+        async def check() -> InstanceRecord | None:
+            await self.sample(step)
+            record = self.r.get(self.rec.id)
+            return record if predicate(record) else None
+
+        found = await async_wait_until(check, timeout=timeout,
+                                       message=f"{self.rec.id}: {step} (events: {self.r.events(self.rec.id)})")
+        await self.sample(step)
+        return found
+
+    def doubled(self) -> list[Sample]:
+        return [s for s in self.samples if len(s.serving) > 1]
+
+    def assert_no_split_brain(self) -> None:
+        assert self.samples and not self.doubled(), self.doubled()[:3]
+
+    def assert_never_routed_to(self, machine_id: str | None, since: int = 0) -> None:
+        assert machine_id and all(s.routed != machine_id for s in self.samples[since:]), \
+            [s for s in self.samples[since:] if s.routed == machine_id][:3]
+
+    def assert_fenced_window_only(self, old: str, new: str, since: int = 0) -> None:
+        """Two machines serve only in the window the engine cannot prevent: the old host came back with its machine
+        ``started`` (as Fly resumes them) and the engine has not destroyed it yet; traffic goes to the new one."""
+        for s in self.samples[since:]:
+            if len(s.serving) > 1:
+                assert set(s.serving) == {old, new} and s.routed in (None, new), s
 
 
 async def test_dead_host_restores_newest_snapshot_fences_old_machine_and_flags_old_volume(
@@ -159,15 +215,23 @@ async def test_host_back_mid_recovery_fences_first_then_forks_without_loss(
         await r.local("POST", f"/v1/apps/{rec.app_name}/volumes/{rec.volume_id}/snapshots")
         assert (await r.gateway(rec, "PUT", "/data/after", b"newer than the snapshot")).status_code == 201
         zone = await zone_of(r, rec)
+        s = Sampler(r, rec)
+        await s.sample("provisioned")
         await r.local("POST", "/_local/faults", json={"operation": "volume.snapshots.list", "status": 503})
         try:
             async with dead(r, zone):
-                await r.wait_for(rec.id, lambda x: x.status == "recovering" and x.fenced_machine_id is not None,
-                                 "recovering, old machine waiting to be fenced")
-            await r.wait_for(rec.id, lambda x: x.fenced_machine_id is None, "old machine fenced")
+                await s.until(lambda x: x.status == "recovering" and x.fenced_machine_id is not None,
+                              "recovering, old machine waiting to be fenced")
+                mark = len(s.samples)  # from here on the old machine is no longer the instance's
+            await s.sample("host returned")
+            await s.until(lambda x: x.fenced_machine_id is None, "old machine fenced")
         finally:
             await r.local("DELETE", "/_local/faults")
-        final = await r.wait_recovered(rec)
+        final = await s.until(lambda x: x.status == "running" and x.machine_id != rec.machine_id,
+                              "running on the fork")
+        # the old machine came back started, but the replacement did not exist yet: never two serving machines
+        s.assert_no_split_brain()
+        s.assert_never_routed_to(rec.machine_id, since=mark)
         assert final.flagged_volume_ids == [] and final.volume_id != rec.volume_id
         assert "instance.restored_from_snapshot" not in r.events(rec.id)
         got = await r.gateway(final, "GET", "/data/after")
@@ -252,3 +316,68 @@ async def test_admin_restore_from_a_snapshot_and_from_the_flagged_volume(
         assert vols[again.volume_id]["size_gb"] >= vols[rec.volume_id]["size_gb"]
         assert again.retained_volume_id == back.volume_id and moved.volume_id in again.flagged_volume_ids
         assert (await r.gateway(again, "GET", "/data/after")).status_code == 404
+
+
+async def test_host_death_and_return_wake_the_instance_without_its_alarm(
+        tmp_path: Path, host_session: HostHandle) -> None:
+    """The running reconcile interval is an hour: only the detector waking the instance on the host's
+    ``host_status`` watch events can relocate it and fence the returning machine within these deadlines.
+    The host returns after the relocation with the old machine ``started`` (as Fly resumes it): the only moment
+    two machines serve is before the engine's wake-up pass destroys it, and no traffic is routed to it then."""
+    async with rig(tmp_path, host_session, interval_running=3600.0, **DEAD) as r:
+        rec = await provision(r)
+        await r.local("POST", f"/v1/apps/{rec.app_name}/volumes/{rec.volume_id}/snapshots")
+        zone = await zone_of(r, rec)
+        s = Sampler(r, rec)
+        await s.sample("provisioned")
+        async with dead(r, zone):
+            moved = await s.until(lambda x: x.status == "running" and x.machine_id != rec.machine_id,
+                                  "relocated after the host died", timeout=45)
+            mark = len(s.samples)
+            assert moved.fenced_machine_id == rec.machine_id
+            assert "instance.host_unreachable" in r.events(rec.id)
+        await s.sample("host returned")
+        await s.until(lambda x: x.fenced_machine_id is None, "old machine fenced after its host returned",
+                      timeout=45)
+        assert moved.machine_id
+        s.assert_never_routed_to(rec.machine_id, since=mark)
+        s.assert_fenced_window_only(rec.machine_id, moved.machine_id)
+        assert s.samples[-1].serving == (moved.machine_id,)
+        machines = {m["id"]: m["state"] for m in await r.machines(rec.app_name)}
+        assert machines.get(rec.machine_id) in (None, "destroyed")
+        assert rec.volume_id in {v["id"] for v in await r.volumes(rec.app_name)}  # kept, flagged
+        assert r.get(rec.id).flagged_volume_ids == [rec.volume_id]
+        assert r.engine.detector.woken >= 2  # the death and the return
+
+
+async def test_host_back_after_the_restore_before_the_cutover(tmp_path: Path, host_session: HostHandle) -> None:
+    """The host returns while the recovery creates the replacement machine on the snapshot-restored volume
+    (machine creates are slowed down to make the window): the data-losing restore is done, so the instance moves
+    on to the new volume; the old machine is destroyed, never routed to; the old volume is kept and flagged."""
+    async with rig(tmp_path, host_session, interval_running=3600.0, **DEAD) as r:
+        rec = await provision(r)
+        await r.local("POST", f"/v1/apps/{rec.app_name}/volumes/{rec.volume_id}/snapshots")
+        assert (await r.gateway(rec, "PUT", "/data/after", b"newer than the snapshot")).status_code == 201
+        zone = await zone_of(r, rec)
+        s = Sampler(r, rec)
+        await s.sample("provisioned")
+        await r.local("POST", "/_local/faults", json={"operation": "machine.create", "latency": 2.0})
+        try:
+            async with dead(r, zone):
+                await s.until(lambda x: x.status == "recovering" and x.pending_recovery_volume_id is not None,
+                              "snapshot restored, replacement being created")
+                mark = len(s.samples)
+            await s.sample("host returned")
+            final = await s.until(lambda x: x.status == "running" and x.machine_id not in (None, rec.machine_id)
+                                  and x.fenced_machine_id is None, "running on the replacement, old one fenced")
+        finally:
+            await r.local("DELETE", "/_local/faults")
+        assert final.machine_id
+        s.assert_never_routed_to(rec.machine_id, since=mark)
+        s.assert_fenced_window_only(rec.machine_id, final.machine_id)
+        assert s.samples[-1].serving == (final.machine_id,)
+        assert final.flagged_volume_ids == [rec.volume_id]
+        assert rec.volume_id in {v["id"] for v in await r.volumes(rec.app_name)}
+        assert "instance.old_machine_fenced" in r.events(rec.id)
+        machines = {m["id"]: m["state"] for m in await r.machines(rec.app_name)}
+        assert machines.get(rec.machine_id) in (None, "destroyed")

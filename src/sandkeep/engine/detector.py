@@ -1,7 +1,8 @@
 """Fast detection (SPEC §6): wake an instance as soon as the provider signals that its machine stopped.
 
 * Local host: follow ``GET /_local/watch`` (long-poll of every machine state change) and wake the instance
-  that owns the machine.
+  that owns the machine -- also on a ``host_status`` event (its host died or came back, SPEC §15), for the
+  instance's machine or its fenced old one.
 * Elsewhere (Fly): every ``detect_poll_interval`` seconds, one ``list_machines`` per app that has running
   instances; a machine that is stopped/failed/gone while its instance is ``running`` wakes it.
 
@@ -24,6 +25,8 @@ from sandkeep.store.base import Store
 from sandkeep.store.records import InstanceRecord, Status
 
 WAKE_STATES = frozenset({"stopped", "failed", "destroyed", "destroying"})
+HOST_STATUS_EVENT = "host_status"
+"""The local host's watch event for a machine whose host died or came back (its ``state`` does not change)."""
 WATCH_TIMEOUT = 25.0
 ERROR_PAUSE = 1.0
 WATCH_GIVE_UP = 5
@@ -71,7 +74,9 @@ class Detector:
     def _instance_for_machine(self, machine_id: str) -> str | None:
         found = self._index.get(machine_id)
         if found is None and time.monotonic() - self._index_at > 0.2:
-            self._index = {r.machine_id: r.id for r in _all_instances(self.store) if r.machine_id}
+            self._index = {}
+            for r in _all_instances(self.store):  # the fenced old machine too: its host returning wakes it
+                self._index.update({m: r.id for m in (r.fenced_machine_id, r.machine_id) if m})
             self._index_at = time.monotonic()
             found = self._index.get(machine_id)
         return found
@@ -109,14 +114,15 @@ class Detector:
                 continue
             seq = latest
             for event in events:
-                if event.get("state") not in WAKE_STATES:
-                    continue
+                if event.get("state") not in WAKE_STATES and event.get("type") != HOST_STATUS_EVENT:
+                    continue  # a host dying or returning changes no state: its own event (SPEC §15)
                 machine_id = str(event.get("machine_id") or "")
                 instance_id = self._instance_for_machine(machine_id) if machine_id else None
                 if instance_id is not None:
                     self.woken += 1
                     self.log.info("detector.wake", instance_id=instance_id, machine_id=machine_id,
-                                  state=event.get("state"), machine_event_at=event.get("at"))
+                                  state=event.get("state"), host_status=event.get("host_status"),
+                                  machine_event_at=event.get("at"))
                     self.wake(instance_id)
 
     # ------------------------------------------------------------------ anywhere: list per app

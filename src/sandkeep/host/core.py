@@ -397,9 +397,20 @@ class Host:
                 rt = self._rt.get(m["id"])
                 if m.get("host") == name and rt is not None and rt.run is not None:
                     rt.run.freeze(dead)  # a process is stopped (SIGSTOP) and continued (SIGCONT)
+            for m in sorted(self.machines.values(), key=lambda m: str(m["id"])):
+                if m.get("host") == name and m["state"] != "destroyed":
+                    self._host_status_changed(m)
             log.info("host.died" if dead else "host.back", host=name)
             self._notify()
         return self.host_json(h)
+
+    def _host_status_changed(self, m: JSON) -> None:
+        """A watch event for a machine whose ``host_status`` changed (its host died or came back): its ``state``
+        stays what it was, so without this event a watcher would learn of a dead host only by polling."""
+        self.seq += 1
+        self.db.add_watch(self.seq, {"seq": self.seq, "app_name": m["app"], "machine_id": m["id"],
+                                     "type": "host_status", "state": m["state"], "host_status": self.host_status(m),
+                                     "exit_code": None, "requested_stop": None, "at": self.now_iso()})
 
     def reboot_host(self, name: str) -> JSON:
         """The host reboots: its machines stop (exit 137, not requested), its volumes stay; it is up after."""
