@@ -93,6 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("snapshot_interval", "SANDKEEP_SNAPSHOT_INTERVAL", 3600.0,
             "How often sandkeep takes its own snapshot of every running instance's volume, spread over the fleet "
             "(bounds what a dead host can cost; 0: only the provider's daily snapshots)."),
+    Setting("snapshot_retention", "SANDKEEP_SNAPSHOT_RETENTION", 5,
+            "Days the provider keeps each snapshot of the volumes sandkeep creates (Fly's volume "
+            "snapshot_retention, 1-60; 5 is Fly's default). Sent with every volume create, fork and restore."),
     Setting("orphan_grace", "SANDKEEP_ORPHAN_GRACE", 86400.0,
             "How long a machine or volume of sandkeep's that no record references is reported before it is "
             "deleted (with the ownership check; foreign resources are never touched)."),
@@ -243,6 +246,7 @@ class Settings:
     dead_host_grace: float = 300.0
     snapshot_restore_policy: str = "auto"
     snapshot_interval: float = 3600.0
+    snapshot_retention: int = 5
     orphan_grace: float = 86400.0
     inventory_interval: float = 3600.0
     inventory_apps_per_pass: int = 1000

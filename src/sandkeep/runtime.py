@@ -346,6 +346,9 @@ def prepared_settings(settings: Settings, directory: Path) -> Settings:
         raise StartupError(f"unknown provider {settings.provider!r}: use 'local' or 'fly'")
     if settings.role not in ROLES:
         raise StartupError(f"unknown role {settings.role!r}: use {', '.join(ROLES)}")
+    if not 1 <= settings.snapshot_retention <= 60:
+        raise StartupError(f"SANDKEEP_SNAPSHOT_RETENTION must be 1-60 days (Fly's volume snapshot_retention), "
+                           f"got {settings.snapshot_retention}")
     return settings
 
 
@@ -410,7 +413,8 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
                                   rate_limit=settings.provider_rate_limit, rate_burst=settings.provider_rate_burst,
                                   region_concurrency=settings.provider_region_concurrency,
                                   breaker_threshold=settings.provider_breaker_threshold,
-                                  breaker_cooldown=settings.provider_breaker_cooldown)
+                                  breaker_cooldown=settings.provider_breaker_cooldown,
+                                  snapshot_retention=settings.snapshot_retention)
         stack.push_async_callback(provider.aclose)
         if settings.provider == "fly":
             from sandkeep.flycheck import FlyConfigError, check_fly

@@ -28,3 +28,11 @@ async def test_unknown_role_from_environment_refuses_to_start(tmp_path: Path) ->
     with pytest.raises(StartupError, match="unknown role 'workers'"):
         async with open_runtime(Settings(home=tmp_path / "home", role="workers")):
             pass  # pragma: no cover - never reached
+
+
+@pytest.mark.parametrize("days", [0, 61])
+async def test_snapshot_retention_outside_flys_range_refuses_to_start(tmp_path: Path, days: int) -> None:
+    assert load_settings({"SANDKEEP_SNAPSHOT_RETENTION": "12"}).snapshot_retention == 12
+    with pytest.raises(StartupError, match="SANDKEEP_SNAPSHOT_RETENTION must be 1-60 days"):
+        async with open_runtime(Settings(home=tmp_path / "home", snapshot_retention=days)):
+            pass  # pragma: no cover - never reached

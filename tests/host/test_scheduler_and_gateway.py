@@ -49,6 +49,39 @@ async def test_scheduled_snapshots_follow_the_clock_and_retention(tmp_path: Path
         await host.shutdown()
 
 
+async def test_a_volume_snapshot_retention_expires_its_snapshots_on_the_host_clock(tmp_path: Path) -> None:
+    """SANDKEEP_SNAPSHOT_RETENTION reaches the host as each volume's ``snapshot_retention`` (days): the host
+    prunes that volume's snapshots (sandkeep's on-demand ones too) once they are older, on its own clock; a volume
+    without one keeps the host's default; a volume restored from a snapshot keeps the retention it was given."""
+    clock = FakeClock()
+    host = Host(HostOptions(data_dir=tmp_path, regions=["r1"], snapshot_interval=30 * 86400.0,
+                            snapshot_retention=5 * 86400.0, scheduler_tick=3600.0), clock)
+    host.load()
+    try:
+        host.create_app({"app_name": "ret"})
+        short = await host.create_volume("ret", {"name": "a", "region": "r1", "snapshot_retention": 2})
+        plain = await host.create_volume("ret", {"name": "b", "region": "r1"})
+        assert host.volume_json(short)["snapshot_retention"] == 2
+        assert host.volume_json(plain)["snapshot_retention"] == 5
+        s_short = await host.create_snapshot("ret", short["id"])
+        s_plain = await host.create_snapshot("ret", plain["id"])
+        restored = await host.create_volume("ret", {"name": "a", "region": "r1", "snapshot_id": s_short["id"],
+                                                    "snapshot_retention": 2})
+        assert host.volume_json(restored)["snapshot_retention"] == 2
+        clock.advance(2 * 86400 - 60)
+        assert (await host.scheduled_pass())["pruned"] == []
+        clock.advance(120)
+        assert (await host.scheduled_pass())["pruned"] == [s_short["id"]]
+        assert [s["id"] for s in host.list_snapshots("ret", plain["id"])] == [s_plain["id"]]
+        clock.advance(3 * 86400)
+        assert (await host.scheduled_pass())["pruned"] == [s_plain["id"]]
+        with pytest.raises(HostError) as exc:
+            await host.create_volume("ret", {"name": "c", "region": "r1", "snapshot_retention": 61})
+        assert exc.value.status == 422
+    finally:
+        await host.shutdown()
+
+
 def test_realistic_profile_is_documented() -> None:
     delays = profile_delays("realistic")
     for name in ("machine.create", "machine.boot.first", "volume.fork", "volume.create"):

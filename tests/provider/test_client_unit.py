@@ -377,6 +377,21 @@ async def test_create_volume_transient_failure_resolved_by_name_and_region() -> 
     await client.aclose()
 
 
+async def test_snapshot_retention_is_sent_with_every_create_fork_and_restore() -> None:
+    made = volume("vol_new", name="data", region="lcl-a")
+    api = FakeApi().on("GET", V_PATH, ok([])).on("POST", V_PATH, ok(made))
+    client, _ = make_client(api, snapshot_retention=12)
+    await client.create_volume(APP, name="data", region="lcl-a", size_gb=1)
+    await client.create_volume(APP, name="data", region="lcl-a", source_volume_id="vol_src")
+    await client.create_volume(APP, name="data", region="lcl-a", size_gb=3, snapshot_id="vs_1")
+    sent = [body(r) for r in api.calls("POST", V_PATH)]
+    assert [b["snapshot_retention"] for b in sent] == [12, 12, 12]
+    assert sent[1]["source_volume_id"] == "vol_src" and sent[2]["snapshot_id"] == "vs_1"
+    await client.aclose()
+    with pytest.raises(ValueError, match="1-60"):
+        MachinesClient("http://fly.test", TOKEN, snapshot_retention=61)
+
+
 async def test_create_snapshot_parses_body_or_returns_none_and_is_not_blindly_retried() -> None:
     path = f"{V_PATH}/vol_1/snapshots"
     api = FakeApi().on("POST", path, ok({"id": "vs_1", "size": 10, "status": "created"}))

@@ -122,7 +122,8 @@ class MachinesClient:
                  backoff_max: float = 5.0, transport: httpx.AsyncBaseTransport | None = None,
                  max_retry_after: float = 60.0, rng: random.Random | None = None,
                  proxy_token: str | None = None, rate_limit: float = 0.0, rate_burst: float = 0.0,
-                 region_concurrency: int = 0, breaker_threshold: int = 0, breaker_cooldown: float = 30.0) -> None:
+                 region_concurrency: int = 0, breaker_threshold: int = 0, breaker_cooldown: float = 30.0,
+                 snapshot_retention: int | None = None) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         root = base_url.strip().rstrip("/")
@@ -131,6 +132,9 @@ class MachinesClient:
         if not root.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = root
+        if snapshot_retention is not None and not 1 <= snapshot_retention <= 60:
+            raise ValueError(f"snapshot_retention must be 1-60 days, got {snapshot_retention}")
+        self.snapshot_retention = snapshot_retention  # days; sent with every volume create/fork/restore
         self.proxy_url = proxy_url.rstrip("/") if proxy_url else None
         self.proxy_token = proxy_token  # the local host's SANDKEEP_HOST_PROXY_TOKEN, sent with gateway traffic
         if "{app}" not in fly_proxy_template:
@@ -608,6 +612,8 @@ class MachinesClient:
             body["source_volume_id"] = source_volume_id
         if snapshot_id:
             body["snapshot_id"] = snapshot_id
+        if self.snapshot_retention is not None:
+            body["snapshot_retention"] = self.snapshot_retention
         if compute is not None:
             body["compute"] = compute.model_dump(mode="json", exclude_none=True)
         path = f"{self._app_path(app_name)}/volumes"
