@@ -83,6 +83,7 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
     ("volume_restore", "POST", "/v1/instances/{id}/restore", {"snapshot_id": "vs_1"},
      {OWNER: 403, OTHER: 403, ADMIN: 202, PLATFORM: 403}, True),
+    ("admin_orphans", "GET", "/v1/admin/orphans", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),
     # token registry: everyone lists their own tokens; listing all and revoking are admin routes
     ("my_tokens", "GET", "/v1/tokens", None, ok_for(200, OWNER, OTHER, ADMIN, PLATFORM), False),
     ("admin_tokens", "GET", "/v1/admin/tokens", None, {OWNER: 403, OTHER: 403, ADMIN: 200, PLATFORM: 403}, False),

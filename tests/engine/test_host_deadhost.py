@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from sandkeep.engine.orphans import OrphanSweeper
 from sandkeep.engine.service import InvalidTransition
 from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.tables import orphans as orphans_table
 from tests.engine.conftest import ADMIN, PLATFORM, new_user
 from tests.engine.hostsupport import Rig, rig
 from tests.support.procs import HostHandle
@@ -269,8 +272,21 @@ async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_th
         found = {e.details["resource_id"] for e in r.store.list_events(instance_id=rec.id,
                                                                        name="reconcile.orphan_found").items}
         assert found == {leftover, guarded, stray}
-        for key in sweeper.first_seen:  # the grace has passed
-            sweeper.first_seen[key] -= timedelta(seconds=3601)
+        listed = {o["id"]: o for o in r.service.list_orphans(ADMIN)}
+        assert set(listed) == {leftover, guarded, stray}
+        assert listed[stray]["kind"] == "machine" and listed[leftover]["kind"] == "volume"
+        assert listed[leftover]["app_name"] == app and listed[leftover]["region"] == rec.region
+        assert listed[leftover]["instance_id"] == rec.id
+        assert listed[leftover]["deletes_at"] == listed[leftover]["first_seen_at"] + timedelta(seconds=3600)
+        # a restarted engine (a new sweeper) keeps the first sightings: the grace is not restarted
+        first = {o.resource_id: o.first_seen_at for o in r.store.list_orphans()}
+        assert await OrphanSweeper(r.engine.ctx, "w2").sweep() == 0
+        assert {o.resource_id: o.first_seen_at for o in r.store.list_orphans()} == first
+        assert len(r.store.list_events(instance_id=rec.id, name="reconcile.orphan_found").items) == 3  # not again
+        with r.store.engine.begin() as conn:  # the grace has passed
+            for rid, at in first.items():
+                conn.execute(update(orphans_table).where(orphans_table.c.resource_id == rid)
+                             .values(first_seen_at=at - timedelta(seconds=3601)))
         assert await sweeper.sweep() == 2
         vols = {v["id"] for v in await r.volumes(app)}
         machines = {m["id"]: m["state"] for m in await r.machines(app)}
@@ -280,6 +296,7 @@ async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_th
         refused = r.event(rec.id, "reconcile.orphan_delete_refused")
         assert refused.details["resource_id"] == guarded and "sbx_foreign" in (refused.error or "")
         assert r.get(rec.id).status == Status.RUNNING
+        assert {o.resource_id for o in r.store.list_orphans()} == {guarded}  # the refused one stays listed
 
 
 async def test_admin_restore_from_a_snapshot_and_from_the_flagged_volume(

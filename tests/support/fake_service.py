@@ -76,6 +76,7 @@ class FakeService:
         self.instances: dict[str, InstanceRecord] = {}
         self.events: list[EventRecord] = []
         self.audit: list[AuditRecord] = []
+        self.orphans: list[dict[str, Any]] = []  # what list_orphans answers (service.list_orphans's shape)
         self.calls: list[tuple[str, str, str | None]] = []
         self.gateway_base = gateway_base
         self.gateway: tuple[str, dict[str, str]] | None = None  # what gateway_target answers, when set
@@ -350,6 +351,10 @@ class FakeService:
         access.require_admin(actor)
         items = [a for a in reversed(self.audit) if instance_id is None or a.instance_id == instance_id]
         return _page("audit", items, cursor, limit)
+
+    def list_orphans(self, actor: Actor) -> list[dict[str, Any]]:
+        access.require_admin(actor)
+        return list(self.orphans)
 
     def gateway_target(self, actor: Actor, instance_id: str) -> tuple[str, dict[str, str]] | None:
         r = self._get(instance_id)

@@ -415,6 +415,14 @@ class InstanceService:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
 
+    def list_orphans(self, actor: Actor) -> list[dict[str, Any]]:
+        access.require_admin(actor)
+        grace = timedelta(seconds=self.ctx.settings.orphan_grace)
+        return [{"kind": o.kind, "id": o.resource_id, "app_name": o.app_name, "region": o.region,
+                 "instance_id": o.instance_id, "reason": o.reason, "first_seen_at": o.first_seen_at,
+                 "last_seen_at": o.last_seen_at, "deletes_at": o.first_seen_at + grace}
+                for o in self.ctx.store.list_orphans()]
+
     def list_audit(self, actor: Actor, *, instance_id: str | None = None, cursor: str | None = None,
                    limit: int = 100) -> Page[AuditRecord]:
         access.require_admin(actor)

@@ -15,14 +15,16 @@ instance records of that app.
 Orphans are reported (event ``reconcile.orphan_found``, fleet-wide at ``/v1/events?name=…`` and on the admin
 events page) and deleted after ``orphan_grace`` since this process first saw them, under the owning instance's
 lease, after re-reading its record, with the SPEC §7.5 ownership check (``reconcile.orphan_deleted``). First
-sightings are kept in memory: an engine restart restarts the grace (it errs on keeping).
+sightings are kept in the database (table ``orphans``): an engine restart, or another engine process doing the
+next pass, does not restart the grace. Admins see them at ``GET /v1/admin/orphans``, ``sandkeep admin orphans``
+and on the admin page.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sandkeep.engine.executor import Refused, destroy_own_machine, safe_delete_volume
 from sandkeep.engine.lease import EngineContext, claim
@@ -30,7 +32,7 @@ from sandkeep.engine.naming import METADATA_INSTANCE, METADATA_SANDBOX, volume_n
 from sandkeep.logs import get_logger
 from sandkeep.provider.errors import NotFoundError, ProviderError, RateLimitedError
 from sandkeep.provider.models import Machine, Volume
-from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.records import InstanceRecord, OrphanRecord, Status
 
 log = get_logger("sandkeep.orphans")
 
@@ -44,6 +46,7 @@ class Orphan:
     resource_id: str
     instance_id: str
     reason: str
+    region: str | None = None
 
 
 def _volume_refs(rec: InstanceRecord) -> set[str]:
@@ -73,7 +76,7 @@ def classify(machines: list[Machine], volumes: list[Volume],
         if rec.status in MOVING or m.id in _machine_refs(rec):
             continue
         reason = "instance destroyed" if rec.status == Status.DESTROYED else "not referenced by its instance"
-        orphans.append(Orphan("machine", m.id, rec.id, reason))
+        orphans.append(Orphan("machine", m.id, rec.id, reason, m.region))
     for v in volumes:
         if (v.state or "created") in ("destroyed", "destroying", "pending_destroy"):
             continue
@@ -84,7 +87,7 @@ def classify(machines: list[Machine], volumes: list[Volume],
         if rec.status in MOVING or v.id in _volume_refs(rec):
             continue
         reason = "instance destroyed" if rec.status == Status.DESTROYED else "not referenced by its instance"
-        orphans.append(Orphan("volume", v.id, rec.id, reason))
+        orphans.append(Orphan("volume", v.id, rec.id, reason, v.region))
     return orphans, foreign
 
 
@@ -94,7 +97,6 @@ class OrphanSweeper:
     def __init__(self, ctx: EngineContext, owner: str) -> None:
         self.ctx = ctx
         self.owner = owner
-        self.first_seen: dict[str, datetime] = {}
         self.last: dict[str, list[Orphan]] = {}  # app -> orphans seen at the last pass
 
     async def run(self) -> None:
@@ -125,7 +127,6 @@ class OrphanSweeper:
         """One inventory pass; returns the number of orphans deleted."""
         settings, provider = self.ctx.settings, self.ctx.provider
         deleted = 0
-        seen_now: set[str] = set()
         for n, (app, records) in enumerate(sorted(self._apps().items())):
             if n >= settings.inventory_apps_per_pass:
                 break
@@ -144,24 +145,28 @@ class OrphanSweeper:
                 continue
             orphans, _foreign = classify(machines, volumes, records)
             self.last[app] = orphans
-            now = self.ctx.clock.now()
-            for orphan in orphans:
-                key = f"{app}/{orphan.kind}/{orphan.resource_id}"
-                seen_now.add(key)
-                first = self.first_seen.get(key)
-                if first is None:
-                    self.first_seen[key] = first = now
-                    rec = next(r for r in records if r.id == orphan.instance_id)
-                    self.ctx.emitter.emit(rec, "reconcile.orphan_found", label=orphan.kind, level="warning",
-                                          details={"resource_id": orphan.resource_id, "reason": orphan.reason,
-                                                   "delete_after": (now + timedelta(
-                                                       seconds=settings.orphan_grace)).isoformat()})
-                if (now - first).total_seconds() >= settings.orphan_grace and await self._delete(orphan):
-                    deleted += 1
-                    self.first_seen.pop(key, None)
-        for key in list(self.first_seen):
-            if key not in seen_now:
-                self.first_seen.pop(key, None)  # gone or referenced again: the grace starts over if it returns
+            deleted += await self._handle(app, orphans, records)
+        return deleted
+
+    async def _handle(self, app: str, orphans: list[Orphan], records: list[InstanceRecord]) -> int:
+        """Record the sightings (one no longer seen is forgotten: the grace starts over if it returns), report
+        the new ones and delete those whose grace has passed."""
+        grace, now = self.ctx.settings.orphan_grace, self.ctx.clock.now()
+        rows = self.ctx.store.record_orphans(app, [
+            OrphanRecord(app_name=app, kind=o.kind, resource_id=o.resource_id, instance_id=o.instance_id,
+                         region=o.region, reason=o.reason, first_seen_at=now, last_seen_at=now) for o in orphans], now)
+        first_seen = {(r.kind, r.resource_id): r.first_seen_at for r in rows}
+        deleted = 0
+        for orphan in orphans:
+            first = first_seen.get((orphan.kind, orphan.resource_id), now)
+            if first == now:
+                rec = next(r for r in records if r.id == orphan.instance_id)
+                self.ctx.emitter.emit(rec, "reconcile.orphan_found", label=orphan.kind, level="warning",
+                                      details={"resource_id": orphan.resource_id, "reason": orphan.reason,
+                                               "delete_after": (now + timedelta(seconds=grace)).isoformat()})
+            if (now - first).total_seconds() >= grace and await self._delete(orphan):
+                deleted += 1
+                self.ctx.store.forget_orphan(app, orphan.kind, orphan.resource_id)
         return deleted
 
     async def _delete(self, orphan: Orphan) -> bool:

@@ -220,6 +220,11 @@ class InstanceServiceAPI(Protocol):
         """Admin: the audit log, newest first."""
         ...
 
+    def list_orphans(self, actor: Actor) -> list[dict[str, Any]]:
+        """Admin: machines and volumes of sandkeep's that no record references (SPEC §15), oldest sighting first:
+        kind, id, app_name, region, instance_id, reason, first_seen_at, last_seen_at, deletes_at."""
+        ...
+
     def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
         """Record an admin action refused before it reached an instance (e.g. a non-admin token)."""
         ...

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page
+from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, OrphanRecord, Page
 
 
 class StoreError(Exception):
@@ -118,6 +118,17 @@ class Store(Protocol):
         ...
 
     # events and audit
+    # orphans (SPEC §15): the inventory's sightings, durable across engine restarts
+    def record_orphans(self, app_name: str, seen: Sequence[OrphanRecord], now: datetime) -> list[OrphanRecord]:
+        """Replace what is known of ``app_name``'s orphans by ``seen``: a new one is first seen ``now``, one seen
+        before keeps its ``first_seen_at``, one no longer seen is forgotten. Returns the stored rows."""
+        ...
+
+    def forget_orphan(self, app_name: str, kind: str, resource_id: str) -> None: ...
+    def list_orphans(self) -> list[OrphanRecord]:
+        """Every known orphan, oldest sighting first."""
+        ...
+
     def add_event(self, event: EventRecord) -> EventRecord: ...
     def list_events(self, *, instance_id: str | None = None, name: str | None = None,
                     cursor: str | None = None, limit: int = 100) -> Page[EventRecord]:

@@ -148,3 +148,17 @@ class AuditRecord:
 class Page(Generic[T]):
     items: list[T]
     next_cursor: str | None = None
+
+
+@dataclass
+class OrphanRecord:
+    """A machine or volume of sandkeep's that no record references (SPEC §15), as the inventory last saw it."""
+
+    app_name: str
+    kind: str  # "machine" | "volume"
+    resource_id: str
+    instance_id: str
+    region: str | None
+    reason: str
+    first_seen_at: datetime
+    last_seen_at: datetime

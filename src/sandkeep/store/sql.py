@@ -67,6 +67,7 @@ from sqlalchemy.types import TypeEngine
 from sandkeep.clock import Clock
 from sandkeep.sim import plant
 from sandkeep.store.base import AlreadyExists, FencedError, NotFound, QuotaReached, StoreError
+from sandkeep.store.orphan_rows import OrphanRows
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
 from sandkeep.store.tables import JSONText, UTCDateTime, audit, engines, events, instances
 
@@ -309,7 +310,7 @@ def _lease_free(now: datetime) -> ColumnElement[bool]:
     return or_(c.lease_owner.is_(None), c.lease_expires_at.is_(None), c.lease_expires_at <= now)
 
 
-class SqlStore:
+class SqlStore(OrphanRows):
     """The store on SQLAlchemy 2 (sync engine, short transactions). Thread-safe.
 
     ``url``: ``sqlite:///path/to/file.db`` (parent directory created), ``sqlite://`` (in memory, one

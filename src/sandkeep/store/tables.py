@@ -241,3 +241,19 @@ engines = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Index("ix_engines_expires_at", "expires_at"),
 )
+
+# --- orphans (migration v0008_orphans): what the inventory (engine/orphans.py) found that no record references,
+# with the time it was first seen, so an engine restart does not restart SANDKEEP_ORPHAN_GRACE.
+
+orphans = Table(
+    "orphans",
+    metadata,
+    Column("app_name", String(255), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("resource_id", String(255), primary_key=True),
+    Column("instance_id", String(64), nullable=False),
+    Column("region", String(64), nullable=True),
+    Column("reason", String(255), nullable=False),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+    Column("last_seen_at", UTCDateTime(), nullable=False),
+)

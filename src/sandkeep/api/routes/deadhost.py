@@ -1,5 +1,6 @@
-"""Admin routes of SPEC §15 (dead hosts): approve a data-losing snapshot restore, list and restore snapshots,
-delete a flagged old volume. The service checks the admin role (and audits refusals); these routes only translate.
+"""Admin routes of SPEC §15 (dead hosts and orphans): approve a data-losing snapshot restore, list and restore
+snapshots, delete a flagged old volume, list the orphans the inventory found. The service checks the admin role
+(and audits refusals); these routes only translate.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandkeep.api.deps import ERRORS, ActorDep, InstanceId, StateDep
 from sandkeep.api.schemas import CleanupResult, Instance, render_instance
+from sandkeep.clock import utc_iso
 
 
 class RestoreBody(BaseModel):
@@ -35,6 +37,23 @@ class SnapshotItem(BaseModel):
 
 class SnapshotList(BaseModel):
     items: list[SnapshotItem]
+
+
+class OrphanItem(BaseModel):
+    kind: str = Field(description="machine or volume")
+    id: str
+    app_name: str
+    region: str | None
+    instance_id: str = Field(description="the instance whose metadata or volume name the resource carries")
+    reason: str
+    first_seen_at: str
+    last_seen_at: str
+    deletes_at: str = Field(description="first_seen_at + SANDKEEP_ORPHAN_GRACE: the next inventory pass after "
+                                        "this deletes it (ownership check of SPEC 7.5; refused when foreign)")
+
+
+class OrphanList(BaseModel):
+    items: list[OrphanItem]
 
 
 VolumeId = Annotated[str, Path(description="Volume id (vol_...)", max_length=200)]
@@ -73,3 +92,12 @@ async def delete_flagged_volume(actor: ActorDep, api: StateDep, instance_id: Ins
     snapshot; sandkeep never deletes it on its own). 400 when the volume is not flagged on the instance."""
     deleted = await api.service.delete_flagged_volume(actor, instance_id, volume_id)
     return {"ok": True, "deleted_volume_id": deleted}
+
+
+@router.get("/admin/orphans", response_model=OrphanList, tags=["admin"])
+async def list_orphans(actor: ActorDep, api: StateDep) -> dict[str, Any]:
+    """Admin: machines and volumes of sandkeep's that no instance record references (found by the periodic
+    inventory, ``SANDKEEP_INVENTORY_INTERVAL``), oldest sighting first, with when each will be deleted."""
+    items = [{**o, **{k: utc_iso(o[k]) for k in ("first_seen_at", "last_seen_at", "deletes_at")}}
+             for o in api.service.list_orphans(actor)]
+    return {"items": items}
