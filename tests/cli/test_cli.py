@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -166,3 +167,30 @@ def test_console_script_entry_point(serve: Serve, user: str) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+def test_admin_lists_orphans(serve: Serve) -> None:
+    from datetime import timedelta
+
+    from sandkeep.store.records import OrphanRecord
+
+    store = serve.credentials.store  # serve's database
+    now = datetime.now(UTC)
+    app = f"sk-cli-{uuid.uuid4().hex[:8]}"
+    store.record_orphans(app, [OrphanRecord(app_name=app, kind="volume", resource_id="vol_leftover",
+                                            instance_id="ins_gone", region="lcl-a", reason="instance destroyed",
+                                            first_seen_at=now, last_seen_at=now)], now)
+    try:
+        refused = run(serve, "admin", "orphans", user="cli-user")
+        assert refused.exit_code != 0 and "admin" in refused.output, refused.output
+        listed = run(serve, "admin", "orphans", user="root", role="admin")
+        assert listed.exit_code == 0, listed.output
+        assert "DELETES AT" in listed.output and "vol_leftover" in listed.output and app in listed.output
+        items = json.loads(run(serve, "admin", "orphans", "--json", user="root", role="admin").stdout)
+        mine = next(o for o in items if o["app_name"] == app)
+        assert mine["kind"] == "volume" and mine["instance_id"] == "ins_gone" and mine["region"] == "lcl-a"
+        first = datetime.fromisoformat(mine["first_seen_at"].replace("Z", "+00:00"))
+        deletes = datetime.fromisoformat(mine["deletes_at"].replace("Z", "+00:00"))
+        assert deletes - first == timedelta(days=1)  # the default SANDKEEP_ORPHAN_GRACE
+    finally:
+        store.record_orphans(app, [], now)

@@ -77,6 +77,8 @@ class FakeService:
         self.events: list[EventRecord] = []
         self.audit: list[AuditRecord] = []
         self.orphans: list[dict[str, Any]] = []  # what list_orphans answers (service.list_orphans's shape)
+        self.snapshots: list[dict[str, Any]] = []  # what list_volume_snapshots answers
+        self.restores: list[dict[str, str | None]] = []  # restore_volume's arguments, in order
         self.calls: list[tuple[str, str, str | None]] = []
         self.gateway_base = gateway_base
         self.gateway: tuple[str, dict[str, str]] | None = None  # what gateway_target answers, when set
@@ -318,12 +320,13 @@ class FakeService:
     async def list_volume_snapshots(self, actor: Actor, instance_id: str) -> list[dict[str, Any]]:
         self._admin_gate(actor, "list_snapshots", instance_id)
         self.calls.append(("list_volume_snapshots", actor.user_id, instance_id))
-        return []
+        return list(self.snapshots)
 
     async def restore_volume(self, actor: Actor, instance_id: str, *, snapshot_id: str | None = None,
                              volume_id: str | None = None) -> InstanceRecord:
         r = self._admin_gate(actor, "volume_restore", instance_id)
         self.calls.append(("restore_volume", actor.user_id, instance_id))
+        self.restores.append({"snapshot_id": snapshot_id, "volume_id": volume_id})
         self._audit(actor, "volume_restore", instance_id)
         return self._set(r)
 

@@ -12,7 +12,7 @@ from tests.web.conftest import Login, csrf_of
 
 HX = {"HX-Request": "true"}
 ADMIN_PAGES = ("/ui/admin/", "/ui/admin/live", "/ui/admin/audit", "/ui/admin/instances/ins_a1",
-               "/ui/admin/instances/ins_a1/live")
+               "/ui/admin/instances/ins_a1/live", "/ui/admin/instances/ins_a1/restore")
 
 
 def field(html: str, name: str) -> str:
@@ -300,6 +300,7 @@ async def test_dead_host_card_and_approve_button(rt: FakeRuntime, login: Login) 
     csrf = csrf_of(html)
     confirm = await admin.post("/ui/admin/instances/ins_a1/approve-restore", data={"csrf_token": csrf})
     assert "Please confirm" in confirm.text and rt.service.calls == []
+    assert "newest snapshot" in confirm.text and "Approve snapshot restore" in confirm.text
     r = await admin.post("/ui/admin/instances/ins_a1/approve-restore", data={"csrf_token": csrf, "confirm": "yes"},
                          headers=HX)
     assert "Snapshot restore of ins_a1 approved" in r.text
@@ -310,3 +311,89 @@ async def test_dead_host_card_and_approve_button(rt: FakeRuntime, login: Login) 
     owner = await login("alice", "user")
     page = (await owner.get("/ui/")).text
     assert "The host of this instance stopped answering." in page
+
+
+async def test_restore_from_a_flagged_volume_and_delete_it(rt: FakeRuntime, login: Login) -> None:
+    """The dead-host card's buttons: restore from the flagged (or retained) volume, delete the flagged one; each
+    asks for a confirmation first and needs the form's CSRF token."""
+    rt.service.put("ins_a1", "alice", volume_id="vol_new", flagged_volume_ids=["vol_flag"],
+                   retained_volume_id="vol_kept", retained_volume_cleanup_after=rt.clock.now() + timedelta(days=7))
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/instances/ins_a1")).text
+    for button in ("restore-volume-vol_flag", "delete-flagged-vol_flag", "restore-volume-vol_kept",
+                   "restore-page-ins_a1"):
+        assert f'id="{button}"' in html, button
+    assert 'hx-confirm="Delete flagged volume vol_flag of ins_a1?' in html
+    csrf = csrf_of(html)
+    # no CSRF token: refused, nothing done
+    r = await admin.post("/ui/admin/instances/ins_a1/restore", data={"volume_id": "vol_flag", "confirm": "yes"})
+    assert r.status_code == 403 and rt.service.calls == []
+    # the plain form shows a confirmation that carries the chosen volume on
+    page = await admin.post("/ui/admin/instances/ins_a1/restore", data={"csrf_token": csrf, "volume_id": "vol_flag"})
+    assert "Please confirm" in page.text and "volume vol_flag" in page.text and rt.service.calls == []
+    assert '<input type="hidden" name="volume_id" value="vol_flag">' in page.text
+    r = await admin.post("/ui/admin/instances/ins_a1/restore", data={"csrf_token": csrf_of(page.text),
+                                                                     "volume_id": "vol_flag", "confirm": "yes"})
+    assert r.status_code == 200 and "Restore of ins_a1 from volume vol_flag started" in r.text
+    assert rt.service.restores == [{"snapshot_id": None, "volume_id": "vol_flag"}]
+    confirm = await admin.post("/ui/admin/instances/ins_a1/delete-flagged-volume",
+                               data={"csrf_token": csrf, "volume_id": "vol_flag"})
+    assert "Please confirm" in confirm.text and "newer than the snapshot" in confirm.text
+    assert [c[0] for c in rt.service.calls] == ["restore_volume"]
+    r = await admin.post("/ui/admin/instances/ins_a1/delete-flagged-volume",
+                         data={"csrf_token": csrf, "volume_id": "vol_flag", "confirm": "yes"}, headers=HX)
+    assert "Deleted flagged volume vol_flag of ins_a1" in r.text
+    assert [c[0] for c in rt.service.calls] == ["restore_volume", "delete_flagged_volume"]
+    after = (await admin.get("/ui/admin/instances/ins_a1")).text
+    assert 'id="delete-flagged-vol_flag"' not in after and 'id="restore-volume-vol_kept"' in after
+    # a refusal from the service (not flagged) is shown, not a 500
+    rt.service.delete_flagged_volume = _refuse  # type: ignore[method-assign]
+    r = await admin.post("/ui/admin/instances/ins_a1/delete-flagged-volume",
+                         data={"csrf_token": csrf, "volume_id": "vol_other", "confirm": "yes"}, headers=HX)
+    assert "Delete flagged volume failed for ins_a1: vol_other is not a flagged volume" in r.text
+    assert r.headers["X-Sandkeep-Status"] == "400"
+
+
+async def _refuse(actor: object, instance_id: str, volume_id: str) -> str:
+    from sandkeep.engine.service import InvalidArgument
+
+    raise InvalidArgument(f"{volume_id} is not a flagged volume")
+
+
+async def test_restore_page_lists_snapshots_and_restores_one(rt: FakeRuntime, login: Login) -> None:
+    rt.service.put("ins_a1", "alice", volume_id="vol_cur", flagged_volume_ids=["vol_flag"])
+    rt.service.snapshots = [
+        {"volume_id": "vol_cur", "volume_role": "current", "snapshot_id": "vs_new",
+         "created_at": "2026-11-30T09:00:00Z", "status": "created", "size": 10, "source_volume_size": 1},
+        {"volume_id": "vol_flag", "volume_role": "flagged", "snapshot_id": "vs_old",
+         "created_at": "2026-11-29T09:00:00Z", "status": "created", "size": 10, "source_volume_size": 1}]
+    admin = await login("root", "admin")
+    page = await admin.get("/ui/admin/instances/ins_a1/restore")
+    assert page.status_code == 200
+    assert 'id="restore-snapshot-vs_new"' in page.text and 'id="restore-snapshot-vs_old"' in page.text
+    assert 'id="restore-kept-vol_flag"' in page.text and "vol_cur" in page.text
+    confirm = await admin.post("/ui/admin/instances/ins_a1/restore",
+                               data={"csrf_token": csrf_of(page.text), "snapshot_id": "vs_old"})
+    assert "Please confirm" in confirm.text and "snapshot vs_old" in confirm.text
+    assert rt.service.restores == []
+    done = await admin.post("/ui/admin/instances/ins_a1/restore",
+                            data={"csrf_token": csrf_of(confirm.text), "snapshot_id": "vs_old", "confirm": "yes"})
+    assert "Restore of ins_a1 from snapshot vs_old started" in done.text
+    assert rt.service.restores == [{"snapshot_id": "vs_old", "volume_id": None}]
+    missing = await admin.get("/ui/admin/instances/ins_nope/restore")
+    assert missing.status_code == 404
+
+
+async def test_fleet_page_lists_orphans(rt: FakeRuntime, login: Login) -> None:
+    now = rt.clock.now()
+    rt.service.orphans = [{"kind": "volume", "id": "vol_leftover", "app_name": "sk-abc", "region": "lcl-a",
+                           "instance_id": "ins_gone", "reason": "instance destroyed", "first_seen_at": now,
+                           "last_seen_at": now, "deletes_at": now + timedelta(hours=24)}]
+    admin = await login("root", "admin")
+    html = (await admin.get("/ui/admin/")).text
+    panel = re.search(r'<section[^>]*data-testid="orphans".*?</section>', html, re.S)
+    assert panel, "no orphans panel"
+    text = panel.group(0)
+    assert "Orphans <span class=\"muted\">(1)</span>" in text
+    assert 'data-orphan="vol_leftover"' in text and "sk-abc" in text and "instance destroyed" in text
+    assert 'href="/ui/admin/instances/ins_gone"' in text

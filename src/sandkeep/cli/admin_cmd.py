@@ -22,7 +22,7 @@ ID = click.argument("instance_id", metavar="ID")
 @click.group("admin")
 def admin() -> None:
     """Debug an instance, retry its recovery, approve a snapshot restore, delete a flagged or retained volume,
-    destroy its machine, rotate its gateway token; events, audit."""
+    destroy its machine, rotate its gateway token; events, audit, orphans."""
 
 
 @admin.command("debug")
@@ -138,6 +138,23 @@ def delete_flagged_volume(ctx: Ctx, instance_id: str, volume_id: str) -> None:
         ctx.emit(result)
     else:
         click.echo(f"deleted flagged volume {result['deleted_volume_id']} of {instance_id}")
+
+
+@admin.command("orphans")
+@api_options
+def orphans(ctx: Ctx) -> None:
+    """Machines and volumes of sandkeep's that no instance references (found by the periodic inventory), oldest
+    sighting first, with when each is deleted (SANDKEEP_ORPHAN_GRACE after it was first seen)."""
+    with ctx.client() as client:
+        data = client.request("GET", "/v1/admin/orphans")
+    if ctx.as_json:
+        ctx.emit(data["items"])
+    elif not data["items"]:
+        click.echo("no orphans")
+    else:
+        rows = [[o["kind"], o["id"], o["app_name"], o["region"] or "-", o["instance_id"], o["first_seen_at"],
+                 o["deletes_at"], o["reason"]] for o in data["items"]]
+        click.echo(table(["KIND", "ID", "APP", "REGION", "INSTANCE", "FIRST SEEN", "DELETES AT", "REASON"], rows))
 
 
 @admin.command("rotate-gateway-token")

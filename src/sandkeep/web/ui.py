@@ -57,7 +57,8 @@ STATIC_FILES: dict[str, str] = {
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
 OWNER_ACTIONS = ("start", "stop", "restart", "destroy")
-ADMIN_ACTIONS = ("cleanup-retained-volume", "retry-recovery", "destroy-machine", "approve-restore")
+ADMIN_ACTIONS = ("cleanup-retained-volume", "retry-recovery", "destroy-machine", "approve-restore", "restore",
+                 "delete-flagged-volume")
 PAGE_SIZE = 25
 MAX_RECOVERING = 2000  # instances listed under "recovering now"
 MAX_EVENTS = 5000  # events scanned for the charts
@@ -309,8 +310,8 @@ class WebUI:
 
     def attention(self, actor: Actor, *, fresh: bool) -> dict[str, Any]:
         """The fleet page's "needs attention" panels: instances whose last recovery failed (stopped, with the
-        error) and retained old volumes awaiting cleanup (overdue first). Computed on a page load, reused by
-        polls for a few intervals, like the charts."""
+        error), retained old volumes awaiting cleanup (overdue first) and orphans awaiting deletion. Computed on a
+        page load, reused by polls for a few intervals, like the charts."""
         ttl = max(5.0, 5 * float(self.rt.settings.web_poll_interval))
         if not fresh and self.attention_cache is not None and \
                 self.rt.clock.monotonic() - self.attention_cache[0] < ttl:
@@ -324,7 +325,9 @@ class WebUI:
         retained = sorted((r for r in live if r.retained_volume_id),
                           key=lambda r: (r.retained_volume_cleanup_after or r.updated_at, r.id))
         now = self.now()
-        out = {"failed_recoveries": failed[:PANEL_ROWS], "failed_total": len(failed),
+        orphans = svc.list_orphans(actor)  # the inventory's findings (SPEC §15), oldest sighting first
+        out = {"orphans": orphans[:PANEL_ROWS], "orphans_total": len(orphans),
+               "failed_recoveries": failed[:PANEL_ROWS], "failed_total": len(failed),
                "retained_volumes": [(r, r.retained_volume_cleanup_after is not None
                                      and r.retained_volume_cleanup_after <= now) for r in retained[:PANEL_ROWS]],
                "retained_total": len(retained)}
@@ -400,6 +403,18 @@ class WebUI:
                                        "There is no machine to destroy." if not rec.machine_id else ""),
         }
 
+    async def _volume_action(self, actor: Actor, rec: InstanceRecord, action: str, data: dict[str, str]) -> Flash:
+        """Restore from a snapshot or a kept volume, or delete a flagged volume (SPEC §15; the service checks)."""
+        svc = self.rt.service
+        snapshot_id, volume_id = data.get("snapshot_id") or None, data.get("volume_id") or None
+        if action == "delete-flagged-volume":
+            deleted = await svc.delete_flagged_volume(actor, rec.id, volume_id or "")
+            return Flash("ok", f"Deleted flagged volume {deleted} of {rec.id}.")
+        await svc.restore_volume(actor, rec.id, snapshot_id=snapshot_id, volume_id=volume_id)
+        source = f"snapshot {snapshot_id}" if snapshot_id else f"volume {volume_id}"
+        return Flash("ok", f"Restore of {rec.id} from {source} started: it moves to a new volume; the previous one "
+                           "is kept.")
+
     def field_text(self, value: Any) -> str:
         if value is None or value == "":
             return "—"
@@ -456,9 +471,13 @@ class WebUI:
             return Flash("error", f"Could not {action} {rec.id}: unexpected error ({type(exc).__name__}). "
                                   "Try again; the server log has details.", status=500)
 
-    async def admin_action(self, actor: Actor, rec: InstanceRecord, action: str) -> Flash:
+    async def admin_action(self, actor: Actor, rec: InstanceRecord, action: str,
+                           data: dict[str, str] | None = None) -> Flash:
         svc = self.rt.service
+        data = data or {}
         try:
+            if action in ("restore", "delete-flagged-volume"):
+                return await self._volume_action(actor, rec, action, data)
             if action == "cleanup-retained-volume":
                 if rec.id in self.cleanups_running:
                     return Flash("error", f"A cleanup of {rec.id}'s retained volume is already running.", 409)
