@@ -398,3 +398,49 @@ async def test_host_back_after_the_restore_before_the_cutover(tmp_path: Path, ho
         assert "instance.old_machine_fenced" in r.events(rec.id)
         machines = {m["id"]: m["state"] for m in await r.machines(rec.app_name)}
         assert machines.get(rec.machine_id) in (None, "destroyed")
+
+
+async def test_dead_host_restore_is_sized_from_the_snapshots_source(tmp_path: Path, host_session: HostHandle) -> None:
+    """The volume was extended before its snapshot: the restore after the host died asks for a volume at least as
+    large as the snapshot's source (the host refuses a smaller one, as Fly does) and the data reads back."""
+    async with rig(tmp_path, host_session, **DEAD) as r:
+        rec = await provision(r)
+        app = rec.app_name
+        await r.local("PUT", f"/v1/apps/{app}/volumes/{rec.volume_id}/extend", json={"size_gb": 3})
+        assert (await r.gateway(rec, "PUT", "/data/kept", b"before the snapshot")).status_code == 201
+        await r.local("POST", f"/v1/apps/{app}/volumes/{rec.volume_id}/snapshots")
+        zone = await zone_of(r, rec)
+        async with dead(r, zone):
+            final = await r.wait_recovered(rec)
+        vols = {v["id"]: v for v in await r.volumes(app)}
+        assert vols[final.volume_id]["size_gb"] >= 3
+        assert r.event(rec.id, "instance.restored_from_snapshot").details["snapshot_volume_size"]
+        got = await r.gateway(final, "GET", "/data/kept")
+        assert got.status_code == 200 and got.content == b"before the snapshot"
+
+
+async def test_a_lost_volume_id_adopts_the_own_volume_on_the_real_host(tmp_path: Path,
+                                                                      host_session: HostHandle) -> None:
+    """The record lost its volume id (the host answers 404 for it) while the data still exists: the start adopts
+    the instance's own volume by name instead of creating an empty one over it (SPEC §15)."""
+    async with rig(tmp_path, host_session) as r:
+        rec = await provision(r)
+        assert (await r.gateway(rec, "PUT", "/data/precious", b"still here")).status_code == 201
+        await r.service.stop(PLATFORM, rec.id)
+        await r.wait_status(rec.id, "stopped")
+
+        async def lose() -> bool:  # a test writer holding the lease for one write (the engine may hold it now)
+            lease = r.store.claim(rec.id, "test", 30, r.clock.now())
+            if lease is None:
+                return False
+            r.store.release(r.store.update(lease, "test", {"volume_id": "vol_lostLostLost00"}), "test")
+            return True
+
+        await async_wait_until(lose, timeout=30, message="the record's lease, to lose its volume id")
+        await r.service.start(PLATFORM, rec.id)
+        back = await r.wait_status(rec.id, "running")
+        assert back.volume_id == rec.volume_id
+        assert "reconcile.adopt_volume" in r.events(rec.id) and "instance.data_loss" not in r.events(rec.id)
+        assert [v["id"] for v in await r.volumes(rec.app_name)] == [rec.volume_id]  # no empty volume made
+        got = await r.gateway(back, "GET", "/data/precious")
+        assert got.status_code == 200 and got.content == b"still here"
