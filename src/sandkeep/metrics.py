@@ -118,6 +118,9 @@ OLD_MACHINES_TO_FENCE = Gauge("sandkeep_old_machines_to_fence", "Old machines on
                               "their host answers.", registry=REGISTRY)
 FLAGGED_VOLUME_INSTANCES = Gauge("sandkeep_instances_with_flagged_volumes", "Instances with an old volume flagged "
                                  "after a snapshot restore (kept until an admin decides).", registry=REGISTRY)
+ORPHANS = Gauge("sandkeep_orphans", "Machines and volumes of sandkeep's that no record references, as the last "
+                "inventory pass of this process left them (SANDKEEP_INVENTORY_INTERVAL).", ["kind"],
+                registry=REGISTRY)
 
 SNAPSHOT_NEWEST_AGE_MAX = Gauge("sandkeep_snapshot_newest_age_max_seconds", "Across running instances, the largest "
                                 "age of sandkeep's newest snapshot of an instance's volume (what a dead host could "

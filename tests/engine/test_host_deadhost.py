@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from sandkeep import metrics
 from sandkeep.engine.orphans import OrphanSweeper
 from sandkeep.engine.service import InvalidTransition
 from sandkeep.store.records import InstanceRecord, Status
@@ -272,6 +273,8 @@ async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_th
         found = {e.details["resource_id"] for e in r.store.list_events(instance_id=rec.id,
                                                                        name="reconcile.orphan_found").items}
         assert found == {leftover, guarded, stray}
+        gauge = {k: metrics.REGISTRY.get_sample_value("sandkeep_orphans", {"kind": k}) for k in ("machine", "volume")}
+        assert gauge == {"machine": 1.0, "volume": 2.0}
         listed = {o["id"]: o for o in r.service.list_orphans(ADMIN)}
         assert set(listed) == {leftover, guarded, stray}
         assert listed[stray]["kind"] == "machine" and listed[leftover]["kind"] == "volume"
@@ -297,6 +300,8 @@ async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_th
         assert refused.details["resource_id"] == guarded and "sbx_foreign" in (refused.error or "")
         assert r.get(rec.id).status == Status.RUNNING
         assert {o.resource_id for o in r.store.list_orphans()} == {guarded}  # the refused one stays listed
+        assert metrics.REGISTRY.get_sample_value("sandkeep_orphans", {"kind": "volume"}) == 1.0
+        assert metrics.REGISTRY.get_sample_value("sandkeep_orphans", {"kind": "machine"}) == 0.0
 
 
 async def test_admin_restore_from_a_snapshot_and_from_the_flagged_volume(

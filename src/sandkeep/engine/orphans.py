@@ -26,6 +26,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sandkeep import metrics
 from sandkeep.engine.executor import Refused, destroy_own_machine, safe_delete_volume
 from sandkeep.engine.lease import EngineContext, claim
 from sandkeep.engine.naming import METADATA_INSTANCE, METADATA_SANDBOX, volume_name
@@ -146,6 +147,9 @@ class OrphanSweeper:
             orphans, _foreign = classify(machines, volumes, records)
             self.last[app] = orphans
             deleted += await self._handle(app, orphans, records)
+        known = self.ctx.store.list_orphans()
+        for kind in ("machine", "volume"):
+            metrics.ORPHANS.labels(kind=kind).set(sum(1 for o in known if o.kind == kind))
         return deleted
 
     async def _handle(self, app: str, orphans: list[Orphan], records: list[InstanceRecord]) -> int:
