@@ -388,9 +388,14 @@ def serve(cfg: GatewayConfig) -> int:
                                  "token": "set" if cfg.token else "missing (every request is refused)",
                                  "limit_bytes": cfg.limit_bytes}) + "\n")
     sys.stderr.flush()
+    from sandkeep.gatewaybeat import start_from_env
+
+    sender = start_from_env(os.environ)  # beats to sandkeep when the machine's env asks (issue 11)
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
+        if sender is not None:
+            sender.stop()
         httpd.server_close()
     sys.stderr.write(json.dumps({"event": "gateway.stopped"}) + "\n")
     return 0

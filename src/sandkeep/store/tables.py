@@ -241,3 +241,14 @@ engines = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Index("ix_engines_expires_at", "expires_at"),
 )
+
+# --- gateway heartbeats (migration v0008_heartbeat): the last time each instance's gateway beat, written in
+# batches by whichever process received the beats; engines look here for running instances whose beats stopped.
+
+instance_heartbeats = Table(
+    "instance_heartbeats",
+    metadata,
+    Column("instance_id", String(64), primary_key=True),
+    Column("beat_at", UTCDateTime(), nullable=False),
+    Index("ix_instance_heartbeats_beat_at", "beat_at"),
+)

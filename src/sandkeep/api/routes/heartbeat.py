@@ -1,0 +1,64 @@
+"""``POST /v1/gateway/heartbeat``: a machine's gateway says it is alive (issue 11, detection on Fly).
+
+Authenticated with the instance's own gateway token (``sandkeep-instance-id`` and ``sandkeep-gateway-token``
+headers; SPEC §13), not a user token: 401 ``heartbeat_unauthorized`` for a missing, unknown or rotated token.
+A plain POST is one beat (204). With ``?stream=true`` the request body is a heartbeat stream: every line is a
+beat, the token is checked once (and again after a rotation is seen), and the end of the stream — the machine
+stopped or crashed, or the connection broke — tells the engine to read that machine at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.requests import ClientDisconnect
+
+from sandkeep.api.deps import StateDep
+from sandkeep.api.errors import ApiError
+from sandkeep.api.schemas import ErrorBody
+from sandkeep.engine.heartbeat import BeatRefused, HeartbeatBook
+from sandkeep.gateway import TOKEN_HEADER
+
+router = APIRouter(prefix="/v1")
+
+
+def _refused(exc: BeatRefused) -> ApiError:
+    return ApiError(401, exc.code, exc.message, headers={"WWW-Authenticate": "sandkeep-gateway-token"})
+
+
+async def _follow(book: HeartbeatBook, request: Request, instance_id: str, digest: bytes) -> None:
+    """Beat for every line of the stream until it ends; a rotated token ends it with 401."""
+    try:
+        async for chunk in request.stream():
+            if b"\n" not in chunk:
+                continue
+            if not book.still_valid(instance_id, digest):
+                raise _refused(BeatRefused("heartbeat_unauthorized", "the gateway token was rotated"))
+            book.beat(instance_id)
+    except ClientDisconnect:
+        pass
+    finally:
+        book.stream_closed(instance_id)
+
+
+@router.post("/gateway/heartbeat", status_code=204, tags=["traffic"], operation_id="gateway_heartbeat",
+             responses={401: {"model": ErrorBody}})
+async def heartbeat(api: StateDep, request: Request,
+                    instance_id: Annotated[str | None, Header(alias="sandkeep-instance-id", max_length=200)] = None,
+                    token: Annotated[str | None, Header(alias=TOKEN_HEADER, max_length=500)] = None,
+                    stream: Annotated[bool, Query(description="the body is a stream of beats, one per line")] = False,
+                    ) -> Response:
+    """A gateway's heartbeat (authenticated with the instance's gateway token, not a user token)."""
+    book = api.heartbeats
+    try:
+        if book is None:  # a process without an engine knows no instance's token
+            raise BeatRefused("heartbeat_unauthorized", "this process does not take gateway heartbeats")
+        digest = await book.authenticate(instance_id, token)
+    except BeatRefused as exc:
+        raise _refused(exc) from exc
+    assert instance_id is not None  # authenticate refuses a missing id
+    book.beat(instance_id)
+    if stream:
+        await _follow(book, request, instance_id, digest)
+    return Response(status_code=204)
