@@ -115,9 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat_url", "SANDKEEP_HEARTBEAT_URL", None,
             "Base URL machines' gateways send heartbeats to (POST <url>/v1/gateway/heartbeat); default "
             "SANDKEEP_PUBLIC_URL, else http://<listen>. 'off' disables beats (detection then lists per app)."),
-    Setting("heartbeat_interval", "SANDKEEP_HEARTBEAT_INTERVAL", 3.0,
+    Setting("heartbeat_interval", "SANDKEEP_HEARTBEAT_INTERVAL", 10.0,
             "How often a machine's gateway beats (one line on its heartbeat stream); 0 disables beats."),
-    Setting("heartbeat_timeout", "SANDKEEP_HEARTBEAT_TIMEOUT", 8.0,
+    Setting("heartbeat_timeout", "SANDKEEP_HEARTBEAT_TIMEOUT", 25.0,
             "A running instance that beat before and is silent this long gets one targeted machine read "
             "(stopped or gone: woken for recovery)."),
     Setting("heartbeat_flush_interval", "SANDKEEP_HEARTBEAT_FLUSH_INTERVAL", 1.0,
@@ -269,8 +269,8 @@ class Settings:
     alarm_poll_interval: float = 1.0
     detect_poll_interval: float = 2.0
     heartbeat_url: str | None = None
-    heartbeat_interval: float = 3.0
-    heartbeat_timeout: float = 8.0
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 25.0
     heartbeat_flush_interval: float = 1.0
     heartbeat_check_interval: float = 1.0
     detect_backstop_rate: float = 0.0

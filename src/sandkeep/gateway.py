@@ -39,6 +39,8 @@ from types import FrameType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sandkeep.gatewaybeat import start_from_env  # at import: the machine user may not read the stdlib later
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 MAX_BODY = 64 * 1024 * 1024
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -388,8 +390,6 @@ def serve(cfg: GatewayConfig) -> int:
                                  "token": "set" if cfg.token else "missing (every request is refused)",
                                  "limit_bytes": cfg.limit_bytes}) + "\n")
     sys.stderr.flush()
-    from sandkeep.gatewaybeat import start_from_env
-
     sender = start_from_env(os.environ)  # beats to sandkeep when the machine's env asks (issue 11)
     try:
         httpd.serve_forever(poll_interval=0.2)
