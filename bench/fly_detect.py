@@ -358,6 +358,8 @@ async def sandkeep_main(a: argparse.Namespace) -> dict[str, Any]:
         if c["kind"] == "crash" and rs is not None:
             to_recovering.append(rs.timestamp() - c["at"])
     beats = engine.heartbeats.written
+    beat_results = _samples("sandkeep_gateway_heartbeats", "result")
+    http_status = _samples("sandkeep_http_requests", "status")
     child.kill()
     await child.wait()
     server.should_exit = True
@@ -372,7 +374,19 @@ async def sandkeep_main(a: argparse.Namespace) -> dict[str, Any]:
             "crash_to_wake_p99": pct(to_wake["crash"], 0.99), "freeze_to_wake_p50": pct(to_wake["freeze"], 0.5),
             "freeze_to_wake_p99": pct(to_wake["freeze"], 0.99), "freeze_to_wake_max": pct(to_wake["freeze"], 1.0),
             "steady_cpu_fraction": round(steady_cpu, 3), "flush_cpu_fraction": round(flush_cpu, 3), "steady_provider_calls_per_s": round(steady_calls, 2),
-            "beats_written": beats}
+            "beats_written": beats, "beat_results": beat_results, "http_status": http_status}
+
+
+def _samples(name: str, label: str) -> dict[str, float]:
+    from sandkeep import metrics
+
+    out: dict[str, float] = {}
+    for family in metrics.REGISTRY.collect():
+        if family.name == name:
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels.get(label, "")] = out.get(s.labels.get(label, ""), 0) + s.value
+    return out
 
 
 def _provider_calls() -> float:

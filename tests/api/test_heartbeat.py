@@ -129,3 +129,24 @@ def test_a_machine_not_asked_to_beat_does_not(env: dict[str, str]) -> None:
     if not env:
         full.pop("SANDKEEP_GATEWAY_TOKEN")
     assert BeatTarget.from_env({**full, **env}) is None
+
+
+async def test_a_stream_with_a_wrong_token_is_401_with_a_code(beats: Beats) -> None:
+    resp = await beats.client.post(URL + "?stream=true", headers=beats.headers(token="nope"), content=b"b\nb\n")
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "heartbeat_unauthorized"
+    assert resp.headers["www-authenticate"] == "sandkeep-gateway-token"
+    await beats.engine.heartbeats.flush()
+    assert beats.store.heartbeat_times([beats.record.id]) == {}
+
+
+async def test_a_stream_whose_token_was_rotated_meanwhile_ends_with_401(beats: Beats) -> None:
+    book = beats.engine.heartbeats
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield b"b\n"
+        book.forget(beats.record.id)  # what a flush does once it sees the token rotated
+        yield b"b\n"
+
+    resp = await beats.client.post(URL + "?stream=true", headers=beats.headers(), content=lines())
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "heartbeat_unauthorized"

@@ -65,6 +65,7 @@ def create_app(runtime: Runtime, *, proxy_transport: httpx.AsyncBaseTransport | 
     app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)  # outside: a huge body is 413 whatever its type
     app.add_middleware(RejectMalformed)
     app.add_middleware(RequestContext, monotonic=runtime.clock.monotonic)
+    app.add_middleware(heartbeat.HeartbeatStreams, state=state)  # outermost: a stream's lines skip the rest
     for router in ROUTERS:
         app.include_router(router)
     install_docs(app)

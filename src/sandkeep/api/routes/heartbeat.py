@@ -9,15 +9,18 @@ stopped or crashed, or the connection broke — tells the engine to read that ma
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandkeep.api.deps import StateDep
+from sandkeep.api.deps import ApiState, StateDep
 from sandkeep.api.errors import ApiError
 from sandkeep.api.schemas import ErrorBody
-from sandkeep.engine.heartbeat import BeatRefused, HeartbeatBook
+from sandkeep.engine.heartbeat import HEARTBEAT_PATH, INSTANCE_HEADER, BeatRefused, HeartbeatBook
 from sandkeep.gateway import TOKEN_HEADER
 
 router = APIRouter(prefix="/v1")
@@ -62,3 +65,59 @@ async def heartbeat(api: StateDep, request: Request,
     if stream:
         await _follow(book, request, instance_id, digest)
     return Response(status_code=204)
+
+
+class HeartbeatStreams:
+    """ASGI middleware (outermost): heartbeat *streams* go straight to the book, skipping the router and the
+    per-request middlewares for each of their lines (a stream lasts an hour and carries a line every few
+    seconds: the per-line cost is what 10,000 machines pay). Same contract as :func:`heartbeat` with
+    ``stream=true``; every other request passes through."""
+
+    def __init__(self, app: ASGIApp, state: ApiState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope.get("path") != HEARTBEAT_PATH or scope.get("method") != "POST"
+                or b"stream=true" not in scope.get("query_string", b"") or self.state.heartbeats is None):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        instance_id = headers.get(INSTANCE_HEADER.encode(), b"").decode("latin-1")[:200] or None
+        token = headers.get(TOKEN_HEADER.encode(), b"").decode("latin-1")[:500] or None
+        book = self.state.heartbeats
+        try:
+            digest = await book.authenticate(instance_id, token)
+        except BeatRefused as exc:
+            await _answer(send, 401, exc)
+            return
+        assert instance_id is not None
+        book.beat(instance_id)
+        refused: BeatRefused | None = None
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                if b"\n" in message.get("body", b""):
+                    if not book.still_valid(instance_id, digest):
+                        refused = BeatRefused("heartbeat_unauthorized", "the gateway token was rotated")
+                        break
+                    book.beat(instance_id)
+                if not message.get("more_body", False):
+                    break
+        finally:
+            book.stream_closed(instance_id)
+        with contextlib.suppress(OSError, RuntimeError):
+            await _answer(send, 401 if refused else 204, refused)
+
+
+async def _answer(send: Send, status: int, refused: BeatRefused | None) -> None:
+    headers = [(b"content-type", b"application/json")]
+    body = b""
+    if refused is not None:
+        body = json.dumps({"error": {"code": refused.code, "message": refused.message, "status": status}}).encode()
+        headers.append((b"www-authenticate", b"sandkeep-gateway-token"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
