@@ -373,7 +373,8 @@ async def sandkeep_main(a: argparse.Namespace) -> dict[str, Any]:
             "crash_to_recovering_p50": pct(to_recovering, 0.5), "crash_to_recovering_p99": pct(to_recovering, 0.99),
             "crash_to_wake_p99": pct(to_wake["crash"], 0.99), "freeze_to_wake_p50": pct(to_wake["freeze"], 0.5),
             "freeze_to_wake_p99": pct(to_wake["freeze"], 0.99), "freeze_to_wake_max": pct(to_wake["freeze"], 1.0),
-            "steady_cpu_fraction": round(steady_cpu, 3), "flush_cpu_fraction": round(flush_cpu, 3), "steady_provider_calls_per_s": round(steady_calls, 2),
+            "steady_cpu_fraction": round(steady_cpu, 3), "flush_cpu_fraction": round(flush_cpu, 3),
+            "steady_provider_calls_per_s": round(steady_calls, 2),
             "beats_written": beats, "beat_results": beat_results, "http_status": http_status}
 
 
