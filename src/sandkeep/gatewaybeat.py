@@ -7,8 +7,9 @@ Contract (any image can implement it; the ``sandkeep/gateway`` image does, with 
 * the sender opens ``POST <url>?stream=true`` with headers ``sandkeep-instance-id`` and
   ``sandkeep-gateway-token`` and a chunked body, and writes one line (``b\\n``) every interval;
 * the stream is ended and reopened about every hour (:data:`STREAM_LIFETIME`); when it breaks or is answered
-  (401: wrong or rotated token), the sender backs off (doubling from the interval to :data:`MAX_BACKOFF`) and
-  opens a new one. A plain ``POST <url>`` (no ``stream``) is one beat, for senders that cannot stream.
+  (401: wrong or rotated token; 503: that sandkeep process is stopping), the sender backs off (doubling from the
+  interval to :data:`MAX_BACKOFF`) and opens a new one. A plain ``POST <url>`` (no ``stream``) is one beat,
+  for senders that cannot stream.
 
 Only the standard library is used (the gateway boots fast). :class:`BeatSender` runs in a thread of the real
 gateway; the local host's simulated machines use the same request bytes over asyncio (:mod:`sandkeep.host.sim`).
@@ -36,7 +37,7 @@ TOKEN_HEADER = "sandkeep-gateway-token"
 BEAT_CHUNK = b"2\r\nb\n\r\n"
 END_CHUNK = b"0\r\n\r\n"
 STREAM_LIFETIME = 3600.0
-MAX_BACKOFF = 60.0
+MAX_BACKOFF = 30.0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -150,3 +151,30 @@ async def test_a_stream_whose_token_was_rotated_meanwhile_ends_with_401(beats: B
 
     resp = await beats.client.post(URL + "?stream=true", headers=beats.headers(), content=lines())
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "heartbeat_unauthorized"
+
+
+async def test_streams_ended_by_a_stopping_server_record_nothing(beats: Beats) -> None:
+    book = beats.engine.heartbeats
+    more = asyncio.Event()
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield b"b\n"
+        await more.wait()  # the machine is between two beats
+        yield b"b\n"
+
+    request = asyncio.create_task(beats.client.post(URL + "?stream=true", headers=beats.headers(), content=lines()))
+    await wait_for(lambda: len(book.streams) == 1)
+    assert book.end_streams() == 1  # serve got SIGTERM
+    resp = await request
+    assert resp.status_code == 503
+    await book.flush()
+    written = beats.store.heartbeat_times([beats.record.id])[beats.record.id]
+    assert written == beats.clock.now()  # the beat, not an ended-stream mark: no machine read follows
+
+
+async def wait_for(predicate: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0)  # yield to the request task until it is waiting for the next line
+    raise AssertionError("condition not reached")

@@ -145,7 +145,7 @@ async def test_a_silent_machine_that_is_alive_is_not_read_again_at_once(hb: Harn
 async def test_an_ended_stream_is_read_without_waiting_for_the_timeout(hb: Harness) -> None:
     record = await hb.running()
     monitor = monitor_of(hb)
-    hb.clock.advance(10)
+    hb.clock.advance(70)  # past the monitor's start-up grace
     book = hb.engine.heartbeats
     await beat(book, hb, record.id)
     hb.fake.crash(record.machine_id)
@@ -156,6 +156,7 @@ async def test_an_ended_stream_is_read_without_waiting_for_the_timeout(hb: Harne
 
 
 async def test_a_new_machine_gets_the_timeout_to_send_its_first_beat(hb: Harness) -> None:
+    hb.clock.advance(70)  # past the monitor's start-up grace
     record = await hb.running()
     monitor = monitor_of(hb)
     book = hb.engine.heartbeats
@@ -239,3 +240,18 @@ async def test_a_recovered_instance_is_watched_on_its_new_machine(hb: Harness) -
     current = hb.get(record.id)
     assert current.status == Status.RUNNING and current.machine_id != record.machine_id
     assert await monitor.check_once() == 0  # the new machine is within its first-beat grace
+
+
+async def test_silence_from_before_an_engine_started_waits_for_the_senders_to_reconnect(
+        make_harness: Callable[..., Harness]) -> None:
+    first = make_harness(**BEATS)
+    record = await first.running()
+    first.clock.advance(10)
+    await beat(first.engine.heartbeats, first, record.id)
+    first.clock.advance(30)  # sandkeep was down: nothing beat for 30 s
+    restarted = make_harness(**BEATS)  # a new engine process
+    monitor = monitor_of(restarted)
+    assert await monitor.check_once() == 0 and monitor.reads == 0  # its senders may still be reconnecting
+    first.fake.crash(record.machine_id)
+    first.clock.advance(monitor.grace.total_seconds())
+    assert await monitor.check_once() == 1 and restarted.woken == [record.id]

@@ -57,6 +57,9 @@ READ_CONCURRENCY = 16
 SILENT_BATCH = 2000
 DEFAULT_BACKSTOP_RATE = 10.0
 BACKSTOP_RECORDS_PER_SECOND = 1000.0
+SENDER_RECONNECT = 40.0
+"""How long a gateway's sender may take to reopen its stream after sandkeep restarted (its back-off doubles from
+the interval to 30 s): silence that began before an engine started is not acted on for a timeout plus this."""
 
 
 class BeatRefused(Exception):
@@ -102,6 +105,8 @@ class HeartbeatBook:
         self.written = 0
         self.dropped = 0
         self.flush_cpu = 0.0  # CPU seconds spent writing batches (bench/fly_detect.py reports it)
+        self.streams: set[asyncio.Task[object]] = set()  # the heartbeat streams this process serves now
+        self.closing = False
 
     # ------------------------------------------------------------------ checking beats
 
@@ -162,6 +167,15 @@ class HeartbeatBook:
         self._last.pop(instance_id, None)
         metrics.GATEWAY_HEARTBEATS.labels(result="stream_closed").inc()
         self._ensure_flusher()
+
+    def end_streams(self) -> int:
+        """The server is stopping: end every heartbeat stream now (not a sign of the machines: nothing is
+        recorded; their senders reconnect, to another process or to this one restarted). Returns how many."""
+        self.closing = True
+        streams = list(self.streams)
+        for task in streams:
+            task.cancel()
+        return len(streams)
 
     def age(self, instance_id: str) -> float | None:
         """Seconds since this process last received a beat of ``instance_id`` (None: none received)."""
@@ -243,6 +257,8 @@ class HeartbeatMonitor:
         self.book = book
         self.log = get_logger("sandkeep.heartbeat")
         self._next: dict[str, tuple[datetime, int]] = {}  # id -> (next read not before, reads that found it alive)
+        self.started_at = clock.now()
+        self.grace = timedelta(seconds=settings.heartbeat_timeout + SENDER_RECONNECT)
         self.reads = 0
         self.woken = 0
 
@@ -251,6 +267,8 @@ class HeartbeatMonitor:
             return False
         if s.started_at is not None and s.started_at > cutoff:
             return False  # a machine started within the timeout: its first beat may still come
+        if s.beat_at < self.started_at and now < self.started_at + self.grace:
+            return False  # silent since before this engine started: the senders may be reconnecting
         age = self.book.age(s.instance_id) if self.book is not None else None
         if age is not None and age < self.settings.heartbeat_timeout:
             return False  # this process has a fresher beat that is not written yet
@@ -335,9 +353,9 @@ class BackstopDetector(Detector):
         self.listed = 0
 
     async def sweep(self) -> int:
-        """At start-up: first give every machine a timeout to beat (a beating machine is alive: no listing),
-        then list the apps of the instances that did not."""
-        await asyncio.sleep(self.settings.heartbeat_timeout + self.settings.heartbeat_flush_interval)
+        """At start-up: first give every machine a timeout (and its sender the time to reconnect) to beat (a
+        beating machine is alive: no listing), then list the apps of the instances that did not."""
+        await asyncio.sleep(self.settings.heartbeat_timeout + SENDER_RECONNECT)
         return await super().sweep()
 
     def plan(self, records: list[InstanceRecord], beats: dict[str, datetime], budget: int) -> list[str]:

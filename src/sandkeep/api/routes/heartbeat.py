@@ -9,6 +9,7 @@ stopped or crashed, or the connection broke — tells the engine to read that ma
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Annotated
@@ -94,9 +95,19 @@ class HeartbeatStreams:
         assert instance_id is not None
         book.beat(instance_id)
         refused: BeatRefused | None = None
+        task = asyncio.current_task()
+        if task is not None:
+            book.streams.add(task)
+        by_server = False
         try:
             while True:
-                message = await receive()
+                try:
+                    message = await receive()
+                except asyncio.CancelledError:
+                    by_server = True  # the server is stopping (end_streams): not a sign of the machine
+                    if not book.closing:
+                        raise
+                    break
                 if message["type"] == "http.disconnect":
                     return
                 if b"\n" in message.get("body", b""):
@@ -107,9 +118,12 @@ class HeartbeatStreams:
                 if not message.get("more_body", False):
                     break
         finally:
-            book.stream_closed(instance_id)
+            if task is not None:
+                book.streams.discard(task)
+            if not by_server:
+                book.stream_closed(instance_id)
         with contextlib.suppress(OSError, RuntimeError):
-            await _answer(send, 401 if refused else 204, refused)
+            await _answer(send, 503 if by_server else 401 if refused else 204, refused)
 
 
 async def _answer(send: Send, status: int, refused: BeatRefused | None) -> None:
