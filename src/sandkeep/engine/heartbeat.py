@@ -54,7 +54,7 @@ INSTANCE_ENV = "SANDKEEP_INSTANCE_ID"
 MAX_RECHECK = 600.0
 """Longest pause between two targeted reads of a machine that answers ``started`` but does not beat."""
 READ_CONCURRENCY = 16
-SILENT_BATCH = 2000
+SILENT_BATCH = 10000
 DEFAULT_BACKSTOP_RATE = 10.0
 BACKSTOP_RECORDS_PER_SECOND = 1000.0
 SENDER_RECONNECT = 40.0
