@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # tests run on every core (pytest-xdist); `PYTEST_WORKERS=0` runs them in one process
 PYTEST_WORKERS ?= auto
 
-.PHONY: run test lint venv host demo bench bench-scale clean constraints sim
+.PHONY: run test lint venv host demo bench bench-scale bench-fly clean constraints sim
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.scale_all
+
+bench-fly: $(STAMP)
+	nice -n 10 $(BIN)/python -m bench.fly_detect --n $(or $(N),10000) --warmup 100 --ramp 40 --crashes 40 --settle 45
 
 # Regenerate the pinned constraints from the current environment (maintainers only).
 constraints: $(STAMP)

@@ -115,6 +115,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("alarm_poll_interval", "SANDKEEP_ALARM_POLL_INTERVAL", 1.0, "How often the engine looks for due alarms."),
     Setting("detect_poll_interval", "SANDKEEP_DETECT_POLL_INTERVAL", 2.0,
             "How often the detector lists machines per app to notice stops early (0 disables)."),
+    Setting("heartbeat_url", "SANDKEEP_HEARTBEAT_URL", None,
+            "Base URL machines' gateways send heartbeats to (POST <url>/v1/gateway/heartbeat); default "
+            "SANDKEEP_PUBLIC_URL, else http://<listen>. 'off' disables beats (detection then lists per app)."),
+    Setting("heartbeat_interval", "SANDKEEP_HEARTBEAT_INTERVAL", 10.0,
+            "How often a machine's gateway beats (one line on its heartbeat stream); 0 disables beats."),
+    Setting("heartbeat_timeout", "SANDKEEP_HEARTBEAT_TIMEOUT", 25.0,
+            "A running instance that beat before and is silent this long gets one targeted machine read "
+            "(stopped or gone: woken for recovery)."),
+    Setting("heartbeat_flush_interval", "SANDKEEP_HEARTBEAT_FLUSH_INTERVAL", 1.0,
+            "How often the beats a process received are written to the database (one batch)."),
+    Setting("heartbeat_check_interval", "SANDKEEP_HEARTBEAT_CHECK_INTERVAL", 1.0,
+            "How often an engine looks for instances whose beats stopped (one indexed query)."),
+    Setting("detect_backstop_rate", "SANDKEEP_DETECT_BACKSTOP_RATE", 0.0,
+            "With heartbeats on: list calls per second of the per-app backstop listing (0: a quarter of "
+            "SANDKEEP_PROVIDER_RATE_LIMIT, or 10/s without a rate limit)."),
     Setting("engine_concurrency", "SANDKEEP_ENGINE_CONCURRENCY", 64,
             "Instances reconciled at once per process (alarms and wake-ups share these slots)."),
     Setting("alarm_coalesce", "SANDKEEP_ALARM_COALESCE", 0.2,
@@ -257,6 +272,12 @@ class Settings:
     lease_ttl: float = 30.0
     alarm_poll_interval: float = 1.0
     detect_poll_interval: float = 2.0
+    heartbeat_url: str | None = None
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 25.0
+    heartbeat_flush_interval: float = 1.0
+    heartbeat_check_interval: float = 1.0
+    detect_backstop_rate: float = 0.0
     engine_concurrency: int = 64
     alarm_coalesce: float = 0.2
     engine_heartbeat_interval: float = 1.0

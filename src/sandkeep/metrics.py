@@ -42,6 +42,10 @@ RECOVERY_DURATION = Histogram(
 DETECTION_LATENCY = Histogram(
     "sandkeep_detection_latency_seconds", "Machine stop (provider event time) to status 'recovering'.",
     registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 600, float("inf")))
+GATEWAY_HEARTBEATS = Counter("sandkeep_gateway_heartbeats", "Gateway heartbeats received, by result (ok, refused, "
+                             "stream_closed).", ["result"], registry=REGISTRY)
+HEARTBEAT_READS = Counter("sandkeep_heartbeat_reads", "Targeted machine reads after a missed heartbeat, by outcome "
+                          "(alive, woken, error).", ["outcome"], registry=REGISTRY)
 INSTANCES = Gauge("sandkeep_instances", "Instances by status.", ["status"], registry=REGISTRY)
 PROVIDER_ERRORS = Counter("sandkeep_provider_errors", "Provider errors seen by the engine, by class.", ["kind"],
                           registry=REGISTRY)

@@ -363,6 +363,8 @@ async def open_runtime(settings: Settings, *, data_dir: Path | None = None, cloc
     settings = prepared_settings(settings, directory)
     jwt_secret = settings.jwt_secret or ""
     public = settings.public_url or http_url(settings.listen)
+    if settings.heartbeat_url is None:  # machines' gateways beat to the API (SANDKEEP_HEARTBEAT_URL)
+        settings = settings.replace(heartbeat_url=public)
 
     async with contextlib.AsyncExitStack() as stack:
         from sqlalchemy.exc import SQLAlchemyError

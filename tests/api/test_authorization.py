@@ -105,6 +105,8 @@ ROUTES: list[tuple[str, str, str, Any, dict[str, int], bool]] = [
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
     ("gateway_options", "OPTIONS", "/v1/instances/{id}/gateway/data/x", None,
      {OWNER: 200, OTHER: 404, ADMIN: 200, PLATFORM: 403}, False),
+    # a machine's heartbeat takes the instance's gateway token, never a user token: 401 for everyone
+    ("gateway_heartbeat", "POST", "/v1/gateway/heartbeat", None, ok_for(401, OWNER, OTHER, ADMIN, PLATFORM), False),
 ]
 # routes that need no token at all (tested in test_healthz_and_metrics_need_no_token)
 PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
@@ -136,7 +138,8 @@ async def test_route_authorization(api: Api, route: tuple[str, str, str, Any, di
         err = resp.json()["error"]
         assert err["status"] == want and err["code"] and err["message"]
     if want == 401:
-        assert resp.headers.get("www-authenticate", "").startswith("Bearer")
+        scheme = "sandkeep-gateway-token" if name == "gateway_heartbeat" else "Bearer"
+        assert resp.headers.get("www-authenticate", "").startswith(scheme)
     if want >= 400:
         if want in (401, 403, 404):
             assert api.service.calls == [], f"{name} by {who} reached the service"
@@ -187,7 +190,7 @@ def _template(path: str) -> str:
     """A matrix path as the OpenAPI spells it."""
     path = path.split("?", 1)[0].replace("{id}", "{instance_id}").replace("{tok}", "{token_id}")
     path = path.replace("/flagged-volumes/vol_old/", "/flagged-volumes/{volume_id}/")
-    if "/gateway/" in path:
+    if "/gateway/" in path and path.startswith("/v1/instances/"):
         path = path.split("/gateway/", 1)[0] + "/gateway/{path}"
     return path
 

@@ -20,14 +20,14 @@ from sandkeep.api.deps import ApiState, GatewayClient
 from sandkeep.api.docs import install_docs, readable_operation_id
 from sandkeep.api.errors import install_error_handlers
 from sandkeep.api.middleware import BodyLimit, JsonBodyRequired, RejectMalformed, RequestContext
-from sandkeep.api.routes import admin, deadhost, gateway, instances, ops, tokens
+from sandkeep.api.routes import admin, deadhost, gateway, heartbeat, instances, ops, tokens
 from sandkeep.api.schemas import ErrorBody
 from sandkeep.provider.client import MachinesClient
 from sandkeep.runtime import Runtime
 from sandkeep.web.routes import install_web
 
 MAX_JSON_BODY = 1024 * 1024
-ROUTERS = (instances.router, admin.router, deadhost.router, tokens.router, gateway.router, ops.router)
+ROUTERS = (instances.router, admin.router, deadhost.router, tokens.router, gateway.router, heartbeat.router, ops.router)
 
 
 def api_state(runtime: Runtime, proxy_transport: httpx.AsyncBaseTransport | None = None) -> ApiState:
@@ -35,6 +35,7 @@ def api_state(runtime: Runtime, proxy_transport: httpx.AsyncBaseTransport | None
     provider = runtime.provider if isinstance(runtime.provider, MachinesClient) else None
     return ApiState(settings=runtime.settings, clock=runtime.clock, service=runtime.service,
                     credentials=runtime.credentials, store=runtime.store, provider=provider,
+                    heartbeats=runtime.engine.heartbeats if runtime.engine is not None else None,
                     gateway=GatewayClient(float(runtime.settings.gateway_proxy_timeout), proxy_transport))
 
 
@@ -64,6 +65,7 @@ def create_app(runtime: Runtime, *, proxy_transport: httpx.AsyncBaseTransport | 
     app.add_middleware(BodyLimit, max_bytes=MAX_JSON_BODY)  # outside: a huge body is 413 whatever its type
     app.add_middleware(RejectMalformed)
     app.add_middleware(RequestContext, monotonic=runtime.clock.monotonic)
+    app.add_middleware(heartbeat.HeartbeatStreams, state=state)  # outermost: a stream's lines skip the rest
     for router in ROUTERS:
         app.include_router(router)
     install_docs(app)

@@ -21,6 +21,7 @@ from sandkeep.api.schemas import ErrorBody
 from sandkeep.clock import Clock
 from sandkeep.config import Settings
 from sandkeep.credentials import Credentials
+from sandkeep.engine.heartbeat import HeartbeatBook
 from sandkeep.engine.service import Actor, InstanceServiceAPI
 from sandkeep.provider.client import MachinesClient
 from sandkeep.store.base import Store
@@ -62,6 +63,8 @@ class ApiState:
     store: Store | None = None
     provider: MachinesClient | None = None
     """The provider when it is a Machines API client (``/readyz`` asks it to list apps)."""
+    heartbeats: HeartbeatBook | None = None
+    """Where gateway heartbeats land (``POST /v1/gateway/heartbeat``)."""
 
 
 def api_state(request: Request) -> ApiState:

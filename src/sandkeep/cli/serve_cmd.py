@@ -130,6 +130,8 @@ async def _serve(settings: Any, *, login_links: bool) -> int:
                 if server.should_exit:
                     server.force_exit = True
                 server.should_exit = True
+                if runtime.engine is not None:  # heartbeat streams last an hour: end them now, not after the grace
+                    runtime.engine.heartbeats.end_streams()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal)

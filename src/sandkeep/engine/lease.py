@@ -22,6 +22,7 @@ from sandkeep.config import Settings
 from sandkeep.engine.actions import Changes
 from sandkeep.engine.events import Emitter
 from sandkeep.engine.health import Prober
+from sandkeep.engine.heartbeat import machine_env as heartbeat_env
 from sandkeep.engine.naming import build_machine_config
 from sandkeep.engine.policy import deadline_cap, interval_for
 from sandkeep.provider.base import MachineProvider
@@ -83,7 +84,8 @@ class EngineContext:
         except SecretsError as exc:
             raise InvalidRequestError(str(exc), operation="decrypt secrets") from exc
         return build_machine_config(record, volume_id=volume_id, secrets=secrets,
-                                    gateway_port=self.settings.gateway_port, gateway_token=token)
+                                    gateway_port=self.settings.gateway_port, gateway_token=token,
+                                    beat_env=heartbeat_env(self.settings, record.id))
 
     def gateway_token(self, record: InstanceRecord) -> str | None:
         """The instance's gateway token in plaintext (None for an instance that has not started since tokens)."""

@@ -178,15 +178,17 @@ def machine_guest(record: InstanceRecord) -> Guest:
 
 
 def build_machine_config(record: InstanceRecord, *, volume_id: str, secrets: Mapping[str, str],
-                         gateway_port: int, gateway_token: str | None = None) -> MachineConfig:
-    """The configuration a machine of this instance gets now (current image, size, env, secrets and the
-    instance's gateway token)."""
+                         gateway_port: int, gateway_token: str | None = None,
+                         beat_env: Mapping[str, str] | None = None) -> MachineConfig:
+    """The configuration a machine of this instance gets now (current image, size, env, secrets, the
+    instance's gateway token and, with ``beat_env``, where and how often its gateway beats)."""
     # names on the forbidden list never reach a machine, even when stored before the list existed
     env = {k: v for k, v in record.env.items() if not forbidden_env_name(k)}
     env.update({k: v for k, v in secrets.items() if not forbidden_env_name(k)})
     env["PORT"] = str(gateway_port)  # the local host overrides it with the port it picked
     if gateway_token:
         env[GATEWAY_TOKEN_ENV] = gateway_token
+        env.update(beat_env or {})
     return MachineConfig(
         image=record.image,
         env=env,

@@ -38,10 +38,10 @@ from collections.abc import Callable
 from sandkeep import metrics
 from sandkeep.clock import Clock
 from sandkeep.config import Settings
-from sandkeep.engine.detector import Detector
 from sandkeep.engine.events import Emitter
 from sandkeep.engine.executor import LeaseLost, Pass
 from sandkeep.engine.health import GatewayProber, Prober
+from sandkeep.engine.heartbeat import make_detection
 from sandkeep.engine.instances import InstanceService
 from sandkeep.engine.lease import EngineContext, Lease, TraceFn, claim
 from sandkeep.engine.orphans import OrphanSweeper
@@ -124,7 +124,9 @@ class Engine:
         self._kick = asyncio.Event()
         self._slots = Slots(settings.engine_concurrency, self._kick.set)
         self._gauge_at = 0.0
-        self.detector = Detector(settings, store, provider, self.wake)
+        # detection: the detector, plus gateway heartbeats when machines beat (engine/heartbeat.py)
+        self.detector, self.heartbeats, self.monitor = make_detection(settings, store, provider, clock, self.wake,
+                                                                      self.ctx.secrets)
         self.service = InstanceService(self.ctx, owner_prefix=self.worker_id, wake=self.wake)
         self.orphans = OrphanSweeper(self.ctx, self.worker_id)  # SPEC §15 inventory (engine/orphans.py)
         self.started = False
@@ -150,6 +152,8 @@ class Engine:
                        asyncio.create_task(self._detector_loop(), name=f"sandkeep-detector-{self.worker_id}"),
                        asyncio.create_task(self.orphans.run(), name=f"sandkeep-orphans-{self.worker_id}"),
                        asyncio.create_task(self._heartbeat_loop(), name=f"sandkeep-heartbeat-{self.worker_id}")]
+        if self.monitor is not None:
+            self._tasks.append(asyncio.create_task(self.monitor.run(), name=f"sandkeep-beats-{self.worker_id}"))
         self.log.info("engine.started", concurrency=self.settings.engine_concurrency,
                       detection="watch" if self.detector.uses_watch else "poll")
 
@@ -163,6 +167,7 @@ class Engine:
         self._tasks.clear()
         self._passes.clear()
         self._wakes.clear()
+        await self.heartbeats.aclose()
         if self.started:
             try:  # a planned stop: our leases are voided now, so a restarted engine resumes them at once
                 voided = await self.astore.call(self.store.engine_leave, self.worker_id, self.clock.now())

@@ -30,6 +30,7 @@ from sandkeep.gateway import (
     valid_key,
     write_key,
 )
+from sandkeep.gatewaybeat import BEAT_CHUNK, END_CHUNK, MAX_BACKOFF, STREAM_LIFETIME, BeatTarget, answer_status
 from sandkeep.host.images import Image
 from sandkeep.host.runner import JSON, Gateway
 
@@ -87,6 +88,60 @@ class SimGateway:
         return 200, "application/octet-stream", data
 
 
+class SimBeater:
+    """The heartbeat stream of a simulated gateway (:mod:`sandkeep.gatewaybeat`'s contract, over asyncio): it
+    beats while the machine runs, falls silent while it is frozen (its connection stays open, like a process
+    stopped with its host) and its connection is torn down when the machine exits."""
+
+    def __init__(self, target: BeatTarget) -> None:
+        self.target = target
+        self.frozen = False
+        self.streams = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-beat")
+
+    async def _stream(self) -> int | None:
+        t = self.target
+        reader, writer = await asyncio.open_connection(t.host, t.port, ssl=t.tls or None)
+        self._writer = writer
+        self.streams += 1
+        try:
+            writer.write(t.request_head() + BEAT_CHUNK)
+            answer = asyncio.ensure_future(reader.read(512))
+            ends = asyncio.get_running_loop().time() + STREAM_LIFETIME
+            while asyncio.get_running_loop().time() < ends:
+                done, _ = await asyncio.wait([answer], timeout=t.interval)
+                if done:  # sandkeep answered (refused) or closed the connection
+                    return answer_status(answer.result())
+                if not self.frozen:
+                    writer.write(BEAT_CHUNK)
+            answer.cancel()
+            writer.write(END_CHUNK)
+            return answer_status(await reader.read(512))
+        finally:
+            writer.transport.abort()
+            self._writer = None
+
+    async def _run(self) -> None:
+        backoff = self.target.interval
+        while True:
+            try:
+                status = await self._stream()
+            except OSError:
+                status = None
+            if status == 204:
+                backoff = self.target.interval
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+
+    def stop(self) -> None:
+        """The machine exited: its connection drops (sandkeep sees the stream end)."""
+        self._task.cancel()
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+
 class SimRun:
     """One incarnation of a simulated machine: an exit future and the image's reaction to signals."""
 
@@ -100,8 +155,11 @@ class SimRun:
         self.frozen = False
         self._pending: list[int] = []  # signals sent while frozen (delivered when thawed, like SIGSTOP)
         self.gateway: Gateway | None = None
+        self.beater: SimBeater | None = None
         if image.name == "sandkeep/gateway":
             self.gateway = SimGateway(env, root, clock)
+            target = BeatTarget.from_env(env)
+            self.beater = SimBeater(target) if target is not None else None
         elif image.name == "sandkeep/crashy":
             self._finish(3)
         elif image.name == "sandkeep/oneshot":
@@ -113,6 +171,8 @@ class SimRun:
     def _finish(self, code: int) -> None:
         if not self._exit.done():
             self._exit.set_result(code)
+        if self.beater is not None:
+            self.beater.stop()
 
     @property
     def exited(self) -> bool:
@@ -137,6 +197,8 @@ class SimRun:
 
     def freeze(self, frozen: bool) -> None:
         self.frozen = frozen
+        if self.beater is not None:
+            self.beater.frozen = frozen
         if not frozen:
             pending, self._pending = self._pending, []
             for sig in pending:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from sandkeep.store.heartbeats import SilentInstance
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, OrphanRecord, Page
 
 
@@ -112,6 +113,23 @@ class Store(Protocol):
         ...
 
     def list_engines(self) -> list[dict[str, Any]]: ...
+
+    # gateway heartbeats (issue 11)
+    def record_heartbeats(self, beats: dict[str, datetime]) -> int:
+        """Upsert ``instance id -> last beat`` (one batch)."""
+        ...
+
+    def heartbeat_tokens(self, instance_ids: Sequence[str]) -> dict[str, str | None]:
+        """instance id -> encrypted gateway token, for the instances that exist and are not destroyed."""
+        ...
+
+    def silent_instances(self, cutoff: datetime, limit: int = 1000) -> list[SilentInstance]:
+        """Running instances that beat before but not since ``cutoff`` (oldest first)."""
+        ...
+
+    def heartbeat_times(self, instance_ids: Sequence[str]) -> dict[str, datetime]:
+        """instance id -> last beat, for those of ``instance_ids`` that ever beat."""
+        ...
 
     def recovery_progress(self, now: datetime, since: datetime) -> dict[str, int]:
         """Recoveries queued / in flight now, succeeded / failed since ``since`` (admin fleet page)."""

@@ -66,6 +66,7 @@ from sqlalchemy.types import TypeEngine
 
 from sandkeep.clock import Clock
 from sandkeep.sim import plant
+from sandkeep.store import heartbeats
 from sandkeep.store.base import AlreadyExists, FencedError, NotFound, QuotaReached, StoreError
 from sandkeep.store.orphan_rows import OrphanRows
 from sandkeep.store.records import AuditRecord, EventRecord, InstanceRecord, Page, Status
@@ -797,6 +798,28 @@ class SqlStore(OrphanRows):
                 out[engine_id] = self._void(conn, engine_id, now)
                 conn.execute(delete(engines).where(e.id == engine_id))
         return out
+
+    # gateway heartbeats (issue 11): the SQL lives in sandkeep.store.heartbeats
+    def record_heartbeats(self, beats: dict[str, datetime]) -> int:
+        """Upsert ``instance id -> last beat`` in one transaction (a batch of beats)."""
+        with self._write() as conn:
+            return heartbeats.record(conn, self._dialect, beats)
+
+    def heartbeat_tokens(self, instance_ids: Sequence[str]) -> dict[str, str | None]:
+        """instance id -> encrypted gateway token, for those of ``instance_ids`` that exist (not destroyed)."""
+        with self._read() as conn:
+            return heartbeats.tokens(conn, instance_ids)
+
+    def silent_instances(self, cutoff: datetime, limit: int = 1000) -> list[heartbeats.SilentInstance]:
+        """Running instances that beat before but not since ``cutoff`` (oldest first)."""
+        _aware(cutoff, "cutoff")
+        with self._read() as conn:
+            return heartbeats.silent(conn, cutoff, limit)
+
+    def heartbeat_times(self, instance_ids: Sequence[str]) -> dict[str, datetime]:
+        """instance id -> last beat, for those of ``instance_ids`` that ever beat."""
+        with self._read() as conn:
+            return heartbeats.beat_times(conn, instance_ids)
 
     def recovery_progress(self, now: datetime, since: datetime) -> dict[str, int]:
         """Recoveries right now and lately (the admin fleet page during a storm): ``queued`` (recovering,

@@ -257,3 +257,14 @@ orphans = Table(
     Column("first_seen_at", UTCDateTime(), nullable=False),
     Column("last_seen_at", UTCDateTime(), nullable=False),
 )
+
+# --- gateway heartbeats (migration v0009_heartbeat): the last time each instance's gateway beat, written in
+# batches by whichever process received the beats; engines look here for running instances whose beats stopped.
+
+instance_heartbeats = Table(
+    "instance_heartbeats",
+    metadata,
+    Column("instance_id", String(64), primary_key=True),
+    Column("beat_at", UTCDateTime(), nullable=False),
+    Index("ix_instance_heartbeats_beat_at", "beat_at"),
+)

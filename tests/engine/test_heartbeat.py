@@ -1,0 +1,257 @@
+"""Detection on Fly (issue 11): gateway heartbeats, the targeted read after a missed beat, the paced backstop.
+
+Everything on the FakeClock and the fake provider: the tests call ``flush`` / ``check_once`` / ``poll_once``
+themselves, so nothing waits in real time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sandkeep.engine.heartbeat import (
+    INSTANCE_ENV,
+    INTERVAL_ENV,
+    URL_ENV,
+    BackstopDetector,
+    BeatRefused,
+    HeartbeatBook,
+    HeartbeatMonitor,
+)
+from sandkeep.engine.recovery import EVENT_STARTED
+from sandkeep.engine.runtime import Engine
+from sandkeep.store.records import Status
+from tests.engine.conftest import ADMIN, Harness, engine_settings
+from tests.engine.fakes import FakeProber
+
+BEATS = {"heartbeat_url": "http://sandkeep.test", "heartbeat_interval": 3.0, "heartbeat_timeout": 8.0}
+
+
+@pytest.fixture()
+def hb(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness(**BEATS)
+
+
+def monitor_of(h: Harness) -> HeartbeatMonitor:
+    monitor = h.engine.monitor
+    assert monitor is not None, "beats are on: the engine has a monitor"
+    monitor.wake = h.woken.append
+    h.woken.clear()  # the wake-ups of the instances' creation
+    return monitor
+
+
+async def beat(book: HeartbeatBook, h: Harness, instance_id: str) -> None:
+    token = h.engine.ctx.gateway_token(h.get(instance_id))
+    await book.authenticate(instance_id, token)
+    book.beat(instance_id)
+    await book.flush()
+
+
+async def test_the_machine_gets_the_beat_url_interval_and_its_instance_id(hb: Harness) -> None:
+    record = await hb.running()
+    env = hb.fake.machines[record.machine_id].config.env
+    assert env[URL_ENV] == "http://sandkeep.test/v1/gateway/heartbeat"
+    assert env[INTERVAL_ENV] == "3" and env[INSTANCE_ENV] == record.id
+
+
+async def test_without_a_beat_url_machines_are_not_asked_to_beat(h: Harness) -> None:
+    record = await h.running()
+    assert URL_ENV not in h.fake.machines[record.machine_id].config.env
+    assert h.engine.monitor is None
+
+
+async def test_a_beat_with_the_gateway_token_is_written_in_a_batch(hb: Harness) -> None:
+    a, b = await hb.running(), await hb.running()
+    book = hb.engine.heartbeats
+    for record in (a, b):
+        await book.authenticate(record.id, hb.engine.ctx.gateway_token(record))
+        book.beat(record.id)
+    assert hb.store.heartbeat_times([a.id, b.id]) == {}  # in memory until the flush
+    assert await book.flush() == 2
+    assert hb.store.heartbeat_times([a.id, b.id]) == {a.id: hb.clock.now(), b.id: hb.clock.now()}
+
+
+@pytest.mark.parametrize("case", ["no_id", "no_token", "wrong_token", "unknown_instance", "other_instance"])
+async def test_beats_with_a_bad_token_are_refused(hb: Harness, case: str) -> None:
+    record = await hb.running()
+    other = await hb.running()
+    token = hb.engine.ctx.gateway_token(record)
+    ident: str | None = record.id
+    presented: str | None = token
+    if case == "no_id":
+        ident = None
+    elif case == "no_token":
+        presented = None
+    elif case == "wrong_token":
+        presented = "x" * 43
+    elif case == "unknown_instance":
+        ident = "ins_missing"
+    else:
+        presented = hb.engine.ctx.gateway_token(other)
+    with pytest.raises(BeatRefused) as exc:
+        await hb.engine.heartbeats.authenticate(ident, presented)
+    assert exc.value.code == "heartbeat_unauthorized"
+
+
+async def test_a_rotated_token_is_refused_and_its_pending_beat_dropped(hb: Harness) -> None:
+    record = await hb.running()
+    book = hb.engine.heartbeats
+    old = hb.engine.ctx.gateway_token(record)
+    await book.authenticate(record.id, old)
+    book.beat(record.id)
+    await hb.service.rotate_gateway_token(ADMIN, record.id)
+    assert await book.flush() == 0  # the beat checked with the old token is not written
+    assert hb.store.heartbeat_times([record.id]) == {}
+    with pytest.raises(BeatRefused):
+        await book.authenticate(record.id, old)
+    new = hb.engine.ctx.gateway_token(hb.get(record.id))
+    assert new != old
+    await book.authenticate(record.id, new)  # the new machine's beats are taken
+
+
+async def test_a_missed_beat_triggers_one_targeted_read_and_the_recovery(hb: Harness) -> None:
+    record = await hb.running()
+    monitor = monitor_of(hb)
+    hb.clock.advance(10)  # past the new machine's grace
+    await beat(hb.engine.heartbeats, hb, record.id)
+    hb.clock.advance(5)
+    assert await monitor.check_once() == 0 and monitor.reads == 0  # beat 5 s ago: nothing to read
+    hb.fake.crash(record.machine_id)
+    hb.clock.advance(4)  # 9 s of silence > the 8 s timeout
+    hb.fake.calls.clear()
+    assert await monitor.check_once() == 1
+    assert hb.woken == [record.id]
+    assert [c[0] for c in hb.fake.calls] == ["get_machine"]  # one targeted read, no listing
+    await hb.reconcile(record.id)
+    assert EVENT_STARTED in hb.events(record.id)
+
+
+async def test_a_silent_machine_that_is_alive_is_not_read_again_at_once(hb: Harness) -> None:
+    record = await hb.running()
+    monitor = monitor_of(hb)
+    hb.clock.advance(10)
+    await beat(hb.engine.heartbeats, hb, record.id)
+    hb.clock.advance(9)
+    assert await monitor.check_once() == 0 and monitor.reads == 1  # started: not woken
+    hb.clock.advance(1)
+    assert await monitor.check_once() == 0 and monitor.reads == 1  # backed off: no second read yet
+    hb.clock.advance(20)
+    await monitor.check_once()
+    assert monitor.reads == 2 and hb.woken == []
+
+
+async def test_an_ended_stream_is_read_without_waiting_for_the_timeout(hb: Harness) -> None:
+    record = await hb.running()
+    monitor = monitor_of(hb)
+    hb.clock.advance(70)  # past the monitor's start-up grace
+    book = hb.engine.heartbeats
+    await beat(book, hb, record.id)
+    hb.fake.crash(record.machine_id)
+    book.stream_closed(record.id)  # the machine's connection dropped
+    await book.flush()
+    assert await monitor.check_once() == 1  # no clock advance: the close is the signal
+    assert hb.woken == [record.id]
+
+
+async def test_a_new_machine_gets_the_timeout_to_send_its_first_beat(hb: Harness) -> None:
+    hb.clock.advance(70)  # past the monitor's start-up grace
+    record = await hb.running()
+    monitor = monitor_of(hb)
+    book = hb.engine.heartbeats
+    await beat(book, hb, record.id)
+    book.stream_closed(record.id)
+    await book.flush()
+    assert await monitor.check_once() == 0 and monitor.reads == 0  # it started less than a timeout ago
+
+
+async def test_an_instance_that_never_beat_is_left_to_the_backstop_listing(hb: Harness) -> None:
+    beating, silent = await hb.running(), await hb.running()
+    monitor = monitor_of(hb)
+    hb.clock.advance(10)
+    await beat(hb.engine.heartbeats, hb, beating.id)
+    hb.fake.crash(silent.machine_id)
+    hb.clock.advance(1)
+    assert await monitor.check_once() == 0 and monitor.reads == 0  # it never beat: not the monitor's
+    detector = hb.engine.detector
+    assert isinstance(detector, BackstopDetector)
+    detector.wake = hb.woken.append
+    hb.woken.clear()
+    assert await detector.poll_once() == 1
+    assert hb.woken == [silent.id]
+
+
+def test_the_backstop_lists_unbeaten_apps_first_then_a_rotating_slice(hb: Harness) -> None:
+    detector = hb.engine.detector
+    assert isinstance(detector, BackstopDetector)
+    now = hb.clock.now()
+    records = [_rec(f"ins_{i}", f"app-{i}") for i in range(6)]
+    beats = {f"ins_{i}": now for i in range(2, 6)}  # ins_0 and ins_1 never beat
+    first = detector.plan(records, beats, budget=3)
+    second = detector.plan(records, beats, budget=3)
+    assert first[:2] == ["app-0", "app-1"] and second[:2] == ["app-0", "app-1"]
+    assert len(first) == len(second) == 3 and first[2] != second[2]  # the beating apps take turns
+
+
+def _rec(instance_id: str, app: str) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=instance_id, app_name=app, machine_id="m_" + instance_id)
+
+
+async def test_beats_taken_by_an_api_process_reach_an_engine_through_the_database(
+        hb: Harness, tmp_path: Any) -> None:
+    record = await hb.running()
+    api = Engine(engine_settings(tmp_path, secrets_key=hb.engine.settings.secrets_key, **BEATS), hb.store, hb.fake,
+                 hb.clock, worker_id="api", role="api", prober=FakeProber(hb.fake))
+    try:
+        await api.start()
+        assert not api.started  # an API-only process runs no monitor, no reconcile
+        monitor = monitor_of(hb)  # the engine's
+        hb.clock.advance(10)
+        await beat(api.heartbeats, hb, record.id)  # the beat lands on the API process
+        assert hb.engine.heartbeats.age(record.id) is None  # the engine never saw it in memory
+        hb.clock.advance(5)
+        assert await monitor.check_once() == 0 and monitor.reads == 0  # the database says it beat 5 s ago
+        hb.fake.crash(record.machine_id)
+        hb.clock.advance(5)
+        assert await monitor.check_once() == 1 and hb.woken == [record.id]
+    finally:
+        await api.stop()
+
+
+async def test_a_recovered_instance_is_watched_on_its_new_machine(hb: Harness) -> None:
+    record = await hb.running()
+    monitor = monitor_of(hb)
+    hb.clock.advance(10)
+    await beat(hb.engine.heartbeats, hb, record.id)
+    hb.fake.crash(record.machine_id)
+    hb.clock.advance(9)
+    assert await monitor.check_once() == 1
+    for _ in range(10):
+        current = await hb.reconcile(record.id)
+        if current.status == Status.RUNNING and current.machine_id != record.machine_id:
+            break
+        hb.clock.advance(5)
+        for m in hb.fake.machines.values():
+            if m.state == "starting":
+                hb.fake.finish_boot(m.id)
+    current = hb.get(record.id)
+    assert current.status == Status.RUNNING and current.machine_id != record.machine_id
+    assert await monitor.check_once() == 0  # the new machine is within its first-beat grace
+
+
+async def test_silence_from_before_an_engine_started_waits_for_the_senders_to_reconnect(
+        make_harness: Callable[..., Harness]) -> None:
+    first = make_harness(**BEATS)
+    record = await first.running()
+    first.clock.advance(10)
+    await beat(first.engine.heartbeats, first, record.id)
+    first.clock.advance(30)  # sandkeep was down: nothing beat for 30 s
+    restarted = make_harness(**BEATS)  # a new engine process
+    monitor = monitor_of(restarted)
+    assert await monitor.check_once() == 0 and monitor.reads == 0  # its senders may still be reconnecting
+    first.fake.crash(record.machine_id)
+    first.clock.advance(monitor.grace.total_seconds())
+    assert await monitor.check_once() == 1 and restarted.woken == [record.id]
