@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -26,11 +27,11 @@ import httpx
 import pytest
 
 from sandkeep.engine.health import GatewayProber
-from sandkeep.host.api import HostAPI
+from sandkeep.host.api import HostAPI, ProxyApp
 from sandkeep.host.core import Host, HostOptions
 from sandkeep.host.faults import Faults
 from sandkeep.host.images import resolve
-from sandkeep.host.inprocess import API_URL, PROXY_URL, proxy_transport
+from sandkeep.host.inprocess import API_URL, PROXY_URL
 from sandkeep.host.sim import SimRun
 from sandkeep.provider.client import MachinesClient
 from sandkeep.sim.loop import SimClock, VirtualLoop
@@ -76,6 +77,20 @@ def inline_threads() -> Iterator[None]:
         yield
     finally:
         anyio.to_thread.run_sync = original
+
+
+_PROXY: list[ProxyApp] = []
+
+
+def _sim_proxy(host: Host) -> httpx.ASGITransport:
+    """The host's proxy (gateway traffic in process). Each :class:`ProxyApp` keeps an HTTP client for process
+    machines, whose SSL context costs ~0.1 s to build; simulated machines never use it, so the models of a test
+    process share one (a copy of one proxy app per host)."""
+    if not _PROXY:
+        _PROXY.append(ProxyApp(host))
+    proxy = copy.copy(_PROXY[0])
+    proxy.host = host
+    return httpx.ASGITransport(app=proxy)
 
 
 def virtual_clock() -> SimClock:
@@ -131,7 +146,7 @@ class Model:
         self.client = MachinesClient(API_URL, "model-token", proxy_url=PROXY_URL, clock=clock,
                                      transport=httpx.ASGITransport(app=self.recorder),  # type: ignore[arg-type]
                                      rng=random.Random(f"client-{seed}"))
-        proxy = proxy_transport(self.host)  # (one: each proxy app builds an SSL context for process machines)
+        proxy = _sim_proxy(self.host)
         self.prober = GatewayProber(self.client, transport=proxy)
         self.gateway = httpx.AsyncClient(base_url=PROXY_URL, transport=proxy)
         self.boot = "ok"
