@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,8 +19,14 @@ from sandkeep.credentials import Credentials, memory_credentials
 from sandkeep.logs import configure_logging
 from sandkeep.runtime import Runtime
 from tests.support.fake_service import FakeService
+from tests.support.model import loop_factories
 
 SECRET = "api-test-secret-0123456789abcdefghijklmnop"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests over the provider model (the ``real`` fixtures) run on the virtual loop (tests/support/model.py)."""
+    return loop_factories(item)
 
 
 @dataclass

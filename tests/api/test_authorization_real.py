@@ -8,7 +8,7 @@ refused for the instance's state, e.g. 409 for a retry with nothing to retry).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,19 +16,21 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from sandkeep.api.app import create_app
-from sandkeep.clock import FakeClock
 from sandkeep.credentials import Credentials
 from sandkeep.engine.runtime import Engine
+from sandkeep.provider.models import MachineConfig
 from sandkeep.runtime import Runtime
+from sandkeep.sim.loop import SimClock
 from sandkeep.store.records import InstanceRecord, Status
 from sandkeep.store.sql import SqlStore, open_store
 from tests.api.conftest import gateway_echo
 from tests.api.test_authorization import ADMIN, OTHER, OWNER, PLATFORM, ROUTES
 from tests.dbsupport import sqlite_url
 from tests.engine.conftest import engine_settings
-from tests.engine.fakes import FakeProber, FakeProvider
+from tests.support.model import Model, inline_threads, virtual_clock
 
 SECRET = "real-authz-secret-0123456789abcdefghijklmnop"
 USERS = {OWNER: ("alice", "user"), OTHER: ("bob", "user"), ADMIN: ("root", "admin"), PLATFORM: ("backend", "platform")}
@@ -38,49 +40,57 @@ USERS = {OWNER: ("alice", "user"), OTHER: ("bob", "user"), ADMIN: ("root", "admi
 class Real:
     client: httpx.AsyncClient
     store: SqlStore
-    provider: FakeProvider
+    model: Model
     credentials: Credentials
-    clock: FakeClock
+    clock: SimClock
     upstream: list[httpx.Request]
 
 
-@pytest.fixture(scope="module")
-def real_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, SqlStore, FakeProvider, Credentials,
-                                                                         FakeClock, list[httpx.Request], Engine]]:
+# one world for the module (as the authorization matrix is long): its store, model, engine and app live on one
+# virtual loop; each test starts from a cleared request log
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Real]:
     tmp_path: Path = tmp_path_factory.mktemp("authz-real")
-    clock = FakeClock()
+    clock = virtual_clock()
     store = open_store(sqlite_url(tmp_path), clock)
-    provider = FakeProvider(clock)
+    model = Model(tmp_path / "host", clock)
     settings = engine_settings(tmp_path, max_instances_per_user=0)  # one store for the module: no quota
-    engine = Engine(settings, store, provider, clock, worker_id="authz", prober=FakeProber(provider))
+    engine = Engine(settings, store, model.client, clock, worker_id="authz", prober=model.prober)
     engine.service.wake = lambda _id: None  # nothing runs in the background: the test sees the request alone
     credentials = Credentials(store, SECRET, clock)
     runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=SECRET, data_dir=tmp_path,
-                      base_url="http://testserver", store=store, provider=provider, engine=engine,
+                      base_url="http://testserver", store=store, provider=model.client, engine=engine,
                       credentials=credentials)
     seen: list[httpx.Request] = []
-    yield create_app(runtime, proxy_transport=gateway_echo(seen)), store, provider, credentials, clock, seen, engine
-    store.close()
+    app = create_app(runtime, proxy_transport=gateway_echo(seen))
+    try:
+        with inline_threads():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                         base_url="http://testserver") as client:
+                yield Real(client, store, model, credentials, clock, seen)
+    finally:
+        await engine.stop()
+        await model.close()
+        store.close()
 
 
-@pytest.fixture()
-async def real(real_app: tuple[Any, ...]) -> AsyncIterator[Real]:
-    app, store, provider, credentials, clock, seen, _ = real_app
-    seen.clear()
-    provider.calls.clear()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                                 base_url="http://testserver") as client:
-        yield Real(client, store, provider, credentials, clock, seen)
+@pytest_asyncio.fixture(loop_scope="module")
+async def real(world: Real) -> Real:
+    world.upstream.clear()
+    world.model.requests.clear()
+    return world
 
 
 async def _running(real: Real, user_id: str, **fields: Any) -> InstanceRecord:
     """A running instance whose machine and volume exist at the provider."""
     app = f"sk-{user_id}"
-    await real.provider.ensure_app(app, "personal")
-    volume = await real.provider.create_volume(app, name="data", region="lcl-a")
-    from sandkeep.provider.models import MachineConfig
-
-    machine = await real.provider.create_machine(app, config=MachineConfig(image="sandkeep/gateway"), region="lcl-a")
+    provider = real.model.client
+    await provider.ensure_app(app, "personal")
+    volume = await provider.create_volume(app, name="data", region="lcl-a")
+    machine = await provider.create_machine(app, config=MachineConfig(image="sandkeep/gateway"), region="lcl-a")
     now = real.clock.now()
     n = len(real.store.list_instances(include_destroyed=True, limit=500).items)
     record = InstanceRecord(id=f"ins_real{n:04d}", user_id=user_id, sandbox_id=f"sbx_real{n:04d}",
@@ -99,7 +109,7 @@ async def test_real_service_authorization(real: Real, route: tuple[str, str, str
     target = await _running(real, "alice", **retained)
     await _running(real, "bob")
     victim = real.credentials.issue_token("alice", "user", 3600).record
-    real.provider.calls.clear()
+    real.model.requests.clear()
     before = real.store.get_instance(target.id)
     url = path.replace("{id}", target.id).replace("{tok}", victim.jti)
     user, role = USERS[who]
@@ -122,7 +132,7 @@ async def test_real_service_authorization(real: Real, route: tuple[str, str, str
         after = real.store.get_instance(target.id)
         assert after is not None and before is not None
         assert after.version == before.version and after.status == before.status, (name, who)
-        assert real.provider.calls == [], (name, who, real.provider.calls)
+        assert real.model.requests == [], (name, who, real.model.requests)
         assert not real.upstream
         assert real.credentials.get_token(victim.jti).revoked_at is None
     else:

@@ -24,8 +24,8 @@ async def test_name_labels_and_guest_are_kept_shown_and_given_to_the_machine(rea
     await real.engine.reconcile_now(inst["id"])
     shown = (await real.client.get(f"/v1/instances/{inst['id']}", headers=real.auth("alice"))).json()
     assert shown["status"] == "running"
-    guest = real.fake.machines[shown["machine_id"]].config.guest
-    assert guest is not None and (guest.cpu_kind, guest.cpus, guest.memory_mb) == ("shared", 2, 1024)
+    guest = real.model.config(shown["machine_id"])["guest"]
+    assert (guest["cpu_kind"], guest["cpus"], guest["memory_mb"]) == ("shared", 2, 1024)
     listed = (await real.client.get("/v1/instances", headers=real.auth("alice"))).json()["items"]
     assert [(i["name"], i["labels"]) for i in listed] == [("dev-box", {"team": "ml", "tier": "gold"})]
 

@@ -1,4 +1,4 @@
-"""The API over the real InstanceService and SqlStore (in-memory provider): the issue 3 §4 contract end to end —
+"""The API over the real InstanceService and SqlStore (the one provider model): the issue 3 §4 contract end to end —
 instance JSON, busy gating, admin-only fleet events with name filter and cursor pagination, instance listing
 filters and cursors, the audit log."""
 
@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from sandkeep.api.app import create_app
-from sandkeep.clock import FakeClock
 from sandkeep.credentials import Credentials
 from sandkeep.engine.runtime import Engine
 from sandkeep.runtime import Runtime
@@ -21,16 +20,16 @@ from sandkeep.store.records import Status
 from sandkeep.store.sql import SqlStore, open_store
 from tests.dbsupport import sqlite_url
 from tests.engine.conftest import engine_settings
-from tests.engine.fakes import FakeProber, FakeProvider
+from tests.support.model import Model, inline_threads, virtual_clock
 
 SECRET = "real-service-secret-0123456789abcdefghijklmnop"
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|\+00:00)$")
 
 
 class Real:
-    def __init__(self, client: httpx.AsyncClient, engine: Engine, store: SqlStore, fake: FakeProvider,
+    def __init__(self, client: httpx.AsyncClient, engine: Engine, store: SqlStore, model: Model,
                  credentials: Credentials) -> None:
-        self.client, self.engine, self.store, self.fake = client, engine, store, fake
+        self.client, self.engine, self.store, self.model = client, engine, store, model
         self.credentials = credentials
 
     def auth(self, user: str, role: str = "user") -> dict[str, str]:
@@ -48,19 +47,22 @@ class Real:
 
 @pytest.fixture()
 async def real(tmp_path: Path) -> AsyncIterator[Real]:
-    clock = FakeClock()
+    clock = virtual_clock()
     store = open_store(sqlite_url(tmp_path), clock)
-    fake = FakeProvider(clock)
+    model = Model(tmp_path / "host", clock)
     settings = engine_settings(tmp_path)
-    engine = Engine(settings, store, fake, clock, worker_id="api", prober=FakeProber(fake))
+    engine = Engine(settings, store, model.client, clock, worker_id="api", prober=model.prober)
     engine.service.wake = lambda _id: None  # the test drives reconciles itself
     credentials = Credentials(store, SECRET, clock)
     runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=SECRET, data_dir=tmp_path,
-                      base_url="http://testserver", store=store, provider=fake, engine=engine, credentials=credentials)
+                      base_url="http://testserver", store=store, provider=model.client, engine=engine,
+                      credentials=credentials)
     transport = httpx.ASGITransport(app=create_app(runtime), raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        yield Real(client, engine, store, fake, credentials)
+    with inline_threads():
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield Real(client, engine, store, model, credentials)
     await engine.stop()
+    await model.close()
     store.close()
 
 
@@ -88,8 +90,8 @@ async def test_instance_json_fields_and_iso_utc_times(real: Real) -> None:
                                      "retained_volume_cleanup_after", "last_error", "last_error_at"}
     assert inst["busy"] is False and inst["id"].startswith("ins_") and inst["sandbox_id"].startswith("sbx_")
     assert ISO_UTC.match(inst["created_at"]) and ISO_UTC.match(inst["last_started_at"])
-    real.fake.crash(inst["machine_id"])
-    await real.fake.create_snapshot(inst["app_name"], inst["volume_id"])
+    await real.model.crash(inst["machine_id"])
+    await real.model.snapshot(inst["volume_id"])
     await real.engine.reconcile_now(inst["id"])
     after = (await real.client.get(f"/v1/instances/{inst['id']}", headers=real.auth("alice"))).json()
     assert after["recovery"]["retained_volume_id"] == inst["volume_id"]
@@ -135,8 +137,8 @@ async def test_instance_listing_filters_and_cursor_pagination(real: Real) -> Non
 
 async def test_busy_gating_is_409_instance_busy_on_every_user_action(real: Real) -> None:
     inst = await real.running("alice")
-    real.fake.boot = "slow"
-    real.fake.crash(inst["machine_id"])
+    real.model.host.opt.delays["machine.boot.first"] = 3600.0  # the replacement boots slowly: the wait hands off
+    await real.model.crash(inst["machine_id"])
     await real.engine.reconcile_now(inst["id"])
     assert real.store.get_instance(inst["id"]).status == Status.RECOVERING
     for action in ("start", "stop", "restart"):

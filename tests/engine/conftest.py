@@ -1,4 +1,6 @@
-"""Engine fixtures: FakeClock, a migrated SqlStore on SQLite, the in-memory provider, an engine factory."""
+"""Engine fixtures: FakeClock and a migrated SqlStore for store-level tests; for engine tests, the one provider
+model (tests/support/model.py: the host's Fly model, simulated machines, the real client, virtual time) and an
+engine factory over it."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from sandkeep.config import Settings
 from sandkeep.engine.runtime import Engine
 from sandkeep.engine.service import Actor
 from sandkeep.secrets import SecretBox
+from sandkeep.sim.loop import SimClock
 from sandkeep.store.sql import SqlStore, open_store
 from tests.dbsupport import BACKENDS, database_url
-from tests.engine.fakes import FakeProber, FakeProvider
+from tests.support.model import Model, loop_factories, virtual_clock
 from tests.support.procs import HostHandle, running_host
 
 USER = Actor(user_id="user-a", role="user")
@@ -35,37 +38,57 @@ def engine_settings(tmp_path: Path, **changes: Any) -> Settings:
     return Settings(**base)
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests on the provider model run on the simulation's virtual loop (tests/support/model.py)."""
+    return loop_factories(item)
+
+
 @pytest.fixture()
 def clock() -> FakeClock:
     return FakeClock()
 
 
 @pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[SqlStore]:
-    """The real store on each backend (PostgreSQL skipped with the reason when absent)."""
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each backend (PostgreSQL skipped with the reason when absent)."""
     with database_url(request.param, tmp_path) as url:
-        s = open_store(url, clock)
-        try:
-            yield s
-        finally:
-            s.close()
+        yield url
 
 
 @pytest.fixture()
-def fake(clock: FakeClock) -> FakeProvider:
-    return FakeProvider(clock)
+def store(db_url: str, clock: FakeClock) -> Iterator[SqlStore]:
+    """The real store on each backend, on a FakeClock (store-level tests)."""
+    s = open_store(db_url, clock)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture()
+async def sim_clock() -> SimClock:
+    """The virtual clock (a test that asks for it runs on the virtual loop: see loop_factories)."""
+    return virtual_clock()
+
+
+@pytest.fixture()
+async def model(tmp_path: Path, sim_clock: SimClock) -> AsyncIterator[Model]:
+    """The host's Fly model with simulated machines behind the real client, on the virtual clock."""
+    m = Model(tmp_path / "host", sim_clock)
+    try:
+        yield m
+    finally:
+        await m.close()
 
 
 class Harness:
-    """An engine on the fake provider whose background wake-ups are recorded, not run."""
+    """An engine on the provider model whose background wake-ups are recorded, not run."""
 
-    def __init__(self, engine: Engine, fake: FakeProvider, store: SqlStore, clock: FakeClock,
-                 prober: FakeProber) -> None:
+    def __init__(self, engine: Engine, model: Model, store: SqlStore) -> None:
         self.engine = engine
-        self.fake = fake
+        self.model = model
         self.store = store
-        self.clock = clock
-        self.prober = prober
+        self.clock = model.clock
         self.woken: list[str] = []
         engine.service.wake = self.woken.append
 
@@ -93,26 +116,37 @@ class Harness:
     async def running(self, **kw: Any) -> Any:
         record = await self.service.create_instance(USER, user_id=USER.user_id, **kw)
         final = await self.reconcile(record.id)
-        assert final.status == "running", final
+        assert final.status == "running", (final, self.events(record.id))
         return final
+
+    async def pass_time(self, seconds: float) -> None:
+        """Let ``seconds`` of simulated time pass (the host's own timers fire on the way)."""
+        await self.clock.sleep(seconds)
+
+    async def put(self, instance_id: str, key: str, value: bytes) -> None:
+        """Write ``key`` through the instance's gateway (its machine must be running)."""
+        target = self.service.gateway_target(USER, instance_id)
+        assert target is not None
+        resp = await self.model.gateway.put(f"/data/{key}", content=value, headers=target[1])
+        assert resp.status_code == 201, resp.text
 
 
 @pytest.fixture()
-async def make_harness(tmp_path: Path, store: SqlStore, fake: FakeProvider,
-                       clock: FakeClock) -> AsyncIterator[Callable[..., Harness]]:
+async def make_harness(tmp_path: Path, db_url: str, model: Model) -> AsyncIterator[Callable[..., Harness]]:
     made: list[Engine] = []
+    store = open_store(db_url, model.clock)
     loops_before = metrics.REGISTRY.get_sample_value("sandkeep_reconcile_step_limit_total") or 0.0
 
     def make(**settings: Any) -> Harness:
-        prober = FakeProber(fake)
-        engine = Engine(engine_settings(tmp_path, **settings), store, fake, clock, worker_id=f"w{len(made)}",
-                        prober=prober)
+        engine = Engine(engine_settings(tmp_path, **settings), store, model.client, model.clock,
+                        worker_id=f"w{len(made)}", prober=model.prober)
         made.append(engine)
-        return Harness(engine, fake, store, clock, prober)
+        return Harness(engine, model, store)
 
     yield make
     for engine in made:
         await engine.stop()
+    store.close()
     loops_after = metrics.REGISTRY.get_sample_value("sandkeep_reconcile_step_limit_total") or 0.0
     assert loops_after == loops_before, "a reconcile pass hit the step limit (decisions looped)"
 

@@ -143,7 +143,7 @@ def test_engine_leave_voids_own_leases(store: SqlStore, clock: FakeClock) -> Non
 
 
 async def test_killed_engine_instances_are_picked_up_before_lease_ttl(
-        make_harness: Callable[..., Harness], clock: FakeClock) -> None:
+        make_harness: Callable[..., Harness]) -> None:
     a = make_harness(engine_heartbeat_ttl=5.0)
     b = make_harness(engine_heartbeat_ttl=5.0)
     rec = await a.running()
@@ -151,7 +151,7 @@ async def test_killed_engine_instances_are_picked_up_before_lease_ttl(
     held = await a.engine.claim(rec.id, a.engine._owner())
     assert held is not None
     assert await b.engine.reconcile_now(rec.id, wait=0) is None  # A's lease holds
-    clock.advance(6)  # past A's heartbeat ttl, far from the 30 s lease ttl
+    await a.pass_time(6)  # past A's heartbeat ttl, far from the 30 s lease ttl
     await b.engine._heartbeat_once()
     assert b.engine.voided_engines == {a.engine.worker_id: 1}
     assert await b.engine.reconcile_now(rec.id, wait=0) is not None
@@ -159,8 +159,7 @@ async def test_killed_engine_instances_are_picked_up_before_lease_ttl(
         a.store.update(held, held.lease_owner or "", {"health_fail_count": 3})
 
 
-async def test_planned_stop_releases_leases_for_a_restart(make_harness: Callable[..., Harness],
-                                                          clock: FakeClock) -> None:
+async def test_planned_stop_releases_leases_for_a_restart(make_harness: Callable[..., Harness]) -> None:
     a = make_harness()
     rec = await a.running()
     await a.engine.start()
@@ -171,10 +170,11 @@ async def test_planned_stop_releases_leases_for_a_restart(make_harness: Callable
     assert await b.engine.reconcile_now(rec.id, wait=0) is not None  # no 30 s lease wait
 
 
-async def test_api_role_never_reconciles(make_harness: Callable[..., Harness], store: SqlStore,
-                                         clock: FakeClock) -> None:
+async def test_api_role_never_reconciles(make_harness: Callable[..., Harness]) -> None:
     h = make_harness()
-    api = Engine(h.engine.settings, store, h.fake, clock, worker_id="api", prober=h.prober, role="api")
+    store, clock = h.store, h.clock
+    api = Engine(h.engine.settings, store, h.model.client, clock, worker_id="api", prober=h.model.prober,
+                 role="api")
     try:
         await api.start()
         assert not api.started and api.passive
@@ -185,7 +185,7 @@ async def test_api_role_never_reconciles(make_harness: Callable[..., Harness], s
         row = store.get_instance(record.id)
         assert row is not None and row.lease_owner is None and row.alarm_at is not None
         assert row.alarm_at <= clock.now() + timedelta(seconds=60)
-        assert h.fake.started_machines() == []  # the API process started nothing
+        assert h.model.machines() == []  # the API process created (and started) nothing
         assert store.list_engines() == []  # and never registered as an engine
         # an engine process picks the persisted intent up
         assert await h.engine.reconcile_now(record.id) is not None

@@ -30,7 +30,7 @@ from sandkeep.secrets import SecretBox, SecretsError, load_or_create_key
 from sandkeep.store.records import InstanceRecord, Status
 from sandkeep.store.sql import SqlStore
 from tests.engine.conftest import ADMIN, USER, Harness
-from tests.engine.fakes import FakeProvider
+from tests.support.model import Model
 
 
 def record(**changes: object) -> InstanceRecord:
@@ -165,12 +165,11 @@ async def test_detector_poll_wakes_instances_whose_machine_stopped(h: Harness) -
     rec = await h.running()
     other = await h.running()
     woken: list[str] = []
-    detector = Detector(h.engine.settings, h.store, h.fake, woken.append)
-    assert not detector.uses_watch
+    detector = Detector(h.engine.settings, h.store, h.model.client, woken.append)
     assert await detector.poll_once() == 0
-    h.fake.crash(rec.machine_id)
+    await h.model.crash(rec.machine_id)
     assert await detector.poll_once() == 1 and woken == [rec.id]
-    del h.fake.machines[other.machine_id]
+    await h.model.destroy(other.machine_id)
     woken.clear()
     await detector.poll_once()
     assert sorted(woken) == sorted([rec.id, other.id])
@@ -187,13 +186,13 @@ async def test_secrets_never_in_views_or_events(h: Harness) -> None:
     assert debug["secrets_encrypted"] == {"API_KEY": "<encrypted>"}
     events = h.store.list_events(instance_id=rec.id, limit=1000).items
     assert "hunter2" not in repr(events)
-    assert h.fake.machines[rec.machine_id].config.env["API_KEY"] == "hunter2"  # handed to the machine
+    assert h.model.config(rec.machine_id)["env"]["API_KEY"] == "hunter2"  # handed to the machine
 
 
-def test_fake_provider_is_a_machine_provider() -> None:
+async def test_the_model_client_is_a_machine_provider(model: Model) -> None:
     from sandkeep.provider.base import MachineProvider
 
-    provider: MachineProvider = FakeProvider()
+    provider: MachineProvider = model.client
     assert provider.proxy_target("a", "m")[1] == {"fly-force-instance-id": "m"}
     assert USER.role == "user"
 
