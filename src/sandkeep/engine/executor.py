@@ -180,6 +180,13 @@ def _unleashed(action: Action) -> bool:
     return isinstance(action, WaitMachine) or (isinstance(action, ProbeHealth) and action.timeout > 0)
 
 
+def _observation_kept(action: Action) -> bool:
+    """An action after which the pass decides again on the same observation: it changes neither the provider
+    nor the record, and its outcome is what the next decision looks at (a running instance's one no-wait
+    health probe). A healthy pass then reads the machine and the volume once, not again after its probe."""
+    return isinstance(action, ProbeHealth) and action.timeout <= 0
+
+
 class Pass:
     """One reconcile pass over one claimed instance (or one intent's actions, ``intent=True``)."""
 
@@ -312,11 +319,13 @@ class Pass:
     async def run(self) -> InstanceRecord:
         metrics.RECONCILE_PASSES.labels(status=self.record.status.value).inc()
         settings = self.ctx.settings
+        obs: Observed | None = None
         for _ in range(MAX_STEPS):
             await self.lease.renew_if_needed()
-            with deadline(self.ctx.clock, self.deadline()):
-                obs = await observe(self.ctx, self.record)
-            obs.outcomes = self.outcomes
+            if obs is None:
+                with deadline(self.ctx.clock, self.deadline()):
+                    obs = await observe(self.ctx, self.record)
+                obs.outcomes = self.outcomes
             try:
                 actions = decide(self.record, obs, settings, self.ctx.clock.now())
             except Exception as exc:  # a bug must not wedge the worker: log loudly, look again later
@@ -325,6 +334,8 @@ class Pass:
                 return self.record
             if await self.execute(actions):
                 return self.record
+            if not (actions and all(_observation_kept(a) for a in actions)):
+                obs = None  # the provider (or the record, hence what to read) may have changed: read again
         metrics.STEP_LIMIT.inc()
         self.log.error("reconcile.step_limit", steps=MAX_STEPS, status=self.record.status.value)
         self.requeue(settings.interval_busy)

@@ -10,8 +10,10 @@ stays usable directly, e.g. by the CLI and the API) and adds:
   ``Store.finish_many`` (one commit for many passes), each still fenced on its own;
 * ``await astore.release(record, owner)`` -- likewise batched through ``Store.release_many``.
 
-One thread is enough for SQLite (one writer at a time anyway) and keeps PostgreSQL round trips off the loop;
-the batching is what makes one commit serve many passes.
+One thread is enough for SQLite (one writer at a time anyway). On PostgreSQL the default is two
+(:data:`POSTGRES_THREADS`): a claim then runs while the previous batch of finishes commits, instead of
+waiting for it (each is a round trip and a commit). Calls of one pass are awaited one after the other, so
+they never overtake each other; the batching is what makes one commit serve many passes.
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ T = TypeVar("T")
 MAX_BATCH = 500
 """Largest number of finishes / releases written in one transaction."""
 
+POSTGRES_THREADS = 2
+"""Store threads on PostgreSQL (each with its own connection from the pool); SQLite gets one."""
+
+
+def default_threads(store: Store) -> int:
+    """Two store threads for a PostgreSQL store, one otherwise (SQLite has one writer at a time)."""
+    return POSTGRES_THREADS if getattr(store, "dialect", None) == "postgresql" else 1
+
 
 class AsyncStore:
-    def __init__(self, store: Store, *, threads: int = 1) -> None:
+    def __init__(self, store: Store, *, threads: int | None = None) -> None:
         self.store = store
-        self._threads = max(1, threads)
+        self._threads = max(1, default_threads(store) if threads is None else threads)
         self._pool: ThreadPoolExecutor | None = None  # started on first use, again after aclose()
         self._finishes: list[tuple[InstanceRecord, str, dict[str, Any], asyncio.Future[InstanceRecord]]] = []
         self._releases: list[tuple[InstanceRecord, str, asyncio.Future[None]]] = []
