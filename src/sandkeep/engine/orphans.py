@@ -152,7 +152,7 @@ class OrphanSweeper:
                 if first is None:
                     self.first_seen[key] = first = now
                     rec = next(r for r in records if r.id == orphan.instance_id)
-                    self.ctx.emitter.emit(rec, "reconcile.orphan_found", label=orphan.kind, level="warning",
+                    await self.ctx.emitter.aemit(rec, "reconcile.orphan_found", label=orphan.kind, level="warning",
                                           details={"resource_id": orphan.resource_id, "reason": orphan.reason,
                                                    "delete_after": (now + timedelta(
                                                        seconds=settings.orphan_grace)).isoformat()})
@@ -179,14 +179,14 @@ class OrphanSweeper:
                 else:
                     await safe_delete_volume(self.ctx, rec, orphan.resource_id)
             except Refused as exc:
-                self.ctx.emitter.emit(rec, "reconcile.orphan_delete_refused", label=orphan.kind, level="error",
+                await self.ctx.emitter.aemit(rec, "reconcile.orphan_delete_refused", label=orphan.kind, level="error",
                                       error=str(exc), details={"resource_id": orphan.resource_id})
                 return False
             except ProviderError as exc:
                 log.warning("orphans.delete_failed", resource_id=orphan.resource_id, error=str(exc))
                 return False
-            self.ctx.emitter.emit(rec, "reconcile.orphan_deleted", label=orphan.kind, level="warning",
+            await self.ctx.emitter.aemit(rec, "reconcile.orphan_deleted", label=orphan.kind, level="warning",
                                   details={"resource_id": orphan.resource_id, "reason": orphan.reason})
             return True
         finally:
-            lease.release()
+            await asyncio.shield(lease.release())

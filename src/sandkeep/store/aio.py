@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sandkeep.store.base import Store, StoreError
 from sandkeep.store.records import InstanceRecord
@@ -42,6 +42,10 @@ def default_threads(store: Store) -> int:
 
 
 class AsyncStore:
+    #: store-thread calls in flight in this process, over every AsyncStore (read by the tests' virtual clock,
+    #: which moves time only once the work handed to threads is done); touched on event-loop threads only
+    pending: ClassVar[int] = 0
+
     def __init__(self, store: Store, *, threads: int | None = None) -> None:
         self.store = store
         self._threads = max(1, default_threads(store) if threads is None else threads)
@@ -55,7 +59,11 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="sandkeep-store")
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        AsyncStore.pending += 1
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        finally:
+            AsyncStore.pending -= 1
 
     async def finish(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
         fut: asyncio.Future[InstanceRecord] = asyncio.get_running_loop().create_future()
