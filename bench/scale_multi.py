@@ -88,7 +88,9 @@ def parent(n: int, processes: int, seconds: float) -> dict[str, Any]:
                                  env=env) for _ in range(processes)]
         for kid in kids:  # every engine is up (imports done, registered) before the first alarm
             assert kid.stdout is not None
-            if kid.stdout.readline().strip() != "ready":
+            while (line := kid.stdout.readline()) and line.strip() != "ready":
+                pass  # the engine's own log lines
+            if not line:
                 raise RuntimeError("an engine process did not start")
         store = open_store(url, clock)
         start_at = time.time() + WARMUP + n / 20000  # the alarms' UPDATE itself takes ~1 s per 20 k rows
