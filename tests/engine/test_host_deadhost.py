@@ -141,7 +141,8 @@ async def test_dead_host_restores_newest_snapshot_fences_old_machine_and_flags_o
             target = r.service.gateway_target(ADMIN, rec.id)
             if target is not None:
                 routed.add(target[1]["fly-force-instance-id"])
-            return r.get(rec.id).fenced_machine_id is None
+            # the fencing write, then its event (written after it, on the engine's store thread)
+            return r.get(rec.id).fenced_machine_id is None and "instance.old_machine_fenced" in r.events(rec.id)
 
         await async_wait_until(fenced, timeout=30, message=f"old machine fenced ({r.events(rec.id)})")
         assert routed == {final.machine_id}  # sampled while the old machine was back: traffic never went to it
@@ -189,7 +190,10 @@ async def test_approve_policy_waits_for_an_admin(tmp_path: Path, host_session: H
         async with dead(r, zone):
             waiting = await r.wait_for(rec.id, lambda x: x.restore_approval == "awaiting", "awaiting approval")
             assert waiting.status == Status.RUNNING and waiting.machine_id == rec.machine_id
-            assert "instance.restore_awaiting_approval" in r.events(rec.id)
+
+            async def told() -> bool:  # the event follows its write (both on the engine's store thread)
+                return "instance.restore_awaiting_approval" in r.events(rec.id)
+            await async_wait_until(told, timeout=30, message="restore_awaiting_approval event")
             assert "recovering" not in {e.status for e in r.store.list_events(instance_id=rec.id).items}
             await r.service.approve_restore(ADMIN, rec.id)
             final = await r.wait_recovered(rec)
@@ -207,7 +211,10 @@ async def test_host_back_before_approval_clears_the_suspicion(tmp_path: Path, ho
         back = await r.wait_for(rec.id, lambda x: x.suspect_since is None, "suspicion cleared")
         assert back.status == Status.RUNNING and back.machine_id == rec.machine_id
         assert back.restore_approval is None and back.flagged_volume_ids == []
-        assert "instance.host_recovered" in r.events(rec.id)
+
+        async def told() -> bool:  # the event follows its write (both on the engine's store thread)
+            return "instance.host_recovered" in r.events(rec.id)
+        await async_wait_until(told, timeout=30, message=f"host_recovered event ({r.events(rec.id)})")
 
 
 async def test_host_back_mid_recovery_fences_first_then_forks_without_loss(

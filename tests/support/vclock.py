@@ -5,9 +5,10 @@ latency and a 6 s deadline) both "happen" and time ends 18 s on. :class:`Virtual
 timer queue instead and moves time only when nothing else can run, to the earliest timer: the 6 s deadline
 fires while the 12 s call is still sleeping, exactly as on a wall clock, in no wall time.
 
-"Nothing else can run" is read from the event loop's ready queue (CPython's ``loop._ready``) and from the
+"Nothing else can run" is read from the event loop's ready queue (CPython's ``loop._ready``), from the
 loop's default executor (work handed to threads with ``asyncio.to_thread``, e.g. the host's file I/O, is
-waited for in real time before time moves): this is test support for worlds that live in one process (the
+waited for in real time before time moves) and from the engine's store threads (``AsyncStore.pending``):
+this is test support for worlds that live in one process (the
 in-process host model, SQLite), not production code.
 """
 
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from sandkeep.store.aio import AsyncStore
 
 
 class CountingExecutor(ThreadPoolExecutor):
@@ -97,8 +100,8 @@ class VirtualClock:
         while self._timers:
             quiet = 0
             while quiet < 3:  # everything runnable runs first (a few quiet turns in a row), threads included
-                if executor.working():
-                    await asyncio.sleep(0.001)  # real time: a thread is working
+                if executor.working() or AsyncStore.pending:
+                    await asyncio.sleep(0.001)  # real time: a thread (the loop's or the engine's store thread) works
                     quiet = 0
                     continue
                 await asyncio.sleep(0)

@@ -7,6 +7,7 @@ from typing import Any
 from sandkeep import metrics
 from sandkeep.clock import Clock
 from sandkeep.logs import get_logger
+from sandkeep.store.aio import AsyncStore
 from sandkeep.store.base import Store
 from sandkeep.store.records import EventRecord, InstanceRecord
 
@@ -14,9 +15,13 @@ _LEVELS = ("debug", "info", "warning", "error")
 
 
 class Emitter:
-    def __init__(self, store: Store, clock: Clock) -> None:
+    """``emit`` writes the event row on the caller's thread; ``aemit`` (the engine's passes and intents) on the
+    engine's store thread (``astore``), in the order the caller awaits them."""
+
+    def __init__(self, store: Store, clock: Clock, *, astore: AsyncStore | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.astore = astore
         self.log = get_logger("sandkeep.engine")
 
     def emit(self, record: InstanceRecord | None, event: str, *, label: str | None = None,
@@ -25,7 +30,38 @@ class Emitter:
              volume_id: str | None = None, region: str | None = None) -> EventRecord:
         """Record ``event``; ``machine_id``/``volume_id``/``region`` name what the event acted on when that is
         not (yet) the record's own (e.g. a replacement machine created in another region)."""
-        row = EventRecord(
+        row = self._row(record, event, label=label, error=error, duration_ms=duration_ms, value=value,
+                        details=details, machine_id=machine_id, volume_id=volume_id, region=region)
+        try:
+            stored = self.store.add_event(row)
+        except Exception as exc:  # the log line and the metric still happen
+            self.log.error("event.store_failed", event_name=event, error=str(exc))
+            stored = row
+        self._told(record, row, level)
+        return stored
+
+    async def aemit(self, record: InstanceRecord | None, event: str, *, label: str | None = None,
+                    error: str | None = None, duration_ms: int | None = None, value: float | None = None,
+                    details: dict[str, Any] | None = None, level: str = "info", machine_id: str | None = None,
+                    volume_id: str | None = None, region: str | None = None) -> EventRecord:
+        """:meth:`emit`, the row written on the store thread (directly when there is none)."""
+        row = self._row(record, event, label=label, error=error, duration_ms=duration_ms, value=value,
+                        details=details, machine_id=machine_id, volume_id=volume_id, region=region)
+        try:
+            if self.astore is not None:
+                stored = await self.astore.call(self.store.add_event, row)
+            else:
+                stored = self.store.add_event(row)
+        except Exception as exc:  # the log line and the metric still happen
+            self.log.error("event.store_failed", event_name=event, error=str(exc))
+            stored = row
+        self._told(record, row, level)
+        return stored
+
+    def _row(self, record: InstanceRecord | None, event: str, *, label: str | None, error: str | None,
+             duration_ms: int | None, value: float | None, details: dict[str, Any] | None,
+             machine_id: str | None, volume_id: str | None, region: str | None) -> EventRecord:
+        return EventRecord(
             event=event, instance_id=record.id if record else None, at=self.clock.now(),
             user_id=record.user_id if record else None, sandbox_id=record.sandbox_id if record else None,
             status=record.status.value if record else None,
@@ -34,22 +70,19 @@ class Emitter:
             region=region or (record.region if record else None),
             label=label, error=error, duration_ms=duration_ms, value=value, details=dict(details or {}),
         )
-        try:
-            stored = self.store.add_event(row)
-        except Exception as exc:  # the log line and the metric still happen
-            self.log.error("event.store_failed", event_name=event, error=str(exc))
-            stored = row
+
+    def _told(self, record: InstanceRecord | None, row: EventRecord, level: str) -> None:
+        """The JSON log line and the metrics of an event."""
         fields: dict[str, Any] = {k: v for k, v in {
             "instance_id": row.instance_id, "user_id": row.user_id, "sandbox_id": row.sandbox_id,
             "status": row.status, "machine_id": row.machine_id, "volume_id": row.volume_id, "region": row.region,
-            "app_name": record.app_name if record else None, "label": label, "error": error,
-            "duration_ms": duration_ms, "value": value}.items() if v is not None}
+            "app_name": record.app_name if record else None, "label": row.label, "error": row.error,
+            "duration_ms": row.duration_ms, "value": row.value}.items() if v is not None}
         if row.details:
             fields["details"] = row.details
         log_level = level if level in _LEVELS else "info"
-        getattr(self.log, log_level)(event, **fields)
+        getattr(self.log, log_level)(row.event, **fields)
         self._count(row)
-        return stored
 
     @staticmethod
     def _count(row: EventRecord) -> None:

@@ -180,6 +180,13 @@ def _unleashed(action: Action) -> bool:
     return isinstance(action, WaitMachine) or (isinstance(action, ProbeHealth) and action.timeout > 0)
 
 
+def _observation_kept(action: Action) -> bool:
+    """An action after which the pass decides again on the same observation: it changes neither the provider
+    nor the record, and its outcome is what the next decision looks at (a running instance's one no-wait
+    health probe). A healthy pass then reads the machine and the volume once, not again after its probe."""
+    return isinstance(action, ProbeHealth) and action.timeout <= 0
+
+
 class Pass:
     """One reconcile pass over one claimed instance (or one intent's actions, ``intent=True``)."""
 
@@ -203,11 +210,11 @@ class Pass:
 
     # -------------------------------------------------------------- store plumbing
 
-    def persist(self, changes: Changes) -> InstanceRecord:
-        return self.lease.persist(changes)
+    async def persist(self, changes: Changes) -> InstanceRecord:
+        return await self.lease.persist(changes)
 
-    def requeue(self, seconds: float) -> None:
-        self.persist(self.requeue_changes(seconds))
+    async def requeue(self, seconds: float) -> None:
+        await self.persist(self.requeue_changes(seconds))
 
     def requeue_changes(self, seconds: float) -> Changes:
         changes: Changes = {"alarm_at": self.ctx.alarm_in(seconds, self.record)}
@@ -223,10 +230,11 @@ class Pass:
         if self.release_at_end:
             await self.lease.finish(changes)
         else:
-            self.persist(changes)
+            await self.persist(changes)
 
-    def backoff(self, message: str, error: BaseException | None = None, *, retry_after: float | None = None) -> None:
-        self.persist(self.backoff_changes(message, error, retry_after=retry_after))
+    async def backoff(self, message: str, error: BaseException | None = None, *,
+                      retry_after: float | None = None) -> None:
+        await self.persist(self.backoff_changes(message, error, retry_after=retry_after))
 
     def backoff_changes(self, message: str, error: BaseException | None = None, *,
                         retry_after: float | None = None) -> Changes:
@@ -252,12 +260,12 @@ class Pass:
         cap = deadline_cap(self.record, self.ctx.settings)
         if cap is not None and now < cap < when:
             when = cap
-        self.persist({"alarm_at": when})
-        self.lease.release()
+        await self.persist({"alarm_at": when})
+        await self.lease.release()
         try:
             yield
         finally:
-            if not self.lease.reclaim():
+            if not await self.lease.reclaim():
                 raise LeaseLost(f"instance {self.record.id} was claimed by another worker during a wait")
 
     def deadline(self, *, leased: bool = True) -> float | None:
@@ -312,22 +320,26 @@ class Pass:
     async def run(self) -> InstanceRecord:
         metrics.RECONCILE_PASSES.labels(status=self.record.status.value).inc()
         settings = self.ctx.settings
+        obs: Observed | None = None
         for _ in range(MAX_STEPS):
             await self.lease.renew_if_needed()
-            with deadline(self.ctx.clock, self.deadline()):
-                obs = await observe(self.ctx, self.record)
-            obs.outcomes = self.outcomes
+            if obs is None:
+                with deadline(self.ctx.clock, self.deadline()):
+                    obs = await observe(self.ctx, self.record)
+                obs.outcomes = self.outcomes
             try:
                 actions = decide(self.record, obs, settings, self.ctx.clock.now())
             except Exception as exc:  # a bug must not wedge the worker: log loudly, look again later
                 self.log.exception("reconcile.decide_crashed", error=str(exc))
-                self.requeue(settings.interval_busy)
+                await self.requeue(settings.interval_busy)
                 return self.record
             if await self.execute(actions):
                 return self.record
+            if not (actions and all(_observation_kept(a) for a in actions)):
+                obs = None  # the provider (or the record, hence what to read) may have changed: read again
         metrics.STEP_LIMIT.inc()
         self.log.error("reconcile.step_limit", steps=MAX_STEPS, status=self.record.status.value)
-        self.requeue(settings.interval_busy)
+        await self.requeue(settings.interval_busy)
         return self.record
 
     async def execute(self, actions: list[Action]) -> bool:
@@ -336,9 +348,9 @@ class Pass:
             if isinstance(action, Persist):
                 if action.changes.get("status") == Status.RUNNING and self.record.status == Status.RECOVERING:
                     crashpoints.reached("recovery.cutover")  # the old volume is dealt with, the write not done
-                self.persist(action.changes)
+                await self.persist(action.changes)
             elif isinstance(action, Emit):
-                self.ctx.emitter.emit(self.record, action.event, label=action.label, error=action.error,
+                await self.ctx.emitter.aemit(self.record, action.event, label=action.label, error=action.error,
                                       duration_ms=action.duration_ms, value=action.value, details=action.details,
                                       level=action.level)
             elif isinstance(action, RequeueAfter):
@@ -354,7 +366,7 @@ class Pass:
                     # the lease is renewed (fenced: a lost lease ends the pass here) before each provider effect,
                     # so the effect has most of a lease to run in (it is bounded by the lease, see deadline())
                     if self.lease.renew_due(RENEW_BEFORE_EFFECT):  # a direct write, like persist()
-                        self.lease.renew()
+                        await self.lease.renew()
                     # a volume delete is never abandoned half-way: whether the data is gone must be known (the
                     # cutover deletes the old volume; a fail after an unknown delete could lose both copies)
                     bound = None if isinstance(action, DeleteVolumeSafely) else self.deadline(
@@ -369,7 +381,7 @@ class Pass:
                         name, label, volume_id = "reconcile.delete_volume_refused", action.reason, action.volume_id
                     else:
                         name, label, volume_id = "reconcile.destroy_machine_refused", None, None
-                    self.ctx.emitter.emit(self.record, name, level="error", error=str(exc), label=label,
+                    await self.ctx.emitter.aemit(self.record, name, level="error", error=str(exc), label=label,
                                           details={"volume_id": volume_id})
                     return False
                 except ProviderError as exc:
@@ -406,9 +418,9 @@ class Pass:
         if isinstance(action, CreateVolume):
             return await self._create_volume(action)
         if isinstance(action, RotateGatewayToken):
-            self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
+            await self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
                           "config_generation": self.record.config_generation + 1})
-            ctx.emitter.emit(self.record, "instance.gateway_token_rotated", label=action.reason)
+            await ctx.emitter.aemit(self.record, "instance.gateway_token_rotated", label=action.reason)
             return None
         if isinstance(action, CreateMachine):
             return await self._create_machine(action)
@@ -437,8 +449,8 @@ class Pass:
         if isinstance(action, DestroyMachine):
             await destroy_own_machine(ctx, record, action.machine_id)
             if action.clear:
-                self.persist(action.clear)
-            ctx.emitter.emit(self.record, "reconcile.destroy_machine", label=action.label,
+                await self.persist(action.clear)
+            await ctx.emitter.aemit(self.record, "reconcile.destroy_machine", label=action.label,
                              details={"machine_id": action.machine_id, **dict(action.details)})
             return None
         if isinstance(action, WaitMachine):
@@ -454,8 +466,9 @@ class Pass:
             return await provider.list_snapshots(app, action.volume_id)
         if isinstance(action, TakeSnapshot):
             snap = await provider.create_snapshot(app, action.volume_id)
-            ctx.emitter.emit(self.record, "instance.snapshot_taken", label="interval", volume_id=action.volume_id,
-                             details={"volume_id": action.volume_id, "snapshot_id": snap.id if snap else None})
+            await ctx.emitter.aemit(self.record, "instance.snapshot_taken", label="interval",
+                                    volume_id=action.volume_id,
+                                    details={"volume_id": action.volume_id, "snapshot_id": snap.id if snap else None})
             return snap
         if isinstance(action, FindVolumes):
             name = volume_name(record)
@@ -463,8 +476,8 @@ class Pass:
         if isinstance(action, DeleteVolumeSafely):
             await safe_delete_volume(ctx, record, action.volume_id)
             if action.clear:
-                self.persist(action.clear)
-            ctx.emitter.emit(self.record, "reconcile.delete_volume", label=action.reason,
+                await self.persist(action.clear)
+            await ctx.emitter.aemit(self.record, "reconcile.delete_volume", label=action.reason,
                              details={"deleted_volume_id": action.volume_id})
             return True
         raise TypeError(f"unknown action {action!r}")  # pragma: no cover
@@ -486,7 +499,7 @@ class Pass:
         changes[action.assign] = volume.id
         if action.assign_region:
             changes["region"] = volume.region
-        self.persist(changes)
+        await self.persist(changes)
         if recovering:
             crashpoints.reached("recovery.after_fork")
         return volume
@@ -496,13 +509,13 @@ class Pass:
         provider, app = ctx.provider, record.app_name
         # a new machine gets a new gateway token, persisted before the machine exists (a crash in between
         # only means one more rotation; a machine created with it is adopted by name/metadata)
-        self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
+        await self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
         config = ctx.machine_config(self.record, action.volume_id)
         machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
-        self.persist({**action.extra, "machine_id": machine.id})
+        await self.persist({**action.extra, "machine_id": machine.id})
         if action.purpose == "recovery":
             crashpoints.reached("recovery.after_create")
-        ctx.emitter.emit(self.record, "reconcile.create_machine", label=action.purpose,
+        await ctx.emitter.aemit(self.record, "reconcile.create_machine", label=action.purpose,
                          machine_id=machine.id, volume_id=action.volume_id, region=machine.region,
                          details={"machine_id": machine.id, "region": machine.region,
                                   "volume_id": action.volume_id})
@@ -518,7 +531,7 @@ class Pass:
                                                 interval=ctx.settings.health_probe_interval,
                                                 gateway_token=self._probe_token())
         if self.record.status == Status.RECOVERING:  # the cutover's probe is part of the recovery story
-            ctx.emitter.emit(self.record, "reconcile.gateway_health_probe",
+            await ctx.emitter.aemit(self.record, "reconcile.gateway_health_probe",
                              label="healthy" if healthy else "timeout", level="info" if healthy else "warning",
                              machine_id=action.machine_id,
                              details={"machine_id": action.machine_id, "blocking": False})

@@ -9,6 +9,7 @@ short provider call by nature (retained-volume cleanup, destroy machine).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -174,20 +175,25 @@ class InstanceService:
         except FencedError as exc:
             raise InstanceLocked(f"instance {instance_id} changed hands during the request; retry") from exc
         finally:
-            lease.release()
+            await asyncio.shield(lease.release())  # on the store thread; a cancelled request still releases
 
     async def _apply(self, lease: Lease, actions: list[Action]) -> InstanceRecord:
         """Run an intent's actions with the executor, under the claim (provider errors are raised)."""
         await Pass(self.ctx, lease, intent=True).execute(actions)
         return lease.record
 
-    def _emit(self, record: InstanceRecord, event: str, **kw: Any) -> None:
-        self.ctx.emitter.emit(record, event, **kw)
+    async def _emit(self, record: InstanceRecord, event: str, **kw: Any) -> None:
+        await self.ctx.emitter.aemit(record, event, **kw)
 
-    def _audit(self, actor: Actor, action: str, instance_id: str | None, outcome: str,
-               **details: Any) -> None:
-        self.ctx.store.add_audit(AuditRecord(actor=actor.user_id, role=actor.role, action=action, at=self._now(),
-                                             instance_id=instance_id, outcome=outcome, details=details))
+    def _audit_row(self, actor: Actor, action: str, instance_id: str | None, outcome: str,
+                   details: dict[str, Any]) -> AuditRecord:
+        return AuditRecord(actor=actor.user_id, role=actor.role, action=action, at=self._now(),
+                           instance_id=instance_id, outcome=outcome, details=details)
+
+    async def _audit(self, actor: Actor, action: str, instance_id: str | None, outcome: str,
+                     **details: Any) -> None:
+        """An admin action's audit row, written on the engine's store thread."""
+        await self.ctx.call(self.ctx.store.add_audit, self._audit_row(actor, action, instance_id, outcome, details))
 
     def audit_denied(self, actor: Actor, action: str, instance_id: str | None, reason: str) -> None:
         """An admin action refused at the door (wrong role, unknown instance) is audited too, at most
@@ -215,11 +221,14 @@ class InstanceService:
         details: dict[str, Any] = {"error": reason[:500]}
         if suppressed:
             details["suppressed"] = suppressed
-        self._audit(actor, action, instance_id, "refused", **details)
+        self.ctx.store.add_audit(self._audit_row(actor, action, instance_id, "refused", details))
 
-    def _finish(self, record: InstanceRecord) -> InstanceRecord:
+    async def _finish(self, record: InstanceRecord) -> InstanceRecord:
         self.wake(record.id)
-        return self._load(record.id)
+        current = await self.ctx.call(self.ctx.store.get_instance, record.id)
+        if current is None:
+            raise access.not_found(record.id)
+        return current
 
     # ------------------------------------------------------------------ configuration
 
@@ -317,7 +326,7 @@ class InstanceService:
             alarm_at=now + timedelta(seconds=max(1.0, 2 * self.settings.claim_wait)),
         )
         try:
-            record = self.ctx.store.insert_instance(record, max_for_user=quota)
+            record = await self.ctx.call(self.ctx.store.insert_instance, record, max_for_user=quota)
         except QuotaReached as exc:
             raise QuotaExceeded(f"user {user_id} already has {exc.count} instances; the limit is {quota} "
                                 f"(SANDKEEP_MAX_INSTANCES_PER_USER). Destroy one first.", limit=quota) from exc
@@ -328,13 +337,13 @@ class InstanceService:
                     return first
             # a 64-bit id collision: practically impossible, never half-written
             raise ServiceError("could not allocate an instance id; retry") from exc
-        self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})
+        await self._emit(record, "instance.provisioned", details={"size": record.machine_size, "image": record.image})
         try:
             async with self._claimed(record.id) as lease:
                 await self._apply(lease, intents.provision_start(lease.record, self._now()))
         except InstanceLocked:  # a worker already took it: it starts it (provisioned + pending start)
             return self._load(record.id)
-        return self._finish(lease.record)
+        return await self._finish(lease.record)
 
     async def update_config(self, actor: Actor, instance_id: str, *, size: str | None = None,
                             env: dict[str, str] | None = None,
@@ -369,8 +378,8 @@ class InstanceService:
                 changes["labels"] = identity["labels"]
             if not changes:
                 return current
-            lease.persist(changes)
-            self._emit(lease.record, "instance.config_updated",
+            await lease.persist(changes)
+            await self._emit(lease.record, "instance.config_updated",
                        details={"changed": sorted(k if k != "secrets_encrypted" else "secrets" for k in changes
                                                   if k != "config_generation"),
                                 "generation": lease.record.config_generation,
@@ -441,7 +450,7 @@ class InstanceService:
         intents.gate(record, what)
         async with self._claimed(instance_id) as lease:
             current = await self._apply(lease, decide(lease.record, self._now()))
-        return self._finish(current)
+        return await self._finish(current)
 
     async def start(self, actor: Actor, instance_id: str) -> InstanceRecord:
         return await self._intent(actor, instance_id, intents.start, "start")
@@ -462,9 +471,9 @@ class InstanceService:
             record, before = await self._destroy(actor, instance_id, force=True)
         except ServiceError as exc:
             outcome = "error" if isinstance(exc, InstanceLocked) else "refused"
-            self._audit(actor, "force_destroy", instance_id, outcome, error=exc.message)
+            await self._audit(actor, "force_destroy", instance_id, outcome, error=exc.message)
             raise
-        self._audit(actor, "force_destroy", instance_id, "ok", status_before=before)
+        await self._audit(actor, "force_destroy", instance_id, "ok", status_before=before)
         return record
 
     async def _destroy(self, actor: Actor, instance_id: str, *, force: bool) -> tuple[InstanceRecord, str]:
@@ -478,7 +487,7 @@ class InstanceService:
             current = await self._apply(lease, actions)
         if not actions:  # already destroying
             return current, before
-        return self._finish(current), before
+        return await self._finish(current), before
 
     # ------------------------------------------------------------------ admin
 
@@ -493,15 +502,15 @@ class InstanceService:
                 mode, actions = intents.retry_recovery(lease.record, self._now())
                 current = await self._apply(lease, actions)
         except ServiceError as exc:
-            self._audit(actor, "retry_recovery", instance_id, "refused", error=exc.message)
+            await self._audit(actor, "retry_recovery", instance_id, "refused", error=exc.message)
             raise
-        self._audit(actor, "retry_recovery", record.id, "ok", mode=mode)
-        return self._finish(current)
+        await self._audit(actor, "retry_recovery", record.id, "ok", mode=mode)
+        return await self._finish(current)
 
     async def cleanup_retained_volume(self, actor: Actor, instance_id: str) -> str | None:
         record = self._admin_gate(actor, "retained_volume_cleanup", instance_id)
         if record.status == Status.RECOVERING:
-            self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error="instance is recovering")
+            await self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error="instance is recovering")
             raise RecoveringRefused(f"instance {instance_id} is recovering; retained volume cleanup is refused")
         try:
             async with self._claimed(instance_id) as lease:
@@ -514,13 +523,13 @@ class InstanceService:
                 except ProviderError as exc:
                     raise ProviderUnavailable(f"cannot delete volume {volume_id}: {exc}") from exc
         except (RecoveringRefused, CleanupRefused) as exc:
-            self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error=exc.message)
+            await self._audit(actor, "retained_volume_cleanup", instance_id, "refused", error=exc.message)
             raise
         except ServiceError as exc:
-            self._audit(actor, "retained_volume_cleanup", instance_id, "error", error=exc.message)
+            await self._audit(actor, "retained_volume_cleanup", instance_id, "error", error=exc.message)
             raise
         deleted = volume_id if actions else None
-        self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=deleted)
+        await self._audit(actor, "retained_volume_cleanup", instance_id, "ok", deleted_volume_id=deleted)
         return deleted
 
     async def approve_restore(self, actor: Actor, instance_id: str) -> InstanceRecord:
@@ -533,10 +542,10 @@ class InstanceService:
                     raise InvalidTransition(f"instance {instance_id} has no snapshot restore awaiting approval")
                 current = await self._apply(lease, deadhost.approve(rec, self._now(), actor.user_id))
         except ServiceError as exc:
-            self._audit(actor, "approve_restore", instance_id, "refused", error=exc.message)
+            await self._audit(actor, "approve_restore", instance_id, "refused", error=exc.message)
             raise
-        self._audit(actor, "approve_restore", instance_id, "ok")
-        return self._finish(current)
+        await self._audit(actor, "approve_restore", instance_id, "ok")
+        return await self._finish(current)
 
     def _restorable_volumes(self, rec: InstanceRecord) -> list[tuple[str, str]]:
         """(volume id, role) of the volumes whose snapshots an admin may restore: current, retained, flagged."""
@@ -612,11 +621,11 @@ class InstanceService:
                 except ProviderError as exc:
                     raise ProviderUnavailable(f"restore of {instance_id} failed: {exc}") from exc
         except ServiceError as exc:
-            self._audit(actor, "volume_restore", instance_id, "refused", error=exc.message)
+            await self._audit(actor, "volume_restore", instance_id, "refused", error=exc.message)
             raise
-        self._audit(actor, "volume_restore", instance_id, "ok", snapshot_id=snapshot_id, source_volume_id=volume_id,
-                    new_volume_id=current.volume_id)
-        return self._finish(current)
+        await self._audit(actor, "volume_restore", instance_id, "ok", snapshot_id=snapshot_id,
+                          source_volume_id=volume_id, new_volume_id=current.volume_id)
+        return await self._finish(current)
 
     async def delete_flagged_volume(self, actor: Actor, instance_id: str, volume_id: str) -> str:
         """Admin: delete an old volume flagged after a snapshot restore (the admin's decision, invariant 9)."""
@@ -635,10 +644,10 @@ class InstanceService:
                 except ProviderError as exc:
                     raise ProviderUnavailable(f"cannot delete volume {volume_id}: {exc}") from exc
         except ServiceError as exc:
-            self._audit(actor, "flagged_volume_delete", instance_id, "refused", error=exc.message,
+            await self._audit(actor, "flagged_volume_delete", instance_id, "refused", error=exc.message,
                         volume_id=volume_id[:64])
             raise
-        self._audit(actor, "flagged_volume_delete", instance_id, "ok", deleted_volume_id=volume_id)
+        await self._audit(actor, "flagged_volume_delete", instance_id, "ok", deleted_volume_id=volume_id)
         return volume_id
 
     async def destroy_machine(self, actor: Actor, instance_id: str) -> InstanceRecord:
@@ -655,10 +664,10 @@ class InstanceService:
                     raise ProviderUnavailable(f"cannot destroy machine {machine_id}: {exc}") from exc
         except ServiceError as exc:
             outcome = "error" if isinstance(exc, ProviderUnavailable) else "refused"
-            self._audit(actor, "destroy_machine", instance_id, outcome, error=exc.message)
+            await self._audit(actor, "destroy_machine", instance_id, outcome, error=exc.message)
             raise
-        self._audit(actor, "destroy_machine", instance_id, "ok", machine_id=machine_id)
-        return self._finish(current)
+        await self._audit(actor, "destroy_machine", instance_id, "ok", machine_id=machine_id)
+        return await self._finish(current)
 
     async def rotate_gateway_token(self, actor: Actor, instance_id: str) -> InstanceRecord:
         """Admin: a new gateway token (SPEC §13). A running instance restarts so its machine gets the token at
@@ -671,10 +680,10 @@ class InstanceService:
                                                        self.ctx.new_gateway_token())
                 current = await self._apply(lease, actions)
         except ServiceError as exc:
-            self._audit(actor, "rotate_gateway_token", instance_id, "refused", error=exc.message)
+            await self._audit(actor, "rotate_gateway_token", instance_id, "refused", error=exc.message)
             raise
-        self._audit(actor, "rotate_gateway_token", instance_id, "ok", restarted=restart)
-        return self._finish(current)
+        await self._audit(actor, "rotate_gateway_token", instance_id, "ok", restarted=restart)
+        return await self._finish(current)
 
     # ------------------------------------------------------------------ planned host restart
 
@@ -702,7 +711,8 @@ class InstanceService:
                     if record.status == Status.RUNNING and record.pending_action is None and record.machine_id:
                         record = store.update(record, owner, {"pending_action": RESUME_AFTER_HOST_RESTART,
                                                               "alarm_at": self._now()})
-                        self._emit(record, "instance.host_restart_planned", details={"machine_id": record.machine_id})
+                        self.ctx.emitter.emit(record, "instance.host_restart_planned",
+                                              details={"machine_id": record.machine_id})
                         marked += 1
                 except FencedError:
                     continue

@@ -55,11 +55,11 @@ class EngineContext:
     #: the store off the event loop (the engine's store thread); None: call the store directly
     astore: AsyncStore | None = None
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store method on the store thread when there is one (else directly)."""
         if self.astore is not None:
-            return await self.astore.call(fn, *args)
-        return fn(*args)
+            return await self.astore.call(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
     def traced(self, what: str, instance_id: str, owner: str) -> None:
         if self.trace is not None:
@@ -108,9 +108,10 @@ class Lease:
         #: True once a :meth:`finish` dropped the lease (nothing left to release)
         self.released = False
 
-    def persist(self, changes: Changes) -> InstanceRecord:
-        """Fenced write. A status change stamps ``status_changed_at`` and, unless ``alarm_at`` is given,
-        reschedules the alarm at the new status's interval (a destroyed instance gets none)."""
+    async def persist(self, changes: Changes) -> InstanceRecord:
+        """Fenced write, on the engine's store thread when there is one (the caller awaits it, so a pass's writes
+        and events keep their order). A status change stamps ``status_changed_at`` and, unless ``alarm_at`` is
+        given, reschedules the alarm at the new status's interval (a destroyed instance gets none)."""
         changes = Changes(**changes)
         if "status" in changes:
             new_status = Status(changes["status"])
@@ -123,11 +124,11 @@ class Lease:
                 if "alarm_at" not in changes and new_status != Status.DESTROYED:
                     preview = self.record.copy(**changes)
                     changes["alarm_at"] = self.ctx.alarm_in(interval_for(new_status, self.ctx.settings), preview)
-        self.record = self.ctx.store.update(self.record, self.owner, dict(changes))
+        self.record = await self.ctx.call(self.ctx.store.update, self.record, self.owner, dict(changes))
         return self.record
 
-    def renew(self) -> None:
-        self.record = self.ctx.store.renew(self.record, self.owner, self.ctx.settings.lease_ttl,
+    async def renew(self) -> None:
+        self.record = await self.ctx.call(self.ctx.store.renew, self.record, self.owner, self.ctx.settings.lease_ttl,
                                            self.ctx.clock.now())
 
     def renew_due(self, fraction: float = 0.5) -> bool:
@@ -158,13 +159,14 @@ class Lease:
         self.released = True
         return record
 
-    def release(self) -> None:
+    async def release(self) -> None:
         self.ctx.traced("release", self.record.id, self.owner)
-        self.ctx.store.release(self.record, self.owner)
+        await self.ctx.call(self.ctx.store.release, self.record, self.owner)
 
-    def reclaim(self) -> bool:
+    async def reclaim(self) -> bool:
         """Claim again after :meth:`release` (one attempt); False when someone else holds it now."""
-        claimed = self.ctx.store.claim(self.record.id, self.owner, self.ctx.settings.lease_ttl, self.ctx.clock.now())
+        claimed = await self.ctx.call(self.ctx.store.claim, self.record.id, self.owner, self.ctx.settings.lease_ttl,
+                                      self.ctx.clock.now())
         if claimed is None:
             return False
         self.ctx.traced("acquire", claimed.id, self.owner)

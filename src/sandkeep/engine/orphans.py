@@ -165,9 +165,9 @@ class OrphanSweeper:
             first = first_seen.get((orphan.kind, orphan.resource_id), now)
             if first == now:
                 rec = next(r for r in records if r.id == orphan.instance_id)
-                self.ctx.emitter.emit(rec, "reconcile.orphan_found", label=orphan.kind, level="warning",
-                                      details={"resource_id": orphan.resource_id, "reason": orphan.reason,
-                                               "delete_after": (now + timedelta(seconds=grace)).isoformat()})
+                await self.ctx.emitter.aemit(rec, "reconcile.orphan_found", label=orphan.kind, level="warning",
+                                             details={"resource_id": orphan.resource_id, "reason": orphan.reason,
+                                                      "delete_after": (now + timedelta(seconds=grace)).isoformat()})
             if (now - first).total_seconds() >= grace and await self._delete(orphan):
                 deleted += 1
                 self.ctx.store.forget_orphan(app, orphan.kind, orphan.resource_id)
@@ -188,14 +188,14 @@ class OrphanSweeper:
                 else:
                     await safe_delete_volume(self.ctx, rec, orphan.resource_id)
             except Refused as exc:
-                self.ctx.emitter.emit(rec, "reconcile.orphan_delete_refused", label=orphan.kind, level="error",
+                await self.ctx.emitter.aemit(rec, "reconcile.orphan_delete_refused", label=orphan.kind, level="error",
                                       error=str(exc), details={"resource_id": orphan.resource_id})
                 return False
             except ProviderError as exc:
                 log.warning("orphans.delete_failed", resource_id=orphan.resource_id, error=str(exc))
                 return False
-            self.ctx.emitter.emit(rec, "reconcile.orphan_deleted", label=orphan.kind, level="warning",
+            await self.ctx.emitter.aemit(rec, "reconcile.orphan_deleted", label=orphan.kind, level="warning",
                                   details={"resource_id": orphan.resource_id, "reason": orphan.reason})
             return True
         finally:
-            lease.release()
+            await asyncio.shield(lease.release())

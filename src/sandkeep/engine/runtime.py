@@ -112,7 +112,8 @@ class Engine:
         self._owns_prober = prober is None
         self.astore = AsyncStore(store)
         self.ctx = EngineContext(settings=settings, store=store, provider=provider, clock=clock,
-                                 emitter=Emitter(store, clock), secrets=secret_box or SecretBox.from_settings(settings),
+                                 emitter=Emitter(store, clock, astore=self.astore),
+                                 secrets=secret_box or SecretBox.from_settings(settings),
                                  prober=prober or GatewayProber(provider), rng=rng or random.Random(), trace=trace,
                                  astore=self.astore)
         self.log = get_logger("sandkeep.engine", worker_id=self.worker_id)

@@ -10,8 +10,10 @@ stays usable directly, e.g. by the CLI and the API) and adds:
   ``Store.finish_many`` (one commit for many passes), each still fenced on its own;
 * ``await astore.release(record, owner)`` -- likewise batched through ``Store.release_many``.
 
-One thread is enough for SQLite (one writer at a time anyway) and keeps PostgreSQL round trips off the loop;
-the batching is what makes one commit serve many passes.
+One thread is enough for SQLite (one writer at a time anyway). On PostgreSQL the default is two
+(:data:`POSTGRES_THREADS`): a claim then runs while the previous batch of finishes commits, instead of
+waiting for it (each is a round trip and a commit). Calls of one pass are awaited one after the other, so
+they never overtake each other; the batching is what makes one commit serve many passes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sandkeep.store.base import Store, StoreError
 from sandkeep.store.records import InstanceRecord
@@ -30,11 +32,23 @@ T = TypeVar("T")
 MAX_BATCH = 500
 """Largest number of finishes / releases written in one transaction."""
 
+POSTGRES_THREADS = 2
+"""Store threads on PostgreSQL (each with its own connection from the pool); SQLite gets one."""
+
+
+def default_threads(store: Store) -> int:
+    """Two store threads for a PostgreSQL store, one otherwise (SQLite has one writer at a time)."""
+    return POSTGRES_THREADS if getattr(store, "dialect", None) == "postgresql" else 1
+
 
 class AsyncStore:
-    def __init__(self, store: Store, *, threads: int = 1) -> None:
+    #: store-thread calls in flight in this process, over every AsyncStore (read by the tests' virtual clock,
+    #: which moves time only once the work handed to threads is done); touched on event-loop threads only
+    pending: ClassVar[int] = 0
+
+    def __init__(self, store: Store, *, threads: int | None = None) -> None:
         self.store = store
-        self._threads = max(1, threads)
+        self._threads = max(1, default_threads(store) if threads is None else threads)
         self._pool: ThreadPoolExecutor | None = None  # started on first use, again after aclose()
         self._finishes: list[tuple[InstanceRecord, str, dict[str, Any], asyncio.Future[InstanceRecord]]] = []
         self._releases: list[tuple[InstanceRecord, str, asyncio.Future[None]]] = []
@@ -45,7 +59,11 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="sandkeep-store")
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        AsyncStore.pending += 1
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        finally:
+            AsyncStore.pending -= 1
 
     async def finish(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
         fut: asyncio.Future[InstanceRecord] = asyncio.get_running_loop().create_future()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -229,6 +230,19 @@ def _to_instance(row: RowMapping) -> InstanceRecord:
     data["secrets_encrypted"] = dict(data["secrets_encrypted"] or {})
     data["flagged_volume_ids"] = list(data["flagged_volume_ids"] or [])
     return InstanceRecord(**data)
+
+
+def _finished(record: InstanceRecord, owner: str, values: dict[str, Any]) -> InstanceRecord:
+    """``record`` after a successful fenced finish of ``values`` (validated column values): the version it
+    matched plus one, the lease dropped. A shallow copy (the fields were checked by ``_update_values``)."""
+    new = copy.copy(record)
+    new.__dict__.update(values)
+    if "status" in values:
+        new.status = Status(values["status"])
+    new.version = record.version + 1
+    new.lease_owner = None
+    new.lease_expires_at = None
+    return new
 
 
 def _to_event(row: RowMapping) -> EventRecord:
@@ -601,20 +615,22 @@ class SqlStore(OrphanRows):
             .order_by(c.alarm_at, c.id)
             .limit(limit)
         )
+        # one statement, one round trip. PostgreSQL: the candidates are a MATERIALIZED CTE that locks its rows
+        # (other engines skip them) and runs once -- as an IN subquery the planner may rescan it, and a rescan
+        # of a SKIP LOCKED LIMIT query returns other rows (more than ``limit`` claimed); the UPDATE takes its
+        # ids as one array (an InitPlan, then a primary-key lookup whatever the table's statistics say). SQLite:
+        # BEGIN IMMEDIATE holds the database's write lock and the IN subquery is evaluated once. Either way the
+        # UPDATE re-checks the lease.
+        stmt = update(instances)
         if self._dialect == "postgresql":
-            candidates = candidates.with_for_update(skip_locked=True)
-        with self._write() as conn:
-            # PostgreSQL: the candidate rows are locked (others skip them); SQLite: BEGIN IMMEDIATE holds
-            # the database's write lock. Either way the conditional UPDATE re-checks the lease.
-            ids = list(conn.execute(candidates).scalars().all())
-            if not ids:
-                return []
-            stmt = (
-                update(instances)
-                .where(c.id.in_(ids), _lease_free(now))
+            due = candidates.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+            stmt = stmt.where(c.id == func.any(func.array(select(due.c.id).scalar_subquery())))
+        else:
+            stmt = stmt.where(c.id.in_(candidates.scalar_subquery()))
+        stmt = (stmt.where(_lease_free(now))
                 .values(lease_owner=owner, lease_expires_at=expires, version=c.version + 1)
-                .returning(*instances.c)
-            )
+                .returning(*instances.c))
+        with self._write() as conn:
             rows = conn.execute(stmt).mappings().all()
         claimed = [_to_instance(r) for r in rows]
         claimed.sort(key=lambda r: (r.alarm_at or now, r.id))
@@ -649,7 +665,9 @@ class SqlStore(OrphanRows):
         with self._write() as conn:
             return self._fenced(conn, record, owner, {"lease_expires_at": expires}, "renew")
 
-    def _update_values(self, changes: dict[str, Any]) -> dict[str, Any]:
+    def _update_values(self, changes: dict[str, Any], *, bump: bool = True) -> dict[str, Any]:
+        """Validated column values for a fenced write of ``changes`` (plus ``updated_at``; with ``bump`` the
+        ``version + 1`` expression -- the batched finish bumps the version in its own statement)."""
         values: dict[str, Any] = {}
         for name, value in changes.items():
             if name not in instances.c or name not in _INSTANCE_FIELDS:
@@ -659,7 +677,8 @@ class SqlStore(OrphanRows):
             values[name] = _instance_value(name, value)
         if "updated_at" not in values:
             values["updated_at"] = _aware(self._clock.now(), "clock.now()")
-        values["version"] = instances.c.version + 1
+        if bump:
+            values["version"] = instances.c.version + 1
         return values
 
     def update(self, record: InstanceRecord, owner: str, changes: dict[str, Any]) -> InstanceRecord:
@@ -680,44 +699,70 @@ class SqlStore(OrphanRows):
     def finish_many(self, items: Sequence[tuple[InstanceRecord, str, dict[str, Any]]]
                     ) -> list[InstanceRecord | StoreError]:
         """Several :meth:`finish` writes in one transaction (one commit for a batch of passes). Each is fenced
-        on its own: the result list holds, per item, the new record or the FencedError / NotFound it met."""
-        prepared = [(record, _owner(owner), self._update_values(changes)) for record, owner, changes in items]
-        out: list[InstanceRecord | StoreError] = []
+        on its own: the result list holds, per item, the new record or the FencedError / NotFound it met.
+
+        Items changing the same fields (a batch of requeues) go to the database as one ``executemany`` of the
+        fenced UPDATE inside a savepoint (one round trip on PostgreSQL, where psycopg pipelines it); when the
+        rows updated are fewer than the items (one of them was fenced) the savepoint is rolled back and that
+        group is written row by row, so each item learns its own outcome."""
+        prepared = [(record, _owner(owner), self._update_values(changes, bump=False))
+                    for record, owner, changes in items]
+        out: list[InstanceRecord | StoreError | None] = [None] * len(prepared)
+        groups: dict[frozenset[str], list[int]] = {}
+        for index, (_, _, values) in enumerate(prepared):
+            groups.setdefault(frozenset(values), []).append(index)
         if not prepared:
-            return out
-        c = instances.c
+            return []
         with self._write() as conn:
-            for record, owner, values in prepared:
-                values.pop("version")
-                stmt = self._finish_stmt(frozenset(values))
-                row = conn.execute(stmt, {**values, "w_id": record.id, "w_owner": owner,
-                                          "w_version": record.version}).first()
-                if row is not None:
-                    if "status" in values:
-                        values["status"] = Status(values["status"])
-                    out.append(record.copy(**values, version=row.version, lease_owner=None,
-                                           lease_expires_at=None))
+            for keys, indexes in groups.items():
+                stmt = self._finish_stmt(keys)
+                batch = [prepared[i] for i in indexes]
+                if len(batch) > 1 and self._finish_all(conn, stmt, batch):
+                    for i in indexes:
+                        out[i] = _finished(*prepared[i])
                     continue
-                current = conn.execute(select(c.lease_owner, c.version).where(c.id == record.id)).first()
-                if current is None:
-                    out.append(NotFound(f"instance {record.id!r} not found"))
-                else:
-                    out.append(FencedError(
-                        f"finish of instance {record.id!r} fenced: expected lease {owner!r} at version "
-                        f"{record.version}, found lease {current.lease_owner!r} at version {current.version}"))
-        return out
+                for i in indexes:
+                    out[i] = self._finish_one(conn, stmt, *prepared[i])
+        return [r for r in out if r is not None]
+
+    @staticmethod
+    def _finish_params(record: InstanceRecord, owner: str, values: dict[str, Any]) -> dict[str, Any]:
+        return {**values, "w_id": record.id, "w_owner": owner, "w_version": record.version}
+
+    def _finish_all(self, conn: Connection, stmt: Any,
+                    batch: list[tuple[InstanceRecord, str, dict[str, Any]]]) -> bool:
+        """The whole ``batch`` in one executemany; False (nothing of it written) when a row did not match."""
+        with conn.begin_nested() as savepoint:
+            result = conn.execute(stmt, [self._finish_params(*item) for item in batch])
+            if result.rowcount == len(batch):
+                return True
+            savepoint.rollback()
+        return False
+
+    def _finish_one(self, conn: Connection, stmt: Any, record: InstanceRecord, owner: str,
+                    values: dict[str, Any]) -> InstanceRecord | StoreError:
+        result = conn.execute(stmt, self._finish_params(record, owner, values))
+        if result.rowcount == 1:
+            return _finished(record, owner, values)
+        c = instances.c
+        current = conn.execute(select(c.lease_owner, c.version).where(c.id == record.id)).first()
+        if current is None:
+            return NotFound(f"instance {record.id!r} not found")
+        return FencedError(
+            f"finish of instance {record.id!r} fenced: expected lease {owner!r} at version "
+            f"{record.version}, found lease {current.lease_owner!r} at version {current.version}")
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - a handful of key sets; the store lives as long as the process
     def _finish_stmt(self, keys: frozenset[str]) -> Any:
-        """The fenced finish UPDATE for one set of changed fields, built once (bind parameters, no RETURNING *:
-        the caller knows the new row), so a batch of finishes costs one cached statement per row."""
+        """The fenced finish UPDATE for one set of changed fields, built once (bind parameters, no RETURNING:
+        the row matched ``version``, so the new version is that plus one), so a batch of finishes costs one
+        cached statement."""
         c = instances.c
         return (update(instances)
                 .where(c.id == bindparam("w_id"), c.lease_owner == bindparam("w_owner"),
                        c.version == bindparam("w_version"))
                 .values({**{k: bindparam(k, type_=c[k].type) for k in sorted(keys)},
-                         "version": c.version + 1, "lease_owner": None, "lease_expires_at": None})
-                .returning(c.version))
+                         "version": c.version + 1, "lease_owner": None, "lease_expires_at": None}))
 
     def release(self, record: InstanceRecord, owner: str) -> None:
         self.release_many([(record, owner)])
