@@ -42,9 +42,11 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import (
     URL,
+    BindParameter,
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     RowMapping,
     and_,
     bindparam,
@@ -304,9 +306,23 @@ def _owner(owner: str) -> str:
     return value
 
 
-def _lease_free(now: datetime) -> ColumnElement[bool]:
+def _lease_free(now: datetime | BindParameter[Any]) -> ColumnElement[bool]:
     c = instances.c
     return or_(c.lease_owner.is_(None), c.lease_expires_at.is_(None), c.lease_expires_at <= now)
+
+
+# The statements an idle engine runs all the time (each heartbeat, each alarm poll), built once and bound per
+# call: building a statement and its cache key costs about as much as running it.
+_HEARTBEAT = (update(engines).where(engines.c.id == bindparam("engine_id_"))
+              .values(heartbeat_at=bindparam("heartbeat_at_", type_=engines.c.heartbeat_at.type),
+                      expires_at=bindparam("expires_at_", type_=engines.c.expires_at.type)))
+_DEAD_ENGINES = select(engines.c.id).where(engines.c.expires_at < bindparam("now_", type_=engines.c.expires_at.type))
+_DEAD_ENGINES_PG = _DEAD_ENGINES.with_for_update(skip_locked=True)
+_NOW = bindparam("now_", type_=instances.c.lease_expires_at.type)
+_NEXT_DUE = select(func.min(instances.c.alarm_at)).where(instances.c.alarm_at.is_not(None), _lease_free(_NOW))
+_DUE = (select(instances.c.id).where(instances.c.alarm_at.is_not(None), instances.c.alarm_at <= _NOW, _lease_free(_NOW))
+        .order_by(instances.c.alarm_at, instances.c.id).limit(bindparam("limit_", type_=Integer)))
+_DUE_PG = _DUE.with_for_update(skip_locked=True)
 
 
 class SqlStore:
@@ -593,18 +609,11 @@ class SqlStore:
         owner = _owner(owner)
         limit = _limit(limit)
         c = instances.c
-        candidates = (
-            select(c.id)
-            .where(c.alarm_at.is_not(None), c.alarm_at <= now, _lease_free(now))
-            .order_by(c.alarm_at, c.id)
-            .limit(limit)
-        )
-        if self._dialect == "postgresql":
-            candidates = candidates.with_for_update(skip_locked=True)
+        candidates = _DUE_PG if self._dialect == "postgresql" else _DUE
         with self._write() as conn:
             # PostgreSQL: the candidate rows are locked (others skip them); SQLite: BEGIN IMMEDIATE holds
             # the database's write lock. Either way the conditional UPDATE re-checks the lease.
-            ids = list(conn.execute(candidates).scalars().all())
+            ids = list(conn.execute(candidates, {"now_": now, "limit_": limit}).scalars().all())
             if not ids:
                 return []
             stmt = (
@@ -733,10 +742,8 @@ class SqlStore:
     def next_due_at(self, now: datetime) -> datetime | None:
         """The earliest ``alarm_at`` among instances whose lease is free (what ``claim_due`` could take next)."""
         _aware(now)
-        c = instances.c
         with self._read() as conn:
-            value: datetime | None = conn.execute(
-                select(func.min(c.alarm_at)).where(c.alarm_at.is_not(None), _lease_free(now))).scalar()
+            value: datetime | None = conn.execute(_NEXT_DUE, {"now_": now}).scalar()
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
@@ -764,10 +771,9 @@ class SqlStore:
         (first beat, or another engine declared it dead and voided its leases meanwhile)."""
         _aware(now)
         expires = now + _ttl(ttl_seconds)
-        e = engines.c
         with self._write() as conn:
-            done = conn.execute(update(engines).where(e.id == engine_id)
-                                .values(heartbeat_at=now, expires_at=expires)).rowcount
+            done = conn.execute(_HEARTBEAT, {"engine_id_": engine_id, "heartbeat_at_": now,
+                                             "expires_at_": expires}).rowcount
             if done:
                 return True
             conn.execute(insert(engines).values(id=engine_id, role=role, started_at=now, heartbeat_at=now,
@@ -787,12 +793,10 @@ class SqlStore:
         Returns engine id -> leases voided."""
         _aware(now)
         e = engines.c
-        dead_q = select(e.id).where(e.expires_at < now)
-        if self._dialect == "postgresql":
-            dead_q = dead_q.with_for_update(skip_locked=True)
+        dead_q = _DEAD_ENGINES_PG if self._dialect == "postgresql" else _DEAD_ENGINES
         out: dict[str, int] = {}
         with self._write() as conn:
-            for engine_id in conn.execute(dead_q).scalars().all():
+            for engine_id in conn.execute(dead_q, {"now_": now}).scalars().all():
                 out[engine_id] = self._void(conn, engine_id, now)
                 conn.execute(delete(engines).where(e.id == engine_id))
         return out
