@@ -122,7 +122,7 @@ class Engine:
         self._kick = asyncio.Event()
         self._slots = Slots(settings.engine_concurrency, self._kick.set)
         self._gauge_at: float | None = None
-        self.detector = Detector(settings, store, provider, self.wake)
+        self.detector = Detector(settings, store, provider, self.wake, clock)
         self.service = InstanceService(self.ctx, owner_prefix=self.worker_id, wake=self.wake)
         self.orphans = OrphanSweeper(self.ctx, self.worker_id)  # SPEC §15 inventory (engine/orphans.py)
         self.started = False

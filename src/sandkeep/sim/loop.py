@@ -127,6 +127,7 @@ class SimClock:
         await asyncio.sleep(max(0.0, seconds))
 
     def jump(self, seconds: float) -> None:
+        """Step the wall clock by ``seconds`` (negative: back, as an NTP step back does)."""
         self.jumped += seconds
 
 

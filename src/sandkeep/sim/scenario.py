@@ -134,9 +134,11 @@ def pick_profile(rng: random.Random, *, steps: int | None = None, small: bool = 
 
 
 class Scenario:
-    def __init__(self, world: World, rng: random.Random, profile: Profile) -> None:
+    def __init__(self, world: World, rng: random.Random, profile: Profile,
+                 timing: random.Random | None = None) -> None:
         self.w = world
         self.rng = rng
+        self.timing = timing or random.Random(0)  # draws added later than the workload's (no renumbering)
         self.p = profile
         self.users = [f"user{i}" for i in range(max(1, min(6, profile.instances)))]
         self.ids: list[str] = []
@@ -385,10 +387,15 @@ class Scenario:
         self.w.note(f"database write failure rate {self.w.db_fail_rate}")
 
     def jump(self) -> None:
+        """An NTP step of the wall clock, forward or (drawn from the timing stream, so the workload's draws stay
+        as they were) backward; monotonic time and every sleeper are unaffected. ``jumped`` adds up the size
+        of every step: a step either way can stretch a wall-clock deadline by that much."""
         seconds = self.rng.choice([1.0, 30.0, 120.0])
+        if self.timing.random() < 0.5:
+            seconds = -seconds
         self.w.clock.jump(seconds)
-        self.jumped += seconds
-        self.w.note(f"wall clock jumps +{seconds:.0f} s")
+        self.jumped += abs(seconds)
+        self.w.note(f"wall clock jumps {seconds:+.0f} s")
 
     async def step(self) -> None:
         kinds = ["create", "user", "admin", "write", "crash_machine", "provider", "host", "controller", "squat",
@@ -586,10 +593,11 @@ class Scenario:
 async def _main(loop: VirtualLoop, seed: int, steps: int | None, trace: bool,
                 settle: float | None, small: bool) -> tuple[World, Scenario, Profile]:
     rng = random.Random(seed)
-    profile = pick_profile(rng, steps=steps, small=small, timing=random.Random(f"timing-{seed}"))
+    timing = random.Random(f"timing-{seed}")
+    profile = pick_profile(rng, steps=steps, small=small, timing=timing)
     world = World(seed, loop, profile.settings, regions=profile.regions, trace=trace,
                   snapshot_interval=6 * 3600.0 if profile.long else 1800.0)
-    sc = Scenario(world, rng, profile)
+    sc = Scenario(world, rng, profile, timing)
     await world.start()
     world.note(f"seed {seed}: {profile.instances} instances, {profile.steps} steps every ~{profile.step_gap:.0f} s, "
                f"{profile.controllers} controller(s), regions {profile.regions}, long={profile.long}, heartbeat "

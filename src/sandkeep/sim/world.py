@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import random
 import secrets
 import shutil
 import sqlite3
-import sys
 import tempfile
-import time as _real_time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import httpx
@@ -66,50 +64,20 @@ class Violation:
 # ---------------------------------------------------------------------------------------------- determinism
 
 
-class _VirtualTime(ModuleType):
-    """Stands in for the ``time`` module inside engine modules that pace themselves on real time (the claim
-    retry loop, the detector's index refresh, the gauge refresh): on the simulation's loop their "real" time
-    is virtual, so how often they loop never depends on the machine running the simulation."""
-
-    def __init__(self) -> None:
-        super().__init__("time")
-
-    def monotonic(self) -> float:
-        return asyncio.get_event_loop().time()
-
-    def time(self) -> float:
-        return asyncio.get_event_loop().time()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_real_time, name)
-
-
-# (engine.runtime's gauge refresh stays on real time: it only reads the store, and rarely)
-_PACED_MODULES = ("sandkeep.engine.lease", "sandkeep.engine.detector", "sandkeep.engine.instances")
-
-
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seed what the engine mints with ``secrets`` and put the paced modules on virtual time (for one run)."""
+    """Seed what the engine mints with ``secrets`` (for one run). Time needs nothing here: every engine module
+    paces itself on the injected clock (the world's :class:`SimClock`) and the event loop (virtual)."""
     rng = random.Random(f"secrets-{seed}")
     saved = {name: getattr(secrets, name) for name in ("token_hex", "token_urlsafe", "token_bytes")}
     secrets.token_bytes = lambda n=32: rng.randbytes(32 if n is None else n)  # type: ignore[assignment]
     secrets.token_hex = lambda n=32: rng.randbytes(32 if n is None else n).hex()  # type: ignore[assignment]
     secrets.token_urlsafe = lambda n=32: rng.randbytes(32 if n is None else n).hex()  # type: ignore[assignment]
-    vt = _VirtualTime()
-    paced = {name: sys.modules[name] for name in _PACED_MODULES if name in sys.modules}
-    saved_time = {name: getattr(mod, "time", None) for name, mod in paced.items()}
-    for mod in paced.values():
-        if getattr(mod, "time", None) is _real_time:
-            mod.time = vt  # type: ignore[attr-defined]
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(secrets, name, fn)
-        for name, mod in paced.items():
-            if saved_time[name] is not None:
-                mod.time = saved_time[name]  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -528,7 +496,13 @@ class World:
 
         task = self.loop.create_task(run())
         c.tasks.add(task)
-        task.add_done_callback(c.tasks.discard)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            c.tasks.discard(t)
+            if t.cancelled() and inspect.iscoroutine(coro):
+                coro.close()  # cancelled before it began (its controller crashed): not an unawaited coroutine
+
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------------ reading the world
 
