@@ -33,11 +33,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # Deterministic simulation (README "Deterministic simulation"): `make sim SEEDS=1000` runs a campaign,
-# `make sim SEED=42` replays one seed with its trace; SMALL=1 uses the CI profile.
+# `make sim SEED=42` replays one seed with its trace; SMALL=1 uses the CI profile; JOBS=n runs the campaign in
+# n worker processes (results merged in seed order); SUMMARY=file writes the campaign's summary as JSON.
 SEEDS ?= 100
 FIRST ?= 1
+JOBS ?= 1
 sim: $(STAMP)
-	PYTHONHASHSEED=0 $(BIN)/python -m sandkeep.sim $(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --first $(FIRST)) $(if $(SMALL),--small)
+	PYTHONHASHSEED=0 $(BIN)/python -m sandkeep.sim $(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --first $(FIRST) --jobs $(JOBS) $(if $(SUMMARY),--summary $(SUMMARY))) $(if $(SMALL),--small)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

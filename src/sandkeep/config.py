@@ -139,6 +139,8 @@ SETTINGS: tuple[Setting, ...] = (
             "How often an engine process beats in the database (and voids dead engines' leases)."),
     Setting("engine_heartbeat_ttl", "SANDKEEP_ENGINE_HEARTBEAT_TTL", 5.0,
             "An engine silent this long is dead: its leases are voided and its instances picked up."),
+    Setting("gauge_refresh_interval", "SANDKEEP_GAUGE_REFRESH_INTERVAL", 5.0,
+            "How often an engine refreshes the instance-count and operations gauges from the database."),
     Setting("provider_rate_limit", "SANDKEEP_PROVIDER_RATE_LIMIT", 0.0,
             "Machines API requests per second for the whole process (token bucket; 0: unlimited). A 429's "
             "Retry-After pauses every caller."),
@@ -282,6 +284,7 @@ class Settings:
     alarm_coalesce: float = 0.2
     engine_heartbeat_interval: float = 1.0
     engine_heartbeat_ttl: float = 5.0
+    gauge_refresh_interval: float = 5.0
     provider_rate_limit: float = 0.0
     provider_rate_burst: float = 0.0
     provider_region_concurrency: int = 16

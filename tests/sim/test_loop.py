@@ -60,3 +60,15 @@ def test_a_clock_jump_moves_wall_time_only() -> None:
         return clock.monotonic(), (clock.now() - EPOCH).total_seconds()
 
     assert run_virtual(main) == (0.0, 120.0)
+
+
+def test_an_ntp_step_back_moves_wall_time_back_and_monotonic_time_never() -> None:
+    async def main(loop: VirtualLoop) -> tuple[float, float, float]:
+        clock = SimClock(loop)
+        await clock.sleep(10.0)
+        clock.jump(-30.0)
+        before = clock.monotonic()
+        await clock.sleep(5.0)
+        return before, clock.monotonic(), (clock.now() - EPOCH).total_seconds()
+
+    assert run_virtual(main) == (10.0, 15.0, -15.0)

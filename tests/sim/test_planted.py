@@ -1,9 +1,12 @@
 """The simulation's worth: it finds planted bugs of the kinds the rest of the suite misses (issue 10).
 
 Each bug is a test-only switch (:mod:`sandkeep.sim.plant`); each is found by the small CI profile within the
-seed listed (found with ``SANDKEEP_SIM_PLANT=<bug> make sim SEEDS=30 SMALL=1``), by the invariant named: seeds 2-6
-all find the reversed walk, 2 and 5 the missing fork, 2 the skipped ownership check, 23 (of 1-30) the unfenced
-write -- a stale pass must outlive its lease under a latency fault while another pass claims the instance.
+seed listed, by the invariant named. Re-found on branch simfast (pacing draws, clock steps back, new invariants)
+with ``SANDKEEP_SIM_PLANT=<bug> make sim SEEDS=30 SMALL=1``: the skipped ownership check by seeds 2, 7, 8, 13,
+14, 17, 22, 25, 27 (``foreign_destroy``); the missing fork by 13 seeds of 30 (2, 5, 7, 8, 9, 14, 16, 20, 23, 25,
+26, 27, 28; ``empty_volume_start`` in every one, ``data_lost`` in most); the unfenced write by 23 and 29
+(``fenced_write`` -- a stale pass must outlive its lease under a latency fault while another pass claims the
+instance); the reversed walk by every seed of 2-6 before this branch (seed 3 re-checked here).
 """
 
 from __future__ import annotations

@@ -7,16 +7,16 @@
   instances; a machine that is stopped/failed/gone while its instance is ``running`` wakes it.
 
 The periodic alarm stays the backstop; a wake-up is just ``reconcile_now``. The detector's own cadence
-(long-poll, poll interval, error backoff) is real time: it paces I/O, not instance time.
+(long-poll, poll interval, error backoff, index refresh) runs on the event loop and the injected clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import Callable
 
+from sandkeep.clock import Clock, SystemClock
 from sandkeep.config import Settings
 from sandkeep.logs import get_logger
 from sandkeep.provider.base import MachineProvider
@@ -48,14 +48,15 @@ def _all_instances(store: Store, statuses: list[str] | None = None) -> list[Inst
 
 class Detector:
     def __init__(self, settings: Settings, store: Store, provider: MachineProvider,
-                 wake: Callable[[str], None]) -> None:
+                 wake: Callable[[str], None], clock: Clock | None = None) -> None:
         self.settings = settings
+        self.clock = clock or SystemClock()
         self.store = store
         self.provider = provider
         self.wake = wake
         self.log = get_logger("sandkeep.detector")
         self._index: dict[str, str] = {}
-        self._index_at = 0.0
+        self._index_at: float | None = None
         self.woken = 0
 
     @property
@@ -73,11 +74,12 @@ class Detector:
 
     def _instance_for_machine(self, machine_id: str) -> str | None:
         found = self._index.get(machine_id)
-        if found is None and time.monotonic() - self._index_at > 0.2:
+        now = self.clock.monotonic()
+        if found is None and (self._index_at is None or now - self._index_at > 0.2):
             self._index = {}
             for r in _all_instances(self.store):  # the fenced old machine too: its host returning wakes it
                 self._index.update({m: r.id for m in (r.fenced_machine_id, r.machine_id) if m})
-            self._index_at = time.monotonic()
+            self._index_at = now
             found = self._index.get(machine_id)
         return found
 

@@ -419,8 +419,8 @@ def make_detection(settings: Settings, store: Store, provider: MachineProvider, 
     machines and, without the local host's watch stream (Fly), the per-app listing becomes the paced backstop."""
     book = HeartbeatBook(settings, store, clock, secrets)
     if not beats_enabled(settings):
-        return Detector(settings, store, provider, wake), book, None
+        return Detector(settings, store, provider, wake, clock), book, None
     monitor = HeartbeatMonitor(settings, store, provider, clock, wake, book)
     if provider.supports_watch:
-        return Detector(settings, store, provider, wake), book, monitor
+        return Detector(settings, store, provider, wake, clock), book, monitor
     return BackstopDetector(settings, store, provider, wake, clock), book, monitor

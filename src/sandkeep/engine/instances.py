@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import fields
@@ -695,13 +694,13 @@ class InstanceService:
         from sandkeep.engine.lifecycle import RESUME_AFTER_HOST_RESTART
 
         store = self.ctx.store
-        deadline = time.monotonic() + budget_seconds
+        deadline = self.ctx.clock.monotonic() + budget_seconds
         marked = 0
         cursor: str | None = None
-        while time.monotonic() < deadline:
+        while self.ctx.clock.monotonic() < deadline:
             page = store.list_instances(status=[Status.RUNNING.value], cursor=cursor, limit=200)
             for item in page.items:
-                if time.monotonic() >= deadline:
+                if self.ctx.clock.monotonic() >= deadline:
                     break
                 owner = f"{self.owner_prefix}/shutdown#{next(self._seq)}"
                 record = store.claim(item.id, owner, self.ctx.settings.lease_ttl, self._now())

@@ -8,10 +8,8 @@ stamps ``status_changed_at`` and reschedules the alarm the same way.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import secrets as _pysecrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -176,13 +174,14 @@ class Lease:
 
 async def claim(ctx: EngineContext, instance_id: str, owner: str, *, wait: float | None = None) -> Lease | None:
     """The one claim-with-retry loop: retry while another worker holds the instance, up to ``wait`` seconds
-    (real time; ``claim_wait`` by default). None when the instance is unknown or still held elsewhere."""
-    store, settings = ctx.store, ctx.settings
-    deadline = time.monotonic() + (settings.claim_wait if wait is None else wait)
+    (on the injected clock's monotonic time; ``claim_wait`` by default). None when the instance is unknown or
+    still held elsewhere."""
+    store, settings, clock = ctx.store, ctx.settings, ctx.clock
+    deadline = clock.monotonic() + (settings.claim_wait if wait is None else wait)
     while True:
-        record = await ctx.call(store.claim, instance_id, owner, settings.lease_ttl, ctx.clock.now())
+        record = await ctx.call(store.claim, instance_id, owner, settings.lease_ttl, clock.now())
         if record is not None:
             return Lease(ctx, record, owner)
-        if await ctx.call(store.get_instance, instance_id) is None or time.monotonic() >= deadline:
+        if await ctx.call(store.get_instance, instance_id) is None or clock.monotonic() >= deadline:
             return None
-        await asyncio.sleep(CLAIM_RETRY_PAUSE)
+        await clock.sleep(CLAIM_RETRY_PAUSE)

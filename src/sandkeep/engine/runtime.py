@@ -32,7 +32,6 @@ import os
 import random
 import secrets as _pysecrets
 import socket
-import time
 from collections.abc import Callable
 
 from sandkeep import metrics
@@ -52,7 +51,6 @@ from sandkeep.store.aio import AsyncStore
 from sandkeep.store.base import FencedError, NotFound, Store
 from sandkeep.store.records import InstanceRecord
 
-GAUGE_REFRESH_SECONDS = 5.0
 MAX_CLAIM_BATCH = 500
 
 
@@ -124,7 +122,7 @@ class Engine:
         self._rewake: set[str] = set()
         self._kick = asyncio.Event()
         self._slots = Slots(settings.engine_concurrency, self._kick.set)
-        self._gauge_at = 0.0
+        self._gauge_at: float | None = None
         # detection: the detector, plus gateway heartbeats when machines beat (engine/heartbeat.py)
         self.detector, self.heartbeats, self.monitor = make_detection(settings, store, provider, clock, self.wake,
                                                                       self.ctx.secrets)
@@ -381,8 +379,8 @@ class Engine:
                 await asyncio.sleep(1.0)
 
     async def _refresh_gauge(self) -> None:
-        now = time.monotonic()
-        if now - self._gauge_at < GAUGE_REFRESH_SECONDS:
+        now = self.clock.monotonic()  # the injected clock: a simulated run refreshes at the same points each replay
+        if self._gauge_at is not None and now - self._gauge_at < self.settings.gauge_refresh_interval:
             return
         self._gauge_at = now
         try:

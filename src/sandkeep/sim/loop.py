@@ -45,10 +45,10 @@ class _VirtualSelector(selectors.BaseSelector):
         return self._real.modify(fileobj, events, data)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._real.select(0)
-        if ready:
-            return ready
-        if timeout is None:
+        if timeout is None:  # the self-pipe is the only descriptor (no thread writes to it: executors run
+            ready = self._real.select(0)  # inline); a wait with nothing pending is looked at once
+            if ready:
+                return ready
             raise Deadlock("every task is waiting and no timer is set")
         if timeout > 0:
             self.now += timeout
@@ -83,8 +83,28 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         return self._vsel.now
 
     def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:  # type: ignore[override]
-        """Every executor runs inline here, the store's own thread (``store.aio.AsyncStore``) included."""
-        return super().run_in_executor(None, func, *args)
+        """Every executor runs inline here, the store's own thread (``store.aio.AsyncStore``) included. The
+        answer is handed over on the next turn of the loop, as a thread pool's would be (the caller yields
+        once), without the self-pipe write and read a thread's answer takes."""
+        fut: asyncio.Future[T] = self.create_future()
+        try:
+            value = func(*args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # handed to the awaiting task, as a thread pool would
+            self.call_soon(_settle, fut, None, exc)
+        else:
+            self.call_soon(_settle, fut, value, None)
+        return fut
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
 
 
 class SimClock:
@@ -107,6 +127,7 @@ class SimClock:
         await asyncio.sleep(max(0.0, seconds))
 
     def jump(self, seconds: float) -> None:
+        """Step the wall clock by ``seconds`` (negative: back, as an NTP step back does)."""
         self.jumped += seconds
 
 

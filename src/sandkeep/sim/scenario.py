@@ -39,7 +39,15 @@ INVARIANTS: dict[str, str] = {
     "recovery_timeout": "a recovery ends within recovery_timeout + one reconcile interval (SPEC 12.5; crash "
                         "downtime, one lease TTL per crash and clock jumps added)",
     "volume_leak": "after settling past retention the provider holds only volumes a record names (SPEC 12.3)",
-    "original_volume_kept": "a failed recovery never deletes the original volume (SPEC 12.7)",
+    "original_volume_kept": "a failed recovery never deletes the original volume; no instance outside a recovery "
+                            "or a destroy loses its current volume (SPEC 12.7)",
+    "flagged_kept": "a volume flagged after a snapshot restore is never deleted without an admin's decision "
+                    "(SPEC 12.9)",
+    "empty_volume_start": "no instance is started on an empty volume while a volume of its own holds data "
+                          "(SPEC 12.10)",
+    "fenced_traffic": "a fenced old machine (its host dead) never receives gateway traffic (SPEC 15)",
+    "fenced_destroyed": "once its host answers, a fenced old machine is destroyed and its old volume kept "
+                        "(SPEC 15)",
     "data_lost": "data acknowledged before a stop is readable after recovery unless a snapshot restore or "
                  "data loss was recorded (SPEC 12.1)",
     "recreated_after_destroy": "a destroyed instance is never re-created (SPEC 8)",
@@ -60,6 +68,7 @@ class Result:
     steps: int
     instances: int
     trace: list[str] = field(default_factory=list)
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -79,9 +88,17 @@ class Profile:
     regions: list[str]
 
 
-def pick_profile(rng: random.Random, *, steps: int | None = None, small: bool = False) -> Profile:
-    """``small``: the CI budget's profile (1-3 instances, short runs, minutes-long retention)."""
+def pick_profile(rng: random.Random, *, steps: int | None = None, small: bool = False,
+                 timing: random.Random | None = None) -> Profile:
+    """``small``: the CI budget's profile (1-3 instances, short runs, minutes-long retention). ``timing`` (a
+    second stream, so adding to it never renumbers the seeds' workloads) picks the engine's pacing settings
+    from their realistic ranges: the heartbeat every 2-10 s with a TTL of 3-5 beats (long runs: 10 or 30 s)."""
+    timing = timing or random.Random(0)
+    heartbeat = timing.choice([2.0, 5.0, 10.0, 10.0])
+    beats = timing.choice([3, 4, 5])
     long = rng.random() < 0.15 and not small
+    if long:  # days of simulated time: an idle engine's beat is most of the cost
+        heartbeat = timing.choice([10.0, 30.0])
     fleet = rng.choice([1, 2, 3, 5, 8]) if rng.random() < 0.9 else rng.choice([20, 50, 200])
     if small:
         fleet = rng.choice([1, 2, 3])
@@ -105,6 +122,9 @@ def pick_profile(rng: random.Random, *, steps: int | None = None, small: bool = 
         "claim_wait": 5.0,
         "provider_backoff_max": 120.0,
         "max_instances_per_user": 500,
+        "engine_heartbeat_interval": heartbeat,
+        "engine_heartbeat_ttl": heartbeat * beats,
+        "gauge_refresh_interval": 300.0,  # metrics only: two heavy reads, every few minutes is plenty here
     }
     n_steps = steps if steps is not None else (rng.randint(20, 60) if fleet <= 8 else rng.randint(10, 30))
     if small and steps is None:
@@ -114,9 +134,11 @@ def pick_profile(rng: random.Random, *, steps: int | None = None, small: bool = 
 
 
 class Scenario:
-    def __init__(self, world: World, rng: random.Random, profile: Profile) -> None:
+    def __init__(self, world: World, rng: random.Random, profile: Profile,
+                 timing: random.Random | None = None) -> None:
         self.w = world
         self.rng = rng
+        self.timing = timing or random.Random(0)  # draws added later than the workload's (no renumbering)
         self.p = profile
         self.users = [f"user{i}" for i in range(max(1, min(6, profile.instances)))]
         self.ids: list[str] = []
@@ -365,10 +387,15 @@ class Scenario:
         self.w.note(f"database write failure rate {self.w.db_fail_rate}")
 
     def jump(self) -> None:
+        """An NTP step of the wall clock, forward or (drawn from the timing stream, so the workload's draws stay
+        as they were) backward; monotonic time and every sleeper are unaffected. ``jumped`` adds up the size
+        of every step: a step either way can stretch a wall-clock deadline by that much."""
         seconds = self.rng.choice([1.0, 30.0, 120.0])
+        if self.timing.random() < 0.5:
+            seconds = -seconds
         self.w.clock.jump(seconds)
-        self.jumped += seconds
-        self.w.note(f"wall clock jumps +{seconds:.0f} s")
+        self.jumped += abs(seconds)
+        self.w.note(f"wall clock jumps {seconds:+.0f} s")
 
     async def step(self) -> None:
         kinds = ["create", "user", "admin", "write", "crash_machine", "provider", "host", "controller", "squat",
@@ -417,7 +444,9 @@ class Scenario:
             if len(ms) > 1:
                 w.violate("two_started", f"sandbox {sbx} has {len(ms)} started machines: {sorted(ms)}")
         now = w.t()
-        for rec in w.records():
+        recs = w.records()
+        w.note_records(recs)
+        for rec in recs:
             prev = self.prev_status.get(rec.id)
             status = rec.status.value
             if status == "destroyed":
@@ -431,6 +460,11 @@ class Scenario:
                     w.violate("recovery_end", f"{rec.id} left recovering for {status}")
                 elif status == "stopped" and not rec.last_recovery_error:
                     w.violate("recovery_end", f"{rec.id} recovering -> stopped without last_recovery_error")
+            if (rec.volume_id and rec.volume_id in w.deleted_volumes
+                    and status not in ("recovering", "destroying", "destroyed")):
+                w.violate("original_volume_kept", f"{rec.id} ({status}, last recovery error "
+                                                  f"{(rec.last_recovery_error or '')[:80]!r}) names its volume "
+                                                  f"{rec.volume_id}, which the provider deleted")
             if status == "recovering":
                 since = self.recovering_since.get(rec.id)
                 if since is None or prev != "recovering":
@@ -454,6 +488,8 @@ class Scenario:
         for rec in self.w.records():
             if rec.status in (Status.STARTING, Status.RESTARTING, Status.RECOVERING, Status.DESTROYING):
                 return False
+            if rec.fenced_machine_id:
+                return False
             due = rec.retained_volume_cleanup_after
             if rec.retained_volume_id and due is not None and (now - due).total_seconds() < margin:
                 return False
@@ -471,6 +507,19 @@ class Scenario:
             if rec.status in (Status.STARTING, Status.RESTARTING, Status.RECOVERING, Status.DESTROYING):
                 w.violate("converged", f"{rec.id} still {rec.status.value} after the world healed "
                                        f"(events: {[e.event for e in w.events_of(rec.id)][-6:]})")
+        # SPEC 15: once every host answers, no machine is left fenced and every fenced old machine is destroyed
+        by_id = {rec.id: rec for rec in recs}
+        for rec in recs:
+            if rec.fenced_machine_id:
+                w.violate("fenced_destroyed", f"{rec.id} still has fenced machine {rec.fenced_machine_id} after "
+                                              f"every host answered")
+        for mid, iid in sorted(w.fenced_ever.items()):
+            m = w.host.machines.get(mid)
+            owner = by_id.get(iid)
+            if m is None or m.get("state") == "destroyed" or (owner is not None and owner.machine_id == mid):
+                continue
+            w.violate("fenced_destroyed", f"fenced old machine {mid} of {iid} is {m.get('state')} after every host "
+                                          f"answered")
         # at most one started machine per sandbox, zombies included, once everything is healed
         started: dict[str, list[str]] = {}
         for m in w.host.machines.values():
@@ -544,13 +593,16 @@ class Scenario:
 async def _main(loop: VirtualLoop, seed: int, steps: int | None, trace: bool,
                 settle: float | None, small: bool) -> tuple[World, Scenario, Profile]:
     rng = random.Random(seed)
-    profile = pick_profile(rng, steps=steps, small=small)
+    timing = random.Random(f"timing-{seed}")
+    profile = pick_profile(rng, steps=steps, small=small, timing=timing)
     world = World(seed, loop, profile.settings, regions=profile.regions, trace=trace,
                   snapshot_interval=6 * 3600.0 if profile.long else 1800.0)
-    sc = Scenario(world, rng, profile)
+    sc = Scenario(world, rng, profile, timing)
     await world.start()
     world.note(f"seed {seed}: {profile.instances} instances, {profile.steps} steps every ~{profile.step_gap:.0f} s, "
-               f"{profile.controllers} controller(s), regions {profile.regions}, long={profile.long}")
+               f"{profile.controllers} controller(s), regions {profile.regions}, long={profile.long}, heartbeat "
+               f"{profile.settings['engine_heartbeat_interval']:.0f} s, alarm poll "
+               f"{profile.settings['alarm_poll_interval']:.0f} s")
     try:
         for _ in range(profile.controllers):
             await world.boot_controller()
@@ -569,10 +621,14 @@ async def _main(loop: VirtualLoop, seed: int, steps: int | None, trace: bool,
             s.recovery_timeout + s.start_hard_timeout + s.retained_volume_retention + 2 * s.interval_idle
             + s.provider_backoff_max + 3 * s.lease_ttl + 600.0))
         margin = s.interval_idle * 1.2 + s.provider_backoff_max + 120.0
+        # every instance gets at least one full pass after the heal (a running pass, an alarm poll, a busy
+        # pass and the leases of crashed controllers running out), then the world is looked at every minute
+        at_least = world.t() + (s.interval_running * (1 + s.jitter_fraction) + s.alarm_poll_interval
+                                + s.interval_busy + 3 * s.lease_ttl)
         while world.t() < cap:
-            await world.clock.sleep(min(300.0, cap - world.t()))
+            await world.clock.sleep(min(max(60.0, at_least - world.t()), cap - world.t()))
             sc.check_step()
-            if settle is None and sc.settled(margin):
+            if settle is None and world.t() >= at_least and sc.settled(margin):
                 break
         await sc.check_end()
     except Exception as exc:  # the harness must run to its end: anything else is a finding too
@@ -604,7 +660,7 @@ def quiet_logs(verbose: bool) -> Iterator[None]:
 def run_seed(seed: int, *, steps: int | None = None, trace: bool = False, settle: float | None = None,
              small: bool = False) -> Result:
     """Run one seed to its end on a fresh virtual loop (deterministic: the same seed, the same run)."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     holder: dict[str, Any] = {}
 
     async def main(loop: VirtualLoop) -> None:
@@ -624,5 +680,5 @@ def run_seed(seed: int, *, steps: int | None = None, trace: bool = False, settle
     failing = [(v.invariant, v.detail) for v in world.violations if v.invariant not in REPORT_ONLY]
     reported = [(v.invariant, v.detail) for v in world.violations if v.invariant in REPORT_ONLY]
     return Result(seed, failing, reported, holder["sim"], time.perf_counter() - started,
-                  holder["profile"].steps, len(holder["sc"].ids), world.trace)
+                  holder["profile"].steps, len(holder["sc"].ids), world.trace, time.process_time() - cpu)
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import random
 import secrets
 import shutil
-import sys
+import sqlite3
 import tempfile
-import time as _real_time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import httpx
@@ -39,7 +38,7 @@ from sandkeep.provider.client import MachinesClient
 from sandkeep.secrets import SecretBox
 from sandkeep.sim.loop import SimClock
 from sandkeep.store.base import Store, StoreError
-from sandkeep.store.records import InstanceRecord
+from sandkeep.store.records import InstanceRecord, Status
 from sandkeep.store.sql import SqlStore, open_store
 
 FOREIGN_PREFIX = "sbx_foreign"
@@ -65,50 +64,20 @@ class Violation:
 # ---------------------------------------------------------------------------------------------- determinism
 
 
-class _VirtualTime(ModuleType):
-    """Stands in for the ``time`` module inside engine modules that pace themselves on real time (the claim
-    retry loop, the detector's index refresh, the gauge refresh): on the simulation's loop their "real" time
-    is virtual, so how often they loop never depends on the machine running the simulation."""
-
-    def __init__(self) -> None:
-        super().__init__("time")
-
-    def monotonic(self) -> float:
-        return asyncio.get_event_loop().time()
-
-    def time(self) -> float:
-        return asyncio.get_event_loop().time()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_real_time, name)
-
-
-# (engine.runtime's gauge refresh stays on real time: it only reads the store, and rarely)
-_PACED_MODULES = ("sandkeep.engine.lease", "sandkeep.engine.detector", "sandkeep.engine.instances")
-
-
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seed what the engine mints with ``secrets`` and put the paced modules on virtual time (for one run)."""
+    """Seed what the engine mints with ``secrets`` (for one run). Time needs nothing here: every engine module
+    paces itself on the injected clock (the world's :class:`SimClock`) and the event loop (virtual)."""
     rng = random.Random(f"secrets-{seed}")
     saved = {name: getattr(secrets, name) for name in ("token_hex", "token_urlsafe", "token_bytes")}
     secrets.token_bytes = lambda n=32: rng.randbytes(32 if n is None else n)  # type: ignore[assignment]
     secrets.token_hex = lambda n=32: rng.randbytes(32 if n is None else n).hex()  # type: ignore[assignment]
     secrets.token_urlsafe = lambda n=32: rng.randbytes(32 if n is None else n).hex()  # type: ignore[assignment]
-    vt = _VirtualTime()
-    paced = {name: sys.modules[name] for name in _PACED_MODULES if name in sys.modules}
-    saved_time = {name: getattr(mod, "time", None) for name, mod in paced.items()}
-    for mod in paced.values():
-        if getattr(mod, "time", None) is _real_time:
-            mod.time = vt  # type: ignore[attr-defined]
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(secrets, name, fn)
-        for name, mod in paced.items():
-            if saved_time[name] is not None:
-                mod.time = saved_time[name]  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -213,6 +182,23 @@ class Recorder:
         await asyncio.shield(asyncio.get_running_loop().create_task(run()))
 
 
+class _WatchedProxy(httpx.AsyncBaseTransport):
+    """The gateway transport the workload's traffic takes, watched: which machine does each request reach?"""
+
+    def __init__(self, world: World, inner: httpx.AsyncBaseTransport) -> None:
+        self.world = world
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        machine_id = request.headers.get("fly-force-instance-id")
+        if machine_id:
+            self.world.check_traffic(machine_id)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 # ---------------------------------------------------------------------------------------------- controllers
 
 
@@ -259,8 +245,8 @@ class World:
         self.client = MachinesClient(API_URL, "sim-token", proxy_url=PROXY_URL, clock=self.clock,
                                      transport=httpx.ASGITransport(app=self.recorder),  # type: ignore[arg-type]
                                      rng=random.Random(f"client-{seed}"))
-        self.gateway = httpx.AsyncClient(base_url=PROXY_URL, transport=proxy_transport(self.host))
-        self.sql = open_store(self._db_url(), self.clock)
+        self.gateway = httpx.AsyncClient(base_url=PROXY_URL, transport=_WatchedProxy(self, proxy_transport(self.host)))
+        self.sql = self._open_db()
         self.controllers: list[Controller] = []
         self.crashes: list[float] = []  # when a controller died (its leases outlive it by up to lease_ttl)
         self.no_controller_since: float | None = 0.0
@@ -270,25 +256,38 @@ class World:
         self.zombies: set[str] = set()  # machines frozen on a dead host while started
         self.destroyed_instances: dict[str, str] = {}  # sandbox id -> instance id, once finalized
         self.walks: dict[tuple[str, str], tuple[str, bool]] = {}  # (app, volume name) -> (last region, capacity)
+        self.deleted_volumes: set[str] = set()  # every volume the provider deleted
+        self.flagged_ever: dict[str, str] = {}  # volume id -> the instance that flagged it (SPEC 12.9)
+        self.fenced_ever: dict[str, str] = {}  # machine id -> the instance that fenced it (SPEC 15)
         self._controller_seq = 0
         self._hook_model()
 
     # ------------------------------------------------------------------ set-up
 
-    def _db_url(self) -> str:
-        """A copy of a migrated template database (migrating once per process, not once per seed)."""
-        target = self.tmp / "sandkeep.db"
+    def _open_db(self) -> SqlStore:
+        """An in-memory database, filled from a migrated template (migrating once per process, not once per
+        seed): nothing of a seed's store touches a file, and the template copy is one sqlite3 backup."""
         template = _TEMPLATE_DB.get("sqlite")
         if template is None or not template.exists():
             template = Path(tempfile.mkdtemp(prefix="sandkeep-sim-template-", dir=_scratch())) / "template.db"
             open_store(f"sqlite:///{template}", self.clock).close()
             _TEMPLATE_DB["sqlite"] = template
-        shutil.copyfile(template, target)
-        return f"sqlite:///{target}"
+        store = SqlStore("sqlite://", clock=self.clock)
+        raw = store.engine.raw_connection()
+        try:
+            source = sqlite3.connect(template)
+            try:
+                source.backup(cast(sqlite3.Connection, raw.driver_connection))
+            finally:
+                source.close()
+        finally:
+            raw.close()
+        return store
 
     def _hook_model(self) -> None:
         host = self.host
         destroy_machine, create_machine = host.destroy_machine, host.create_machine
+        delete_volume, begin_start = host.delete_volume, host._begin_start
 
         async def destroy_hook(app: str, machine_id: str, *, force: bool, app_deleted: bool = False) -> None:
             m = host.machines.get(machine_id)
@@ -306,8 +305,81 @@ class World:
                                                         f"{self.destroyed_instances[sbx]}")
             return await create_machine(app, body)
 
+        async def delete_volume_hook(app: str, volume_id: str) -> Any:
+            verdicts = self._volume_delete_verdicts(volume_id)
+            out = await delete_volume(app, volume_id)
+            self.deleted_volumes.add(volume_id)
+            for name, detail in verdicts:
+                self.violate(name, detail)
+            return out
+
+        def begin_start_hook(m: dict[str, Any]) -> None:
+            self._check_start_volume(m)
+            begin_start(m)
+
         host.destroy_machine = destroy_hook  # type: ignore[method-assign]
         host.create_machine = create_hook  # type: ignore[method-assign]
+        host.delete_volume = delete_volume_hook  # type: ignore[method-assign]
+        host._begin_start = begin_start_hook  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ volume and machine watches
+
+    def note_records(self, recs: list[InstanceRecord]) -> None:
+        """Remember every volume ever flagged and every machine ever fenced (the record may forget them)."""
+        for rec in recs:
+            for vid in rec.flagged_volume_ids:
+                self.flagged_ever.setdefault(vid, rec.id)
+            if rec.fenced_machine_id:
+                self.fenced_ever.setdefault(rec.fenced_machine_id, rec.id)
+
+    def _volume_delete_verdicts(self, volume_id: str) -> list[tuple[str, str]]:
+        """SPEC 12.7 and 12.9 at the moment a volume is deleted: the current volume of an instance that is not
+        recovering (a failed recovery's original) or destroyed, or a flagged old volume without an admin."""
+        recs = self.records()
+        self.note_records(recs)
+        out: list[tuple[str, str]] = []
+        for rec in recs:
+            if rec.status in (Status.DESTROYING, Status.DESTROYED):
+                continue
+            if rec.volume_id == volume_id and rec.status != Status.RECOVERING:
+                out.append(("original_volume_kept", f"volume {volume_id}, the current volume of {rec.id} "
+                                                    f"({rec.status.value}, last recovery error "
+                                                    f"{(rec.last_recovery_error or '')[:80]!r}), was deleted"))
+            if self.flagged_ever.get(volume_id) == rec.id:
+                out.append(("flagged_kept", f"flagged old volume {volume_id} of {rec.id} ({rec.status.value}) was "
+                                            f"deleted without an admin's decision"))
+        return out
+
+    def _volume_has_data(self, v: dict[str, Any]) -> bool:
+        data = self.host.volume_dir(v) / "data"
+        return data.is_dir() and any(data.iterdir())
+
+    def _check_start_volume(self, m: dict[str, Any]) -> None:
+        """SPEC 12.10: a machine of an instance starts on an empty volume only when no volume of its own holds
+        data (its current, retained, flagged and pending recovery volumes)."""
+        sbx = ((m.get("config") or {}).get("metadata") or {}).get(METADATA_SANDBOX)
+        mounted = self.host._mounted_volume(m)
+        if not sbx or mounted is None or sbx.startswith(FOREIGN_PREFIX) or self._volume_has_data(mounted):
+            return
+        for rec in self.records():
+            if rec.sandbox_id != sbx:
+                continue
+            for vid in (rec.volume_id, rec.retained_volume_id, rec.pending_recovery_volume_id,
+                        *rec.flagged_volume_ids):
+                v = self.host.volumes.get(vid) if vid else None
+                if v is not None and vid != mounted["id"] and self._volume_has_data(v):
+                    self.violate("empty_volume_start", f"machine {m['id']} of {rec.id} starts on empty volume "
+                                                       f"{mounted['id']} while its volume {vid} holds data")
+                    return
+
+    def check_traffic(self, machine_id: str) -> None:
+        """SPEC 15: a fenced old machine never receives traffic."""
+        recs = self.records()
+        self.note_records(recs)
+        for rec in recs:
+            if rec.fenced_machine_id == machine_id:
+                self.violate("fenced_traffic", f"gateway traffic for {rec.id} went to its fenced old machine "
+                                               f"{machine_id}")
 
     async def start(self) -> None:
         self.host.load()
@@ -424,7 +496,13 @@ class World:
 
         task = self.loop.create_task(run())
         c.tasks.add(task)
-        task.add_done_callback(c.tasks.discard)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            c.tasks.discard(t)
+            if t.cancelled() and inspect.iscoroutine(coro):
+                coro.close()  # cancelled before it began (its controller crashed): not an unawaited coroutine
+
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------------ reading the world
 

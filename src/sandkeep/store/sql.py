@@ -43,9 +43,11 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import (
     URL,
+    BindParameter,
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     RowMapping,
     and_,
     bindparam,
@@ -320,9 +322,20 @@ def _owner(owner: str) -> str:
     return value
 
 
-def _lease_free(now: datetime) -> ColumnElement[bool]:
+def _lease_free(now: datetime | BindParameter[Any]) -> ColumnElement[bool]:
     c = instances.c
     return or_(c.lease_owner.is_(None), c.lease_expires_at.is_(None), c.lease_expires_at <= now)
+
+
+# The statements an idle engine runs all the time (each heartbeat, each alarm poll), built once and bound per
+# call: building a statement and its cache key costs about as much as running it.
+_HEARTBEAT = (update(engines).where(engines.c.id == bindparam("engine_id_"))
+              .values(heartbeat_at=bindparam("heartbeat_at_", type_=engines.c.heartbeat_at.type),
+                      expires_at=bindparam("expires_at_", type_=engines.c.expires_at.type)))
+_DEAD_ENGINES = select(engines.c.id).where(engines.c.expires_at < bindparam("now_", type_=engines.c.expires_at.type))
+_DEAD_ENGINES_PG = _DEAD_ENGINES.with_for_update(skip_locked=True)
+_NOW = bindparam("now_", type_=instances.c.lease_expires_at.type)
+_NEXT_DUE = select(func.min(instances.c.alarm_at)).where(instances.c.alarm_at.is_not(None), _lease_free(_NOW))
 
 
 class SqlStore(OrphanRows):
@@ -780,10 +793,8 @@ class SqlStore(OrphanRows):
     def next_due_at(self, now: datetime) -> datetime | None:
         """The earliest ``alarm_at`` among instances whose lease is free (what ``claim_due`` could take next)."""
         _aware(now)
-        c = instances.c
         with self._read() as conn:
-            value: datetime | None = conn.execute(
-                select(func.min(c.alarm_at)).where(c.alarm_at.is_not(None), _lease_free(now))).scalar()
+            value: datetime | None = conn.execute(_NEXT_DUE, {"now_": now}).scalar()
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
@@ -811,10 +822,9 @@ class SqlStore(OrphanRows):
         (first beat, or another engine declared it dead and voided its leases meanwhile)."""
         _aware(now)
         expires = now + _ttl(ttl_seconds)
-        e = engines.c
         with self._write() as conn:
-            done = conn.execute(update(engines).where(e.id == engine_id)
-                                .values(heartbeat_at=now, expires_at=expires)).rowcount
+            done = conn.execute(_HEARTBEAT, {"engine_id_": engine_id, "heartbeat_at_": now,
+                                             "expires_at_": expires}).rowcount
             if done:
                 return True
             conn.execute(insert(engines).values(id=engine_id, role=role, started_at=now, heartbeat_at=now,
@@ -834,12 +844,10 @@ class SqlStore(OrphanRows):
         Returns engine id -> leases voided."""
         _aware(now)
         e = engines.c
-        dead_q = select(e.id).where(e.expires_at < now)
-        if self._dialect == "postgresql":
-            dead_q = dead_q.with_for_update(skip_locked=True)
+        dead_q = _DEAD_ENGINES_PG if self._dialect == "postgresql" else _DEAD_ENGINES
         out: dict[str, int] = {}
         with self._write() as conn:
-            for engine_id in conn.execute(dead_q).scalars().all():
+            for engine_id in conn.execute(dead_q, {"now_": now}).scalars().all():
                 out[engine_id] = self._void(conn, engine_id, now)
                 conn.execute(delete(engines).where(e.id == engine_id))
         return out

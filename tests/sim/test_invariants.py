@@ -1,0 +1,104 @@
+"""The simulation's checkers for SPEC 12.7, 12.9, 12.10 and SPEC 15 fire on the very act they forbid (issue 10).
+
+Each test builds a world, puts one instance record and the provider resources in the state the invariant is
+about, does the forbidden thing directly on the host model, and expects the named violation (and, for the
+allowed variant, none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+from sandkeep.engine.naming import METADATA_SANDBOX
+from sandkeep.sim.loop import VirtualLoop, run_virtual
+from sandkeep.sim.world import World, deterministic
+from sandkeep.store.records import InstanceRecord, Status
+
+APP = "sk-invariants"
+SBX = "sbx_invariants"
+
+
+def _in_world(body: Callable[[World], Awaitable[Any]]) -> list[str]:
+    async def main(loop: VirtualLoop) -> list[str]:
+        world = World(7, loop, {}, regions=["r1", "r2"])
+        await world.start()
+        try:
+            world.host.create_app({"app_name": APP})
+            await body(world)
+            return [v.invariant for v in world.violations]
+        finally:
+            await world.close()
+
+    with deterministic(7):
+        return run_virtual(main)
+
+
+def _insert(world: World, **fields: Any) -> InstanceRecord:
+    now = world.clock.now()
+    rec = InstanceRecord(id="ins_invariants", user_id="u1", sandbox_id=SBX, status=Status.STOPPED, created_at=now,
+                         updated_at=now, app_name=APP)
+    return world.sql.insert_instance(replace(rec, **fields))
+
+
+async def _volume(world: World, name: str = "data") -> str:
+    v = await world.host.create_volume(APP, {"name": name, "region": "r1", "size_gb": 1})
+    return str(v["id"])
+
+
+def test_deleting_the_current_volume_of_a_stopped_instance_is_original_volume_kept() -> None:
+    async def body(world: World) -> None:
+        vid = await _volume(world)
+        _insert(world, volume_id=vid, last_recovery_error="recovery timed out")
+        await world.host.delete_volume(APP, vid)
+
+    assert _in_world(body) == ["original_volume_kept"]
+
+
+def test_deleting_the_old_volume_during_a_recovery_is_allowed() -> None:
+    async def body(world: World) -> None:
+        vid = await _volume(world)
+        _insert(world, volume_id=vid, status=Status.RECOVERING)
+        await world.host.delete_volume(APP, vid)
+
+    assert _in_world(body) == []
+
+
+def test_deleting_a_flagged_volume_is_flagged_kept_unless_the_instance_is_destroyed() -> None:
+    async def body(world: World) -> None:
+        vid = await _volume(world)
+        _insert(world, flagged_volume_ids=[vid])
+        await world.host.delete_volume(APP, vid)
+
+    async def destroyed(world: World) -> None:
+        vid = await _volume(world)
+        _insert(world, flagged_volume_ids=[vid], status=Status.DESTROYING)
+        await world.host.delete_volume(APP, vid)
+
+    assert _in_world(body) == ["flagged_kept"]
+    assert _in_world(destroyed) == []
+
+
+def test_starting_on_an_empty_volume_while_the_old_one_holds_data_is_empty_volume_start() -> None:
+    async def body(world: World, *, with_data: bool) -> None:
+        old, new = await _volume(world, "old"), await _volume(world, "new")
+        if with_data:
+            data = world.host.volume_dir(world.host.volumes[old]) / "data"
+            data.mkdir(parents=True, exist_ok=True)
+            (data / "k1").write_bytes(b"v1")
+        _insert(world, volume_id=new, retained_volume_id=old)
+        await world.host.create_machine(APP, {"region": "r1", "config": {
+            "image": "sandkeep/gateway", "mounts": [{"volume": new, "path": "/data"}],
+            "metadata": {METADATA_SANDBOX: SBX}}})
+
+    assert _in_world(lambda w: body(w, with_data=True)) == ["empty_volume_start"]
+    assert _in_world(lambda w: body(w, with_data=False)) == []
+
+
+def test_traffic_to_a_fenced_machine_is_fenced_traffic() -> None:
+    async def body(world: World) -> None:
+        _insert(world, status=Status.RECOVERING, fenced_machine_id="m_fenced")
+        await world.gateway.get("/data/k1", headers={"fly-force-instance-id": "m_fenced"})
+
+    assert _in_world(body) == ["fenced_traffic"]
