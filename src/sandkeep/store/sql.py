@@ -47,7 +47,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    Integer,
     RowMapping,
     and_,
     bindparam,
