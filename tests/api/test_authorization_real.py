@@ -126,7 +126,7 @@ async def test_real_service_authorization(real: Real, route: tuple[str, str, str
         assert resp.status_code == 401, (name, who, resp.text)
         after = real.store.get_instance(target.id)
         assert after is not None and before is not None and after.version == before.version
-        assert real.provider.calls == [], (name, who, real.provider.calls)
+        assert real.model.requests == [], (name, who, real.model.requests)
     elif want in (403, 404):
         assert resp.status_code == want, (name, who, resp.text)
         after = real.store.get_instance(target.id)

@@ -1,4 +1,5 @@
-"""``POST /v1/gateway/heartbeat`` over HTTP against the real engine and store (issue 11, detection on Fly)."""
+"""``POST /v1/gateway/heartbeat`` over HTTP against the real engine and store (issue 11, detection on Fly), on the one
+provider model (tests/support/model.py) and its virtual clock."""
 
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ import httpx
 import pytest
 
 from sandkeep.api.app import create_app
-from sandkeep.clock import FakeClock
 from sandkeep.credentials import Credentials
 from sandkeep.engine.runtime import Engine
 from sandkeep.gateway import TOKEN_HEADER
 from sandkeep.gatewaybeat import BEAT_CHUNK, BeatTarget
 from sandkeep.runtime import Runtime
+from sandkeep.sim.loop import SimClock
 from sandkeep.store.records import InstanceRecord
 from sandkeep.store.sql import SqlStore, open_store
 from tests.dbsupport import sqlite_url
 from tests.engine.conftest import USER, engine_settings
-from tests.engine.fakes import FakeProber, FakeProvider
+from tests.support.model import Model, inline_threads, virtual_clock
 
 SECRET = "beat-test-secret-0123456789abcdefghijklmnop"
 URL = "/v1/gateway/heartbeat"
+# the machines' own gateways cannot reach sandkeep (nothing listens there): the tests send the beats
+BEAT_BASE = "http://127.0.0.1:1"
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Beats:
     client: httpx.AsyncClient
     engine: Engine
     store: SqlStore
-    clock: FakeClock
+    clock: SimClock
     record: InstanceRecord
     token: str
 
@@ -42,12 +45,21 @@ class Beats:
 
 
 @pytest.fixture()
-async def beats(tmp_path: Path) -> AsyncIterator[Beats]:
-    clock = FakeClock()
+async def model(tmp_path: Path) -> AsyncIterator[Model]:
+    """The provider model (a test that uses it runs on the virtual loop: see loop_factories)."""
+    m = Model(tmp_path / "host", virtual_clock())
+    try:
+        yield m
+    finally:
+        await m.close()
+
+
+@pytest.fixture()
+async def beats(tmp_path: Path, model: Model) -> AsyncIterator[Beats]:
+    clock = model.clock
     store = open_store(sqlite_url(tmp_path), clock)
-    provider = FakeProvider(clock)
-    settings = engine_settings(tmp_path, heartbeat_url="http://sandkeep.test", heartbeat_timeout=8.0)
-    engine = Engine(settings, store, provider, clock, worker_id="beats", prober=FakeProber(provider))
+    settings = engine_settings(tmp_path, heartbeat_url=BEAT_BASE, heartbeat_timeout=8.0)
+    engine = Engine(settings, store, model.client, clock, worker_id="beats", prober=model.prober)
     engine.service.wake = lambda _id: None
     created = await engine.service.create_instance(USER, user_id=USER.user_id)
     record = await engine.reconcile_now(created.id)
@@ -55,13 +67,14 @@ async def beats(tmp_path: Path) -> AsyncIterator[Beats]:
     token = engine.ctx.gateway_token(record)
     assert token
     runtime = Runtime(settings=settings, clock=clock, service=engine.service, jwt_secret=SECRET, data_dir=tmp_path,
-                      base_url="http://testserver", store=store, provider=provider, engine=engine,
+                      base_url="http://testserver", store=store, provider=model.client, engine=engine,
                       credentials=Credentials(store, SECRET, clock))
     app = create_app(runtime)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                                     base_url="http://testserver") as client:
-            yield Beats(client, engine, store, clock, record, token)
+        with inline_threads():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                         base_url="http://testserver") as client:
+                yield Beats(client, engine, store, clock, record, token)
     finally:
         await engine.stop()
         store.close()
@@ -104,7 +117,7 @@ async def test_a_stream_beats_per_line_and_its_end_asks_for_a_read(beats: Beats)
     written = beats.store.heartbeat_times([beats.record.id])[beats.record.id]
     # the ended stream is written as a beat already past the timeout: the engine reads the machine at once
     assert written < beats.clock.now() - timedelta(seconds=8)
-    beats.clock.advance(30)  # past the new machine's grace
+    await beats.clock.sleep(30)  # past the new machine's grace
     silent = beats.store.silent_instances(beats.clock.now() - timedelta(seconds=8))
     assert [s.instance_id for s in silent] == [beats.record.id]
 

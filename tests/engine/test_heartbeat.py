@@ -1,12 +1,14 @@
 """Detection on Fly (issue 11): gateway heartbeats, the targeted read after a missed beat, the paced backstop.
 
-Everything on the FakeClock and the fake provider: the tests call ``flush`` / ``check_once`` / ``poll_once``
-themselves, so nothing waits in real time.
+On the one provider model (tests/support/model.py) with Fly's capabilities (no change stream: the engine runs the
+monitor and the paced backstop listing), on virtual time. The machines' gateways cannot reach sandkeep (nothing
+listens at the beat URL): the tests beat for them and call ``flush`` / ``check_once`` / ``poll_once`` themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +24,24 @@ from sandkeep.engine.heartbeat import (
 )
 from sandkeep.engine.recovery import EVENT_STARTED
 from sandkeep.engine.runtime import Engine
+from sandkeep.sim.loop import SimClock
 from sandkeep.store.records import Status
 from tests.engine.conftest import ADMIN, Harness, engine_settings
-from tests.engine.fakes import FakeProber
+from tests.support.model import Model
 
-BEATS = {"heartbeat_url": "http://sandkeep.test", "heartbeat_interval": 3.0, "heartbeat_timeout": 8.0}
+# nothing listens there: a machine's beat stream is refused at once (no name to resolve, no wait)
+BEAT_BASE = "http://127.0.0.1:1"
+BEATS = {"heartbeat_url": BEAT_BASE, "heartbeat_interval": 3.0, "heartbeat_timeout": 8.0}
+
+
+@pytest.fixture()
+async def model(tmp_path: Path, sim_clock: SimClock) -> AsyncIterator[Model]:
+    """The provider model as Fly is: the client offers no change stream."""
+    m = Model(tmp_path / "host", sim_clock, watch=False)
+    try:
+        yield m
+    finally:
+        await m.close()
 
 
 @pytest.fixture()
@@ -51,14 +66,14 @@ async def beat(book: HeartbeatBook, h: Harness, instance_id: str) -> None:
 
 async def test_the_machine_gets_the_beat_url_interval_and_its_instance_id(hb: Harness) -> None:
     record = await hb.running()
-    env = hb.fake.machines[record.machine_id].config.env
-    assert env[URL_ENV] == "http://sandkeep.test/v1/gateway/heartbeat"
+    env = hb.model.config(record.machine_id)["env"]
+    assert env[URL_ENV] == BEAT_BASE + "/v1/gateway/heartbeat"
     assert env[INTERVAL_ENV] == "3" and env[INSTANCE_ENV] == record.id
 
 
 async def test_without_a_beat_url_machines_are_not_asked_to_beat(h: Harness) -> None:
     record = await h.running()
-    assert URL_ENV not in h.fake.machines[record.machine_id].config.env
+    assert URL_ENV not in h.model.config(record.machine_id)["env"]
     assert h.engine.monitor is None
 
 
@@ -114,16 +129,17 @@ async def test_a_rotated_token_is_refused_and_its_pending_beat_dropped(hb: Harne
 async def test_a_missed_beat_triggers_one_targeted_read_and_the_recovery(hb: Harness) -> None:
     record = await hb.running()
     monitor = monitor_of(hb)
-    hb.clock.advance(10)  # past the new machine's grace
+    await hb.pass_time(10)  # past the new machine's grace
     await beat(hb.engine.heartbeats, hb, record.id)
-    hb.clock.advance(5)
+    await hb.pass_time(5)
     assert await monitor.check_once() == 0 and monitor.reads == 0  # beat 5 s ago: nothing to read
-    hb.fake.crash(record.machine_id)
-    hb.clock.advance(4)  # 9 s of silence > the 8 s timeout
-    hb.fake.calls.clear()
+    await hb.model.crash(record.machine_id)
+    await hb.pass_time(4)  # 9 s of silence > the 8 s timeout
+    since = len(hb.model.requests)
     assert await monitor.check_once() == 1
     assert hb.woken == [record.id]
-    assert [c[0] for c in hb.fake.calls] == ["get_machine"]  # one targeted read, no listing
+    # one targeted read of the machine, no listing
+    assert hb.model.requests[since:] == [("GET", f"/v1/apps/{record.app_name}/machines/{record.machine_id}")]
     await hb.reconcile(record.id)
     assert EVENT_STARTED in hb.events(record.id)
 
@@ -131,13 +147,13 @@ async def test_a_missed_beat_triggers_one_targeted_read_and_the_recovery(hb: Har
 async def test_a_silent_machine_that_is_alive_is_not_read_again_at_once(hb: Harness) -> None:
     record = await hb.running()
     monitor = monitor_of(hb)
-    hb.clock.advance(10)
+    await hb.pass_time(10)
     await beat(hb.engine.heartbeats, hb, record.id)
-    hb.clock.advance(9)
+    await hb.pass_time(9)
     assert await monitor.check_once() == 0 and monitor.reads == 1  # started: not woken
-    hb.clock.advance(1)
+    await hb.pass_time(1)
     assert await monitor.check_once() == 0 and monitor.reads == 1  # backed off: no second read yet
-    hb.clock.advance(20)
+    await hb.pass_time(20)
     await monitor.check_once()
     assert monitor.reads == 2 and hb.woken == []
 
@@ -145,10 +161,10 @@ async def test_a_silent_machine_that_is_alive_is_not_read_again_at_once(hb: Harn
 async def test_an_ended_stream_is_read_without_waiting_for_the_timeout(hb: Harness) -> None:
     record = await hb.running()
     monitor = monitor_of(hb)
-    hb.clock.advance(70)  # past the monitor's start-up grace
+    await hb.pass_time(70)  # past the monitor's start-up grace
     book = hb.engine.heartbeats
     await beat(book, hb, record.id)
-    hb.fake.crash(record.machine_id)
+    await hb.model.crash(record.machine_id)
     book.stream_closed(record.id)  # the machine's connection dropped
     await book.flush()
     assert await monitor.check_once() == 1  # no clock advance: the close is the signal
@@ -156,7 +172,7 @@ async def test_an_ended_stream_is_read_without_waiting_for_the_timeout(hb: Harne
 
 
 async def test_a_new_machine_gets_the_timeout_to_send_its_first_beat(hb: Harness) -> None:
-    hb.clock.advance(70)  # past the monitor's start-up grace
+    await hb.pass_time(70)  # past the monitor's start-up grace
     record = await hb.running()
     monitor = monitor_of(hb)
     book = hb.engine.heartbeats
@@ -169,10 +185,10 @@ async def test_a_new_machine_gets_the_timeout_to_send_its_first_beat(hb: Harness
 async def test_an_instance_that_never_beat_is_left_to_the_backstop_listing(hb: Harness) -> None:
     beating, silent = await hb.running(), await hb.running()
     monitor = monitor_of(hb)
-    hb.clock.advance(10)
+    await hb.pass_time(10)
     await beat(hb.engine.heartbeats, hb, beating.id)
-    hb.fake.crash(silent.machine_id)
-    hb.clock.advance(1)
+    await hb.model.crash(silent.machine_id)
+    await hb.pass_time(1)
     assert await monitor.check_once() == 0 and monitor.reads == 0  # it never beat: not the monitor's
     detector = hb.engine.detector
     assert isinstance(detector, BackstopDetector)
@@ -182,7 +198,7 @@ async def test_an_instance_that_never_beat_is_left_to_the_backstop_listing(hb: H
     assert hb.woken == [silent.id]
 
 
-def test_the_backstop_lists_unbeaten_apps_first_then_a_rotating_slice(hb: Harness) -> None:
+async def test_the_backstop_lists_unbeaten_apps_first_then_a_rotating_slice(hb: Harness) -> None:
     detector = hb.engine.detector
     assert isinstance(detector, BackstopDetector)
     now = hb.clock.now()
@@ -203,19 +219,19 @@ def _rec(instance_id: str, app: str) -> Any:
 async def test_beats_taken_by_an_api_process_reach_an_engine_through_the_database(
         hb: Harness, tmp_path: Any) -> None:
     record = await hb.running()
-    api = Engine(engine_settings(tmp_path, secrets_key=hb.engine.settings.secrets_key, **BEATS), hb.store, hb.fake,
-                 hb.clock, worker_id="api", role="api", prober=FakeProber(hb.fake))
+    api = Engine(engine_settings(tmp_path, secrets_key=hb.engine.settings.secrets_key, **BEATS), hb.store,
+                 hb.model.client, hb.clock, worker_id="api", role="api", prober=hb.model.prober)
     try:
         await api.start()
         assert not api.started  # an API-only process runs no monitor, no reconcile
         monitor = monitor_of(hb)  # the engine's
-        hb.clock.advance(10)
+        await hb.pass_time(10)
         await beat(api.heartbeats, hb, record.id)  # the beat lands on the API process
         assert hb.engine.heartbeats.age(record.id) is None  # the engine never saw it in memory
-        hb.clock.advance(5)
+        await hb.pass_time(5)
         assert await monitor.check_once() == 0 and monitor.reads == 0  # the database says it beat 5 s ago
-        hb.fake.crash(record.machine_id)
-        hb.clock.advance(5)
+        await hb.model.crash(record.machine_id)
+        await hb.pass_time(5)
         assert await monitor.check_once() == 1 and hb.woken == [record.id]
     finally:
         await api.stop()
@@ -224,19 +240,16 @@ async def test_beats_taken_by_an_api_process_reach_an_engine_through_the_databas
 async def test_a_recovered_instance_is_watched_on_its_new_machine(hb: Harness) -> None:
     record = await hb.running()
     monitor = monitor_of(hb)
-    hb.clock.advance(10)
+    await hb.pass_time(10)
     await beat(hb.engine.heartbeats, hb, record.id)
-    hb.fake.crash(record.machine_id)
-    hb.clock.advance(9)
+    await hb.model.crash(record.machine_id)
+    await hb.pass_time(9)
     assert await monitor.check_once() == 1
     for _ in range(10):
         current = await hb.reconcile(record.id)
         if current.status == Status.RUNNING and current.machine_id != record.machine_id:
             break
-        hb.clock.advance(5)
-        for m in hb.fake.machines.values():
-            if m.state == "starting":
-                hb.fake.finish_boot(m.id)
+        await hb.pass_time(5)
     current = hb.get(record.id)
     assert current.status == Status.RUNNING and current.machine_id != record.machine_id
     assert await monitor.check_once() == 0  # the new machine is within its first-beat grace
@@ -246,12 +259,12 @@ async def test_silence_from_before_an_engine_started_waits_for_the_senders_to_re
         make_harness: Callable[..., Harness]) -> None:
     first = make_harness(**BEATS)
     record = await first.running()
-    first.clock.advance(10)
+    await first.pass_time(10)
     await beat(first.engine.heartbeats, first, record.id)
-    first.clock.advance(30)  # sandkeep was down: nothing beat for 30 s
+    await first.pass_time(30)  # sandkeep was down: nothing beat for 30 s
     restarted = make_harness(**BEATS)  # a new engine process
     monitor = monitor_of(restarted)
     assert await monitor.check_once() == 0 and monitor.reads == 0  # its senders may still be reconnecting
-    first.fake.crash(record.machine_id)
-    first.clock.advance(monitor.grace.total_seconds())
+    await first.model.crash(record.machine_id)
+    await first.pass_time(monitor.grace.total_seconds())
     assert await monitor.check_once() == 1 and restarted.woken == [record.id]

@@ -128,24 +128,36 @@ class Recorder:
         return [r for r in self.requests if r[0] != "GET"]
 
 
+class FlyClient(MachinesClient):
+    """The real client as it is on Fly: no change stream (the local host's ``/_local/watch`` is not used), so an
+    engine detects stops as it does on Fly (the per-app listing; with heartbeats, the paced backstop)."""
+
+    @property
+    def supports_watch(self) -> bool:
+        return False
+
+
 class Model:
     """The host model, its fault rules, a real client and a real gateway prober, on ``clock``.
+
+    ``watch=False`` gives the client Fly's capabilities (:class:`FlyClient`: no change stream).
 
     ``boot`` decides how the machines launched from now on behave (the image's own behaviour on a simulated
     machine): ``"ok"``; ``"fail"`` (the process exits before it is ready: the machine ends ``failed``, as
     ``sandkeep/crashy`` does); ``"sick"`` (it boots, but its gateway answers ``/health`` with 503)."""
 
     def __init__(self, data_dir: Path, clock: SimClock, *, regions: tuple[str, ...] = REGIONS,
-                 seed: int = 10) -> None:
+                 seed: int = 10, watch: bool = True) -> None:
         self.clock = clock
         self.host = Host(HostOptions(data_dir=data_dir, regions=list(regions), machines="sim", seed=seed,
                                      destroyed_retention=0.0, hosts_per_region=2), clock)
         self.host.load()
         self.faults = Faults(seed=seed)
         self.recorder = Recorder(HostAPI(self.host, "model-token", self.faults).app())
-        self.client = MachinesClient(API_URL, "model-token", proxy_url=PROXY_URL, clock=clock,
-                                     transport=httpx.ASGITransport(app=self.recorder),  # type: ignore[arg-type]
-                                     rng=random.Random(f"client-{seed}"))
+        client_class = MachinesClient if watch else FlyClient
+        self.client = client_class(API_URL, "model-token", proxy_url=PROXY_URL, clock=clock,
+                                   transport=httpx.ASGITransport(app=self.recorder),  # type: ignore[arg-type]
+                                   rng=random.Random(f"client-{seed}"))
         proxy = _sim_proxy(self.host)
         self.prober = GatewayProber(self.client, transport=proxy)
         self.gateway = httpx.AsyncClient(base_url=PROXY_URL, transport=proxy)
