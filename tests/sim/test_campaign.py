@@ -71,3 +71,14 @@ def test_seed_51_a_flagged_old_volume_is_named_by_its_record() -> None:
     result = run_seed(51, small=True)
     assert result.ok, result.violations
     assert any("instance.old_volume_flagged" in line for line in result.trace), "the seed still flags a volume"
+
+
+def test_seed_187_a_restore_of_an_empty_snapshot_is_the_recovery_point() -> None:
+    """Regression (small seed 187, false ``empty_volume_start``): a user snapshot taken before any write, data
+    written, then the volume's region dies; the recovery restores the newest snapshot (SPEC 7.2.3 "beyond the
+    origin", data loss recorded, old volume flagged). The restored volume is empty while the flagged old one holds
+    data: the checker now counts a restore of the instance's own snapshot as its recovery point (the checker
+    test is tests/sim/test_invariants.py)."""
+    result = run_seed(187, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"

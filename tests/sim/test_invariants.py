@@ -96,6 +96,28 @@ def test_starting_on_an_empty_volume_while_the_old_one_holds_data_is_empty_volum
     assert _in_world(lambda w: body(w, with_data=False)) == []
 
 
+def test_starting_on_a_restore_of_its_own_empty_snapshot_is_not_empty_volume_start() -> None:
+    """Small seed 187: a snapshot taken before any write, then data written, then the host dies: the restore of
+    the newest snapshot (SPEC 7.2.3, 15; data loss recorded, old volume flagged) is empty while the old volume
+    holds data. That is the recovery point, not a blank volume; a blank volume, or a restore of a snapshot that
+    is not the instance's own, still fires."""
+    async def body(world: World, *, own: bool) -> None:
+        old, other = await _volume(world, "old"), await _volume(world, "other")
+        snap = await world.host.create_snapshot(APP, old if own else other)  # taken while empty
+        data = world.host.volume_dir(world.host.volumes[old]) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "k1").write_bytes(b"v1")
+        restored = await world.host.create_volume(APP, {"name": "old", "region": "r1", "size_gb": 1,
+                                                        "snapshot_id": snap["id"]})
+        _insert(world, volume_id=old, pending_recovery_volume_id=restored["id"], status=Status.RECOVERING)
+        await world.host.create_machine(APP, {"region": "r1", "config": {
+            "image": "sandkeep/gateway", "mounts": [{"volume": restored["id"], "path": "/data"}],
+            "metadata": {METADATA_SANDBOX: SBX}}})
+
+    assert _in_world(lambda w: body(w, own=True)) == []
+    assert _in_world(lambda w: body(w, own=False)) == ["empty_volume_start"]
+
+
 def test_traffic_to_a_fenced_machine_is_fenced_traffic() -> None:
     async def body(world: World) -> None:
         _insert(world, status=Status.RECOVERING, fenced_machine_id="m_fenced")
