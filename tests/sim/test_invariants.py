@@ -7,12 +7,14 @@ allowed variant, none).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from sandkeep.engine.naming import METADATA_SANDBOX
 from sandkeep.sim.loop import VirtualLoop, run_virtual
+from sandkeep.sim.scenario import Scenario, pick_profile, unnamed_volumes
 from sandkeep.sim.world import World, deterministic
 from sandkeep.store.records import InstanceRecord, Status
 
@@ -20,9 +22,9 @@ APP = "sk-invariants"
 SBX = "sbx_invariants"
 
 
-def _in_world(body: Callable[[World], Awaitable[Any]]) -> list[str]:
+def _in_world(body: Callable[[World], Awaitable[Any]], settings: dict[str, Any] | None = None) -> list[str]:
     async def main(loop: VirtualLoop) -> list[str]:
-        world = World(7, loop, {}, regions=["r1", "r2"])
+        world = World(7, loop, settings or {}, regions=["r1", "r2"])
         await world.start()
         try:
             world.host.create_app({"app_name": APP})
@@ -124,3 +126,28 @@ def test_traffic_to_a_fenced_machine_is_fenced_traffic() -> None:
         await world.gateway.get("/data/k1", headers={"fly-force-instance-id": "m_fenced"})
 
     assert _in_world(body) == ["fenced_traffic"]
+
+
+def test_an_orphan_volume_within_its_grace_holds_the_settle_and_is_a_leak_only_after_it() -> None:
+    """Small seed 149 (on d0b89c5): a wall-clock step let a second controller take the lease while the first was
+    forking; the first's fork could not be persisted (fenced) and the second forked again. The first fork is an
+    orphan (SPEC 15: deleted by the inventory after ``orphan_grace``), not yet a leak: the settle waits for the
+    inventory's grace and two of its passes, and only a volume still unnamed after that is ``volume_leak``."""
+    seen: list[tuple[list[str], bool]] = []
+
+    async def body(world: World) -> None:
+        vid, orphan = await _volume(world), await _volume(world)
+        _insert(world, volume_id=vid, status=Status.RUNNING)
+        profile = pick_profile(random.Random(0), small=True)
+        sc = Scenario(world, random.Random(0), profile)
+        seen.append((unnamed_volumes(world, world.records()), sc.settled(0.0)))
+        s = world.settings
+        await world.clock.sleep(s.orphan_grace + s.inventory_interval)
+        seen.append((unnamed_volumes(world, world.records()), sc.settled(0.0)))
+        await world.clock.sleep(s.inventory_interval + 1.0)
+        seen.append((unnamed_volumes(world, world.records()), sc.settled(0.0)))
+        await sc.check_end()
+        assert orphan in seen[0][0] and vid not in seen[0][0]
+
+    assert _in_world(body, {"orphan_grace": 600.0, "inventory_interval": 3600.0}) == ["volume_leak"]
+    assert [settled for _, settled in seen] == [False, False, True]
