@@ -16,7 +16,7 @@ from sandkeep.engine.naming import METADATA_SANDBOX
 from sandkeep.sim.loop import VirtualLoop, run_virtual
 from sandkeep.sim.scenario import Scenario, pick_profile, unnamed_volumes
 from sandkeep.sim.world import World, deterministic
-from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.records import EventRecord, InstanceRecord, Status
 
 APP = "sk-invariants"
 SBX = "sbx_invariants"
@@ -151,3 +151,27 @@ def test_an_orphan_volume_within_its_grace_holds_the_settle_and_is_a_leak_only_a
 
     assert _in_world(body, {"orphan_grace": 600.0, "inventory_interval": 3600.0}) == ["volume_leak"]
     assert [settled for _, settled in seen] == [False, False, True]
+
+
+def test_a_loss_recorded_after_a_write_excuses_it_whichever_way_the_wall_clock_stepped() -> None:
+    """Small seed 362 (on d0b89c5, false ``data_lost``): a write, then a snapshot restore that loses it (recorded),
+    then the wall clock steps +120 s. The end check converted the restore event's wall time to simulated time with
+    the offset after the step and placed the restore before the write. Writes now carry how many losses had been
+    recorded when they were sent; a later count excuses them, whatever the clock did."""
+    counts: list[int] = []
+
+    async def body(world: World) -> None:
+        rec = _insert(world, status=Status.RUNNING)
+        sc = Scenario(world, random.Random(0), pick_profile(random.Random(0), small=True))
+        counts.append(sc.losses(rec.id))  # when the write is sent
+        await world.clock.sleep(50.0)
+        world.sql.add_event(EventRecord(event="instance.restored_from_snapshot", instance_id=rec.id,
+                                        at=world.clock.now()))
+        world.sql.add_event(EventRecord(event="instance.started", instance_id=rec.id, at=world.clock.now()))
+        for step in (120.0, -30.0):
+            world.clock.jump(step)
+            await world.clock.sleep(60.0)
+            counts.append(sc.losses(rec.id))
+
+    assert _in_world(body) == []
+    assert counts == [0, 1, 1]
