@@ -82,3 +82,14 @@ def test_seed_187_a_restore_of_an_empty_snapshot_is_the_recovery_point() -> None
     result = run_seed(187, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
     assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"
+
+
+def test_seed_399_a_fenced_machine_on_a_dead_host_is_never_adopted_as_an_orphan() -> None:
+    """Regression (small seed 399, ``fenced_traffic``): a recovery failed (source host dead, no snapshot) with the
+    old machine fenced; the stopped instance's next pass adopted that machine (still `started` on the dead host)
+    as an orphan and the gateway routed a write to it. Now only the fence decides about it: once the host answers
+    the stopped instance adopts it as the returned machine. The test that fails without the fix is
+    tests/engine/test_decisions_deadhost.py::test_the_fenced_machine_is_never_adopted_as_an_orphan_while_its_host_is_dead."""
+    result = run_seed(399, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("reconcile.adopt_returned_machine" in line for line in result.trace), "the seed still fences"
