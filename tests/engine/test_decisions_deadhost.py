@@ -239,6 +239,22 @@ def test_a_stopped_instance_still_on_the_old_volume_adopts_the_returning_machine
     assert not any(isinstance(a, DestroyMachine) for a in actions)
 
 
+@pytest.mark.parametrize("status", [Status.STOPPED, Status.STARTING])
+def test_the_fenced_machine_is_never_adopted_as_an_orphan_while_its_host_is_dead(status: Status) -> None:
+    """Small seed 399: a recovery failed (the source's host dead, no snapshot), leaving the instance stopped with
+    the old machine fenced; the next pass adopted that machine (still `started` on the dead host) as an orphan
+    and the gateway routed to it (SPEC 15: a fenced machine never receives traffic)."""
+    rec = make_record(status, "fresh", machine_id=None, fenced_machine_id="m0")
+    dead = Machine(id="m0", state="started", region="lcl-a", host_status="unreachable",
+                   config=build_machine_config(rec, volume_id="v1", secrets={}, gateway_port=8080))
+    obs = Observed()
+    obs.fenced_machine = dead
+    obs.owned_machines = [dead]
+    actions = decide(rec, obs, SETTINGS, NOW)
+    assert changes_of(actions).get("machine_id") != "m0"
+    assert "reconcile.adopt_orphan_machine" not in events_of(actions)
+
+
 def test_flagged_volumes_are_never_touched_by_housekeeping_even_years_later() -> None:
     rec = make_record(Status.RUNNING, "overdue", flagged_volume_ids=["v0"], volume_id="v1")
     obs = obs_for(rec)

@@ -71,3 +71,25 @@ def test_seed_51_a_flagged_old_volume_is_named_by_its_record() -> None:
     result = run_seed(51, small=True)
     assert result.ok, result.violations
     assert any("instance.old_volume_flagged" in line for line in result.trace), "the seed still flags a volume"
+
+
+def test_seed_187_a_restore_of_an_empty_snapshot_is_the_recovery_point() -> None:
+    """Regression (small seed 187, false ``empty_volume_start``): a user snapshot taken before any write, data
+    written, then the volume's region dies; the recovery restores the newest snapshot (SPEC 7.2.3 "beyond the
+    origin", data loss recorded, old volume flagged). The restored volume is empty while the flagged old one holds
+    data: the checker now counts a restore of the instance's own snapshot as its recovery point (the checker
+    test is tests/sim/test_invariants.py)."""
+    result = run_seed(187, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"
+
+
+def test_seed_399_a_fenced_machine_on_a_dead_host_is_never_adopted_as_an_orphan() -> None:
+    """Regression (small seed 399, ``fenced_traffic``): a recovery failed (source host dead, no snapshot) with the
+    old machine fenced; the stopped instance's next pass adopted that machine (still `started` on the dead host)
+    as an orphan and the gateway routed a write to it. Now only the fence decides about it: once the host answers
+    the stopped instance adopts it as the returned machine. The test that fails without the fix is
+    tests/engine/test_decisions_deadhost.py::test_the_fenced_machine_is_never_adopted_as_an_orphan_while_its_host_is_dead."""
+    result = run_seed(399, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("reconcile.adopt_returned_machine" in line for line in result.trace), "the seed still fences"

@@ -7,22 +7,24 @@ allowed variant, none).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from sandkeep.engine.naming import METADATA_SANDBOX
 from sandkeep.sim.loop import VirtualLoop, run_virtual
+from sandkeep.sim.scenario import Scenario, pick_profile, unnamed_volumes
 from sandkeep.sim.world import World, deterministic
-from sandkeep.store.records import InstanceRecord, Status
+from sandkeep.store.records import EventRecord, InstanceRecord, Status
 
 APP = "sk-invariants"
 SBX = "sbx_invariants"
 
 
-def _in_world(body: Callable[[World], Awaitable[Any]]) -> list[str]:
+def _in_world(body: Callable[[World], Awaitable[Any]], settings: dict[str, Any] | None = None) -> list[str]:
     async def main(loop: VirtualLoop) -> list[str]:
-        world = World(7, loop, {}, regions=["r1", "r2"])
+        world = World(7, loop, settings or {}, regions=["r1", "r2"])
         await world.start()
         try:
             world.host.create_app({"app_name": APP})
@@ -96,9 +98,80 @@ def test_starting_on_an_empty_volume_while_the_old_one_holds_data_is_empty_volum
     assert _in_world(lambda w: body(w, with_data=False)) == []
 
 
+def test_starting_on_a_restore_of_its_own_empty_snapshot_is_not_empty_volume_start() -> None:
+    """Small seed 187: a snapshot taken before any write, then data written, then the host dies: the restore of
+    the newest snapshot (SPEC 7.2.3, 15; data loss recorded, old volume flagged) is empty while the old volume
+    holds data. That is the recovery point, not a blank volume; a blank volume, or a restore of a snapshot that
+    is not the instance's own, still fires."""
+    async def body(world: World, *, own: bool) -> None:
+        old, other = await _volume(world, "old"), await _volume(world, "other")
+        snap = await world.host.create_snapshot(APP, old if own else other)  # taken while empty
+        data = world.host.volume_dir(world.host.volumes[old]) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "k1").write_bytes(b"v1")
+        restored = await world.host.create_volume(APP, {"name": "old", "region": "r1", "size_gb": 1,
+                                                        "snapshot_id": snap["id"]})
+        _insert(world, volume_id=old, pending_recovery_volume_id=restored["id"], status=Status.RECOVERING)
+        await world.host.create_machine(APP, {"region": "r1", "config": {
+            "image": "sandkeep/gateway", "mounts": [{"volume": restored["id"], "path": "/data"}],
+            "metadata": {METADATA_SANDBOX: SBX}}})
+
+    assert _in_world(lambda w: body(w, own=True)) == []
+    assert _in_world(lambda w: body(w, own=False)) == ["empty_volume_start"]
+
+
 def test_traffic_to_a_fenced_machine_is_fenced_traffic() -> None:
     async def body(world: World) -> None:
         _insert(world, status=Status.RECOVERING, fenced_machine_id="m_fenced")
         await world.gateway.get("/data/k1", headers={"fly-force-instance-id": "m_fenced"})
 
     assert _in_world(body) == ["fenced_traffic"]
+
+
+def test_an_orphan_volume_within_its_grace_holds_the_settle_and_is_a_leak_only_after_it() -> None:
+    """Small seed 149 (on d0b89c5): a wall-clock step let a second controller take the lease while the first was
+    forking; the first's fork could not be persisted (fenced) and the second forked again. The first fork is an
+    orphan (SPEC 15: deleted by the inventory after ``orphan_grace``), not yet a leak: the settle waits for the
+    inventory's grace and two of its passes, and only a volume still unnamed after that is ``volume_leak``."""
+    seen: list[tuple[list[str], bool]] = []
+
+    async def body(world: World) -> None:
+        vid, orphan = await _volume(world), await _volume(world)
+        _insert(world, volume_id=vid, status=Status.RUNNING)
+        profile = pick_profile(random.Random(0), small=True)
+        sc = Scenario(world, random.Random(0), profile)
+        seen.append((unnamed_volumes(world, world.records()), sc.settled(0.0)))
+        s = world.settings
+        await world.clock.sleep(s.orphan_grace + s.inventory_interval)
+        seen.append((unnamed_volumes(world, world.records()), sc.settled(0.0)))
+        await world.clock.sleep(s.inventory_interval + 1.0)
+        seen.append((unnamed_volumes(world, world.records()), sc.settled(0.0)))
+        await sc.check_end()
+        assert orphan in seen[0][0] and vid not in seen[0][0]
+
+    assert _in_world(body, {"orphan_grace": 600.0, "inventory_interval": 3600.0}) == ["volume_leak"]
+    assert [settled for _, settled in seen] == [False, False, True]
+
+
+def test_a_loss_recorded_after_a_write_excuses_it_whichever_way_the_wall_clock_stepped() -> None:
+    """Small seed 362 (on d0b89c5, false ``data_lost``): a write, then a snapshot restore that loses it (recorded),
+    then the wall clock steps +120 s. The end check converted the restore event's wall time to simulated time with
+    the offset after the step and placed the restore before the write. Writes now carry how many losses had been
+    recorded when they were sent; a later count excuses them, whatever the clock did."""
+    counts: list[int] = []
+
+    async def body(world: World) -> None:
+        rec = _insert(world, status=Status.RUNNING)
+        sc = Scenario(world, random.Random(0), pick_profile(random.Random(0), small=True))
+        counts.append(sc.losses(rec.id))  # when the write is sent
+        await world.clock.sleep(50.0)
+        world.sql.add_event(EventRecord(event="instance.restored_from_snapshot", instance_id=rec.id,
+                                        at=world.clock.now()))
+        world.sql.add_event(EventRecord(event="instance.started", instance_id=rec.id, at=world.clock.now()))
+        for step in (120.0, -30.0):
+            world.clock.jump(step)
+            await world.clock.sleep(60.0)
+            counts.append(sc.losses(rec.id))
+
+    assert _in_world(body) == []
+    assert counts == [0, 1, 1]

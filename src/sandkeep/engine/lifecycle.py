@@ -62,7 +62,9 @@ def _needs_update(record: InstanceRecord, machine: Machine) -> bool:
 
 
 def _pick_owned(record: InstanceRecord, obs: Observed) -> Machine | None:
-    owned = [m for m in obs.owned_machines if m.state not in GONE_STATES]
+    # never the fenced old machine of a dead host (SPEC 15: no traffic; only the fence decides about it, once its
+    # host answers)
+    owned = [m for m in obs.owned_machines if m.state not in GONE_STATES and m.id != record.fenced_machine_id]
     if not owned:
         return None
     on_volume = [m for m in owned if record.volume_id and record.volume_id in m.volume_ids]

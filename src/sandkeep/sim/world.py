@@ -356,16 +356,22 @@ class World:
 
     def _check_start_volume(self, m: dict[str, Any]) -> None:
         """SPEC 12.10: a machine of an instance starts on an empty volume only when no volume of its own holds
-        data (its current, retained, flagged and pending recovery volumes)."""
+        data (its current, retained, flagged and pending recovery volumes). A volume restored from a snapshot of
+        one of those volumes is not an empty volume in that sense even when the snapshot held nothing: it is the
+        instance's data at its recovery point (SPEC 7.2.3 "beyond the origin", 15; the loss is recorded and the
+        old volume is flagged, invariant 9)."""
         sbx = ((m.get("config") or {}).get("metadata") or {}).get(METADATA_SANDBOX)
         mounted = self.host._mounted_volume(m)
         if not sbx or mounted is None or sbx.startswith(FOREIGN_PREFIX) or self._volume_has_data(mounted):
             return
+        snapshot = self.host.snapshots.get(str(mounted.get("snapshot_id") or ""))
         for rec in self.records():
             if rec.sandbox_id != sbx:
                 continue
-            for vid in (rec.volume_id, rec.retained_volume_id, rec.pending_recovery_volume_id,
-                        *rec.flagged_volume_ids):
+            own = (rec.volume_id, rec.retained_volume_id, rec.pending_recovery_volume_id, *rec.flagged_volume_ids)
+            if snapshot is not None and snapshot.get("volume_id") in own:
+                return  # a restore of its own snapshot: the recovery point, not a blank volume
+            for vid in own:
                 v = self.host.volumes.get(vid) if vid else None
                 if v is not None and vid != mounted["id"] and self._volume_has_data(v):
                     self.violate("empty_volume_start", f"machine {m['id']} of {rec.id} starts on empty volume "
