@@ -57,10 +57,15 @@ class Rig:
     def events(self, instance_id: str) -> list[str]:
         return [e.event for e in reversed(self.store.list_events(instance_id=instance_id, limit=1000).items)]
 
-    def event(self, instance_id: str, name: str) -> Any:
-        items = self.store.list_events(instance_id=instance_id, name=name, limit=5).items
-        assert items, f"no {name} event; events: {self.events(instance_id)}"
-        return items[0]
+    async def event(self, instance_id: str, name: str, timeout: float = 30.0) -> Any:
+        """The newest ``name`` event of the instance, waited for: the engine writes events on its store thread,
+        after the record write a test may already have seen."""
+        async def check() -> Any:
+            items = self.store.list_events(instance_id=instance_id, name=name, limit=5).items
+            return items[0] if items else None
+
+        return await async_wait_until(check, timeout=timeout,
+                                      message=f"a {name} event (events: {self.events(instance_id)})")
 
     async def wait_status(self, instance_id: str, *statuses: str, timeout: float = 60.0) -> InstanceRecord:
         async def check() -> InstanceRecord | None:

@@ -124,11 +124,11 @@ async def test_dead_host_restores_newest_snapshot_fences_old_machine_and_flags_o
             assert final.volume_id != rec.volume_id
             assert final.flagged_volume_ids == [rec.volume_id]
             assert final.incident_note and "snapshot" in final.incident_note
+            done = await r.event(rec.id, "instance.unexpected_stop_recovery_succeeded")  # the last of these
             events = r.events(rec.id)
             assert "instance.host_unreachable" in events and "instance.old_volume_flagged" in events
-            restored = r.event(rec.id, "instance.restored_from_snapshot")
+            restored = await r.event(rec.id, "instance.restored_from_snapshot")
             assert restored.details["recovery_point"]
-            done = r.event(rec.id, "instance.unexpected_stop_recovery_succeeded")
             assert done.details["old_volume"] == "flagged" and done.details["recovery_point"]
             before = await r.gateway(final, "GET", "/data/before")
             assert before.status_code == 200 and before.content == b"in the snapshot"
@@ -303,7 +303,7 @@ async def test_orphan_inventory_deletes_only_our_unreferenced_resources_after_th
         assert leftover not in vols and machines.get(stray) in (None, "destroyed")
         assert {rec.volume_id, foreign, guarded} <= vols  # ours in use, foreign, and the refused one
         assert machines.get(other) not in (None, "destroyed") and machines[rec.machine_id] == "started"
-        refused = r.event(rec.id, "reconcile.orphan_delete_refused")
+        refused = await r.event(rec.id, "reconcile.orphan_delete_refused")
         assert refused.details["resource_id"] == guarded and "sbx_foreign" in (refused.error or "")
         assert r.get(rec.id).status == Status.RUNNING
         assert {o.resource_id for o in r.store.list_orphans()} == {guarded}  # the refused one stays listed
@@ -426,7 +426,7 @@ async def test_dead_host_restore_is_sized_from_the_snapshots_source(tmp_path: Pa
             final = await r.wait_recovered(rec)
         vols = {v["id"]: v for v in await r.volumes(app)}
         assert vols[final.volume_id]["size_gb"] >= 3
-        assert r.event(rec.id, "instance.restored_from_snapshot").details["snapshot_volume_size"]
+        assert (await r.event(rec.id, "instance.restored_from_snapshot")).details["snapshot_volume_size"]
         got = await r.gateway(final, "GET", "/data/kept")
         assert got.status_code == 200 and got.content == b"before the snapshot"
 

@@ -86,10 +86,10 @@ async def test_relocation_keeps_data_and_excludes_old_region(tmp_path: Path, hos
         assert vols == {final.volume_id}  # no snapshots: the old volume was deleted at once
         started = [m["id"] for m in await r.machines(rec.app_name) if m["state"] == "started"]
         assert started == [final.machine_id]  # §12.2
-        begin = r.event(rec.id, "instance.unexpected_stop_recovery_started")
+        begin = await r.event(rec.id, "instance.unexpected_stop_recovery_started")
         assert begin.label == "alarm_stopped"
         assert "detection_latency_ms" in begin.details
-        done = r.event(rec.id, "instance.unexpected_stop_recovery_succeeded")
+        done = await r.event(rec.id, "instance.unexpected_stop_recovery_succeeded")
         assert done.details["old_volume"] == "deleted" and done.details["gateway_healthy"] is True
         assert r.engine.detector.woken >= 1  # the host's watch stream woke it
 
@@ -155,7 +155,7 @@ async def test_replacement_gone_stops_and_deletes_pending_volume(tmp_path: Path,
         assert final.last_recovery_error and "gone" in final.last_recovery_error
         assert final.last_recovery_error_at is not None
         assert final.pending_recovery_volume_id is None
-        assert r.event(rec.id, "instance.unexpected_stop_recovery_failed").label == "alarm_machine_gone"
+        assert (await r.event(rec.id, "instance.unexpected_stop_recovery_failed")).label == "alarm_machine_gone"
         vols = {v["id"] for v in await r.volumes(rec.app_name)}
         assert vols == {rec.volume_id}  # pending deleted, the original kept (§12.7)
         assert final.volume_id == rec.volume_id
@@ -171,7 +171,7 @@ async def test_replacement_stopped_means_stopped(tmp_path: Path, quick_host: Hos
         await async_wait_until(lambda: _state(r, mid, "stopped"), timeout=30, message="replacement stopped")
         final = await r.engine.reconcile_now(rec.id)
         assert final is not None and final.status == Status.STOPPED
-        assert r.event(rec.id, "instance.unexpected_stop_recovery_failed").label == "alarm_stopped"
+        assert (await r.event(rec.id, "instance.unexpected_stop_recovery_failed")).label == "alarm_stopped"
         assert {v["id"] for v in await r.volumes(rec.app_name)} == {rec.volume_id}
 
 
@@ -184,7 +184,7 @@ async def test_replacement_failed_means_stopped(tmp_path: Path, host_session: Ho
         r.store.release(r.get(rec.id), "t")
         await r.crash(rec)
         final = await r.wait_for(rec.id, lambda x: x.status == "stopped", "stopped")
-        failed = r.event(rec.id, "instance.unexpected_stop_recovery_failed")
+        failed = await r.event(rec.id, "instance.unexpected_stop_recovery_failed")
         assert failed.label == "alarm_failed", r.events(rec.id)
         assert final.last_recovery_error
         assert {v["id"] for v in await r.volumes(rec.app_name)} == {rec.volume_id}
@@ -200,7 +200,7 @@ async def test_recovery_timeout_stops_with_timed_out(tmp_path: Path, quick_host:
         final = await r.engine.reconcile_now(rec.id)
         assert final is not None and final.status == Status.STOPPED
         assert final.last_recovery_error and "timed out" in final.last_recovery_error
-        assert r.event(rec.id, "instance.unexpected_stop_recovery_failed").label == "alarm_timeout"
+        assert (await r.event(rec.id, "instance.unexpected_stop_recovery_failed")).label == "alarm_timeout"
         machines = {m["id"]: m["state"] for m in await r.machines(rec.app_name)}
         assert mid.machine_id not in machines  # the replacement was destroyed
         assert {v["id"] for v in await r.volumes(rec.app_name)} == {rec.volume_id}
@@ -268,7 +268,7 @@ async def test_admin_cleanup_clears_both_fields(tmp_path: Path, host_session: Ho
         after = r.get(rec.id)
         assert after.retained_volume_id is None and after.retained_volume_cleanup_after is None
         assert {v["id"] for v in await r.volumes(rec.app_name)} == {final.volume_id}  # §12.3
-        assert r.event(rec.id, "instance.retained_volume_deleted").label == "admin_retained_volume_cleanup"
+        assert (await r.event(rec.id, "instance.retained_volume_deleted")).label == "admin_retained_volume_cleanup"
         assert r.store.list_audit(instance_id=rec.id).items[0].outcome == "ok"
 
 
@@ -313,7 +313,7 @@ async def test_failed_machine_means_stopped(tmp_path: Path, host_session: HostHa
         after = await r.engine.reconcile_now(rec.id)
         assert after is not None and after.status == Status.STOPPED
         assert "instance.unexpected_stop_recovery_started" not in r.events(rec.id)
-        assert r.event(rec.id, "instance.stopped").label == "machine_failed"
+        assert (await r.event(rec.id, "instance.stopped")).label == "machine_failed"
         assert after.volume_id == rec.volume_id
 
 
@@ -392,7 +392,7 @@ async def test_region_outage_restores_newest_snapshot(tmp_path: Path, host: Host
         assert final.region != rec.region
         assert (await r.gateway(final, "GET", "/data/before")).content == b"kept"
         assert (await r.gateway(final, "GET", "/data/after")).status_code == 404  # after the snapshot: lost
-        restored = r.event(rec.id, "instance.restored_from_snapshot")
+        restored = await r.event(rec.id, "instance.restored_from_snapshot")
         assert restored.details["data_loss"] is True and restored.details["snapshot_created_at"]
         # it may hold writes newer than the snapshot: flagged for an admin, never deleted automatically (SPEC §15)
         assert final.flagged_volume_ids == [rec.volume_id] and final.retained_volume_id is None

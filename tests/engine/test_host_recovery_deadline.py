@@ -27,7 +27,7 @@ async def test_a_12_s_machine_create_ends_a_6_s_recovery_at_its_limit(tmp_path: 
                                      "the recovery ended", timeout=60)
         finally:
             await r.local("DELETE", "/_local/faults")
-        failed = r.event(rec.id, "instance.unexpected_stop_recovery_failed")
+        failed = await r.event(rec.id, "instance.unexpected_stop_recovery_failed")
         assert failed.label == "alarm_timeout", r.events(rec.id)
         said = re.fullmatch(r"recovery timed out after (\d+) s \(limit 6 s\)", final.last_recovery_error or "")
         assert said is not None, final.last_recovery_error
