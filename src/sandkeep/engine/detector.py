@@ -148,22 +148,29 @@ class Detector:
                 by_app[record.app_name].append(record)
         woken = 0
         for app, records in by_app.items():
-            try:
-                machines = await self.provider.list_machines(app)
-            except NotFoundError:
-                machines = []
-            except ProviderError as exc:
-                self.log.warning("detector.poll_failed", app=app, error=str(exc))
-                continue
-            states = {m.id: m.state for m in machines}
-            for record in records:
-                state = states.get(record.machine_id or "")
-                if state is None or state in WAKE_STATES:
-                    woken += 1
-                    self.log.info("detector.wake", instance_id=record.id, machine_id=record.machine_id,
-                                  state=state or "missing")
-                    self.wake(record.id)
+            woken += await self.check_app(app, records) or 0
         self.woken += woken
+        return woken
+
+    async def check_app(self, app: str, records: list[InstanceRecord], via: str = "poll") -> int | None:
+        """List ``app``'s machines once and wake each of ``records`` whose machine stopped, failed or is gone.
+        Returns how many were woken, or None when the listing failed (logged; the alarm is the backstop)."""
+        try:
+            machines = await self.provider.list_machines(app)
+        except NotFoundError:
+            machines = []
+        except ProviderError as exc:
+            self.log.warning("detector.poll_failed", app=app, error=str(exc))
+            return None
+        states = {m.id: m.state for m in machines}
+        woken = 0
+        for record in records:
+            state = states.get(record.machine_id or "")
+            if state is None or state in WAKE_STATES:
+                woken += 1
+                self.log.info("detector.wake", instance_id=record.id, machine_id=record.machine_id,
+                              state=state or "missing", via=via)
+                self.wake(record.id)
         return woken
 
     async def _poll_loop(self) -> None:

@@ -389,22 +389,11 @@ class BackstopDetector(Detector):
             by_app.setdefault(r.app_name, []).append(r)
         woken = 0
         for app in self.plan(running, beats, budget):
-            try:
-                machines = await self.provider.list_machines(app)
-            except NotFoundError:
-                machines = []
-            except ProviderError as exc:
-                self.log.warning("detector.poll_failed", app=app, error=str(exc))
+            found = await self.check_app(app, by_app.get(app, []), via="backstop")
+            if found is None:
                 continue
             self.listed += 1
-            states = {m.id: m.state for m in machines}
-            for record in by_app.get(app, []):
-                state = states.get(record.machine_id or "")
-                if state is None or state in WAKE_STATES:
-                    woken += 1
-                    self.log.info("detector.wake", instance_id=record.id, machine_id=record.machine_id,
-                                  state=state or "missing", via="backstop")
-                    self.wake(record.id)
+            woken += found
             await asyncio.sleep(1.0 / rate)  # paced: the backstop's share of the rate limit
         self.woken += woken
         # reading every running instance costs ~N x 30 µs: a large fleet's cycle is stretched to keep it small
