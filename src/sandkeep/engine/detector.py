@@ -57,6 +57,7 @@ class Detector:
         self.log = get_logger("sandkeep.detector")
         self._index: dict[str, str] = {}
         self._index_at: float | None = None
+        self._sweep_task: asyncio.Task[int] | None = None
         self.woken = 0
 
     @property
@@ -88,6 +89,21 @@ class Detector:
         that was killed missed what happened meanwhile), after the stream failed (the host may have restarted
         and stopped machines while we were not listening), when the host's sequence went backwards -- take the
         current sequence first, then sweep (:meth:`sweep`): nothing that stopped is left for the alarm alone."""
+        try:
+            await self._follow()
+        finally:
+            if self._sweep_task is not None:
+                self._sweep_task.cancel()
+
+    def _start_sweep(self) -> None:
+        """Sweep in the background while the stream is followed: at 10 k instances a sweep lists apps for
+        minutes, and a machine that stops meanwhile must not wait for it. A sweep still running started before
+        the new sequence was taken, so it is replaced, not kept."""
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        self._sweep_task = asyncio.create_task(self.sweep(), name="detector-sweep")
+
+    async def _follow(self) -> None:
         watch = self.provider.watch_events
         seq: int | None = None
         unsupported = 0
@@ -95,7 +111,7 @@ class Detector:
             try:
                 if seq is None:
                     seq, _ = await watch(2**62, 0)  # the current sequence, no history
-                    await self.sweep()  # after taking the sequence: a stop from now on is in the stream
+                    self._start_sweep()  # after taking the sequence: a stop from now on is in the stream
                 latest, events = await watch(seq, WATCH_TIMEOUT)
                 unsupported = 0
             except (NotFoundError, InvalidRequestError, AuthError) as exc:
