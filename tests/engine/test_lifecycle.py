@@ -454,3 +454,27 @@ async def test_lost_volume_while_running_remounts(h: Harness) -> None:
     assert final.status == Status.RUNNING and final.volume_id != rec.volume_id, h.events(rec.id)
     assert h.model.mounted(rec.machine_id) == final.volume_id
     assert "instance.data_loss" in h.events(rec.id) and "reconcile.remount_volume" in h.events(rec.id)
+
+
+async def test_a_machine_adopted_after_a_failed_create_gets_the_rotated_gateway_token(h: Harness) -> None:
+    """Small seed 290: a recovery could not move the instance (dead host, no snapshot) and fenced its machine; a
+    restart's create failed (422, the volume is the fenced machine's) after rotating the gateway token; the host
+    came back and the machine, booted with the old token, was adopted and served: every read got 401. The token
+    rotation moves the generation, so the adopted machine is updated with the token before it serves."""
+    rec = await h.running()
+    mid = rec.machine_id
+    host = h.model.host.volumes[rec.volume_id]["host"]
+    h.model.host.kill_host(host)  # the recovery found no way out: the machine is fenced, the instance stopped
+    force(h, rec.id, status=Status.STOPPED, machine_id=None, fenced_machine_id=mid)
+    await h.service.restart(USER, rec.id)
+    failed = await h.reconcile(rec.id)  # the create is refused: the volume is attached to the fenced machine
+    assert failed.status == Status.STOPPED and failed.machine_id is None
+    assert h.event(rec.id, "instance.start_failed").label == "machine_create_failed"
+    assert h.engine.ctx.gateway_token(failed) != h.engine.ctx.gateway_token(rec)  # rotated for the create
+    h.model.host.revive_host(host)
+    final = await h.reconcile(rec.id)  # the fence hands the machine back; the stopped pass adopts it
+    assert final.status == Status.RUNNING and final.machine_id == mid
+    assert "reconcile.adopt_returned_machine" in h.events(rec.id)
+    cfg = h.model.config(mid)
+    assert cfg["env"]["SANDKEEP_GATEWAY_TOKEN"] == h.engine.ctx.gateway_token(final)
+    assert cfg["metadata"]["config_generation"] == str(final.config_generation)

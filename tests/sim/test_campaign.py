@@ -93,3 +93,18 @@ def test_seed_399_a_fenced_machine_on_a_dead_host_is_never_adopted_as_an_orphan(
     result = run_seed(399, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
     assert any("reconcile.adopt_returned_machine" in line for line in result.trace), "the seed still fences"
+
+
+def test_seed_290_an_adopted_machine_gets_the_gateway_token_rotated_since() -> None:
+    """Regression (small seed 290, ``data_lost`` read 401): a recovery failed (dead host, no snapshot) with the
+    machine fenced; a user restart rotated the gateway token for a new machine whose create failed (422, the volume
+    is attached to the fenced machine); the host came back and the fenced machine, booted with the old token, was
+    adopted as running: the gateway refused every read. The rotation now moves ``config_generation`` and a stopped
+    instance adopting a machine of an older generation goes through the start flow (update, health probe). The
+    test that fails without the fix is tests/engine/test_lifecycle.py::
+    test_a_machine_adopted_after_a_failed_create_gets_the_rotated_gateway_token."""
+    result = run_seed(290, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("reconcile.adopt_returned_machine" in line for line in result.trace), "the seed still fences"
+    assert any("instance.start_failed" in line and "machine_create_failed" in line for line in result.trace), \
+        "the seed still fails the restart's create"

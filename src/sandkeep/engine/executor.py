@@ -508,8 +508,11 @@ class Pass:
         ctx, record = self.ctx, self.record
         provider, app = ctx.provider, record.app_name
         # a new machine gets a new gateway token, persisted before the machine exists (a crash in between
-        # only means one more rotation; a machine created with it is adopted by name/metadata)
-        await self.persist({"gateway_token_encrypted": ctx.new_gateway_token()})
+        # only means one more rotation; a machine created with it is adopted by name/metadata). The generation
+        # moves with the token: an older machine adopted later (a failed create, a dead host's machine coming
+        # back) carries an older generation, so it is updated with the token before it serves (seed 290)
+        await self.persist({"gateway_token_encrypted": ctx.new_gateway_token(),
+                            "config_generation": self.record.config_generation + 1})
         config = ctx.machine_config(self.record, action.volume_id)
         machine = await provider.create_machine(app, config=config, name=action.name, region=action.region)
         await self.persist({**action.extra, "machine_id": machine.id})

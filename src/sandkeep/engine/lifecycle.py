@@ -456,6 +456,13 @@ def decide_stopped(record: InstanceRecord, obs: Observed, settings: Settings, no
     if obs.volume_missing:
         return replace_lost_volume(record, obs, settings)
     if obs.machine is not None and obs.machine.state == "started":
+        if _needs_update(record, obs.machine):
+            # a machine of an older generation (e.g. the gateway token was rotated since: a failed create, a dead
+            # host's machine back) would refuse the record's token (401): the start flow updates it and probes
+            # its health before it serves
+            return [Persist({"status": Status.STARTING, "pending_action": "start"}),
+                    Emit("reconcile.adopt_started_machine", details={"machine_id": obs.machine.id,
+                                                                     "update": True})]
         return [Persist({"status": Status.RUNNING, "last_started_at": now, "health_fail_count": 0}),
                 Emit("reconcile.adopt_started_machine", details={"machine_id": obs.machine.id}),
                 Emit("instance.started", label="adopted"), RequeueAfter(settings.interval_running)]
