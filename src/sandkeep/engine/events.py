@@ -32,11 +32,7 @@ class Emitter:
         not (yet) the record's own (e.g. a replacement machine created in another region)."""
         row = self._row(record, event, label=label, error=error, duration_ms=duration_ms, value=value,
                         details=details, machine_id=machine_id, volume_id=volume_id, region=region)
-        try:
-            stored = self.store.add_event(row)
-        except Exception as exc:  # the log line and the metric still happen
-            self.log.error("event.store_failed", event_name=event, error=str(exc))
-            stored = row
+        stored = self._add(row)
         self._told(record, row, level)
         return stored
 
@@ -47,16 +43,18 @@ class Emitter:
         """:meth:`emit`, the row written on the store thread (directly when there is none)."""
         row = self._row(record, event, label=label, error=error, duration_ms=duration_ms, value=value,
                         details=details, machine_id=machine_id, volume_id=volume_id, region=region)
-        try:
-            if self.astore is not None:
-                stored = await self.astore.call(self.store.add_event, row)
-            else:
-                stored = self.store.add_event(row)
-        except Exception as exc:  # the log line and the metric still happen
-            self.log.error("event.store_failed", event_name=event, error=str(exc))
-            stored = row
+        stored = await self.astore.call(self._add, row) if self.astore is not None else self._add(row)
         self._told(record, row, level)
         return stored
+
+    def _add(self, row: EventRecord) -> EventRecord:
+        """Store ``row``; a store failure is logged and the row returned (the log line and the metric still
+        happen)."""
+        try:
+            return self.store.add_event(row)
+        except Exception as exc:
+            self.log.error("event.store_failed", event_name=row.event, error=str(exc))
+            return row
 
     def _row(self, record: InstanceRecord | None, event: str, *, label: str | None, error: str | None,
              duration_ms: int | None, value: float | None, details: dict[str, Any] | None,
