@@ -127,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the beats a process received are written to the database (one batch)."),
     Setting("heartbeat_check_interval", "SANDKEEP_HEARTBEAT_CHECK_INTERVAL", 1.0,
             "How often an engine looks for instances whose beats stopped (one indexed query)."),
+    Setting("heartbeat_auth_recheck", "SANDKEEP_HEARTBEAT_AUTH_RECHECK", 2.0,
+            "A heartbeat with a token other than the cached one re-reads the instance's token at most this "
+            "often per instance id (wrong or unknown tokens cost no database read in between)."),
     Setting("detect_backstop_rate", "SANDKEEP_DETECT_BACKSTOP_RATE", 0.0,
             "With heartbeats on: list calls per second of the per-app backstop listing (0: a quarter of "
             "SANDKEEP_PROVIDER_RATE_LIMIT, or 10/s without a rate limit)."),
@@ -279,6 +282,7 @@ class Settings:
     heartbeat_timeout: float = 25.0
     heartbeat_flush_interval: float = 1.0
     heartbeat_check_interval: float = 1.0
+    heartbeat_auth_recheck: float = 2.0
     detect_backstop_rate: float = 0.0
     engine_concurrency: int = 64
     alarm_coalesce: float = 0.2

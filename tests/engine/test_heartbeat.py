@@ -7,6 +7,7 @@ listens at the beat URL): the tests beat for them and call ``flush`` / ``check_o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -268,3 +269,67 @@ async def test_silence_from_before_an_engine_started_waits_for_the_senders_to_re
     await first.model.crash(record.machine_id)
     await first.pass_time(monitor.grace.total_seconds())
     assert await monitor.check_once() == 1 and restarted.woken == [record.id]
+
+
+def count_token_reads(h: Harness) -> list[list[str]]:
+    """Every database read of gateway tokens the book makes from now on (the ids each asked for)."""
+    reads: list[list[str]] = []
+    real = h.store.heartbeat_tokens
+
+    def spy(ids: list[str]) -> dict[str, str]:
+        reads.append(list(ids))
+        return real(ids)
+
+    h.store.heartbeat_tokens = spy  # type: ignore[method-assign]
+    return reads
+
+
+async def test_wrong_tokens_for_a_real_instance_cost_one_database_read_per_recheck(hb: Harness) -> None:
+    record = await hb.running()
+    book = hb.engine.heartbeats
+    good = hb.engine.ctx.gateway_token(record)
+    reads = count_token_reads(hb)
+    await book.authenticate(record.id, good)
+    assert reads == [[record.id]]  # the first beat reads the token once
+    for i in range(200):  # an attacker guessing tokens for a known instance id
+        with pytest.raises(BeatRefused) as exc:
+            await book.authenticate(record.id, f"guess-{i}")
+        assert exc.value.code == "heartbeat_unauthorized"
+    assert len(reads) == 1, "guesses within the recheck interval re-read nothing"
+    await book.authenticate(record.id, good)  # the real gateway is not locked out by the guesses
+    await hb.clock.sleep(hb.engine.settings.heartbeat_auth_recheck)
+    with pytest.raises(BeatRefused):
+        await book.authenticate(record.id, "guess-late")
+    assert len(reads) == 2, "after the recheck interval one guess may re-read (the token could have rotated)"
+
+
+async def test_unknown_instance_ids_are_read_once_each_even_at_once(hb: Harness) -> None:
+    book = hb.engine.heartbeats
+    reads = count_token_reads(hb)
+    ids = [f"ins_forged{i}" for i in range(20)]
+
+    async def forged(ident: str) -> str:
+        try:
+            await book.authenticate(ident, "x" * 43)
+        except BeatRefused as exc:
+            return exc.code
+        return "accepted"
+
+    codes = await asyncio.gather(*(forged(ident) for ident in ids * 10))
+    assert set(codes) == {"heartbeat_unauthorized"}
+    assert sorted(i for read in reads for i in read) == sorted(ids), "one read per forged id, shared by its beats"
+
+
+async def test_a_rotated_token_is_taken_once_the_recheck_allows_a_read(hb: Harness) -> None:
+    record = await hb.running()
+    book = hb.engine.heartbeats
+    old = hb.engine.ctx.gateway_token(record)
+    await book.authenticate(record.id, old)
+    await hb.service.rotate_gateway_token(ADMIN, record.id)
+    new = hb.engine.ctx.gateway_token(hb.get(record.id))
+    with pytest.raises(BeatRefused):
+        await book.authenticate(record.id, "guess")  # a guess just now: the recheck window is fresh
+    await hb.clock.sleep(hb.engine.settings.heartbeat_auth_recheck)
+    await book.authenticate(record.id, new)  # the new machine's gateway gets in (its sender retries anyway)
+    with pytest.raises(BeatRefused):
+        await book.authenticate(record.id, old)

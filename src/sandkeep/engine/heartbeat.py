@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -54,6 +55,12 @@ INSTANCE_ENV = "SANDKEEP_INSTANCE_ID"
 MAX_RECHECK = 600.0
 """Longest pause between two targeted reads of a machine that answers ``started`` but does not beat."""
 READ_CONCURRENCY = 16
+AUTH_READ_CONCURRENCY = 4
+"""Token reads (database read + decrypt, on a worker thread) in flight at once for heartbeat checks: a flood of
+wrong tokens cannot take the shared thread pool from the rest of the process."""
+AUTH_MEMORY = 100_000
+"""Instance ids whose last token read time is remembered (oldest forgotten first): bounds the memory an attacker
+sending random instance ids can make this process use."""
 SILENT_BATCH = 10000
 DEFAULT_BACKSTOP_RATE = 10.0
 BACKSTOP_RECORDS_PER_SECOND = 1000.0
@@ -98,6 +105,12 @@ class HeartbeatBook:
         self.secrets = secrets
         self.log = get_logger("sandkeep.heartbeat")
         self._tokens: dict[str, tuple[bytes, str]] = {}  # id -> (sha256(token), encrypted token as stored)
+        # id -> clock.monotonic() of its last token read (found or not): a token other than the cached one is
+        # re-read at most every heartbeat_auth_recheck (the negative cache)
+        self._checked: OrderedDict[str, float] = OrderedDict()
+        self._reading: dict[str, asyncio.Future[tuple[bytes, str] | None]] = {}  # single flight per id
+        self._read_slots: asyncio.Semaphore | None = None
+        self.token_reads = 0  # database reads made to check tokens (tests and benchmarks read it)
         self._pending: dict[str, datetime | None] = {}  # id -> beat time (None: the flush's time)
         self._beats_ok = metrics.GATEWAY_HEARTBEATS.labels(result="ok")
         self._last: dict[str, float] = {}  # id -> clock.monotonic() of its last beat in this process
@@ -119,17 +132,50 @@ class HeartbeatBook:
         digest = _digest(token.strip())
         entry = self._tokens.get(instance_id)
         if entry is None or not hmac.compare_digest(entry[0], digest):
-            # not cached, or another token than the cached one (the token was rotated): read it again
-            entry = await asyncio.to_thread(self._load, instance_id)
+            # not cached, or another token than the cached one (the token may have been rotated): read it again,
+            # unless this id's token was read less than heartbeat_auth_recheck ago (then the answer stands)
+            checked = self._checked.get(instance_id)
+            if checked is None or self.clock.monotonic() - checked >= self.settings.heartbeat_auth_recheck:
+                entry = await self._read(instance_id)
         if entry is None or not hmac.compare_digest(entry[0], digest):
             metrics.GATEWAY_HEARTBEATS.labels(result="refused").inc()
             raise BeatRefused("heartbeat_unauthorized", "unknown instance or wrong (or rotated) gateway token")
         return digest
 
+    async def _read(self, instance_id: str) -> tuple[bytes, str] | None:
+        """One token read per id at a time (concurrent checks of one id share it), few ids at a time."""
+        pending = self._reading.get(instance_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[tuple[bytes, str] | None] = asyncio.get_running_loop().create_future()
+        self._reading[instance_id] = future
+        try:
+            if self._read_slots is None:
+                self._read_slots = asyncio.Semaphore(AUTH_READ_CONCURRENCY)
+            async with self._read_slots:
+                self.token_reads += 1
+                entry = await asyncio.to_thread(self._load, instance_id)
+            self._checked[instance_id] = self.clock.monotonic()
+            self._checked.move_to_end(instance_id)
+            while len(self._checked) > AUTH_MEMORY:
+                self._checked.popitem(last=False)
+            future.set_result(entry)
+            return entry
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a read nobody else awaited is not "never retrieved"
+            raise
+        finally:
+            del self._reading[instance_id]
+
     def _load(self, instance_id: str) -> tuple[bytes, str] | None:
         encrypted = self.store.heartbeat_tokens([instance_id]).get(instance_id)
         if not encrypted:
-            self.forget(instance_id)
+            self._tokens.pop(instance_id, None)
+            self._last.pop(instance_id, None)
             return None
         try:
             plain = self.secrets.decrypt(encrypted)
@@ -145,9 +191,10 @@ class HeartbeatBook:
         return entry is not None and entry[0] == digest
 
     def forget(self, instance_id: str) -> None:
-        """Drop the cached token (the next beat re-reads it)."""
+        """Drop the cached token (the next beat re-reads it, whenever it was last read)."""
         self._tokens.pop(instance_id, None)
         self._last.pop(instance_id, None)
+        self._checked.pop(instance_id, None)
 
     # ------------------------------------------------------------------ recording beats
 
