@@ -113,7 +113,7 @@ def seed(store: Any, records: list[InstanceRecord], now: datetime, spread: float
             conn.execute(sql.insert(sql.instances), rows[i:i + 1000])
 
 
-async def main_async(a: argparse.Namespace) -> dict[str, Any]:
+async def main_async(a: argparse.Namespace) -> None:
     configure_logging("warning")
     tmp = Path(tempfile.mkdtemp(prefix="sksimdetect-"))
     host = start_host_process(tmp / "host", extra_args=["--machines", "sim", "--profile", a.profile])
@@ -137,6 +137,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=host.url, headers=host.headers(), timeout=120, limits=limits) as api:
         records = await bring_up(api, settings, box, a.n, a.concurrency, clock.now())
     bring_up_s = time.monotonic() - t0
+    print(f"sim_detect: bring-up done in {bring_up_s:.0f} s; the measured part starts", file=sys.stderr, flush=True)
     seed(store, records, clock.now(), min(30.0, settings.interval_running))  # first round: within 30 s
     engine = Engine(settings, store, provider, clock, worker_id="bench")
     swept = asyncio.Event()
@@ -192,7 +193,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         s = str(rec.status.value if rec is not None else "gone")
         statuses[s] = statuses.get(s, 0) + 1
     host.proc.stop()  # no clean engine stop: it would wait for the recoveries in flight (a benchmark ends here)
-    return {"n": a.n, "interval_running": settings.interval_running, "profile": a.profile,
+    result = {"n": a.n, "interval_running": settings.interval_running, "profile": a.profile,
             "concurrency": a.concurrency, "bring_up_s": round(bring_up_s, 1),
             "bring_up_per_s": round(a.n / bring_up_s, 1), "settle_s": round(settle_s, 1),
             "after_sweep": a.after_sweep, "sweep_done_by_s": sweep_s,
@@ -202,6 +203,9 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             "crash_to_recovering_p50": pct(lat, 0.5), "crash_to_recovering_p99": pct(lat, 0.99),
             "crash_to_recovering_max": pct(lat, 1.0), "cpu_fraction_during_crashes": round(crash_cpu, 3),
             "crashed_status_at_end": statuses, "loadavg": os.getloadavg()}
+    # printed and exited here: tearing the loop down would wait for the engine's retries against the stopped host
+    print(json.dumps(result), flush=True)
+    os._exit(0)
 
 
 def main() -> None:
@@ -218,9 +222,7 @@ def main() -> None:
     p.add_argument("--crash-every", type=float, default=0.5)
     p.add_argument("--settle", type=float, default=60.0, help="how long to wait for the last detections")
     a = p.parse_args()
-    print(json.dumps(asyncio.run(main_async(a))))
-    sys.stdout.flush()
-    os._exit(0)
+    asyncio.run(main_async(a))  # prints its JSON line and exits
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 ``CI_SEEDS`` run in chunks of ``CHUNK`` seeds, one test per chunk, so pytest-xdist spreads them over its workers.
 Budget (bench/results.md "Simulation speed"): about 1 CPU second per small seed on the shared 2-core box
-(1-3 instances, 10-20 steps, ~15 simulated minutes each), so the whole set is a few minutes of CPU; the long
-campaign is ``make sim SEEDS=10000 JOBS=2`` (bench/results.md). A failing seed prints the
-``make sim SEED=<n> SMALL=1`` that replays it with its trace.
+(1-3 instances, 10-20 steps, ~15 simulated minutes each), so the 200 seeds are about 3 minutes of CPU, 1.5
+minutes of wall time on two workers; the long campaign is ``make sim SEEDS=10000 SMALL=1 JOBS=2``
+(bench/results.md). A failing seed prints the ``make sim SEED=<n> SMALL=1`` that replays it with its trace.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from sandkeep.sim.scenario import INVARIANTS, REPORT_ONLY, run_seed
 
-CI_SEEDS = range(1, 101)
+CI_SEEDS = range(1, 201)
 CHUNK = 20
 CHUNKS = [range(first, min(first + CHUNK, CI_SEEDS.stop)) for first in range(CI_SEEDS.start, CI_SEEDS.stop, CHUNK)]
 
