@@ -333,3 +333,44 @@ async def test_a_rotated_token_is_taken_once_the_recheck_allows_a_read(hb: Harne
     await book.authenticate(record.id, new)  # the new machine's gateway gets in (its sender retries anyway)
     with pytest.raises(BeatRefused):
         await book.authenticate(record.id, old)
+
+
+async def test_two_engines_split_the_silent_machines_and_a_dead_engines_share_passes_on(hb: Harness) -> None:
+    records = [await hb.running() for _ in range(8)]
+    settings, store = hb.engine.settings, hb.store
+    woken: list[str] = []
+    a, b = (HeartbeatMonitor(settings, store, hb.model.client, hb.clock, woken.append, engine_id=name)
+            for name in ("eng-a", "eng-b"))
+    await hb.pass_time(60)  # past the new machines' grace and the monitors' start-up grace
+    for r in records:
+        await beat(hb.engine.heartbeats, hb, r.id)
+    await hb.pass_time(9)  # 9 s of silence > the 8 s timeout; every machine is still started
+    for name in ("eng-a", "eng-b"):
+        store.engine_heartbeat(name, "engine", hb.clock.now(), 5.0)
+    assert store.live_engine_ids(hb.clock.now()) == ["eng-a", "eng-b"]
+    read: dict[str, list[str]] = {"eng-a": [], "eng-b": []}
+    real = hb.model.client.get_machine
+
+    async def counting(monitor: HeartbeatMonitor) -> None:
+        async def get_machine(app: str, machine_id: str) -> Any:
+            read[str(monitor.engine_id)].append(machine_id)
+            return await real(app, machine_id)
+
+        hb.model.client.get_machine = get_machine  # type: ignore[method-assign]
+        try:
+            await monitor.check_once()
+        finally:
+            hb.model.client.get_machine = real  # type: ignore[method-assign]
+
+    await counting(a)
+    await counting(b)
+    machines = [r.machine_id for r in records]
+    assert sorted(read["eng-a"] + read["eng-b"]) == sorted(machines), "each silent machine read once, by one engine"
+    assert woken == []
+    # eng-b stops beating: once its registration expires, eng-a reads eng-b's share too
+    await hb.pass_time(6)
+    store.engine_heartbeat("eng-a", "engine", hb.clock.now(), 5.0)
+    assert store.live_engine_ids(hb.clock.now()) == ["eng-a"]
+    before = list(read["eng-a"])
+    await counting(a)
+    assert sorted(before + read["eng-a"][len(before):]) == sorted(machines)

@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import hmac
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -295,8 +296,10 @@ class HeartbeatMonitor:
     """Engine side: a running instance whose beats stopped gets one targeted machine read."""
 
     def __init__(self, settings: Settings, store: Store, provider: MachineProvider, clock: Clock,
-                 wake: Callable[[str], None], book: HeartbeatBook | None = None) -> None:
+                 wake: Callable[[str], None], book: HeartbeatBook | None = None,
+                 engine_id: str | None = None) -> None:
         self.settings = settings
+        self.engine_id = engine_id
         self.store = store
         self.provider = provider
         self.clock = clock
@@ -331,6 +334,8 @@ class HeartbeatMonitor:
         for gone in [k for k in self._next if k not in ids]:  # beating again, or no longer running
             del self._next[gone]
         todo = [s for s in silent if self._due(s, now, cutoff)]
+        if todo and self.engine_id is not None:
+            todo = await self._my_share(todo, now)
         if not todo:
             return 0
         gate = asyncio.Semaphore(READ_CONCURRENCY)
@@ -341,6 +346,18 @@ class HeartbeatMonitor:
 
         results = await asyncio.gather(*(one(s) for s in todo))
         return sum(1 for woke in results if woke)
+
+    async def _my_share(self, todo: list[SilentInstance], now: datetime) -> list[SilentInstance]:
+        """With several engines, each reads the silent instances of its own shard only (a CRC of the instance
+        id modulo the live engines, in id order), so a silent machine costs one Machines API read, not one per
+        engine. An engine that is not registered (yet) or alone reads them all. A dead engine's shard passes to
+        the others as soon as its heartbeat expires (``SANDKEEP_ENGINE_HEARTBEAT_TTL``); while two engines
+        disagree on who is alive, an instance may be read twice or wait one more check."""
+        live = await asyncio.to_thread(self.store.live_engine_ids, now)
+        if len(live) < 2 or self.engine_id not in live:
+            return todo
+        index, count = live.index(self.engine_id), len(live)
+        return [s for s in todo if zlib.crc32(s.instance_id.encode()) % count == index]
 
     async def _read(self, s: SilentInstance, now: datetime) -> bool:
         self.reads += 1
@@ -449,14 +466,14 @@ class BackstopDetector(Detector):
 
 
 def make_detection(settings: Settings, store: Store, provider: MachineProvider, clock: Clock,
-                   wake: Callable[[str], None], secrets: SecretBox,
+                   wake: Callable[[str], None], secrets: SecretBox, engine_id: str | None = None,
                    ) -> tuple[Detector, HeartbeatBook, HeartbeatMonitor | None]:
     """The engine's detection: (detector, beat book, monitor). With beats on, a monitor reads silent instances'
     machines and, without the local host's watch stream (Fly), the per-app listing becomes the paced backstop."""
     book = HeartbeatBook(settings, store, clock, secrets)
     if not beats_enabled(settings):
         return Detector(settings, store, provider, wake, clock), book, None
-    monitor = HeartbeatMonitor(settings, store, provider, clock, wake, book)
+    monitor = HeartbeatMonitor(settings, store, provider, clock, wake, book, engine_id=engine_id)
     if provider.supports_watch:
         return Detector(settings, store, provider, wake, clock), book, monitor
     return BackstopDetector(settings, store, provider, wake, clock), book, monitor

@@ -125,7 +125,7 @@ class Engine:
         self._gauge_at: float | None = None
         # detection: the detector, plus gateway heartbeats when machines beat (engine/heartbeat.py)
         self.detector, self.heartbeats, self.monitor = make_detection(settings, store, provider, clock, self.wake,
-                                                                      self.ctx.secrets)
+                                                                      self.ctx.secrets, engine_id=self.worker_id)
         self.service = InstanceService(self.ctx, owner_prefix=self.worker_id, wake=self.wake)
         self.orphans = OrphanSweeper(self.ctx, self.worker_id)  # SPEC §15 inventory (engine/orphans.py)
         self.started = False

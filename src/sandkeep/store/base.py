@@ -114,6 +114,10 @@ class Store(Protocol):
 
     def list_engines(self) -> list[dict[str, Any]]: ...
 
+    def live_engine_ids(self, now: datetime) -> list[str]:
+        """Ids of the reconciling engines (not ``api``) whose heartbeat has not expired at ``now``, sorted."""
+        ...
+
     # gateway heartbeats (issue 11)
     def record_heartbeats(self, beats: dict[str, datetime]) -> int:
         """Upsert ``instance id -> last beat`` (one batch)."""

@@ -899,6 +899,14 @@ class SqlStore(OrphanRows):
             rows = conn.execute(select(engines).order_by(engines.c.started_at)).mappings().all()
         return [dict(r) for r in rows]
 
+    def live_engine_ids(self, now: datetime) -> list[str]:
+        """Ids of the reconciling engines (not ``api``) whose heartbeat has not expired at ``now``, sorted."""
+        _aware(now)
+        e = engines.c
+        with self._read() as conn:
+            return [str(i) for i in conn.execute(select(e.id).where(e.expires_at > now, e.role != "api")
+                                                 .order_by(e.id)).scalars()]
+
     def next_alarm_at(self) -> datetime | None:
         """The earliest ``alarm_at`` of any instance (leased or not), or None."""
         with self._read() as conn:
