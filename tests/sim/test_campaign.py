@@ -108,3 +108,16 @@ def test_seed_290_an_adopted_machine_gets_the_gateway_token_rotated_since() -> N
     assert any("reconcile.adopt_returned_machine" in line for line in result.trace), "the seed still fences"
     assert any("instance.start_failed" in line and "machine_create_failed" in line for line in result.trace), \
         "the seed still fails the restart's create"
+
+
+def test_seed_1420_a_slow_volume_read_is_abandoned_at_the_end_of_the_lease() -> None:
+    """Regression (small seed 1420, ``recovery_timeout``): volume reads took 90 s (a latency fault) during a
+    recovery's cutover with a 10 s lease. The simulation's clock did not say that its timers wake in order, so
+    ``provider.deadline.bounded`` let every call run to its end: each pass held on to a read for 90 s while
+    the alarm started a new one every 10 s, and the recovery overran its timeout by 100 s. With the clock
+    bounding calls (as the system clock does in production), the read is abandoned at the lease's end, and
+    the recovery completes once the cutover's reads answer. The test that fails without the fix is
+    tests/sim/test_loop.py::test_the_simulation_clock_bounds_a_provider_call_like_the_system_clock."""
+    result = run_seed(1420, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("instance.unexpected_stop_recovery_succeeded" in line for line in result.trace)

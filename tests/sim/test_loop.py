@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from sandkeep.provider.deadline import bounded, deadline
+from sandkeep.provider.errors import DeadlineExceededError
 from sandkeep.sim.loop import EPOCH, Deadlock, SimClock, VirtualLoop, run_virtual
 
 
@@ -72,3 +74,25 @@ def test_an_ntp_step_back_moves_wall_time_back_and_monotonic_time_never() -> Non
         return before, clock.monotonic(), (clock.now() - EPOCH).total_seconds()
 
     assert run_virtual(main) == (10.0, 15.0, -15.0)
+
+
+def test_the_simulation_clock_bounds_a_provider_call_like_the_system_clock() -> None:
+    """A provider call under a deadline (a lease's end, a recovery's timeout) is abandoned there on the virtual
+    clock too: the campaign must see what production does (seed 1420)."""
+    finished: list[bool] = []
+
+    async def main(loop: VirtualLoop) -> float:
+        clock = SimClock(loop)
+        start = clock.monotonic()
+
+        async def slow_read() -> str:
+            await clock.sleep(90.0)
+            finished.append(True)
+            return "late"
+
+        with deadline(clock, start + 9.0), pytest.raises(DeadlineExceededError):
+            await bounded(slow_read(), operation="get_volume")
+        return clock.monotonic() - start
+
+    assert run_virtual(main) == pytest.approx(9.0)
+    assert not finished

@@ -112,6 +112,12 @@ class SimClock:
     ``now`` the epoch plus that time plus any wall-clock jumps (:meth:`jump`, an NTP step: monotonic time and
     every sleeper are unaffected)."""
 
+    ordered_timers = True
+    """Sleepers wake in virtual-time order: :func:`sandkeep.provider.deadline.bounded` races a provider call
+    against a sleep on this clock, so a call under a lease or a recovery's deadline is abandoned there, as
+    ``asyncio.wait_for`` abandons it on the system clock. (Without it the simulation let such calls run to
+    their end -- seed 1420: a 90 s volume read outlived its 10 s lease and the recovery overran its timeout.)"""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, start: datetime = EPOCH) -> None:
         self._loop = loop
         self._start = start
