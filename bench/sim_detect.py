@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
+import pstats
 import random
 import sys
 import tempfile
@@ -162,7 +164,13 @@ async def main_async(a: argparse.Namespace) -> None:
     sweep_s = round(time.monotonic() - t1, 1) if swept.is_set() else None
     settled = int(_passes() - base)
     cpu0, hcpu0, w0, p0 = time.process_time(), _cpu_seconds(host_pid), time.monotonic(), _passes()
+    profiler = cProfile.Profile(time.process_time) if a.cprofile else None
+    if profiler is not None:
+        profiler.enable()
     await asyncio.sleep(a.idle)  # sampling steady CPU over a fixed window (a benchmark, not a test)
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, Path(a.cprofile), _passes() - p0)
     wall = time.monotonic() - w0
     steady_cpu, host_cpu = (time.process_time() - cpu0) / wall, (_cpu_seconds(host_pid) - hcpu0) / wall
     steady_rate = (_passes() - p0) / wall
@@ -208,6 +216,32 @@ async def main_async(a: argparse.Namespace) -> None:
     os._exit(0)
 
 
+GROUPS = (("httpcore", "httpcore"), ("h11", "h11"), ("httpx", "httpx"), ("anyio", "anyio"),
+          ("sqlalchemy", "sqlalchemy"), ("structlog", "structlog"), ("sandkeep", "sandkeep"),
+          ("asyncio", "asyncio"), ("ssl", "ssl"), ("json", "json"))
+
+
+def write_profile(profiler: cProfile.Profile, out: Path, passes: float) -> None:
+    """The steady window's main-thread profile (CPU time): own time by package, then the top functions."""
+    stats = pstats.Stats(profiler)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values()) or 1e-9
+    groups: dict[str, float] = {}
+    for (path, _line, _fn), v in raw.items():
+        name = next((g for key, g in GROUPS if f"/{key}/" in path or path.endswith(f"/{key}.py")), "other")
+        groups[name] = groups.get(name, 0.0) + v[2]
+    with out.open("w") as fh:
+        fh.write(f"steady window: {passes:.0f} healthy passes, {total:.2f} CPU s on the main thread under the "
+                 f"profiler ({1000 * total / max(1.0, passes):.1f} ms per pass, inflated by profiling)\n\n")
+        fh.write("own time by package:\n")
+        for name, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+            fh.write(f"  {100 * t / total:5.1f} %  {name}\n")
+        fh.write("\n")
+        stats.stream = fh  # type: ignore[attr-defined]
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=1000)
@@ -221,6 +255,7 @@ def main() -> None:
     p.add_argument("--crashes", type=int, default=40)
     p.add_argument("--crash-every", type=float, default=0.5)
     p.add_argument("--settle", type=float, default=60.0, help="how long to wait for the last detections")
+    p.add_argument("--cprofile", default="", help="write a CPU-time profile of the steady window to this file")
     a = p.parse_args()
     asyncio.run(main_async(a))  # prints its JSON line and exits
 
