@@ -4,9 +4,12 @@ Each bug is a test-only switch (:mod:`sandkeep.sim.plant`); each is found by the
 seed listed, by the invariant named. Re-found on branch simfast (pacing draws, clock steps back, new invariants)
 with ``SANDKEEP_SIM_PLANT=<bug> make sim SEEDS=30 SMALL=1``: the skipped ownership check by seeds 2, 7, 8, 13,
 14, 17, 22, 25, 27 (``foreign_destroy``); the missing fork by 13 seeds of 30 (2, 5, 7, 8, 9, 14, 16, 20, 23, 25,
-26, 27, 28; ``empty_volume_start`` in every one, ``data_lost`` in most); the unfenced write by 23 and 29
-(``fenced_write`` -- a stale pass must outlive its lease under a latency fault while another pass claims the
-instance); the reversed walk by every seed of 2-6 before this branch (seed 3 re-checked here).
+26, 27, 28; ``empty_volume_start`` in every one, ``data_lost`` in most); the reversed walk by every seed of 2-6
+before this branch (seed 3 re-checked here). The unfenced write (``fenced_write``: a stale pass must write after
+its lease was taken over) was found by seeds 23 and 29 while the simulation's clock let provider calls outlive
+their lease; since calls are abandoned at the lease's end, as in production (seed 1420), a pass goes stale only
+when the wall clock steps or a controller's write lands late, and seeds 159 and 213 of 1-300 find it
+(``SANDKEEP_SIM_PLANT=unfenced_write make sim SEEDS=300 SMALL=1``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ FOUND_BY: dict[str, tuple[int, str]] = {
     "skip_ownership_check": (2, "foreign_destroy"),
     "region_walk_reversed": (3, "region_walk"),
     "fork_without_source": (2, "data_lost"),
-    "unfenced_write": (23, "fenced_write"),
+    "unfenced_write": (159, "fenced_write"),
 }
 
 
