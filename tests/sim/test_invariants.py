@@ -7,12 +7,17 @@ allowed variant, none).
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
+import httpx
+
 from sandkeep.engine.naming import METADATA_SANDBOX
+from sandkeep.host.inprocess import API_URL
 from sandkeep.sim.loop import VirtualLoop, run_virtual
 from sandkeep.sim.scenario import Scenario, pick_profile, unnamed_volumes
 from sandkeep.sim.world import World, deterministic
@@ -175,3 +180,34 @@ def test_a_loss_recorded_after_a_write_excuses_it_whichever_way_the_wall_clock_s
 
     assert _in_world(body) == []
     assert counts == [0, 1, 1]
+
+
+async def _ask_create(world: World) -> int:
+    """A machine create for SBX, through the recorder in front of the host (as the engine's client sends it)."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=world.recorder),  # type: ignore[arg-type]
+                                 base_url=API_URL, headers={"Authorization": "Bearer sim-token"}) as http:
+        resp = await http.post(f"/v1/apps/{APP}/machines",
+                               json={"region": "r1", "config": {"image": "sandkeep/gateway",
+                                                                "metadata": {METADATA_SANDBOX: SBX}}})
+        return resp.status_code
+
+
+def test_a_create_asked_for_a_destroyed_instance_is_recreated_after_destroy() -> None:
+    async def body(world: World) -> None:
+        _insert(world, status=Status.DESTROYED)
+        await _ask_create(world)
+
+    assert _in_world(body) == ["recreated_after_destroy"]
+
+
+def test_a_create_asked_before_the_destroy_and_executed_after_it_is_not_a_re_creation() -> None:
+    async def body(world: World) -> None:
+        rec = _insert(world, status=Status.RUNNING, lease_owner="test",
+                      lease_expires_at=world.clock.now() + timedelta(hours=1))
+        world.faults.configure({"operation": "machine.create", "latency": 60.0})
+        asked = asyncio.ensure_future(_ask_create(world))
+        await world.clock.sleep(1.0)  # the request waits at the provider; meanwhile the instance is destroyed
+        world.sql.update(rec, "test", {"status": Status.DESTROYED})
+        await asked
+
+    assert _in_world(body) == []

@@ -557,6 +557,12 @@ class Scenario:
                 continue
             w.violate("fenced_destroyed", f"fenced old machine {mid} of {iid} is {m.get('state')} after every host "
                                           f"answered")
+        # a create asked before its instance's destroy and executed after it leaves no machine behind
+        for mid, iid in sorted(w.late_creates.items()):
+            m = w.host.machines.get(mid)
+            if m is not None and m.get("state") != "destroyed":
+                w.violate("recreated_after_destroy", f"machine {mid}, created late for destroyed {iid}, is "
+                                                     f"{m.get('state')} after settling")
         # at most one started machine per sandbox, zombies included, once everything is healed
         started: dict[str, list[str]] = {}
         for m in w.host.machines.values():

@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Awaitable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -139,6 +140,12 @@ class Exchange:
     answer: str
 
 
+#: for a machine create being executed: was its sandbox's instance already being destroyed (or destroyed) when the
+#: request *arrived*? (A create asked before the destroy may execute after it: the provider took the request and
+#: answered late -- the caller had given up on it. The engine did not re-create anything then.)
+_CREATE_ASKED_DURING_DESTROY: ContextVar[bool | None] = ContextVar("sim_create_asked_during_destroy", default=None)
+
+
 class Recorder:
     """ASGI middleware in front of the host's HTTP app: records what the provider client asked and got, and
     runs each request in a task of its own, so a controller cancelled mid-request (a crash) does not cancel the
@@ -154,9 +161,19 @@ class Recorder:
             return
         chunks: list[bytes] = []
         out: dict[str, Any] = {"status": 0, "body": b""}
+        early: list[dict[str, Any]] = []
+        asked_during_destroy: bool | None = None
+        if scope["method"] == "POST" and str(scope["path"]).endswith("/machines"):  # a machine create: read its
+            while True:  # body now, to know whose it is when it arrives (replayed to the app below)
+                msg = await receive()
+                early.append(msg)
+                if msg.get("type") != "http.request" or not msg.get("more_body", False):
+                    break
+            raw = b"".join(m.get("body", b"") for m in early if m.get("type") == "http.request")
+            asked_during_destroy = self.world.destroying_now(raw)
 
         async def rcv() -> Any:
-            msg = await receive()
+            msg = early.pop(0) if early else await receive()
             if msg.get("type") == "http.request":
                 chunks.append(msg.get("body", b""))
             return msg
@@ -179,7 +196,12 @@ class Recorder:
             self.world.observe(Exchange(self.world.t(), scope["method"], scope["path"], body, out["status"],
                                         out["body"][:300].decode("utf-8", "replace")))
 
-        await asyncio.shield(asyncio.get_running_loop().create_task(run()))
+        token = _CREATE_ASKED_DURING_DESTROY.set(asked_during_destroy)  # the request's task sees it, nothing else
+        try:
+            task = asyncio.get_running_loop().create_task(run())
+        finally:
+            _CREATE_ASKED_DURING_DESTROY.reset(token)
+        await asyncio.shield(task)
 
 
 class _WatchedProxy(httpx.AsyncBaseTransport):
@@ -255,6 +277,7 @@ class World:
         self.squatted: set[str] = set()  # volumes a squatter holds
         self.zombies: set[str] = set()  # machines frozen on a dead host while started
         self.destroyed_instances: dict[str, str] = {}  # sandbox id -> instance id, once finalized
+        self.late_creates: dict[str, str] = {}  # machine id -> destroyed instance: a create asked before the destroy
         self.walks: dict[tuple[str, str], tuple[str, bool]] = {}  # (app, volume name) -> (last region, capacity)
         self.deleted_volumes: set[str] = set()  # every volume the provider deleted
         self.flagged_ever: dict[str, str] = {}  # volume id -> the instance that flagged it (SPEC 12.9)
@@ -300,9 +323,21 @@ class World:
         async def create_hook(app: str, body: Any) -> Any:
             meta = ((body or {}).get("config") or {}).get("metadata") or {}
             sbx = meta.get(METADATA_SANDBOX)
-            if sbx in self.destroyed_instances:
+            instance = self.destroyed_instances.get(sbx) if sbx else None
+            if instance is None and sbx:
+                rec = next((r for r in self.records() if r.sandbox_id == sbx), None)
+                if rec is not None and rec.status == Status.DESTROYED:
+                    instance = rec.id
+            if instance is not None:
+                if _CREATE_ASKED_DURING_DESTROY.get() is False:  # asked before the destroy began: late, not a bug
+                    self.note(f"a create for {instance}, asked before its destroy, reaches the provider after it")
+                    out = await create_machine(app, body)
+                    mid = out.get("id") if isinstance(out, dict) else None
+                    if mid:
+                        self.late_creates[str(mid)] = instance
+                    return out
                 self.violate("recreated_after_destroy", f"machine created for sandbox {sbx} of destroyed instance "
-                                                        f"{self.destroyed_instances[sbx]}")
+                                                        f"{instance}")
             return await create_machine(app, body)
 
         async def delete_volume_hook(app: str, volume_id: str) -> Any:
@@ -511,6 +546,21 @@ class World:
         task.add_done_callback(done)
 
     # ------------------------------------------------------------------ reading the world
+
+    def destroying_now(self, body: bytes) -> bool | None:
+        """Whether the instance a machine create's body names (by sandbox) is destroying or destroyed now (None:
+        the body names none)."""
+        try:
+            meta = ((json.loads(body) if body else {}).get("config") or {}).get("metadata") or {}
+        except (ValueError, AttributeError):
+            return None
+        sbx = meta.get(METADATA_SANDBOX)
+        if not sbx:
+            return None
+        if sbx in self.destroyed_instances:
+            return True
+        rec = next((r for r in self.records() if r.sandbox_id == sbx), None)
+        return rec is not None and rec.status in (Status.DESTROYING, Status.DESTROYED)
 
     def records(self) -> list[InstanceRecord]:
         out: list[InstanceRecord] = []
