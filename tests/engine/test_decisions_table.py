@@ -30,6 +30,7 @@ from sandkeep.engine.actions import (
     EnsureApp,
     Needs,
     Observed,
+    Outcome,
     Persist,
     ProbeHealth,
     RequeueAfter,
@@ -262,3 +263,25 @@ def test_when_the_deadline_is_past_due() -> None:
         elapsed = NOW - (rec.status_changed_at or rec.created_at)
         assert isinstance(elapsed, timedelta) and elapsed.total_seconds() > SETTINGS.start_hard_timeout
         assert isinstance(NOW, datetime)
+
+
+def test_a_replacement_left_by_an_earlier_create_gets_the_current_config_before_it_is_adopted() -> None:
+    """Seed 912: an earlier attempt's create was abandoned at its lease's end and executed late; the retry rotated
+    the gateway token (every create does). The machine left behind carries the old token and generation: it is
+    updated with the current configuration first, then adopted -- adopted as it was, it refused every read (401)."""
+    rec = make_record(Status.RECOVERING, "fresh", machine_id=None, recovery_step=recovery.STEP_CREATING_MACHINE,
+                      config_generation=3)
+    stale = build_machine_config(rec.copy(config_generation=2), volume_id="v2", secrets={}, gateway_port=8080)
+    obs = observe(rec, "started")
+    obs.owned_machines = [Machine(id="m9", state="started", region="lcl-b", config=stale)]
+    assert "v2" in obs.owned_machines[0].volume_ids
+    first = decide(rec, obs, SETTINGS, NOW)
+    assert first == [UpdateMachine("m9", "v2")]
+    obs.outcomes[UpdateMachine("m9")] = Outcome(ok=True)
+    then = decide(rec, obs, SETTINGS, NOW)
+    assert then[0] == Persist({"machine_id": "m9", "recovery_step": recovery.STEP_WAIT})
+    # a machine of the record's own generation is adopted at once
+    current = build_machine_config(rec, volume_id="v2", secrets={}, gateway_port=8080)
+    fresh = observe(rec, "started")
+    fresh.owned_machines = [Machine(id="m9", state="started", region="lcl-b", config=current)]
+    assert decide(rec, fresh, SETTINGS, NOW)[0] == Persist({"machine_id": "m9", "recovery_step": recovery.STEP_WAIT})

@@ -121,3 +121,31 @@ def test_seed_1420_a_slow_volume_read_is_abandoned_at_the_end_of_the_lease() -> 
     result = run_seed(1420, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
     assert any("instance.unexpected_stop_recovery_succeeded" in line for line in result.trace)
+
+
+def test_seed_912_a_replacement_left_by_an_abandoned_create_is_updated_before_it_is_adopted() -> None:
+    """Regression (small seed 912, ``data_lost`` read 401): during a recovery, a machine create was abandoned at
+    the lease's end under a 20 s latency fault and executed late; the next attempt rotated the gateway token and
+    adopted the machine left behind, which still held the old token, so every read was refused. Adoption now
+    applies the current configuration first. The test that fails without the fix is
+    tests/engine/test_decisions_table.py::
+    test_a_replacement_left_by_an_earlier_create_gets_the_current_config_before_it_is_adopted."""
+    result = run_seed(912, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("reconcile.adopt_replacement_machine" in line for line in result.trace), "the seed still adopts"
+
+
+def test_seed_366_a_create_asked_before_a_destroy_and_executed_after_it_is_not_a_re_creation() -> None:
+    """Checker regression (small seed 366, ``recreated_after_destroy``): a create held 120 s by a latency fault
+    reached the host after the instance's destroy; the engine had asked for it before the destroy. The checker now
+    judges a create by the instance's state when the request arrived (tests/sim/test_invariants.py)."""
+    result = run_seed(366, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+
+
+def test_seed_967_the_settle_waits_for_a_backoff_from_the_faulty_world_to_end() -> None:
+    """Checker regression (small seed 967, ``data_lost`` read 503): a machine crashed while every call took 20 s
+    (past the 10 s lease); the passes it woke failed and backed off for up to ``provider_backoff_max``, and the run
+    was judged before the next pass. An instance still backing off from provider errors is not settled."""
+    result = run_seed(967, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})

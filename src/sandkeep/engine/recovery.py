@@ -55,10 +55,11 @@ from sandkeep.engine.actions import (
     ProbeHealth,
     RequeueAfter,
     StartMachine,
+    UpdateMachine,
     WaitMachine,
     newest_snapshot,
 )
-from sandkeep.engine.naming import machine_name, volume_name
+from sandkeep.engine.naming import machine_generation, machine_name, volume_name
 from sandkeep.engine.policy import TERMINAL_REPLACEMENT_STATES, detection_latency_ms, elapsed_ms, recovery_regions
 from sandkeep.provider.errors import HostUnavailableError, NotFoundError, WaitTimeoutError
 from sandkeep.provider.models import Machine
@@ -284,8 +285,21 @@ def _machine(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
         adopted = [m for m in obs.owned_machines if volume.id in m.volume_ids]
         if adopted:
             machine = adopted[-1]
+            if machine_generation(machine.metadata) != record.config_generation:
+                # made by an earlier attempt whose answer was lost (abandoned at its lease's end, executed late):
+                # it carries the gateway token of that attempt, and every create rotates it -- it would refuse
+                # the record's token (401; seed 912). The current configuration goes on first.
+                updated = obs.outcome(UpdateMachine(machine.id))
+                if updated is None:
+                    return [UpdateMachine(machine.id, volume.id)]
+                if not updated.ok:
+                    return fail(record, settings, now, label="alarm_create_machine_failed",
+                                error=f"cannot update the replacement machine {machine.id} an earlier create "
+                                      f"left: {updated.message}")
             return [Persist({"machine_id": machine.id, "recovery_step": STEP_WAIT}),
-                    Emit("reconcile.adopt_replacement_machine", details={"machine_id": machine.id})]
+                    Emit("reconcile.adopt_replacement_machine",
+                         details={"machine_id": machine.id,
+                                  "updated": machine_generation(machine.metadata) != record.config_generation})]
     created = obs.outcome(CreateMachine("recovery"))
     if created is not None and not created.ok:
         return fail(record, settings, now, label="alarm_create_machine_failed",
