@@ -28,6 +28,7 @@ from sandkeep.engine.actions import (
     Done,
     Emit,
     EnsureApp,
+    ListSnapshots,
     Needs,
     Observed,
     Outcome,
@@ -285,3 +286,25 @@ def test_a_replacement_left_by_an_earlier_create_gets_the_current_config_before_
     fresh = observe(rec, "started")
     fresh.owned_machines = [Machine(id="m9", state="started", region="lcl-b", config=current)]
     assert decide(rec, fresh, SETTINGS, NOW)[0] == Persist({"machine_id": "m9", "recovery_step": recovery.STEP_WAIT})
+
+
+def test_once_the_old_volumes_delete_is_issued_the_recovery_never_deletes_its_recovery_volume() -> None:
+    """Seed 2300: the cutover's delete of the old volume was held 120 s by the provider; meanwhile the recovery timed
+    out and its cleanup deleted the recovery volume; then the old volume's delete landed: no copy was left. The
+    cutover now persists that it issued the delete (``cutover``) before issuing it; from there the timeout does not
+    fail the recovery, and a failure keeps the recovery volume as the instance's volume."""
+    rec = make_record(Status.RECOVERING, "fresh", machine_id="m2")
+    obs = observe(rec, "started")
+    obs.outcomes[ProbeHealth("m2")] = Outcome(ok=True, value=True)
+    obs.outcomes[ListSnapshots("v1")] = Outcome(ok=True, value=[])
+    first = decide(rec, obs, SETTINGS, NOW)
+    assert first[0] == Persist({"recovery_step": recovery.STEP_CUTOVER}) and isinstance(first[1], DeleteVolumeSafely)
+    # a later pass, past the timeout, the old volume's delete still in flight at the provider: no failure
+    late = rec.copy(recovery_step=recovery.STEP_CUTOVER,
+                    recovery_started_at=NOW - timedelta(seconds=SETTINGS.recovery_timeout + 60))
+    actions = decide(late, observe(late, "started"), SETTINGS, NOW)
+    assert not any(isinstance(a, Emit) and a.event == "reconcile.unexpected_stop_recovery_failing" for a in actions)
+    # and if the replacement is gone, the failure keeps the recovery volume instead of deleting it
+    failing = recovery.fail(late, SETTINGS, NOW, label="alarm_machine_gone", error="gone", replacement=True)
+    persisted = next(a for a in failing if isinstance(a, Persist)).changes
+    assert persisted["volume_id"] == "v2" and persisted["pending_recovery_volume_id"] is None

@@ -149,3 +149,23 @@ def test_seed_967_the_settle_waits_for_a_backoff_from_the_faulty_world_to_end() 
     was judged before the next pass. An instance still backing off from provider errors is not settled."""
     result = run_seed(967, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
+
+
+def test_seed_2300_a_failed_recovery_never_loses_both_copies() -> None:
+    """Regression (small seed 2300, ``original_volume_kept``): the cutover's delete of the old volume was held 120 s
+    by a latency fault (a volume delete is never abandoned); the recovery meanwhile timed out and its cleanup deleted
+    the recovery volume; then the old volume's delete landed: no copy was left. The cutover now persists
+    ``recovery_step=cutover`` before issuing that delete, and from there the recovery volume is kept. The test that
+    fails without the fix is tests/engine/test_decisions_table.py::
+    test_once_the_old_volumes_delete_is_issued_the_recovery_never_deletes_its_recovery_volume."""
+    result = run_seed(2300, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+
+
+def test_seed_1929_a_fenced_machine_its_record_forgot_is_destroyed_by_the_inventory() -> None:
+    """Checker regression (small seed 1929, ``fenced_destroyed``): a second dead-host fence took the record's one
+    ``fenced_machine_id`` slot while the first fenced machine's host was still away; that machine became an orphan
+    of the instance's own, which the inventory destroys after ``orphan_grace``. The settle now waits for it as it
+    waits for orphan volumes; the end check still fails a seed where it is left."""
+    result = run_seed(1929, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})

@@ -71,6 +71,11 @@ STEP_MACHINE = "machine"
 STEP_CREATING_MACHINE = "creating_machine"
 STEP_WAIT = "wait"
 STEP_WAIT_AGAIN = "wait:"
+STEP_CUTOVER = "cutover"
+"""The cutover has issued the old volume's delete (persisted first): whether it happened may be unknown -- a delete is
+never abandoned, but its pass may die or lose its lease while the provider still holds the request, and it may land
+later (sim small seed 2300). From here the recovery volume is the copy to keep: the recovery completes rather than
+time out, and a failure keeps the recovery volume as the instance's volume instead of deleting it."""
 """``wait:<n>``: waiting for a replacement started again ``n`` times after it stopped unasked (:func:`_wait`)."""
 FAILING = "failing:"
 FAILING_REPLACEMENT = "failing_replacement:"
@@ -144,6 +149,8 @@ def _cutting_over(record: InstanceRecord, obs: Observed) -> bool:
     """The cutover already disposed of the old volume (in this pass, or before a crash: it is gone while the
     started replacement waits): the recovery volume holds the only copy, so the recovery completes rather than
     fail -- a fail would delete that copy (SPEC §12.7 protects the data, the timeout only the waiting)."""
+    if record.recovery_step == STEP_CUTOVER:
+        return True
     if not record.volume_id or not (record.recovery_step or "").startswith(STEP_WAIT):
         return False
     deleted = obs.outcome(DeleteVolumeSafely(record.volume_id))
@@ -168,7 +175,7 @@ def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
         return _fork(record, obs, settings, now)
     if step in (STEP_MACHINE, STEP_CREATING_MACHINE):
         return _machine(record, obs, settings, now)
-    if step == STEP_WAIT or step.startswith(STEP_WAIT_AGAIN):
+    if step in (STEP_WAIT, STEP_CUTOVER) or step.startswith(STEP_WAIT_AGAIN):
         return _wait(record, obs, settings, now)
     return [Emit("reconcile.unknown_recovery_step", level="warning", details={"step": step}),
             Persist({"recovery_step": None})]
@@ -330,7 +337,8 @@ def _wait(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
             return [Emit("reconcile.recovery_replacement_restart", level="warning",
                          details={"machine_id": machine_id, "attempt": starts + 1,
                                   "exit_code": _last_exit(obs.machine)}),
-                    Persist({"recovery_step": f"{STEP_WAIT_AGAIN}{starts + 1}"}),
+                    Persist({"recovery_step": (STEP_CUTOVER if step == STEP_CUTOVER
+                                               else f"{STEP_WAIT_AGAIN}{starts + 1}")}),
                     StartMachine(machine_id)]
         if again is not None and not again.ok:
             return fail(record, settings, now, label="alarm_stopped",
@@ -416,7 +424,9 @@ def _complete(record: InstanceRecord, obs: Observed, settings: Settings, now: da
         elif listing.ok:
             deleted = obs.outcome(DeleteVolumeSafely(old_id))
             if deleted is None:
-                return [DeleteVolumeSafely(old_id, reason="unexpected_stop_recovery_immediate_cleanup")]
+                marker: list[Action] = ([] if record.recovery_step == STEP_CUTOVER
+                                        else [Persist({"recovery_step": STEP_CUTOVER})])  # intent before the act
+                return [*marker, DeleteVolumeSafely(old_id, reason="unexpected_stop_recovery_immediate_cleanup")]
             if deleted.ok:
                 old_handling = "deleted"
             else:  # retain with cleanup due now, so the alarm retries
@@ -470,9 +480,14 @@ def fail(record: InstanceRecord, settings: Settings, now: datetime, *, label: st
     if replacement is None:  # machine_id is the replacement once the old machine was destroyed (step 2)
         replacement = bool(record.machine_id) and (record.recovery_step or "") not in ("",)
     prefix = FAILING_REPLACEMENT if replacement and record.machine_id else FAILING
+    keep: Changes = {}
+    if record.recovery_step == STEP_CUTOVER and record.pending_recovery_volume_id:
+        # the old volume's delete was issued (and may land yet): the recovery volume is the copy kept, as the
+        # instance's volume, never deleted by the cleanup (SPEC 12.7)
+        keep = {"volume_id": record.pending_recovery_volume_id, "pending_recovery_volume_id": None}
     return [Emit("reconcile.unexpected_stop_recovery_failing", label=label, error=error, level="warning"),
             Persist({"recovery_step": f"{prefix}{label}", "last_recovery_error": error,
-                     "last_recovery_error_at": now})]
+                     "last_recovery_error_at": now, **keep})]
 
 
 def _finish_fail(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:

@@ -525,8 +525,19 @@ class Scenario:
         # passes past the grace to delete it; after that the end check calls it a leak
         s = self.w.settings
         wait = s.orphan_grace + 2 * s.inventory_interval + margin
-        for vid in unnamed_volumes(self.w, self.w.records()):
+        recs = self.w.records()
+        for vid in unnamed_volumes(self.w, recs):
             if self.w.t() - self.unnamed_since.setdefault(vid, self.w.t()) < wait:
+                return False
+        # likewise a fenced old machine its record no longer names (a second fence took the record's one slot, seed
+        # 1929): an orphan machine of the instance's own, which the inventory destroys after the grace
+        refs = {r for rec in recs for r in (rec.machine_id, rec.fenced_machine_id, rec.pending_destroy_machine_id)
+                if r}
+        for mid in self.w.fenced_ever:
+            m = self.w.host.machines.get(mid)
+            if m is None or m.get("state") == "destroyed" or mid in refs:
+                continue
+            if self.w.t() - self.unnamed_since.setdefault(mid, self.w.t()) < wait:
                 return False
         return True
 
