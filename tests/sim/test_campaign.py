@@ -169,3 +169,13 @@ def test_seed_1929_a_fenced_machine_its_record_forgot_is_destroyed_by_the_invent
     waits for orphan volumes; the end check still fails a seed where it is left."""
     result = run_seed(1929, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
+
+
+def test_seed_3014_a_fork_of_a_snapshot_restore_is_the_recovery_point() -> None:
+    """Checker regression (small seed 3014, ``empty_volume_start``): a dead-host recovery restored the instance
+    from a snapshot taken before two writes (the loss recorded, the old volume flagged with them); a later recovery
+    forked the restored volume, which is as empty as its snapshot. The checker exempted a restore of the instance's
+    own snapshot but not a fork of one (tests/sim/test_invariants.py)."""
+    result = run_seed(3014, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"

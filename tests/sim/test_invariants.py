@@ -211,3 +211,24 @@ def test_a_create_asked_before_the_destroy_and_executed_after_it_is_not_a_re_cre
         await asked
 
     assert _in_world(body) == []
+
+
+def test_starting_on_a_fork_of_a_restore_of_its_own_empty_snapshot_is_not_empty_volume_start() -> None:
+    """Seed 3014: a dead-host recovery restored the instance from a snapshot taken before its writes (the loss
+    recorded, the old volume flagged with the writes); a later recovery forked that restored volume. The fork is the
+    same recovery point, not a blank volume."""
+    async def body(world: World) -> None:
+        old = await _volume(world)
+        (world.host.volume_dir(world.host.volumes[old]) / "data").mkdir(parents=True, exist_ok=True)
+        snap = await world.host.create_snapshot(APP, old)
+        (world.host.volume_dir(world.host.volumes[old]) / "data" / "k1").write_bytes(b"after the snapshot")
+        restored = await world.host.create_volume(APP, {"name": "data", "region": "r1",
+                                                        "snapshot_id": snap["id"]})
+        fork = await world.host.create_volume(APP, {"name": "data", "region": "r1",
+                                                    "source_volume_id": restored["id"]})
+        _insert(world, volume_id=restored["id"], pending_recovery_volume_id=fork["id"], flagged_volume_ids=[old])
+        await world.host.create_machine(APP, {"region": "r1", "config": {
+            "image": "sandkeep/gateway", "metadata": {METADATA_SANDBOX: SBX},
+            "mounts": [{"volume": fork["id"], "path": "/data"}]}})
+
+    assert _in_world(body) == []

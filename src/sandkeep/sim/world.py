@@ -392,14 +392,14 @@ class World:
     def _check_start_volume(self, m: dict[str, Any]) -> None:
         """SPEC 12.10: a machine of an instance starts on an empty volume only when no volume of its own holds
         data (its current, retained, flagged and pending recovery volumes). A volume restored from a snapshot of
-        one of those volumes is not an empty volume in that sense even when the snapshot held nothing: it is the
-        instance's data at its recovery point (SPEC 7.2.3 "beyond the origin", 15; the loss is recorded and the
-        old volume is flagged, invariant 9)."""
+        one of those volumes (or a fork of such a restore) is not an empty volume in that sense even when the
+        snapshot held nothing: it is the instance's data at its recovery point (SPEC 7.2.3 "beyond the origin", 15;
+        the loss is recorded and the old volume is flagged, invariant 9)."""
         sbx = ((m.get("config") or {}).get("metadata") or {}).get(METADATA_SANDBOX)
         mounted = self.host._mounted_volume(m)
         if not sbx or mounted is None or sbx.startswith(FOREIGN_PREFIX) or self._volume_has_data(mounted):
             return
-        snapshot = self.host.snapshots.get(str(mounted.get("snapshot_id") or ""))
+        snapshot = self._origin_snapshot(mounted)
         for rec in self.records():
             if rec.sandbox_id != sbx:
                 continue
@@ -412,6 +412,19 @@ class World:
                     self.violate("empty_volume_start", f"machine {m['id']} of {rec.id} starts on empty volume "
                                                        f"{mounted['id']} while its volume {vid} holds data")
                     return
+
+    def _origin_snapshot(self, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The snapshot a volume was restored from, directly or through forks of forks of the restore (seed 3014: a
+        recovery forked the volume an earlier dead-host recovery had restored from the instance's own snapshot; the
+        fork is that same recovery point)."""
+        seen: set[str] = set()
+        while v is not None and str(v["id"]) not in seen:
+            seen.add(str(v["id"]))
+            snapshot = self.host.snapshots.get(str(v.get("snapshot_id") or ""))
+            if snapshot is not None:
+                return snapshot
+            v = self.host.volumes.get(str(v.get("source_volume_id") or ""))
+        return None
 
     def check_traffic(self, machine_id: str) -> None:
         """SPEC 15: a fenced old machine never receives traffic."""
