@@ -308,3 +308,23 @@ def test_once_the_old_volumes_delete_is_issued_the_recovery_never_deletes_its_re
     failing = recovery.fail(late, SETTINGS, NOW, label="alarm_machine_gone", error="gone", replacement=True)
     persisted = next(a for a in failing if isinstance(a, Persist)).changes
     assert persisted["volume_id"] == "v2" and persisted["pending_recovery_volume_id"] is None
+
+
+def test_a_fork_left_by_an_earlier_failed_recovery_is_not_adopted() -> None:
+    """Seed 3266: a fork abandoned at a recovery's deadline landed anyway; the recovery failed, the instance ran and
+    was written to again, and the next recovery adopted that fork by name -- losing the new writes. Only a fork made
+    since this recovery began is adopted; an older one is a leftover (the orphan inventory's)."""
+    started = NOW - timedelta(seconds=30)
+    rec = make_record(Status.RECOVERING, "fresh", machine_id=None, recovery_step=recovery.STEP_FORKING,
+                      pending_recovery_volume_id=None, recovery_started_at=started)
+    obs = observe(rec, "started")
+    stale = Volume(id="v-old-fork", name="vol", region="lcl-b", size_gb=1,
+                   created_at=(started - timedelta(minutes=2)).isoformat())
+    mine = Volume(id="v-new-fork", name="vol", region="lcl-b", size_gb=1,
+                  created_at=(started + timedelta(seconds=3)).isoformat())
+    obs.named_volumes = [stale]
+    assert not any(isinstance(a, Persist) and a.changes.get("pending_recovery_volume_id") == "v-old-fork"
+                   for a in decide(rec, obs, SETTINGS, NOW))
+    obs.named_volumes = [stale, mine]
+    assert decide(rec, obs, SETTINGS, NOW)[0] == Persist({"pending_recovery_volume_id": "v-new-fork",
+                                                          "recovery_step": recovery.STEP_MACHINE})

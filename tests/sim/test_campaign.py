@@ -179,3 +179,12 @@ def test_seed_3014_a_fork_of_a_snapshot_restore_is_the_recovery_point() -> None:
     result = run_seed(3014, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
     assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"
+
+
+def test_seed_3266_a_fork_left_by_an_earlier_failed_recovery_is_not_adopted() -> None:
+    """Regression (small seed 3266, ``data_lost``): a fork abandoned at a recovery's deadline landed anyway; the
+    instance ran and was written to again; the next recovery adopted that stale fork by name and deleted the old
+    volume at cutover. Only a fork made since the recovery began is adopted now. The test that fails without the fix
+    is tests/engine/test_decisions_table.py::test_a_fork_left_by_an_earlier_failed_recovery_is_not_adopted."""
+    result = run_seed(3266, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})

@@ -207,6 +207,23 @@ def _prepare(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
     return [Persist({"recovery_step": STEP_FORK})]
 
 
+FORK_CLOCK_SLACK = timedelta(seconds=5)
+"""How much earlier than the recovery's start (on sandkeep's clock) the provider may date a fork this recovery made."""
+
+
+def _made_since(created_at: str | None, since: datetime | None) -> bool:
+    """Whether a provider timestamp is not older than ``since`` (less the slack); unknown means no."""
+    if not created_at or since is None:
+        return False
+    try:
+        made = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if made.tzinfo is None:
+        made = made.replace(tzinfo=since.tzinfo)
+    return made >= since - FORK_CLOCK_SLACK
+
+
 def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
     source = obs.volume
     if record.volume_id is None or obs.volume_missing or source is None:
@@ -219,9 +236,12 @@ def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
                 Persist({"pending_recovery_volume_id": None, "recovery_step": STEP_FORK})]
     if record.recovery_step == STEP_FORKING:
         # a fork may have been created just before a crash: adopt it instead of forking twice
+        # -- only one made by *this* recovery: a fork left by an earlier, failed one predates whatever the instance
+        # wrote since (sim seed 3266: adopting it lost those writes); it is a leftover for the orphan inventory
         leftovers = [v for v in obs.named_volumes
                      if v.id not in (record.volume_id, record.retained_volume_id) and not v.attached_machine_id
-                     and (v.state or "created") not in ("destroyed", "destroying", "pending_destroy")]
+                     and (v.state or "created") not in ("destroyed", "destroying", "pending_destroy")
+                     and _made_since(v.created_at, record.recovery_started_at)]
         if leftovers:
             adopted = max(leftovers, key=lambda v: (v.created_at or "", v.id))
             return [Persist({"pending_recovery_volume_id": adopted.id, "recovery_step": STEP_MACHINE}),
