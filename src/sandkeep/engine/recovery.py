@@ -71,12 +71,12 @@ STEP_MACHINE = "machine"
 STEP_CREATING_MACHINE = "creating_machine"
 STEP_WAIT = "wait"
 STEP_WAIT_AGAIN = "wait:"
+"""``wait:<n>``: waiting for a replacement started again ``n`` times after it stopped unasked (:func:`_wait`)."""
 STEP_CUTOVER = "cutover"
 """The cutover has issued the old volume's delete (persisted first): whether it happened may be unknown -- a delete is
 never abandoned, but its pass may die or lose its lease while the provider still holds the request, and it may land
 later (sim small seed 2300). From here the recovery volume is the copy to keep: the recovery completes rather than
 time out, and a failure keeps the recovery volume as the instance's volume instead of deleting it."""
-"""``wait:<n>``: waiting for a replacement started again ``n`` times after it stopped unasked (:func:`_wait`)."""
 FAILING = "failing:"
 FAILING_REPLACEMENT = "failing_replacement:"
 
@@ -312,7 +312,8 @@ def _machine(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
         adopted = [m for m in obs.owned_machines if volume.id in m.volume_ids]
         if adopted:
             machine = adopted[-1]
-            if machine_generation(machine.metadata) != record.config_generation:
+            stale = machine_generation(machine.metadata) != record.config_generation
+            if stale:
                 # made by an earlier attempt whose answer was lost (abandoned at its lease's end, executed late):
                 # it carries the gateway token of that attempt, and every create rotates it -- it would refuse
                 # the record's token (401; seed 912). The current configuration goes on first.
@@ -325,8 +326,7 @@ def _machine(record: InstanceRecord, obs: Observed, settings: Settings, now: dat
                                       f"left: {updated.message}")
             return [Persist({"machine_id": machine.id, "recovery_step": STEP_WAIT}),
                     Emit("reconcile.adopt_replacement_machine",
-                         details={"machine_id": machine.id,
-                                  "updated": machine_generation(machine.metadata) != record.config_generation})]
+                         details={"machine_id": machine.id, "updated": stale})]
     created = obs.outcome(CreateMachine("recovery"))
     if created is not None and not created.ok:
         return fail(record, settings, now, label="alarm_create_machine_failed",
