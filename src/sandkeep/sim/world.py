@@ -325,7 +325,7 @@ class World:
             sbx = meta.get(METADATA_SANDBOX)
             instance = self.destroyed_instances.get(sbx) if sbx else None
             if instance is None and sbx:
-                rec = next((r for r in self.records() if r.sandbox_id == sbx), None)
+                rec = self._record_of(sbx)
                 if rec is not None and rec.status == Status.DESTROYED:
                     instance = rec.id
             if instance is not None:
@@ -572,8 +572,11 @@ class World:
             return None
         if sbx in self.destroyed_instances:
             return True
-        rec = next((r for r in self.records() if r.sandbox_id == sbx), None)
+        rec = self._record_of(sbx)
         return rec is not None and rec.status in (Status.DESTROYING, Status.DESTROYED)
+
+    def _record_of(self, sandbox_id: str) -> InstanceRecord | None:
+        return next((r for r in self.records() if r.sandbox_id == sandbox_id), None)
 
     def records(self) -> list[InstanceRecord]:
         out: list[InstanceRecord] = []
