@@ -237,16 +237,21 @@ class GatewayHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(json.dumps({"event": "request", "line": format % args}) + "\n")
 
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+    def _send(self, status: int, payload: bytes, content_type: str = "application/json", *,
+              close: bool = False) -> None:
+        """Answer; with ``close`` also say ``Connection: close`` (which makes the handler close after it), so a
+        keep-alive client never sends its next request down a connection this side is closing."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    def _json(self, status: int, obj: dict[str, Any]) -> None:
-        self._send(status, json.dumps(obj).encode())
+    def _json(self, status: int, obj: dict[str, Any], *, close: bool = False) -> None:
+        self._send(status, json.dumps(obj).encode(), close=close)
 
     def _key(self) -> str | None:
         path = urlsplit(self.path).path
@@ -299,8 +304,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         """Answer 401 (and close: an unread body must not become the next request) without the token."""
         if self.cfg.authorized(self.headers.get(TOKEN_HEADER)):
             return False
-        self.close_connection = True
-        self._json(401, {"error": "unauthorized: this gateway answers only requests that carry its token"})
+        self._json(401, {"error": "unauthorized: this gateway answers only requests that carry its token"}, close=True)
         return True
 
     def do_GET(self) -> None:
@@ -340,8 +344,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         key = self._key()
         body = self._drain()
         if body is None:
-            self._json(400, {"error": f"a Content-Length of at most {MAX_BODY} bytes is required"})
-            self.close_connection = True
+            self._json(400, {"error": f"a Content-Length of at most {MAX_BODY} bytes is required"}, close=True)
             return
         if key is None:
             self._json(404, {"error": f"not found: {urlsplit(self.path).path}"})

@@ -125,6 +125,34 @@ def test_gateway_stores_data_rejects_traversal_and_stops_on_sigterm(tmp_path: Pa
     assert code == 0
 
 
+def test_gateway_says_connection_close_when_it_closes_after_a_refusal(tmp_path: Path) -> None:
+    """A refusal (401, or a PUT without a usable Content-Length) closes the connection, so it must say so: a
+    keep-alive client (the host's proxy) that was not told sent its next request down the closed connection and
+    got ``RemoteProtocolError`` (a 502 through the proxy) about one time in seven."""
+    port = free_port()
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    proc = spawn(["gateway"], log_path=tmp_path / "gw.log",
+                 env={"PORT": str(port), "SANDKEEP_VOLUME_PATH": str(volume), "FLY_MACHINE_ID": "m1",
+                      TOKEN_ENV: "gw-token"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(url + "/health", headers={TOKEN_HEADER: "gw-token"}).status_code == 200,
+                   timeout=20, message="gateway up")
+        with httpx.Client(base_url=url) as keepalive:  # one pooled connection, reused while it stays open
+            for i in range(200):
+                refused = keepalive.put("/data/k", content=b"x", headers={} if i % 2 else {TOKEN_HEADER: "no"})
+                assert refused.status_code == 401 and refused.headers.get("connection") == "close", i
+            chunked = keepalive.put("/data/k", content=iter([b"x"]), headers={TOKEN_HEADER: "gw-token"})
+            assert chunked.status_code == 400 and chunked.headers.get("connection") == "close"
+            kept = keepalive.get("/health", headers={TOKEN_HEADER: "gw-token"})
+            assert kept.status_code == 200 and kept.headers.get("connection") != "close"
+        assert not (volume / "data" / "k").exists()
+    finally:
+        code = proc.stop(signal.SIGTERM)
+    assert code == 0
+
+
 def test_scheduler_runs_in_the_host_process(tmp_path: Path) -> None:
     from tests.host.conftest import Api
     from tests.support.procs import running_host
