@@ -190,8 +190,37 @@ def test_restore_records_the_recovery_point_and_sizes_from_the_source() -> None:
     restore = next(a for a in actions if isinstance(a, CreateVolume))
     assert restore.snapshot_id == "s2" and restore.size_gb == 3
     assert restore.extra["recovery_point"] == "2026-11-30T02:00:00Z"
-    restored = next(a for a in actions if isinstance(a, Emit) and a.event == "instance.restored_from_snapshot")
-    assert restored.details["recovery_point"] == "2026-11-30T02:00:00Z"
+    restored = restore.announce  # emitted once the restore exists, before its id is written
+    assert restored is not None and restored.event == "instance.restored_from_snapshot"
+    assert restored.details["recovery_point"] == "2026-11-30T02:00:00Z" and restored.details["data_loss"] is True
+    # the intent comes first: the step and the recovery point, persisted before the restore is asked for
+    assert actions[0] == Persist({"recovery_step": recovery.STEP_RESTORING, "recovery_point": "2026-11-30T02:00:00Z"})
+    assert actions.index(restore) == 1
+
+
+def test_a_restore_adopted_after_a_crash_records_its_data_loss() -> None:
+    """Sim small seed 4435: the pass that restored a snapshot (the source's host unreachable) died on a database
+    write before it recorded anything; the next pass adopted the volume by name as if it were a fork, and the
+    restore's data loss went unrecorded (``recovery_point`` None, no ``instance.restored_from_snapshot``). The
+    provider does not say whether a volume is a fork or a restore: the intent persisted before the restore does."""
+    started = NOW - timedelta(seconds=20)
+    rec = recovering(recovery_step=recovery.STEP_RESTORING, machine_id=None, fenced_machine_id="m1",
+                     pending_recovery_volume_id=None, recovery_started_at=started,
+                     recovery_point="2026-11-30T02:00:00Z")
+    assert needs(rec).named_volumes
+    obs = obs_for(rec, volume_host_status="unreachable")
+    obs.named_volumes = [Volume(id="v-restored", name="vol", region="lcl-b", size_gb=3,
+                                created_at=(started + timedelta(seconds=2)).isoformat())]
+    actions = decide(rec, obs, SETTINGS, NOW)
+    loss = actions[0]
+    assert isinstance(loss, Emit) and loss.event == "instance.restored_from_snapshot", actions
+    assert loss.details["recovery_point"] == "2026-11-30T02:00:00Z"
+    assert loss.details["adopted_volume_id"] == "v-restored"
+    assert changes_of(actions) == {"pending_recovery_volume_id": "v-restored", "recovery_step": recovery.STEP_MACHINE}
+    # a fork adopted in a recovery that never issued a restore records no loss
+    forked = rec.copy(recovery_step=recovery.STEP_FORKING, recovery_point=None)
+    assert not any(isinstance(a, Emit) and a.event == "instance.restored_from_snapshot"
+                   for a in decide(forked, obs, SETTINGS, NOW))
 
 
 def test_cutover_after_a_restore_flags_the_old_volume_and_never_deletes_it() -> None:

@@ -161,6 +161,28 @@ def test_emitter_counts_metrics_and_never_logs_secrets(store: SqlStore, clock: F
     assert b"sandkeep_instances" in body and ctype.startswith("text/plain")
 
 
+async def test_a_required_event_is_never_silently_lost(store: SqlStore, clock: FakeClock,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events are best effort (a store failure is logged, the pass goes on) -- except a data-loss record: sim small
+    seed 4435 lost ``instance.restored_from_snapshot`` to a failed event write. A required event's failure ends the
+    pass (the next one records it again)."""
+    from sandkeep.store.base import StoreError
+
+    emitter = Emitter(store, clock)
+    rec = record()
+
+    def failing(row: object) -> object:
+        raise StoreError("database write failed")
+
+    monkeypatch.setattr(store, "add_event", failing)
+    await emitter.aemit(rec, "instance.snapshot_taken")  # best effort: swallowed
+    with pytest.raises(StoreError):
+        await emitter.aemit(rec, "instance.restored_from_snapshot", required=True)
+    monkeypatch.undo()
+    await emitter.aemit(rec, "instance.restored_from_snapshot", required=True)
+    assert [e.event for e in store.list_events(instance_id=rec.id).items] == ["instance.restored_from_snapshot"]
+
+
 async def test_detector_poll_wakes_instances_whose_machine_stopped(h: Harness) -> None:
     rec = await h.running()
     other = await h.running()

@@ -188,3 +188,17 @@ def test_seed_3266_a_fork_left_by_an_earlier_failed_recovery_is_not_adopted() ->
     is tests/engine/test_decisions_table.py::test_a_fork_left_by_an_earlier_failed_recovery_is_not_adopted."""
     result = run_seed(3266, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
+
+
+def test_seed_4435_a_restore_adopted_after_a_crash_records_its_data_loss() -> None:
+    """Regression (small seed 4435, ``data_lost``): under database write failures, a dead-host recovery's snapshot
+    restore was made but its pass died before recording it; the next pass adopted the volume by name as if it were a
+    fork, and the restore's data loss went unrecorded (no ``instance.restored_from_snapshot``, no recovery point; the
+    event itself was also lost once to a failed event write). The restore's intent (step and recovery point) is now
+    persisted first, an adopted restore records the loss again, and that record is a required event. The tests that
+    fail without the fix are tests/engine/test_decisions_deadhost.py::
+    test_a_restore_adopted_after_a_crash_records_its_data_loss and tests/engine/test_units.py::
+    test_a_required_event_is_never_silently_lost."""
+    result = run_seed(4435, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"

@@ -142,6 +142,7 @@ class Emit:
     value: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
     level: str = "info"
+    required: bool = False  # a record that must not be lost (a data loss): a store failure ends the pass
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,9 @@ class CreateVolume:
     """Create (or fork / restore) a volume over ``regions`` (capacity fallback); persist its id at once.
 
     ``assign`` names the record field that receives the id; with ``assign_region`` the volume's region goes
-    into ``region``; ``extra`` goes into the same write. Identity: the purpose.
+    into ``region``; ``extra`` goes into the same write. ``announce`` is emitted once the volume exists and before
+    that write (a restore's data-loss record: should the write fail, the next pass adopts the volume and emits it
+    again -- at least once, never lost). Identity: the purpose.
     """
 
     purpose: str  # "primary" | "recovery" | "restore" | "replacement"
@@ -203,6 +206,7 @@ class CreateVolume:
     compute_size: str | None = field(default=None, compare=False)
     assign_region: bool = field(default=False, compare=False)
     extra: Changes = field(default_factory=_no_changes, compare=False)
+    announce: Emit | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

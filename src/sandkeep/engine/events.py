@@ -39,21 +39,29 @@ class Emitter:
     async def aemit(self, record: InstanceRecord | None, event: str, *, label: str | None = None,
                     error: str | None = None, duration_ms: int | None = None, value: float | None = None,
                     details: dict[str, Any] | None = None, level: str = "info", machine_id: str | None = None,
-                    volume_id: str | None = None, region: str | None = None) -> EventRecord:
-        """:meth:`emit`, the row written on the store thread (directly when there is none)."""
+                    volume_id: str | None = None, region: str | None = None,
+                    required: bool = False) -> EventRecord:
+        """:meth:`emit`, the row written on the store thread (directly when there is none). ``required``: a
+        record that must not be lost (a data loss): a store failure is raised, after the log line, instead of
+        swallowed -- the pass ends and the next one records it again."""
         row = self._row(record, event, label=label, error=error, duration_ms=duration_ms, value=value,
                         details=details, machine_id=machine_id, volume_id=volume_id, region=region)
-        stored = await self.astore.call(self._add, row) if self.astore is not None else self._add(row)
-        self._told(record, row, level)
+        try:
+            stored = (await self.astore.call(self._add, row, required) if self.astore is not None
+                      else self._add(row, required))
+        finally:
+            self._told(record, row, level)
         return stored
 
-    def _add(self, row: EventRecord) -> EventRecord:
+    def _add(self, row: EventRecord, required: bool = False) -> EventRecord:
         """Store ``row``; a store failure is logged and the row returned (the log line and the metric still
-        happen)."""
+        happen), or raised when the row is ``required``."""
         try:
             return self.store.add_event(row)
         except Exception as exc:
-            self.log.error("event.store_failed", event_name=row.event, error=str(exc))
+            self.log.error("event.store_failed", event_name=row.event, error=str(exc), required=required)
+            if required:
+                raise
             return row
 
     def _row(self, record: InstanceRecord | None, event: str, *, label: str | None, error: str | None,

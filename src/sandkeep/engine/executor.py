@@ -342,6 +342,11 @@ class Pass:
         await self.requeue(settings.interval_busy)
         return self.record
 
+    async def emit(self, action: Emit) -> None:
+        await self.ctx.emitter.aemit(self.record, action.event, label=action.label, error=action.error,
+                                     duration_ms=action.duration_ms, value=action.value, details=action.details,
+                                     level=action.level, required=action.required)
+
     async def execute(self, actions: list[Action]) -> bool:
         """Run ``actions`` in order; True when the pass is over. A failed effect stops the list (re-decide)."""
         for action in actions:
@@ -350,9 +355,7 @@ class Pass:
                     crashpoints.reached("recovery.cutover")  # the old volume is dealt with, the write not done
                 await self.persist(action.changes)
             elif isinstance(action, Emit):
-                await self.ctx.emitter.aemit(self.record, action.event, label=action.label, error=action.error,
-                                      duration_ms=action.duration_ms, value=action.value, details=action.details,
-                                      level=action.level)
+                await self.emit(action)
             elif isinstance(action, RequeueAfter):
                 await self.end(self.requeue_changes(action.seconds))
                 return True
@@ -495,6 +498,8 @@ class Pass:
         volume = await provider.create_volume_with_fallback(
             app, regions=list(action.regions), name=action.name, size_gb=action.size_gb,
             source_volume_id=source, snapshot_id=action.snapshot_id, compute=compute)
+        if action.announce is not None:
+            await self.emit(action.announce)
         changes: Changes = {**action.extra}
         changes[action.assign] = volume.id
         if action.assign_region:

@@ -67,6 +67,10 @@ from sandkeep.store.records import InstanceRecord, Status
 
 STEP_FORK = "fork"
 STEP_FORKING = "forking"
+STEP_RESTORING = "restoring"
+"""A snapshot restore was issued, its recovery point persisted first: the provider does not say whether a volume
+is a fork or a restore, so this intent is what tells a pass after a crash that the volume it adopts lost data (sim
+small seed 4435: adopted as a fork, the restore's data loss went unrecorded)."""
 STEP_MACHINE = "machine"
 STEP_CREATING_MACHINE = "creating_machine"
 STEP_WAIT = "wait"
@@ -130,7 +134,7 @@ def needs(record: InstanceRecord) -> Needs:
     return Needs(machine=bool(record.machine_id), volume=bool(record.volume_id),
                  pending_volume=bool(record.pending_recovery_volume_id),
                  owned_machines=step == STEP_CREATING_MACHINE,
-                 named_volumes=step == STEP_FORKING and record.pending_recovery_volume_id is None)
+                 named_volumes=step in (STEP_FORKING, STEP_RESTORING) and record.pending_recovery_volume_id is None)
 
 
 def deadlines(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
@@ -171,7 +175,7 @@ def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
     step = record.recovery_step or ""
     if step == "":
         return _prepare(record, obs, settings, now)
-    if step in (STEP_FORK, STEP_FORKING):
+    if step in (STEP_FORK, STEP_FORKING, STEP_RESTORING):
         return _fork(record, obs, settings, now)
     if step in (STEP_MACHINE, STEP_CREATING_MACHINE):
         return _machine(record, obs, settings, now)
@@ -234,7 +238,7 @@ def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
             return [Persist({"recovery_step": STEP_MACHINE})]
         return [Emit("reconcile.pending_recovery_volume_missing", level="warning", details={"volume_id": pending}),
                 Persist({"pending_recovery_volume_id": None, "recovery_step": STEP_FORK})]
-    if record.recovery_step == STEP_FORKING:
+    if record.recovery_step in (STEP_FORKING, STEP_RESTORING):
         # a fork may have been created just before a crash: adopt it instead of forking twice
         # -- only one made by *this* recovery: a fork left by an earlier, failed one predates whatever the instance
         # wrote since (sim seed 3266: adopting it lost those writes); it is a leftover for the orphan inventory
@@ -244,9 +248,15 @@ def _fork(record: InstanceRecord, obs: Observed, settings: Settings, now: dateti
                      and _made_since(v.created_at, record.recovery_started_at)]
         if leftovers:
             adopted = max(leftovers, key=lambda v: (v.created_at or "", v.id))
-            return [Persist({"pending_recovery_volume_id": adopted.id, "recovery_step": STEP_MACHINE}),
-                    Emit("reconcile.adopt_recovery_volume", details={"volume_id": adopted.id,
-                                                                      "region": adopted.region})]
+            adopt: list[Action] = [
+                Persist({"pending_recovery_volume_id": adopted.id, "recovery_step": STEP_MACHINE}),
+                Emit("reconcile.adopt_recovery_volume", details={"volume_id": adopted.id, "region": adopted.region})]
+            if record.recovery_point is not None:
+                # a restore was issued in this recovery (its point persisted first): the volume may be that restore,
+                # and the pass that made it may have died before recording the loss -- record it (again), first
+                return [_restored_event(record.volume_id, None, record.recovery_point, None, adopted=adopted.id),
+                        *adopt]
+            return adopt
     unreachable = (source.host_status or "ok") == "unreachable"
     fork_outcome = obs.outcome(CreateVolume("recovery"))
     if fork_outcome is not None and not fork_outcome.ok:
@@ -285,16 +295,28 @@ def _restore_from_snapshot(record: InstanceRecord, obs: Observed, settings: Sett
     if restore_outcome is not None and not restore_outcome.ok:
         return fail(record, settings, now, label="alarm_restore_failed",
                     error=f"restore of snapshot {snapshot.id} failed: {restore_outcome.message}")
+    # intent first: the step and the recovery point, so a pass after a crash knows a volume it adopts is a restore
+    # (never cleared again in this recovery: should the source come back and a fork follow, a late restore may still
+    # be the volume adopted -- a loss recorded that may not have happened, never one that went unrecorded)
     restore = CreateVolume(purpose="restore", name=volume_name(record), regions=regions,
                            assign="pending_recovery_volume_id", snapshot_id=snapshot.id,
                            size_gb=obs.volume.size_gb if obs.volume else None, compute_size=record.machine_size,
-                           extra={"recovery_step": STEP_MACHINE, "recovery_point": snapshot.created_at})
-    return [Persist({"recovery_step": STEP_FORKING}), restore,
-            Emit("instance.restored_from_snapshot", label="restored_from_snapshot", level="warning",
-                 error=f"data written after {snapshot.created_at} is lost",
-                 details={"source_volume_id": record.volume_id, "snapshot_id": snapshot.id,
-                          "snapshot_created_at": snapshot.created_at, "recovery_point": snapshot.created_at,
-                          "snapshot_volume_size": snapshot.volume_size, "data_loss": True})]
+                           extra={"recovery_step": STEP_MACHINE, "recovery_point": snapshot.created_at},
+                           announce=_restored_event(record.volume_id, snapshot.id, snapshot.created_at,
+                                                    snapshot.volume_size))
+    return [Persist({"recovery_step": STEP_RESTORING, "recovery_point": snapshot.created_at}), restore]
+
+
+def _restored_event(source_volume_id: str | None, snapshot_id: str | None, point: str | None,
+                    snapshot_volume_size: int | None, *, adopted: str | None = None) -> Emit:
+    """The data-loss record of a restore (SPEC 12.1): emitted when the restore exists, again when it is adopted."""
+    details: dict[str, object] = {"source_volume_id": source_volume_id, "snapshot_id": snapshot_id,
+                                  "snapshot_created_at": point, "recovery_point": point,
+                                  "snapshot_volume_size": snapshot_volume_size, "data_loss": True}
+    if adopted is not None:
+        details["adopted_volume_id"] = adopted
+    return Emit("instance.restored_from_snapshot", label="restored_from_snapshot", level="warning",
+                error=f"data written after {point} is lost", details=details, required=True)
 
 
 def _machine(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
