@@ -99,6 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("orphan_grace", "SANDKEEP_ORPHAN_GRACE", 86400.0,
             "How long a machine or volume of sandkeep's that no record references is reported before it is "
             "deleted (with the ownership check; foreign resources are never touched)."),
+    Setting("create_landing_window", "SANDKEEP_CREATE_LANDING_WINDOW", 600.0,
+            "After a machine create failed or was abandoned with its outcome unknown, how long every pass of that "
+            "instance looks for a machine the provider still made and stops it (at most one started machine)."),
     Setting("inventory_interval", "SANDKEEP_INVENTORY_INTERVAL", 3600.0,
             "How often each engine process lists every app's machines and volumes to find orphans (0 disables)."),
     Setting("inventory_apps_per_pass", "SANDKEEP_INVENTORY_APPS_PER_PASS", 1000,
@@ -268,6 +271,7 @@ class Settings:
     snapshot_interval: float = 3600.0
     snapshot_retention: int = 5
     orphan_grace: float = 86400.0
+    create_landing_window: float = 600.0
     inventory_interval: float = 3600.0
     inventory_apps_per_pass: int = 1000
     inventory_app_pause: float = 0.5

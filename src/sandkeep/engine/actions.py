@@ -63,6 +63,7 @@ class Changes(TypedDict, total=False):
     recovery_point: str | None
     incident_note: str | None
     last_snapshot_at: datetime | None
+    unsettled_create_at: datetime | None
     name: str | None
     labels: dict[str, str]
     guest_cpu_kind: str | None

@@ -63,6 +63,7 @@ from sandkeep.provider.errors import (
     NotFoundError,
     ProviderError,
     RateLimitedError,
+    TransientError,
 )
 from sandkeep.secrets import SecretsError
 from sandkeep.sim import plant
@@ -389,6 +390,10 @@ class Pass:
                     return False
                 except ProviderError as exc:
                     self.outcomes[action] = Outcome(False, error=exc)
+                    if isinstance(action, CreateMachine) and isinstance(exc, TransientError):
+                        # abandoned, or answered 5xx / not at all: the provider may still make the machine. Until
+                        # create_landing_window has passed, passes look for it and stop it (reconcile.strays)
+                        await self.persist({"unsettled_create_at": self.ctx.clock.now()})
                     if self.intent:
                         raise
                     if isinstance(exc, DeadlineExceededError):  # decide again: the deadline has its answer

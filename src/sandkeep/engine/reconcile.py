@@ -13,7 +13,18 @@ from datetime import datetime
 
 from sandkeep.config import Settings
 from sandkeep.engine import deadhost, lifecycle, recovery
-from sandkeep.engine.actions import Action, Backoff, DeleteVolumeSafely, Done, Emit, Needs, Observed, Persist
+from sandkeep.engine.actions import (
+    Action,
+    Backoff,
+    DeleteVolumeSafely,
+    Done,
+    Emit,
+    Needs,
+    Observed,
+    Persist,
+    RequeueAfter,
+    StopMachine,
+)
 from sandkeep.provider.errors import ProviderError, RateLimitedError
 from sandkeep.store.records import InstanceRecord, Status
 
@@ -39,6 +50,36 @@ def housekeeping(record: InstanceRecord, obs: Observed, settings: Settings, now:
                                        clear={"retained_volume_id": None, "retained_volume_cleanup_after": None}),
                     Emit("instance.retained_volume_deleted", label="alarm_retained_recovery_cleanup",
                          details={"deleted_volume_id": retained})]
+    return []
+
+
+#: statuses whose machine pointer is at rest: a machine of the instance's that the record does not name is a stray
+AT_REST = frozenset({Status.RUNNING, Status.STOPPED})
+
+
+def looking_for_strays(record: InstanceRecord) -> bool:
+    return record.unsettled_create_at is not None and record.status in AT_REST
+
+
+def strays(record: InstanceRecord, obs: Observed, settings: Settings, now: datetime) -> list[Action]:
+    """SPEC 12.2 after a machine create whose outcome is unknown (it failed with a 5xx or no answer, or was
+    abandoned at a deadline): the provider may still make that machine, after the instance moved on to another
+    one (sim small seed 3867: a start's create landed a minute late, beside the machine a recovery had started
+    since). Until ``create_landing_window`` has passed, a started machine of the instance's that the record does
+    not name is stopped (not destroyed: the orphan inventory deletes it after its grace)."""
+    since = record.unsettled_create_at
+    if since is None or record.status not in AT_REST:
+        return []
+    if record.machine_id:  # (without one, the status's decision adopts such a machine instead)
+        named = {record.machine_id, record.fenced_machine_id, record.pending_destroy_machine_id}
+        for m in obs.owned_machines:
+            if m.id not in named and m.state in ("started", "starting") and obs.outcome(StopMachine(m.id)) is None:
+                return [StopMachine(m.id),
+                        Emit("reconcile.stray_machine_stopped", level="warning",
+                             details={"machine_id": m.id, "state": m.state, "region": m.region,
+                                      "unsettled_create_at": since.isoformat()})]
+    if (now - since).total_seconds() >= settings.create_landing_window:
+        return [Persist({"unsettled_create_at": None})]
     return []
 
 
@@ -89,6 +130,8 @@ def needs(record: InstanceRecord) -> Needs:
     need = rules.needs(record) if rules is not None else Needs()
     if record.fenced_machine_id and record.status != Status.DESTROYED:
         need = dataclasses.replace(need, fenced_machine=True)
+    if looking_for_strays(record):
+        need = dataclasses.replace(need, owned_machines=True)
     return need
 
 
@@ -110,4 +153,11 @@ def decide(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
         return ended
     if obs.transient is not None:
         return rules.on_transient(record, obs, settings, now) or backoff(obs.transient)
-    return rules.decide(record, obs, settings, now)
+    stray = strays(record, obs, settings, now)
+    if stray:
+        return stray
+    decided = rules.decide(record, obs, settings, now)
+    if looking_for_strays(record) and decided and isinstance(decided[-1], RequeueAfter):
+        # while a create may still land, look again at least every routine interval
+        decided[-1] = RequeueAfter(min(decided[-1].seconds, settings.interval_running))
+    return decided

@@ -83,6 +83,9 @@ class InstanceRecord:
     recovery_point: str | None = None  # created_at of the snapshot the current recovery restores
     incident_note: str | None = None  # plain words for the owner: what happened to the instance, what was lost
     last_snapshot_at: datetime | None = None  # sandkeep's own newest snapshot of the current volume
+    # a machine create failed or was abandoned with its outcome unknown: the provider may still carry it out, so
+    # until ``create_landing_window`` has passed every pass looks for such a machine and stops it (SPEC 12.2)
+    unsettled_create_at: datetime | None = None
     # "<caller user id>/<Idempotency-Key>" of the create request that made this instance (unique per owner)
     idempotency_key: str | None = None
     # what the owner calls it and how they group it (shown, never sent to the provider)

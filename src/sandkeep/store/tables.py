@@ -136,6 +136,7 @@ instances = Table(
     Column("recovery_point", String(64), nullable=True),
     Column("incident_note", Text(), nullable=True),
     Column("last_snapshot_at", UTCDateTime(), nullable=True),
+    Column("unsettled_create_at", UTCDateTime(), nullable=True),
     Column("name", String(63), nullable=True),
     Column("labels", JSONText(), nullable=False, server_default="{}"),
     Column("guest_cpu_kind", String(32), nullable=True),
