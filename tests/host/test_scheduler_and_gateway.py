@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -92,14 +93,19 @@ def test_realistic_profile_is_documented() -> None:
         profile_delays("slow")
 
 
-def test_gateway_stores_data_rejects_traversal_and_stops_on_sigterm(tmp_path: Path) -> None:
+def spawn_gateway(tmp_path: Path) -> tuple[Any, str, Path]:
+    """A gateway process (machine m1, token ``gw-token``) on a fresh volume: the process, its URL, the volume."""
     port = free_port()
     volume = tmp_path / "vol"
     volume.mkdir()
     proc = spawn(["gateway"], log_path=tmp_path / "gw.log",
                  env={"PORT": str(port), "SANDKEEP_VOLUME_PATH": str(volume), "FLY_MACHINE_ID": "m1",
                       TOKEN_ENV: "gw-token"})
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", volume
+
+
+def test_gateway_stores_data_rejects_traversal_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc, url, volume = spawn_gateway(tmp_path)
     http = httpx.Client(base_url=url, headers={TOKEN_HEADER: "gw-token"})
     try:
         health = wait_until(lambda: http.get("/health").json(), timeout=20, message="gateway up")
@@ -129,13 +135,7 @@ def test_gateway_says_connection_close_when_it_closes_after_a_refusal(tmp_path: 
     """A refusal (401, or a PUT without a usable Content-Length) closes the connection, so it must say so: a
     keep-alive client (the host's proxy) that was not told sent its next request down the closed connection and
     got ``RemoteProtocolError`` (a 502 through the proxy) about one time in seven."""
-    port = free_port()
-    volume = tmp_path / "vol"
-    volume.mkdir()
-    proc = spawn(["gateway"], log_path=tmp_path / "gw.log",
-                 env={"PORT": str(port), "SANDKEEP_VOLUME_PATH": str(volume), "FLY_MACHINE_ID": "m1",
-                      TOKEN_ENV: "gw-token"})
-    url = f"http://127.0.0.1:{port}"
+    proc, url, volume = spawn_gateway(tmp_path)
     try:
         wait_until(lambda: httpx.get(url + "/health", headers={TOKEN_HEADER: "gw-token"}).status_code == 200,
                    timeout=20, message="gateway up")
