@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +12,7 @@ from sandkeep.clock import FakeClock
 from sandkeep.gateway import TOKEN_ENV, TOKEN_HEADER
 from sandkeep.host.core import Host, HostError, HostOptions
 from sandkeep.host.faults import REALISTIC_PROFILE, profile_delays
-from tests.support.procs import free_port, spawn
+from tests.support.procs import Proc, free_port, spawn
 from tests.support.wait import wait_until
 
 
@@ -93,7 +92,7 @@ def test_realistic_profile_is_documented() -> None:
         profile_delays("slow")
 
 
-def spawn_gateway(tmp_path: Path) -> tuple[Any, str, Path]:
+def spawn_gateway(tmp_path: Path) -> tuple[Proc, str, Path]:
     """A gateway process (machine m1, token ``gw-token``) on a fresh volume: the process, its URL, the volume."""
     port = free_port()
     volume = tmp_path / "vol"
