@@ -110,6 +110,7 @@ class _Timeline:
     detected_at: datetime | None = None
     engine_latency_ms: Any = None
     running_at: datetime | None = None
+    ended: str | None = None  # the recovery's last event (succeeded or failed), once seen
 
 
 @click.command("demo")
@@ -224,7 +225,12 @@ def _crash_and_watch(run: _Demo) -> _Timeline:
             last_status = final["status"]
             run.say(f"   +{(datetime.now(UTC) - timeline.crash_at).total_seconds():6.2f}s  status -> {last_status}")
         if timeline.detected_at is not None and not final["busy"] and final["status"] in ("running", "stopped"):
+            # the recovery's last event is written just after the status it ends with: wait for it (briefly)
+            settle_until = time.monotonic() + 5.0
             note_new_events()  # the events written between the page above and the instance read
+            while timeline.ended is None and time.monotonic() < settle_until:
+                time.sleep(0.1)  # demo pacing: the event write follows the status write within milliseconds
+                note_new_events()
             if final["status"] == "running" and timeline.running_at is None:
                 timeline.running_at = datetime.now(UTC)
             return timeline
@@ -241,6 +247,8 @@ def _note_event(run: _Demo, timeline: _Timeline, e: dict[str, Any]) -> None:
         timeline.engine_latency_ms = (e.get("details") or {}).get("detection_latency_ms")
     if e["event"] == "instance.unexpected_stop_recovery_succeeded":
         timeline.running_at = _at(e)
+    if e["event"] in ("instance.unexpected_stop_recovery_succeeded", "instance.unexpected_stop_recovery_failed"):
+        timeline.ended = e["event"]
 
 
 def _read_back(run: _Demo, final: dict[str, Any]) -> bool:
