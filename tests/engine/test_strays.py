@@ -42,8 +42,8 @@ def test_a_stray_started_machine_is_stopped_while_a_create_is_unsettled() -> Non
     assert actions[0] == StopMachine("m-late")
     assert isinstance(actions[1], Emit) and actions[1].event == "reconcile.stray_machine_stopped"
     # the record's own machine, its fenced old machine and a stopped stray are left alone
-    for other in (Machine(id="m-late", state="stopped", region="lcl-a"),):
-        assert not any(isinstance(a, StopMachine) for a in decide(rec, observed(rec, other), SETTINGS, NOW))
+    stopped = Machine(id="m-late", state="stopped", region="lcl-a")
+    assert not any(isinstance(a, StopMachine) for a in decide(rec, observed(rec, stopped), SETTINGS, NOW))
     fenced = rec.copy(fenced_machine_id="m-old")
     assert not any(isinstance(a, StopMachine) for a in decide(
         fenced, observed(fenced, Machine(id="m-old", state="started", region="lcl-a")), SETTINGS, NOW))

@@ -68,7 +68,7 @@ def strays(record: InstanceRecord, obs: Observed, settings: Settings, now: datet
     since). Until ``create_landing_window`` has passed, a started machine of the instance's that the record does
     not name is stopped (not destroyed: the orphan inventory deletes it after its grace)."""
     since = record.unsettled_create_at
-    if since is None or record.status not in AT_REST:
+    if since is None or not looking_for_strays(record):
         return []
     if record.machine_id:  # (without one, the status's decision adopts such a machine instead)
         named = {record.machine_id, record.fenced_machine_id, record.pending_destroy_machine_id}

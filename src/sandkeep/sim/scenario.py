@@ -88,6 +88,9 @@ class Profile:
     regions: list[str]
 
 
+#: the latencies a latency fault holds a provider operation for (the slowest bounds how late a late act lands)
+LATENCY_FAULTS = (2.0, 20.0, 90.0, 120.0)
+
 #: events that excuse a write from the read-back (SPEC 12.1: unless the snapshot fallback was used, recorded)
 LOSSY_EVENTS = frozenset({"instance.restored_from_snapshot", "instance.data_loss"})
 
@@ -311,7 +314,7 @@ class Scenario:
         elif kind == "408wait":
             rule = {"operation": "machine.wait", "status": 408, "count": rng.randint(1, 4)}
         elif kind == "latency":
-            rule = {"operation": op, "latency": rng.choice([2.0, 20.0, 90.0, 120.0]), "count": 0}
+            rule = {"operation": op, "latency": rng.choice(LATENCY_FAULTS), "count": 0}
         elif kind == "ambiguous":
             rule = {"operation": rng.choice(["machine.create", "volume.create", "machine.destroy", "volume.delete",
                                              "machine.start", "machine.stop"]),
@@ -467,9 +470,9 @@ class Scenario:
             started.setdefault(sbx, []).append(m["id"])
         now = w.t()
         recs = w.records()
-        named = {rec.sandbox_id: {rec.machine_id, rec.fenced_machine_id} for rec in recs}
+        named = {m for rec in recs for m in (rec.machine_id, rec.fenced_machine_id) if m}
         unsettled = {rec.sandbox_id for rec in recs if rec.unsettled_create_at is not None}
-        strays = {m for ms in started.values() for m in ms} - {m for ids in named.values() for m in ids if m}
+        strays = {m for ms in started.values() for m in ms} - named
         self.stray_since = {m: self.stray_since.get(m) or (now, w.downtime + self._down_now()) for m in strays}
         for sbx, ms in started.items():
             # a machine made by a create whose outcome the engine could not know (abandoned, or answered 5xx: it
@@ -561,13 +564,13 @@ class Scenario:
 
     def _stray_excused(self, machine_id: str) -> bool:
         """Whether a stray started machine is still within what the engine needs to notice and stop it: its passes
-        every routine interval (once the alarm poll sees them due), a stop held by the slowest latency fault (120 s)
-        or backed off (``provider_backoff_max``), two lease lifetimes, a minute's margin; plus any time no
-        controller ran since it was first seen."""
+        every routine interval (once the alarm poll sees them due), a stop held by the slowest latency fault
+        (``LATENCY_FAULTS``) or backed off (``provider_backoff_max``), two lease lifetimes, a minute's margin;
+        plus any time no controller ran since it was first seen."""
         s = self.w.settings
         first, down = self.stray_since[machine_id]
-        allowance = (s.interval_running + s.alarm_poll_interval + 120.0 + s.provider_backoff_max + 2 * s.lease_ttl
-                     + 60.0 + (self.w.downtime + self._down_now() - down))
+        allowance = (s.interval_running + s.alarm_poll_interval + max(LATENCY_FAULTS) + s.provider_backoff_max
+                     + 2 * s.lease_ttl + 60.0 + (self.w.downtime + self._down_now() - down))
         return self.w.t() - first <= allowance
 
     def _down_now(self) -> float:
