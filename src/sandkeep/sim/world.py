@@ -278,7 +278,12 @@ class World:
         self.zombies: set[str] = set()  # machines frozen on a dead host while started
         self.destroyed_instances: dict[str, str] = {}  # sandbox id -> instance id, once finalized
         self.late_creates: dict[str, str] = {}  # machine id -> destroyed instance: a create asked before the destroy
-        self.walks: dict[tuple[str, str], tuple[str, bool]] = {}  # (app, volume name) -> (last region, capacity)
+        # (app, volume name) -> region -> capacity answers from it that no later step of a walk has used yet
+        self.walks: dict[tuple[str, str], dict[str, int]] = {}
+        # a deleted volume's lineage, kept after the provider forgot it: volume id -> (snapshot id, source volume id),
+        # and snapshot id -> the volume it was taken of (recorded at a restore and when the volume is deleted)
+        self.lineage: dict[str, tuple[str | None, str | None]] = {}
+        self.snapshot_of: dict[str, str] = {}
         self.deleted_volumes: set[str] = set()  # every volume the provider deleted
         self.flagged_ever: dict[str, str] = {}  # volume id -> the instance that flagged it (SPEC 12.9)
         self.fenced_ever: dict[str, str] = {}  # machine id -> the instance that fenced it (SPEC 15)
@@ -342,6 +347,7 @@ class World:
 
         async def delete_volume_hook(app: str, volume_id: str) -> Any:
             verdicts = self._volume_delete_verdicts(volume_id)
+            self._remember_lineage(volume_id)
             out = await delete_volume(app, volume_id)
             self.deleted_volumes.add(volume_id)
             for name, detail in verdicts:
@@ -399,12 +405,12 @@ class World:
         mounted = self.host._mounted_volume(m)
         if not sbx or mounted is None or sbx.startswith(FOREIGN_PREFIX) or self._volume_has_data(mounted):
             return
-        snapshot = self._origin_snapshot(mounted)
+        restored_from = self._restored_from(mounted)
         for rec in self.records():
             if rec.sandbox_id != sbx:
                 continue
             own = (rec.volume_id, rec.retained_volume_id, rec.pending_recovery_volume_id, *rec.flagged_volume_ids)
-            if snapshot is not None and snapshot.get("volume_id") in own:
+            if restored_from is not None and restored_from in own:
                 return  # a restore of its own snapshot: the recovery point, not a blank volume
             for vid in own:
                 v = self.host.volumes.get(vid) if vid else None
@@ -413,17 +419,31 @@ class World:
                                                        f"{mounted['id']} while its volume {vid} holds data")
                     return
 
-    def _origin_snapshot(self, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The snapshot a volume was restored from, directly or through forks of forks of the restore (seed 3014: a
-        recovery forked the volume an earlier dead-host recovery had restored from the instance's own snapshot; the
-        fork is that same recovery point)."""
+    def _remember_lineage(self, volume_id: str) -> None:
+        """Keep what a volume about to be deleted came from, and what its snapshots were taken of: a fork of a
+        fork of a restore may start after the volumes between it and the restore are gone (seed 8600)."""
+        v = self.host.volumes.get(volume_id)
+        if v is not None:
+            self.lineage[volume_id] = (v.get("snapshot_id"), v.get("source_volume_id"))
+        for s in self.host.snapshots.values():
+            if s.get("volume_id") == volume_id:
+                self.snapshot_of[str(s["id"])] = volume_id
+
+    def _restored_from(self, v: dict[str, Any]) -> str | None:
+        """The volume whose snapshot ``v`` was restored from, directly or through forks of forks of the restore
+        (seed 3014: a recovery forked the volume an earlier dead-host recovery had restored from the instance's own
+        snapshot; the fork is that same recovery point), also when the volumes between are deleted (seed 8600)."""
         seen: set[str] = set()
-        while v is not None and str(v["id"]) not in seen:
-            seen.add(str(v["id"]))
-            snapshot = self.host.snapshots.get(str(v.get("snapshot_id") or ""))
-            if snapshot is not None:
-                return snapshot
-            v = self.host.volumes.get(str(v.get("source_volume_id") or ""))
+        vid: str | None = str(v["id"])
+        while vid and vid not in seen:
+            seen.add(vid)
+            live = self.host.volumes.get(vid)
+            snap_id, source = ((live.get("snapshot_id"), live.get("source_volume_id")) if live is not None
+                               else self.lineage.get(vid, (None, None)))
+            if snap_id:
+                snapshot = self.host.snapshots.get(str(snap_id))
+                return str(snapshot["volume_id"]) if snapshot is not None else self.snapshot_of.get(str(snap_id))
+            vid = str(source) if source else None
         return None
 
     def check_traffic(self, machine_id: str) -> None:
@@ -474,29 +494,40 @@ class World:
 
     def observe(self, ex: Exchange) -> None:
         """The region walk of volume creates (SPEC §7.2.3 and §10): a fork or restore goes to the first region
-        of the recovery order, and on to the next one only after a capacity answer from the one before."""
+        of the recovery order, and on to the next one only after a capacity answer from the one before.
+
+        Two passes of one instance may walk at once (a pass whose lease lapsed under a wall-clock jump runs on
+        until its next write is fenced): their steps interleave under one volume name (seeds 6672, 7927). So each
+        capacity answer from a region is one credit for that name, and a step into the next region of the order
+        uses one up: n walks that each met "no capacity" in r1 may go on to r2 n times, no more."""
         parts = ex.path.strip("/").split("/")
         if ex.method != "POST" or len(parts) != 4 or parts[0] != "v1" or parts[3] != "volumes":
             return
         body = ex.body if isinstance(ex.body, dict) else {}
         app, name, region = parts[2], body.get("name"), body.get("region")
         source = body.get("source_volume_id")
+        snap_id = body.get("snapshot_id")
+        if snap_id and str(snap_id) in self.host.snapshots:  # what a restore came from outlives the snapshot
+            self.snapshot_of.setdefault(str(snap_id), str(self.host.snapshots[str(snap_id)]["volume_id"]))
         capacity = "capacity" in ex.answer.lower()
-        key = (app, str(name))
+        credits = self.walks.setdefault((app, str(name)), {})
         if source and region:
             src = self.host.volumes.get(source)
             if src is not None:
                 order = recovery_regions(self.settings.region_list, src.get("region"))
-                last = self.walks.get(key)
                 if region not in order:
                     self.violate("region_walk", f"fork {name} of {source} (region {src.get('region')}) into "
                                                 f"{region}, not one of {list(order)}")
                 elif region != order[0]:
-                    i = order.index(region)
-                    if last is None or last[0] != order[i - 1] or not last[1]:
+                    before = order[order.index(region) - 1]
+                    if credits.get(before, 0) <= 0:
                         self.violate("region_walk", f"fork {name} into {region} (walk {list(order)}) without a "
-                                                    f"capacity answer from {order[i - 1]} first (last: {last})")
-        self.walks[key] = (str(region), capacity)
+                                                    f"capacity answer from {before} first (unused answers: "
+                                                    f"{credits})")
+                    else:
+                        credits[before] -= 1
+        if capacity:
+            credits[str(region)] = credits.get(str(region), 0) + 1
 
     # ------------------------------------------------------------------ controllers
 
