@@ -215,3 +215,25 @@ def test_seed_3867_a_machine_from_an_abandoned_create_is_stopped() -> None:
     result = run_seed(3867, small=True)
     assert result.ok, sorted({n for n, _ in result.violations})
     assert any("reconcile.stray_machine_stopped" in line for line in result.trace), "the seed still makes a stray"
+
+
+@pytest.mark.parametrize("seed", [6672, 7927])
+def test_two_passes_walking_the_regions_at_once_are_not_a_skipped_region(seed: int) -> None:
+    """Checker regression (small seeds 6672 and 7927, ``region_walk``): a wall-clock jump lapsed a recovering pass's
+    lease and another pass took the instance over; both walked the recovery order under one volume name until the
+    old pass's next write was fenced, so their steps interleaved (no capacity, no capacity, next region, next
+    region). Each capacity answer now allows one step on (tests/sim/test_invariants.py::
+    test_two_passes_walking_at_once_each_need_their_own_capacity_answer)."""
+    result = run_seed(seed, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("wall clock jumps" in line for line in result.trace), "the seed still steps the wall clock"
+
+
+def test_seed_8600_a_fork_of_a_fork_of_a_restore_is_the_recovery_point() -> None:
+    """Checker regression (small seed 8600, ``empty_volume_start``): after a dead-host snapshot restore (the loss
+    recorded, the old volume flagged), two more recoveries forked the current volume and deleted the one before; the
+    checker lost the deleted volumes' lineage and called the newest fork blank (tests/sim/test_invariants.py::
+    test_a_fork_of_a_fork_of_a_restore_is_the_recovery_point_after_the_volumes_between_are_deleted)."""
+    result = run_seed(8600, small=True)
+    assert result.ok, sorted({n for n, _ in result.violations})
+    assert any("instance.restored_from_snapshot" in line for line in result.trace), "the seed still restores"

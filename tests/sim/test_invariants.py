@@ -20,7 +20,7 @@ from sandkeep.engine.naming import METADATA_SANDBOX
 from sandkeep.host.inprocess import API_URL
 from sandkeep.sim.loop import VirtualLoop, run_virtual
 from sandkeep.sim.scenario import Scenario, pick_profile, unnamed_volumes
-from sandkeep.sim.world import World, deterministic
+from sandkeep.sim.world import Exchange, World, deterministic
 from sandkeep.store.records import EventRecord, InstanceRecord, Status
 
 APP = "sk-invariants"
@@ -232,3 +232,55 @@ def test_starting_on_a_fork_of_a_restore_of_its_own_empty_snapshot_is_not_empty_
             "mounts": [{"volume": fork["id"], "path": "/data"}]}})
 
     assert _in_world(body) == []
+
+
+def test_a_fork_of_a_fork_of_a_restore_is_the_recovery_point_after_the_volumes_between_are_deleted() -> None:
+    """Seed 8600: a dead-host recovery restored the instance from its own snapshot (taken before its write; the
+    loss recorded, the old volume flagged); two later recoveries each forked the current volume and deleted the one
+    before. The provider forgets a deleted volume, so the checker lost the way back to the snapshot and called the
+    third volume blank. It keeps the lineage of what is deleted; a fork whose chain leads to no snapshot of the
+    instance's own still fires."""
+    async def body(world: World, *, own: bool) -> None:
+        old, other = await _volume(world, "old"), await _volume(world, "other")
+        snap = await world.host.create_snapshot(APP, old if own else other)  # taken while empty
+        data = world.host.volume_dir(world.host.volumes[old]) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "k1").write_bytes(b"after the snapshot")
+        restored = await world.host.create_volume(APP, {"name": "data", "region": "r1", "snapshot_id": snap["id"]})
+        fork1 = await world.host.create_volume(APP, {"name": "data", "region": "r1",
+                                                     "source_volume_id": restored["id"]})
+        await world.host.delete_volume(APP, restored["id"])
+        fork2 = await world.host.create_volume(APP, {"name": "data", "region": "r1", "source_volume_id": fork1["id"]})
+        await world.host.delete_volume(APP, fork1["id"])
+        assert restored["id"] not in world.host.volumes and fork1["id"] not in world.host.volumes
+        _insert(world, volume_id=fork2["id"], flagged_volume_ids=[old], status=Status.RECOVERING)
+        await world.host.create_machine(APP, {"region": "r1", "config": {
+            "image": "sandkeep/gateway", "metadata": {METADATA_SANDBOX: SBX},
+            "mounts": [{"volume": fork2["id"], "path": "/data"}]}})
+
+    assert _in_world(lambda w: body(w, own=True)) == []
+    assert _in_world(lambda w: body(w, own=False)) == ["empty_volume_start"]
+
+
+def _walk_step(world: World, source: str, region: str, *, capacity: bool) -> None:
+    """One volume create of a recovery's region walk, as the recorder reports it."""
+    world.observe(Exchange(world.t(), "POST", f"/v1/apps/{APP}/volumes",
+                           {"name": "ins_walk", "region": region, "source_volume_id": source},
+                           422 if capacity else 200, "aborted: no capacity" if capacity else '{"id": "vol_x"}'))
+
+
+def test_two_passes_walking_at_once_each_need_their_own_capacity_answer() -> None:
+    """Seeds 6672, 7927: a pass whose lease lapsed (a wall-clock jump) walked on beside the pass that took the
+    instance over until its next write was fenced; their steps interleaved under one volume name (r2 no capacity,
+    r2 no capacity, r1, r1). The checker took the first r1 step as the walk's last and the second as a skip. Each
+    capacity answer now allows one step on; two steps on after one answer is still a skipped region, and so is a
+    walk that starts past the first region."""
+    async def body(world: World, steps: list[tuple[str, bool]]) -> None:
+        source = await _volume(world)  # in r1: the walk is r2, then r1
+        for region, capacity in steps:
+            _walk_step(world, source, region, capacity=capacity)
+
+    interleaved = [("r2", True), ("r2", True), ("r1", False), ("r1", False)]
+    assert _in_world(lambda w: body(w, interleaved)) == []
+    assert _in_world(lambda w: body(w, [("r2", True), ("r1", False), ("r1", False)])) == ["region_walk"]
+    assert _in_world(lambda w: body(w, [("r1", False)])) == ["region_walk"]
