@@ -297,7 +297,7 @@ def _recovery_decided_to_fail(*, decided_at: float, stall: tuple[float, float | 
         world.no_controller_since = None  # no controller runs here; no downtime is added to the allowance
         sc.check_step()
         if stall is not None:
-            sc.stalls[1] = [stall[0], stall[1]]
+            sc.stalls[1] = stall
         await world.clock.sleep(decided_at)
         claimed = world.sql.claim(rec.id, "t", 60.0, world.clock.now())
         assert claimed is not None

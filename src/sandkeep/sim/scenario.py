@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from sandkeep.engine.naming import METADATA_SANDBOX
+from sandkeep.engine.recovery import FAILING, FAILING_REPLACEMENT
 from sandkeep.engine.service import Actor, ServiceError
 from sandkeep.gateway import TOKEN_ENV
 from sandkeep.sim.loop import VirtualLoop, run_virtual
@@ -180,9 +181,9 @@ class Scenario:
         self.unnamed_since: dict[str, float] = {}  # volume -> when the settle first saw it named by no record
         # started machine no record names -> (when first seen so, controller downtime then): a stray (SPEC 12.2)
         self.stray_since: dict[str, tuple[float, float]] = {}
-        # latency rule id -> [from, until] (until None while it holds) for the rules that stall a failed recovery's
+        # latency rule id -> (from, until; None while it holds) for the rules that stall a failed recovery's
         # cleanup (CLEANUP_OPERATIONS): the provider cannot confirm the end while one holds
-        self.stalls: dict[int, list[float | None]] = {}
+        self.stalls: dict[int, tuple[float, float | None]] = {}
         self._n = 0
 
     # ------------------------------------------------------------------ helpers
@@ -335,7 +336,7 @@ class Scenario:
             delay = rng.choice([30.0, 120.0, 600.0])
             rule_id = self.w.faults.rules[-1].id
             if op in CLEANUP_OPERATIONS and rule["latency"] >= self.w.settings.lease_ttl / 3:
-                self.stalls[rule_id] = [self.w.t(), None]
+                self.stalls[rule_id] = (self.w.t(), None)
 
             async def lift() -> None:
                 await self.w.clock.sleep(delay)
@@ -587,14 +588,14 @@ class Scenario:
         return self.w.t() - first <= allowance
 
     def _stalls_end(self, rule_id: int | None = None) -> None:
-        for rid, span in self.stalls.items():
-            if span[1] is None and rule_id in (None, rid):
-                span[1] = self.w.t()
+        for rid, (began, until) in self.stalls.items():
+            if until is None and rule_id in (None, rid):
+                self.stalls[rid] = (began, self.w.t())
 
     def stalled(self, since: float, until: float) -> float:
         """Seconds of [since, until] during which a latency rule stalled a failed recovery's cleanup (union)."""
         spans = sorted((max(a, since), min(until if b is None else b, until))
-                       for a, b in self.stalls.values() if a is not None)
+                       for a, b in self.stalls.values())
         total, reached = 0.0, since
         for a, b in spans:
             a = max(a, reached)
@@ -612,11 +613,10 @@ class Scenario:
         backoff and one lease for the pass that finishes the cleanup; an engine whose calls outlive the recovery
         deadline decides late and is not excused (issue 10's first bug)."""
         step = rec.recovery_step or ""
-        if not step.startswith(("failing:", "failing_replacement:")) or rec.last_recovery_error_at is None:
+        if not step.startswith((FAILING, FAILING_REPLACEMENT)) or rec.last_recovery_error_at is None:
             return False
-        clock = self.w.clock
         # the decision's wall time on the simulated scale; a clock step since is inside the allowance already
-        decided = self.w.t() - (clock.now() - rec.last_recovery_error_at).total_seconds()
+        decided = self.w.t() - (self.w.clock.now() - rec.last_recovery_error_at).total_seconds()
         if decided - began > allowance:
             return False
         s = self.w.settings
